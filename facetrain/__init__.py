@@ -1,0 +1,1 @@
+"""facetrain: face-verification embedding training on Accelerate."""

@@ -1,0 +1,481 @@
+"""Typed experiment configuration: dataclass defaults < YAML file < command-line overrides.
+
+    accelerate launch -m facetrain.train --config configs/article.yaml --train.max_steps 500 --optim.lr 3e-4
+
+Every key lives in one dataclass field with a docstring. A YAML file sets any subset of the keys (nested by
+section); `--section.key value` on the command line beats the file. Unknown keys, wrong types and impossible
+combinations are rejected here with one line naming the key, before any data is read or model built. The
+resolved config is written to the run directory and stored in every checkpoint and bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from facetrain.errors import UserError
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (the article's set). Validation/eval never augment."""
+
+    enabled: bool = True
+    """Master switch; false gives deterministic training inputs (resize + normalise only)."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip."""
+    rotation: float = 15.0
+    """Maximum random rotation, degrees (uniform in [-rotation, rotation])."""
+    crop_scale_min: float = 0.8
+    """RandomResizedCrop: smallest crop area as a fraction of the image."""
+    crop_scale_max: float = 1.0
+    """RandomResizedCrop: largest crop area as a fraction of the image."""
+    brightness: float = 0.2
+    """ColorJitter brightness strength (0 = off)."""
+    contrast: float = 0.2
+    """ColorJitter contrast strength (0 = off)."""
+    saturation: float = 0.2
+    """ColorJitter saturation strength (0 = off)."""
+    hue: float = 0.1
+    """ColorJitter hue strength, in [0, 0.5] (0 = off)."""
+    grayscale: float = 0.0
+    """Probability of converting a training image to 3-channel gray (helps when test data is gray)."""
+
+
+@dataclass
+class DataConfig:
+    """Where images come from, how identities are split, and how images are preprocessed."""
+
+    source: str = "synthetic"
+    """`synthetic` (built-in generated identities, no download), `folder` (root/<identity>/<image>) or `hf`
+    (Hugging Face datasets: a dataset name, or a local imagefolder via `root`)."""
+    root: str = ""
+    """Image folder (source=folder) or local imagefolder directory (source=hf without hf_name)."""
+    hf_name: str = ""
+    """Hugging Face dataset name for source=hf (e.g. `user/faces`); empty means `imagefolder` at `root`."""
+    hf_split: str = "train"
+    """Split of the Hugging Face dataset to read."""
+    image_column: str = "image"
+    """Column holding the image (source=hf)."""
+    label_column: str = "label"
+    """Column holding the identity (int or str) (source=hf)."""
+    synthetic_identities: int = 100
+    """Number of generated identities (source=synthetic)."""
+    synthetic_images_per_identity: int = 12
+    """Images generated per identity (source=synthetic)."""
+    synthetic_seed: int = 0
+    """Seed of the synthetic generator: same seed, same people and images."""
+    val_fraction: float = 0.2
+    """Fraction of identities held out for validation (whole identities, never single images)."""
+    val_identities: int = 0
+    """If > 0, hold out exactly this many identities instead of val_fraction."""
+    split_seed: int = 0
+    """Seed of the identity split (independent of the training seed, so runs compare on the same split)."""
+    image_size: int = 64
+    """Model input side, pixels (square)."""
+    mean: list[float] | None = None
+    """Normalisation mean per RGB channel; null = the backbone's own pretrained config."""
+    std: list[float] | None = None
+    """Normalisation std per RGB channel; null = the backbone's own pretrained config."""
+    bad_images: str = "error"
+    """Pre-flight policy for undecodable/oversized images: `error` (stop and list them) or `skip`."""
+    max_image_pixels: int = 89_478_485
+    """Images with more pixels than this are refused as decompression bombs (PIL's own default)."""
+    preflight: bool = True
+    """Check every image header before training (fast, parallel); false skips the scan."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training augmentation."""
+
+
+@dataclass
+class ModelConfig:
+    """Backbone + embedding head."""
+
+    backbone: str = "tf_efficientnetv2_b0"
+    """Any timm model name; its classifier is removed (num_classes=0)."""
+    embedding_dim: int = 512
+    """Output embedding size; outputs are L2-normalised so a dot product is the cosine score."""
+    pretrained: bool = False
+    """Start from pretrained weights: timm's hub weights, or `pretrained_file` when given."""
+    pretrained_file: str = ""
+    """Local weights file (.safetensors/.pth/.bin) for the backbone; works offline."""
+    channels_last: bool = True
+    """NHWC memory layout: faster convolutions on GPUs and on CPUs with oneDNN."""
+    drop_rate: float = 0.0
+    """Dropout before the embedding head."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth rate inside the backbone (where the backbone supports it)."""
+    sync_bn: bool = False
+    """Convert BatchNorm to SyncBatchNorm under multi-GPU DDP (statistics over the global batch)."""
+    compile: bool = False
+    """Wrap the model in torch.compile (first steps are slow while it compiles)."""
+
+
+@dataclass
+class LossConfig:
+    """Metric-learning loss and miner (pytorch-metric-learning), chosen by name."""
+
+    name: str = "triplet"
+    """`triplet`, `contrastive`, `bce_pair` (the article's binary cross-entropy on pairs), `multi_similarity`,
+    `arcface`."""
+    margin: float = 0.1
+    """Margin of triplet (cosine similarity units) / ArcFace (degrees when name=arcface)."""
+    distance: str = "cosine"
+    """`cosine` (similarity) or `euclidean` (L2 distance) for triplet/contrastive."""
+    pos_margin: float = 1.0
+    """Contrastive: positives are pulled until similarity >= pos_margin (cosine) / distance <= it (L2)."""
+    neg_margin: float = 0.0
+    """Contrastive: negatives are pushed until similarity <= neg_margin (cosine) / distance >= it (L2)."""
+    ms_alpha: float = 2.0
+    """Multi-similarity loss alpha (positive weight)."""
+    ms_beta: float = 50.0
+    """Multi-similarity loss beta (negative weight)."""
+    ms_base: float = 0.5
+    """Multi-similarity loss base similarity."""
+    scale: float = 30.0
+    """Logit scale for ArcFace and bce_pair."""
+    miner: str = "none"
+    """`none`, `triplet_all`, `triplet_hard`, `triplet_semihard`, `multi_similarity`."""
+    miner_margin: float = 0.2
+    """Margin used by the triplet-margin miner."""
+    miner_epsilon: float = 0.1
+    """Epsilon of the multi-similarity miner."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule, chosen by name."""
+
+    preset: str = ""
+    """Optional named pair that sets `name` and `scheduler` together: adam_cosine, adamw_plateau, sgd_step,
+    ranger_exponential, schedulefree_adamw, adamw_cosine_warmup."""
+    name: str = "adamw"
+    """`adam`, `adamw`, `sgd`, `ranger`, `schedulefree_adamw`."""
+    lr: float = 1e-3
+    """Peak learning rate for the embedding head (and backbone, times backbone_lr_mult)."""
+    backbone_lr_mult: float = 1.0
+    """Backbone learning rate = lr x this; < 1 protects pretrained features."""
+    weight_decay: float = 1e-5
+    """Decoupled (AdamW) or L2 (Adam/SGD) weight decay."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    scheduler: str = "cosine_warmup"
+    """`cosine`, `cosine_warmup`, `plateau`, `step`, `exponential`, `constant`."""
+    scheduler_interval: str = "step"
+    """Advance the schedule every optimizer `step` or every `epoch` (the article steps per epoch)."""
+    warmup_steps: int = 0
+    """Linear warm-up length in scheduler intervals (cosine_warmup)."""
+    t_max: int = 0
+    """Cosine period in scheduler intervals; 0 = the whole run."""
+    eta_min: float = 1e-6
+    """Cosine floor learning rate."""
+    step_size: int = 30
+    """StepLR period in scheduler intervals."""
+    gamma: float = 0.1
+    """StepLR decay factor / ExponentialLR per-interval factor (e.g. 0.95)."""
+    plateau_patience: int = 2
+    """ReduceLROnPlateau: validations without improvement before the lr is cut."""
+    plateau_factor: float = 0.5
+    """ReduceLROnPlateau: lr multiplier on a plateau."""
+
+
+@dataclass
+class TrainConfig:
+    """Loop, batching, precision, logging and checkpointing."""
+
+    output_dir: str = "runs/default"
+    """Run directory: config.yaml, TensorBoard logs, checkpoints/, bundle/."""
+    batch_size: int = 32
+    """Images per process per micro-step; global batch = batch_size x processes (x grad_accum_steps)."""
+    m: int = 4
+    """Images per identity in a batch (P identities x m images); batch_size must be a multiple of m."""
+    max_steps: int = 0
+    """Optimizer steps to train; 0 = `epochs` epochs."""
+    epochs: int = 8
+    """Epochs when max_steps is 0. One epoch ~ every training image once, every identity at least once."""
+    grad_accum_steps: int = 1
+    """Micro-steps per optimizer step (mining happens within each micro-step's global batch)."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 = off."""
+    mixed_precision: str = "auto"
+    """`auto` (the launcher's setting if any, else bf16 where the hardware supports it), `no`, `fp16`,
+    `bf16`."""
+    seed: int = 0
+    """Seed for weights, sampler order and augmentation."""
+    log_every: int = 10
+    """Log loss/lr/img/s every N optimizer steps (the only host sync in the hot loop)."""
+    val_every: int = 0
+    """Validate every N optimizer steps; 0 = at the end of each epoch."""
+    val_metric: str = "auc"
+    """Metric that picks the best checkpoint: `auc`, `eer` (lower is better) or a key like `tar@far=1e-02`."""
+    val_batch_size: int = 128
+    """Images per process per forward pass during validation."""
+    ckpt_every: int = 200
+    """Write a full training checkpoint every N optimizer steps (and at the end / on a stop request)."""
+    keep_last: int = 2
+    """Full checkpoints kept (oldest deleted first); the best model is kept separately as a bundle."""
+    resume: str = ""
+    """`` (fresh; refuses to overwrite a run with checkpoints), `auto` (latest complete checkpoint in
+    output_dir, else fresh) or a checkpoint directory."""
+    num_workers: int = -1
+    """DataLoader worker processes per rank; -1 = from the CPU count and process count."""
+    progress: bool = True
+    """Rich progress bar on the main process."""
+    tensorboard: bool = True
+    """Log to TensorBoard under output_dir/tb."""
+    max_bad_steps: int = 5
+    """Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
+    inject_nan_at: int = -1
+    """Testing hook: make the loss NaN at this optimizer step (-1 = never)."""
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: YAML + overrides with strict key and type checks.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise a one-line UserError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except UserError as err:
+                errors.append(str(err))
+        raise UserError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # "0.5,0.5,0.5" from the command line
+            value = [v for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise UserError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise UserError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _apply(obj: Any, updates: dict, prefix: str, source: str) -> None:
+    """Set fields of dataclass `obj` from a nested dict, rejecting unknown keys."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = ", ".join(sorted(names))
+            raise UserError(f"{source}: unknown key '{full}' (valid keys here: {close})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: '{full}' is a section; give it a mapping of keys, got {value!r}")
+            _apply(current, value, f"{full}.", source)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{source}: {full}"))
+
+
+def _parse_overrides(args: list[str]) -> dict:
+    """`--a.b value` / `--a.b=value` pairs -> nested dict (values still strings, parsed by YAML rules)."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise UserError(f"command line: expected --section.key value, got {arg!r}")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise UserError(f"command line: {arg} needs a value")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"command line: --{key} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path} (give a YAML file, e.g. configs/default.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: top level must be a mapping of sections (data, model, loss, optim, train)")
+    return data
+
+
+def load_config(config_file: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML file < `--section.key value` overrides, then `validate`."""
+    cfg = Config()
+    if config_file:
+        _apply(cfg, load_yaml(config_file), "", str(config_file))
+    if overrides:
+        _apply(cfg, _parse_overrides(overrides), "", "command line")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict, source: str = "checkpoint") -> Config:
+    cfg = Config()
+    _apply(cfg, data, "", source)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cross-field checks that need no data and no heavy imports.
+
+_CHOICES = {
+    "data.source": ("synthetic", "folder", "hf"),
+    "data.bad_images": ("error", "skip"),
+    "loss.distance": ("cosine", "euclidean"),
+    "optim.scheduler_interval": ("step", "epoch"),
+    "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible settings with one line naming the key. Name registries are checked lazily by their
+    modules (losses/optim) so that this stays import-light; `facetrain.train` calls those checks too."""
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise UserError(f"{key}: unknown value {value!r} (choose one of: {', '.join(allowed)})")
+    d, t, m, o = cfg.data, cfg.train, cfg.model, cfg.optim
+    positive = {
+        "train.batch_size": t.batch_size, "train.m": t.m, "data.image_size": d.image_size,
+        "model.embedding_dim": m.embedding_dim, "train.grad_accum_steps": t.grad_accum_steps,
+        "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every, "train.keep_last": t.keep_last,
+        "train.val_batch_size": t.val_batch_size, "data.max_image_pixels": d.max_image_pixels,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{key}: must be > 0, got {value}")
+    if t.m < 2:
+        raise UserError(f"train.m: must be >= 2 (a batch needs positive pairs), got {t.m}")
+    if t.batch_size % t.m:
+        raise UserError(f"train.batch_size ({t.batch_size}) must be a multiple of train.m ({t.m}): "
+                        f"try {max(t.m, t.batch_size // t.m * t.m)}")
+    if t.batch_size // t.m < 2:
+        raise UserError(f"train.batch_size ({t.batch_size}) / train.m ({t.m}) must be >= 2 identities per batch "
+                        "(a batch needs negatives)")
+    if t.max_steps < 0 or t.epochs < 0 or (t.max_steps == 0 and t.epochs == 0):
+        raise UserError("train.max_steps or train.epochs: set one of them > 0")
+    if not 0.0 < d.val_fraction < 1.0 and d.val_identities == 0:
+        raise UserError(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
+    if d.val_identities < 0:
+        raise UserError(f"data.val_identities: must be >= 0, got {d.val_identities}")
+    if d.source == "folder" and not d.root:
+        raise UserError("data.root: required when data.source is 'folder' (a folder of <identity>/<image>)")
+    if d.source == "hf" and not (d.root or d.hf_name):
+        raise UserError("data.hf_name or data.root: source 'hf' needs a dataset name or a local imagefolder")
+    if d.source == "synthetic" and (d.synthetic_identities < 2 or d.synthetic_images_per_identity < 2):
+        raise UserError("data.synthetic_identities and data.synthetic_images_per_identity: must both be >= 2")
+    for key, stats in (("data.mean", d.mean), ("data.std", d.std)):
+        if stats is not None and len(stats) != 3:
+            raise UserError(f"{key}: give 3 values (R, G, B), got {stats}")
+    if d.std is not None and min(d.std) <= 0:
+        raise UserError(f"data.std: values must be > 0, got {d.std}")
+    a = d.augment
+    if not 0 < a.crop_scale_min <= a.crop_scale_max <= 1:
+        raise UserError("data.augment.crop_scale_min/max: need 0 < min <= max <= 1, "
+                        f"got {a.crop_scale_min}, {a.crop_scale_max}")
+    if not 0 <= a.hue <= 0.5:
+        raise UserError(f"data.augment.hue: must be in [0, 0.5], got {a.hue}")
+    if m.pretrained_file and not Path(m.pretrained_file).is_file():
+        raise UserError(f"model.pretrained_file: file not found: {m.pretrained_file}")
+    if m.pretrained_file and not m.pretrained:
+        m.pretrained = True  # giving a weights file is an unambiguous request for them
+    if o.lr <= 0:
+        raise UserError(f"optim.lr: must be > 0, got {o.lr}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise UserError(f"optim.betas: give two values in [0, 1), got {o.betas}")
+    if t.grad_clip < 0:
+        raise UserError(f"train.grad_clip: must be >= 0 (0 = off), got {t.grad_clip}")
+    if t.val_every < 0:
+        raise UserError(f"train.val_every: must be >= 0 (0 = each epoch), got {t.val_every}")
+    if t.resume not in ("", "auto") and not Path(t.resume).is_dir():
+        raise UserError(f"train.resume: {t.resume!r} is neither 'auto' nor a checkpoint directory")
+    if t.val_metric not in ("auc", "eer", "best_accuracy") and not t.val_metric.startswith("tar@far="):
+        raise UserError(f"train.val_metric: {t.val_metric!r} unknown (auc, eer, best_accuracy, tar@far=1e-02)")

@@ -1,0 +1,293 @@
+"""Face data: sources (image folder, Hugging Face datasets, synthetic), the identity split, transforms.
+
+A source becomes a `FaceSet`: one integer label per image, the identity names, and a loader that returns a
+PIL image for an index. Train/validation are split by *identity* (seeded), never by image, so validation
+measures verification of people the model has never seen.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from facetrain import synthetic
+from facetrain.config import AugmentConfig, DataConfig
+from facetrain.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+@dataclass
+class FaceSet:
+    """Labelled images from any source; `load(i)` returns an RGB PIL image."""
+
+    labels: np.ndarray
+    """Identity index per image (int64), 0..len(names)-1."""
+    names: list[str]
+    """Identity names (folder names, dataset labels, or `synthetic_<k>`)."""
+    keys: list[str]
+    """Per image: a path or a description, used in messages and bad-file lists."""
+    loader: Callable[[int], Image.Image]
+    """Returns image i (any mode; `to_rgb` normalises it)."""
+    paths: list[str] | None = None
+    """Per image file path when the source is a folder (pre-flight checks read these)."""
+    skipped: list[str] = field(default_factory=list)
+    """Files left out by the pre-flight check (source=folder with bad_images=skip)."""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, identities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image indices of the given identities and their labels remapped to 0..len(identities)-1."""
+        remap = np.full(len(self.names), -1, dtype=np.int64)
+        remap[identities] = np.arange(len(identities))
+        idx = np.flatnonzero(remap[self.labels] >= 0)
+        return idx, remap[self.labels[idx]]
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Gray, palette, RGBA, CMYK and 16-bit images -> 8-bit RGB (16-bit is scaled, not clipped)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype(np.uint8), "L")
+    elif img.mode == "RGBA" or img.mode == "LA" or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _open_file(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        im.load()
+        return im
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def scan_folder(root: str) -> tuple[list[str], list[int], list[str]]:
+    """root/<identity>/<image> -> (paths, labels, identity names); identities sorted by name."""
+    base = Path(root)
+    if not base.is_dir():
+        raise UserError(f"data.root: folder not found: {root} (expected {root}/<identity>/<image>.jpg)")
+    names, paths, labels = [], [], []
+    for ident in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(f for f in ident.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            continue
+        names.append(ident.name)
+        paths.extend(str(f) for f in files)
+        labels.extend([len(names) - 1] * len(files))
+    if not names:
+        raise UserError(f"data.root: no identity folders with images in {root} "
+                        f"(expected {root}/<identity>/<image> with one of {', '.join(IMAGE_EXTENSIONS)})")
+    return paths, labels, names
+
+
+def folder_faceset(root: str) -> FaceSet:
+    paths, labels, names = scan_folder(root)
+    return FaceSet(np.asarray(labels, dtype=np.int64), names, list(paths), _PathLoader(paths), paths=paths)
+
+
+class _PathLoader:
+    """Picklable loader for DataLoader workers."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __call__(self, i: int) -> Image.Image:
+        return _open_file(self.paths[i])
+
+
+class _SyntheticLoader:
+    def __init__(self, seed: int, per_identity: int):
+        self.seed, self.per_identity = seed, per_identity
+
+    def __call__(self, i: int) -> Image.Image:
+        return synthetic.render(self.seed, i // self.per_identity, i % self.per_identity)
+
+
+def synthetic_faceset(identities: int, per_identity: int, seed: int) -> FaceSet:
+    labels = np.repeat(np.arange(identities, dtype=np.int64), per_identity)
+    keys = [f"synthetic:{i // per_identity}/{i % per_identity}" for i in range(len(labels))]
+    return FaceSet(labels, [f"synthetic_{k}" for k in range(identities)], keys,
+                   _SyntheticLoader(seed, per_identity))
+
+
+class _HFLoader:
+    def __init__(self, ds, column: str):
+        self.ds, self.column = ds, column
+
+    def __call__(self, i: int) -> Image.Image:
+        return self.ds[int(i)][self.column]
+
+
+def hf_faceset(cfg: DataConfig) -> FaceSet:
+    import datasets  # heavy import, only when used
+
+    try:
+        if cfg.hf_name:
+            ds = datasets.load_dataset(cfg.hf_name, split=cfg.hf_split)
+        else:
+            if not Path(cfg.root).is_dir():
+                raise UserError(f"data.root: folder not found: {cfg.root}")
+            ds = datasets.load_dataset("imagefolder", data_dir=cfg.root, split=cfg.hf_split)
+    except UserError:
+        raise
+    except Exception as err:  # datasets raises many types; the user needs the name and the reason
+        what = cfg.hf_name or f"imagefolder {cfg.root}"
+        raise UserError(f"data.hf_name: cannot load {what} split {cfg.hf_split!r}: "
+                        f"{str(err).splitlines()[0]}") from None
+    for key, col in (("data.image_column", cfg.image_column), ("data.label_column", cfg.label_column)):
+        if col not in ds.column_names:
+            raise UserError(f"{key}: column {col!r} not in dataset (columns: {', '.join(ds.column_names)})")
+    raw = ds[cfg.label_column]
+    feature = ds.features[cfg.label_column]
+    if hasattr(feature, "names"):  # ClassLabel: ints with names
+        names_all = list(feature.names)
+        raw = [names_all[int(v)] for v in raw]
+    names = sorted({str(v) for v in raw})
+    index = {n: k for k, n in enumerate(names)}
+    labels = np.asarray([index[str(v)] for v in raw], dtype=np.int64)
+    keys = [f"{cfg.hf_name or cfg.root}[{i}]" for i in range(len(labels))]
+    return FaceSet(labels, names, keys, _HFLoader(ds, cfg.image_column))
+
+
+def build_faceset(cfg: DataConfig) -> FaceSet:
+    if cfg.source == "synthetic":
+        return synthetic_faceset(cfg.synthetic_identities, cfg.synthetic_images_per_identity, cfg.synthetic_seed)
+    if cfg.source == "folder":
+        return folder_faceset(cfg.root)
+    return hf_faceset(cfg)
+
+
+def split_identities(faceset: FaceSet, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(train identities, validation identities), disjoint, seeded by data.split_seed."""
+    n = len(faceset.names)
+    n_val = cfg.val_identities if cfg.val_identities > 0 else int(round(n * cfg.val_fraction))
+    n_val = max(2, n_val)  # validation needs two identities for impostor pairs
+    if n - n_val < 2:
+        raise UserError(f"data: only {n} identities; holding out {n_val} for validation leaves {n - n_val} "
+                        "for training (need >= 2): add identities or lower data.val_fraction/val_identities")
+    order = np.random.default_rng(cfg.split_seed).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Transforms
+
+
+@dataclass
+class Preprocess:
+    """Everything needed to turn a file into a model input; stored in bundles so eval/verify match training."""
+
+    image_size: int
+    mean: list[float]
+    std: list[float]
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
+
+def eval_transform(pre: Preprocess) -> Callable:
+    return T.Compose([
+        T.Resize((pre.image_size, pre.image_size), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+        T.ToTensor(),
+        T.Normalize(pre.mean, pre.std),
+    ])
+
+
+def train_transform(pre: Preprocess, aug: AugmentConfig) -> Callable:
+    if not aug.enabled:
+        return eval_transform(pre)
+    size = pre.image_size
+    steps: list = [T.Resize((size, size), antialias=True)]
+    if aug.hflip > 0:
+        steps.append(T.RandomHorizontalFlip(aug.hflip))
+    if aug.rotation > 0:
+        steps.append(T.RandomRotation(aug.rotation))
+    if aug.crop_scale_min < 1.0:
+        steps.append(T.RandomResizedCrop(size, scale=(aug.crop_scale_min, aug.crop_scale_max),
+                                         ratio=(0.75, 1.33), antialias=True))
+    if max(aug.brightness, aug.contrast, aug.saturation, aug.hue) > 0:
+        steps.append(T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue))
+    if aug.grayscale > 0:
+        steps.append(T.RandomGrayscale(aug.grayscale))
+    steps += [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+    return T.Compose(steps)
+
+
+class FaceDataset(torch.utils.data.Dataset):
+    """Images `indices` of a FaceSet with labels `labels`, transformed; returns (image, label, position).
+
+    A file that fails to decode during training (changed on disk after the pre-flight) follows
+    data.bad_images: `error` stops with the file's name; `skip` substitutes the next image of the same
+    identity, so the batch keeps its P x m structure and every rank keeps the same step count.
+    """
+
+    def __init__(self, faceset: FaceSet, indices: np.ndarray, labels: np.ndarray, transform: Callable,
+                 bad_images: str = "error"):
+        self.faceset, self.indices, self.labels = faceset, np.asarray(indices), np.asarray(labels)
+        self.transform, self.bad_images = transform, bad_images
+        self._by_label: dict[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _load(self, pos: int) -> Image.Image:
+        return to_rgb(self.faceset.loader(int(self.indices[pos])))
+
+    def __getitem__(self, item: int | tuple[int, int]):
+        # The sampler sends (position, seed): augmentation randomness then depends on the plan alone, not on
+        # which worker or rank loads the image, so resumed and multi-process runs see the same pixels.
+        pos, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is None:
+            return self._item(pos)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._item(pos)
+
+    def _item(self, pos: int):
+        try:
+            img = self._load(pos)
+        except Exception as err:
+            key = self.faceset.keys[int(self.indices[pos])]
+            if self.bad_images == "error":
+                raise UserError(f"{key}: cannot decode image ({type(err).__name__}: {err}); remove or fix it, "
+                                "or set data.bad_images: skip") from None
+            img = self._substitute(pos, key)
+        return self.transform(img), int(self.labels[pos]), pos
+
+    def _substitute(self, pos: int, key: str) -> Image.Image:
+        if self._by_label is None:
+            order = np.argsort(self.labels, kind="stable")
+            splits = np.flatnonzero(np.diff(self.labels[order])) + 1
+            self._by_label = {int(self.labels[g[0]]): g for g in np.split(order, splits)}
+        group = self._by_label[int(self.labels[pos])]
+        start = int(np.flatnonzero(group == pos)[0])
+        for k in range(1, len(group)):
+            alt = int(group[(start + k) % len(group)])
+            try:
+                img = self._load(alt)
+            except Exception:
+                continue
+            print(f"facetrain: warning: {key}: cannot decode, used another image of the same identity",
+                  flush=True)
+            return img
+        raise UserError(f"{key}: no image of this identity can be decoded; remove the identity folder")
+
+
+def default_num_workers(num_processes: int) -> int:
+    """Workers per rank: spare cores split between ranks, at most 8; 0 when no core is spare."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus // max(1, num_processes) - 1))

@@ -1,0 +1,116 @@
+"""Losses and miners by name (registries of pytorch-metric-learning constructors).
+
+    loss.name:  triplet | contrastive | bce_pair | multi_similarity | arcface
+    loss.miner: none | triplet_all | triplet_hard | triplet_semihard | multi_similarity
+
+All take (embeddings, labels[, mining tuples]) on the *global* batch (see `distributed.gather_for_loss`).
+ArcFace owns a class-weight matrix (one row per training identity), trained with the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning import distances, losses, miners
+from torch import nn
+
+from facetrain.config import LossConfig
+from facetrain.errors import UserError
+
+
+def _distance(cfg: LossConfig) -> distances.BaseDistance:
+    return distances.CosineSimilarity() if cfg.distance == "cosine" else distances.LpDistance(p=2)
+
+
+class BCEPairLoss(nn.Module):
+    """The article's binary cross-entropy on pairs: p(same) = sigmoid(scale * (cos - bias)) for every pair
+    in the batch (or the mined pairs), positives and negatives weighted equally (a P x m batch has ~P times
+    more negative pairs than positive ones). PML has no such loss."""
+
+    def __init__(self, scale: float, bias: float = 0.5):
+        super().__init__()
+        self.scale, self.bias = scale, bias
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor, indices_tuple=None) -> torch.Tensor:
+        if indices_tuple is None:
+            i, j = torch.triu_indices(len(labels), len(labels), offset=1, device=emb.device)
+        elif len(indices_tuple) == 4:  # mined pairs (a1, p, a2, n)
+            a1, p, a2, n = indices_tuple
+            i, j = torch.cat([a1, a2]), torch.cat([p, n])
+        else:  # mined triplets (a, p, n)
+            a, p, n = indices_tuple
+            i, j = torch.cat([a, a]), torch.cat([p, n])
+        same = (labels[i] == labels[j]).float()
+        logits = self.scale * ((emb[i] * emb[j]).sum(-1) - self.bias)
+        n_pos = same.sum().clamp(min=1)
+        n_neg = (1 - same).sum().clamp(min=1)
+        weight = same / n_pos + (1 - same) / n_neg
+        return (F.binary_cross_entropy_with_logits(logits, same, reduction="none") * weight).sum() / 2
+
+
+def _triplet(cfg: LossConfig, num_classes: int, dim: int) -> nn.Module:
+    return losses.TripletMarginLoss(margin=cfg.margin, distance=_distance(cfg))
+
+
+def _contrastive(cfg: LossConfig, num_classes: int, dim: int) -> nn.Module:
+    return losses.ContrastiveLoss(pos_margin=cfg.pos_margin, neg_margin=cfg.neg_margin, distance=_distance(cfg))
+
+
+def _multi_similarity(cfg: LossConfig, num_classes: int, dim: int) -> nn.Module:
+    return losses.MultiSimilarityLoss(alpha=cfg.ms_alpha, beta=cfg.ms_beta, base=cfg.ms_base)
+
+
+def _arcface(cfg: LossConfig, num_classes: int, dim: int) -> nn.Module:
+    # PML's ArcFace margin is in degrees; 0.1 (the triplet default) would be meaningless, so use 28.6 (0.5 rad)
+    margin = cfg.margin if cfg.margin >= 1.0 else 28.6
+    return losses.ArcFaceLoss(num_classes=num_classes, embedding_size=dim, margin=margin, scale=cfg.scale)
+
+
+def _bce_pair(cfg: LossConfig, num_classes: int, dim: int) -> nn.Module:
+    return BCEPairLoss(scale=cfg.scale)
+
+
+LOSSES: dict[str, Callable[[LossConfig, int, int], nn.Module]] = {
+    "triplet": _triplet,
+    "contrastive": _contrastive,
+    "bce_pair": _bce_pair,
+    "multi_similarity": _multi_similarity,
+    "arcface": _arcface,
+}
+
+MINERS: dict[str, Callable[[LossConfig], miners.BaseMiner | None]] = {
+    "none": lambda cfg: None,
+    "triplet_all": lambda cfg: miners.TripletMarginMiner(margin=cfg.miner_margin, type_of_triplets="all",
+                                                         distance=_distance(cfg)),
+    "triplet_hard": lambda cfg: miners.TripletMarginMiner(margin=cfg.miner_margin, type_of_triplets="hard",
+                                                          distance=_distance(cfg)),
+    "triplet_semihard": lambda cfg: miners.TripletMarginMiner(margin=cfg.miner_margin,
+                                                              type_of_triplets="semihard", distance=_distance(cfg)),
+    "multi_similarity": lambda cfg: miners.MultiSimilarityMiner(epsilon=cfg.miner_epsilon),
+}
+
+
+def check_names(cfg: LossConfig) -> None:
+    if cfg.name not in LOSSES:
+        raise UserError(f"loss.name: unknown loss {cfg.name!r} (choose one of: {', '.join(LOSSES)})")
+    if cfg.miner not in MINERS:
+        raise UserError(f"loss.miner: unknown miner {cfg.miner!r} (choose one of: {', '.join(MINERS)})")
+    if cfg.name == "arcface" and cfg.miner != "none":
+        raise UserError("loss.miner: ArcFace is a classification loss and takes no miner; set loss.miner: none")
+
+
+class MetricLoss(nn.Module):
+    """loss(miner(emb, labels)) with the chosen pieces; holds the loss's own parameters (ArcFace)."""
+
+    def __init__(self, cfg: LossConfig, num_classes: int, embedding_dim: int):
+        super().__init__()
+        check_names(cfg)
+        self.loss = LOSSES[cfg.name](cfg, num_classes, embedding_dim)
+        self.miner = MINERS[cfg.miner](cfg)
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        emb = emb.float()  # PML's distances and margins are tuned for fp32 similarities
+        tuples = self.miner(emb, labels) if self.miner is not None else None
+        return self.loss(emb, labels, tuples) if tuples is not None else self.loss(emb, labels)

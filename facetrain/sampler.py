@@ -1,0 +1,103 @@
+"""Distributed P x m batch sampler: every micro-step the *global* batch holds P identities x m images.
+
+Rank r of W takes identity groups [r*P_local, (r+1)*P_local) of each global batch, so ranks hold disjoint,
+whole identity groups and mining over the gathered global batch sees complete P x m structure. The plan is
+a pure function of (seed, epoch) drawn from the sampler's own `numpy.random.Generator` -- never the global
+numpy/torch state -- so rank-0-only work (logging, validation) cannot desynchronise ranks. Like timm's
+RepeatAugSampler it is seeded per epoch (`set_epoch`) and sliced by rank; it is handed to the DataLoader as
+a `batch_sampler` and is NOT passed through `accelerator.prepare` (which would shard it a second time).
+
+Epoch length is tied to the data: max(ceil(images / global batch), ceil(identities / P)) micro-steps, so an
+epoch shows about every training image once and every identity at least once (identities are drawn as
+consecutive random permutations; images of an identity as consecutive random permutations too).
+Identities with fewer than m images are excluded (counted in `excluded`, reported by the trainer): a
+batch would otherwise repeat an image and make trivial positive pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from facetrain.errors import UserError
+
+
+def _draw(perm_source, pointer: int, perm: np.ndarray, k: int, avoid: set) -> tuple[list, int, np.ndarray]:
+    """Take k items from a stream of permutations starting at `pointer`, never repeating an item in `avoid`
+    or within the draw: when the current permutation runs out, the next one puts conflicting items last."""
+    out: list = []
+    while len(out) < k:
+        if pointer >= len(perm):
+            nxt = perm_source()
+            taken = avoid.union(out)
+            perm = np.concatenate([nxt[~np.isin(nxt, list(taken))], nxt[np.isin(nxt, list(taken))]])
+            pointer = 0
+        item = perm[pointer]
+        pointer += 1
+        if item in avoid or item in out:  # only possible right after a permutation boundary
+            continue
+        out.append(item)
+    return out, pointer, perm
+
+
+class MPerClassBatchSampler:
+    """Yields this rank's micro-batches, `batch_size` = P_local x m (position, augmentation seed) pairs each."""
+
+    def __init__(self, labels: np.ndarray, m: int, batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0, multiple_of: int = 1):
+        if batch_size % m:
+            raise UserError(f"train.batch_size ({batch_size}) must be a multiple of train.m ({m})")
+        labels = np.asarray(labels)
+        ids, counts = np.unique(labels, return_counts=True)
+        self.m, self.batch_size, self.num_replicas, self.rank, self.seed = m, batch_size, num_replicas, rank, seed
+        self.p_local = batch_size // m
+        self.p_global = self.p_local * num_replicas
+        keep = ids[counts >= m]
+        self.excluded = int(len(ids) - len(keep))
+        if len(keep) < self.p_global:
+            raise UserError(
+                f"train: {len(keep)} training identities have >= {m} images (train.m), but a global batch needs "
+                f"{self.p_global} distinct identities (train.batch_size / train.m x {num_replicas} processes): "
+                "lower train.batch_size or train.m, use fewer processes, or add identities")
+        self.identities = keep
+        self.members = {int(i): np.flatnonzero(labels == i) for i in keep}
+        n_images = sum(len(v) for v in self.members.values())
+        steps = max(math.ceil(n_images / (batch_size * num_replicas)), math.ceil(len(keep) / self.p_global))
+        self.steps_per_epoch = math.ceil(steps / multiple_of) * multiple_of
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's plan; `start` skips that many micro-batches (mid-epoch resume)."""
+        self.epoch, self.start = int(epoch), int(start)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start
+
+    def plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's global plan, identical on all ranks: dataset positions (steps, P_global, m) and one
+        augmentation seed per slot (same shape), so augmentation does not depend on rank, worker or resume."""
+        rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch]))
+        id_perm, id_ptr = rng.permutation(self.identities), 0
+        cursors = {i: (rng.permutation(v), 0) for i, v in self.members.items()}
+        out = np.empty((self.steps_per_epoch, self.p_global, self.m), dtype=np.int64)
+        for step in range(self.steps_per_epoch):
+            chosen, id_ptr, id_perm = _draw(lambda: rng.permutation(self.identities), id_ptr, id_perm,
+                                            self.p_global, set())
+            for slot, ident in enumerate(chosen):
+                members = self.members[int(ident)]
+                perm, ptr = cursors[int(ident)]
+                imgs, ptr, perm = _draw(lambda members=members: rng.permutation(members), ptr, perm, self.m, set())
+                cursors[int(ident)] = (perm, ptr)
+                out[step, slot] = imgs
+        return out, rng.integers(0, 2**31 - 1, size=out.shape, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        """Yields [(position, augmentation seed), ...] for this rank's share of each global batch."""
+        plan, seeds = self.plan()
+        lo, hi = self.rank * self.p_local, (self.rank + 1) * self.p_local
+        for step in range(self.start, self.steps_per_epoch):
+            yield list(zip(plan[step, lo:hi].reshape(-1).tolist(), seeds[step, lo:hi].reshape(-1).tolist(),
+                           strict=True))

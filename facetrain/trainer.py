@@ -1,0 +1,392 @@
+"""The training loop, top to bottom: accelerator -> data -> model -> loss/optimizer -> resume -> loop.
+
+    accelerate launch -m facetrain.train --config configs/default.yaml          # 1 process (GPU or CPU)
+    accelerate launch --multi_gpu --num_processes 8 -m facetrain.train ...      # DDP on 8 GPUs
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 \\
+        --num_machines 1 --main_process_port 29511 -m facetrain.train ...       # 2 CPU ranks over gloo
+
+Per optimizer step: each rank loads its share of a global P x m batch (sampler.py), embeds it, gathers all
+ranks' embeddings and computes the loss on the global batch (distributed.py explains the gradient scaling),
+then backward / clip / step. Validation embeds the held-out identities on all ranks and rank 0 scores all
+pairs with metrics.py (the same code `facetrain.eval` uses); the best model by `train.val_metric` is exported
+to <output_dir>/bundle. A stop request (SIGUSR1/SIGTERM, or a file <output_dir>/STOP) finishes the step,
+writes a checkpoint and exits 0; `--train.resume auto` continues from it mid-epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from facetrain import checkpoint as ckpt
+from facetrain.config import Config, save_config, to_dict
+from facetrain.data import FaceDataset, build_faceset, default_num_workers, eval_transform, split_identities, \
+    train_transform
+from facetrain.distributed import any_rank, broadcast_object, gather_for_loss
+from facetrain.embed import embed_dataset
+from facetrain.errors import UserError
+from facetrain.losses import MetricLoss, check_names
+from facetrain.metrics import all_pairs_roc, verification_metrics
+from facetrain.model import create_model, replace_dir, resolve_preprocess, write_bundle
+from facetrain.optim import create_optimizer, create_scheduler, resolve_preset
+from facetrain.progress import TrainProgress
+from facetrain.sampler import MPerClassBatchSampler
+
+LOWER_IS_BETTER = {"eer"}
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# On CPUs, bf16 autocast pays off only for larger inputs: measured on a 2-core AMX CPU with
+# tf_efficientnetv2_b0, bf16 + channels_last is ~2x faster than fp32 at 224 px but ~2.4x slower at 64 px
+# (depthwise convolutions at small spatial sizes have no fast bf16 kernels).
+CPU_BF16_MIN_IMAGE_SIZE = 160
+
+
+def resolve_mixed_precision(requested: str, image_size: int) -> str:
+    """`auto`: the launcher's fp16/bf16 if it asked for one, else bf16 where the hardware runs it faster
+    (GPUs with bf16; bf16-capable CPUs from CPU_BF16_MIN_IMAGE_SIZE px), else fp16 on older GPUs, else no."""
+    if requested != "auto":
+        if requested == "fp16" and not torch.cuda.is_available():
+            raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 (or no) on CPU")
+        return requested
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher in ("fp16", "bf16"):
+        return launcher
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
+    if use_cpu:
+        return "bf16" if cpu_supports_bf16() and image_size >= CPU_BF16_MIN_IMAGE_SIZE else "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+class StopRequest:
+    """SIGUSR1/SIGTERM (Slurm's warning before preemption / time limit) or a STOP file set a flag that the
+    loop checks once per step; the decision is agreed across ranks so all of them checkpoint together."""
+
+    def __init__(self, stop_file: Path):
+        self.stop_file = stop_file
+        self.signalled = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.signalled = True
+
+    def local(self) -> bool:
+        return self.signalled or self.stop_file.exists()
+
+
+def _flat_hparams(cfg: Config) -> dict:
+    out = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                out.update({f"{section}.{key}.{k}": v for k, v in value.items()})
+            else:
+                out[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out
+
+
+def _metric_value(metrics: dict, name: str) -> float:
+    value = metrics.get(name)
+    if value is None:
+        return -math.inf
+    return -value if name in LOWER_IS_BETTER else value
+
+
+def train(cfg: Config) -> dict:
+    t = cfg.train
+    resolve_preset(cfg.optim)
+    check_names(cfg.loss)
+    out = Path(t.output_dir)
+
+    # ---- accelerator: precision, trackers, process group (created here, never at import time)
+    precision = resolve_mixed_precision(t.mixed_precision, cfg.data.image_size)
+    accelerator = Accelerator(mixed_precision=precision, log_with="tensorboard" if t.tensorboard else None,
+                              project_dir=str(out))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    log = TrainProgress(enabled=main and t.progress, quiet=not main)
+
+    # ---- resume decision (before touching the output directory)
+    resume_from = None
+    if t.resume == "auto":
+        resume_from = ckpt.latest_checkpoint(out)
+    elif t.resume:
+        resume_from = Path(t.resume)
+    elif ckpt.latest_checkpoint(out) is not None:
+        raise UserError(f"train.output_dir: {out} already holds checkpoints; continue with --train.resume auto "
+                        "or choose another train.output_dir")
+
+    # ---- data: split by identity, P x m sampler sharded by rank
+    faceset = build_faceset(cfg.data)
+    if cfg.data.preflight and faceset.paths is not None:
+        from facetrain.preflight import apply_preflight
+
+        faceset = apply_preflight(faceset, cfg.data, out, accelerator)
+    train_ids, val_ids = split_identities(faceset, cfg.data)
+    train_idx, train_labels = faceset.subset(train_ids)
+    val_idx, val_labels = faceset.subset(val_ids)
+    sampler = MPerClassBatchSampler(train_labels, t.m, t.batch_size, world, rank, t.seed,
+                                    multiple_of=t.grad_accum_steps)
+    if sampler.excluded:
+        log.print(f"[yellow]warning:[/] {sampler.excluded} training identities have fewer than train.m={t.m} "
+                  "images and are not sampled")
+    steps_per_epoch = sampler.steps_per_epoch // t.grad_accum_steps
+    max_steps = t.max_steps or t.epochs * steps_per_epoch
+
+    # ---- model, loss, optimizer, schedule
+    set_seed(t.seed)  # identical initial weights on every rank
+    model = create_model(cfg.model)
+    pre = resolve_preprocess(cfg.data, model)
+    cfg.data.mean, cfg.data.std = pre.mean, pre.std  # the resolved config records what was really used
+    loss_fn = MetricLoss(cfg.loss, num_classes=len(train_ids), embedding_dim=cfg.model.embedding_dim)
+    optimizer = create_optimizer(model, loss_fn, cfg.optim)
+    per_epoch = cfg.optim.scheduler_interval == "epoch"
+    scheduler = create_scheduler(optimizer, cfg.optim, math.ceil(max_steps / steps_per_epoch) if per_epoch
+                                 else max_steps)
+    if cfg.model.sync_bn and world > 1 and accelerator.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loss_fn.to(accelerator.device)
+    raw_model = accelerator.unwrap_model(model)
+    fwd_model = torch.compile(model) if cfg.model.compile else model
+    set_seed(t.seed + rank)  # per-rank streams for dropout / stochastic depth
+
+    workers = t.num_workers if t.num_workers >= 0 else default_num_workers(world)
+    train_ds = FaceDataset(faceset, train_idx, train_labels, train_transform(pre, cfg.data.augment),
+                           cfg.data.bad_images)
+    val_ds = FaceDataset(faceset, val_idx, val_labels, eval_transform(pre), cfg.data.bad_images)
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=workers,
+                                         pin_memory=accelerator.device.type == "cuda",
+                                         persistent_workers=workers > 0)
+
+    # ---- state, resume
+    state = {"step": 0, "best_metric": None, "best_step": None, "untrained": None, "bad_steps": 0}
+    if resume_from is not None:
+        weights, saved, rng = ckpt.load_train_state(resume_from, rank)
+        raw_model.load_state_dict(weights)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        loss_fn.load_state_dict(saved["loss"])
+        if accelerator.scaler is not None and saved.get("scaler"):
+            accelerator.scaler.load_state_dict(saved["scaler"])
+        state.update(json.loads(saved["state_json"]))
+        ckpt.restore_rng(rng)
+        log.print(f"resumed from {resume_from} at step {state['step']}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        (out / "done.json").unlink(missing_ok=True)
+        (out / "STOP").unlink(missing_ok=True)  # a stale request from a previous (requeued) run
+    accelerator.wait_for_everyone()
+    stop = StopRequest(out / "STOP")
+    if t.tensorboard:
+        accelerator.init_trackers("tb", config=_flat_hparams(cfg))
+
+    log.print(f"facetrain: {len(train_ids)} train / {len(val_ids)} val identities, {len(train_idx)} / "
+              f"{len(val_idx)} images; {world} process(es), {precision} precision, global batch "
+              f"{t.batch_size * world} = {sampler.p_global} ids x {t.m}; {steps_per_epoch} steps/epoch, "
+              f"{max_steps} steps; output {out}")
+
+    schedule_free = hasattr(optimizer, "eval") and hasattr(optimizer, "train") and "schedulefree" in \
+        cfg.optim.name
+
+    def set_train_mode(training: bool) -> None:
+        model.train(training)
+        if schedule_free:  # schedule-free keeps two weight sequences; eval() selects the averaged one
+            optimizer.train() if training else optimizer.eval()
+
+    def validate() -> dict:
+        set_train_mode(False)
+        emb = embed_dataset(model, val_ds, t.val_batch_size, accelerator, num_workers=workers,
+                            channels_last=cfg.model.channels_last)
+        metrics = None
+        if main:
+            metrics = verification_metrics(all_pairs_roc(emb, torch.as_tensor(val_labels)))
+        set_train_mode(True)
+        return broadcast_object(metrics, accelerator)
+
+    def export_best(metrics: dict) -> None:
+        if not main:
+            return
+        tmp = out / "bundle.tmp"
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        write_bundle(tmp, raw_model, cfg.model, pre, {"step": state["step"], "val_metrics": metrics,
+                                                      "config": to_dict(cfg)})
+        replace_dir(tmp, out / "bundle")
+
+    def save_checkpoint() -> Path:
+        set_train_mode(False)
+        tmp = ckpt.tmp_dir_for(out, state["step"])
+        error = None
+        try:
+            if main:
+                if tmp.exists():
+                    import shutil
+
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+        except OSError as err:
+            error = err
+        accelerator.wait_for_everyone()
+        try:
+            if error is None:
+                ckpt.write_rng(tmp, rank)
+                if main:
+                    write_bundle(tmp, raw_model, cfg.model, pre, {"step": state["step"], "config": to_dict(cfg)})
+                    ckpt.write_train_state(tmp, {
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "loss": loss_fn.state_dict(),
+                        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                        "state_json": json.dumps(state),
+                    })
+        except OSError as err:
+            error = err
+        accelerator.wait_for_everyone()
+        failed = any_rank(error is not None, accelerator)
+        if failed:
+            if main:
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = ckpt.latest_checkpoint(out)
+            reason = f"{error.strerror or error}" if error is not None else "failed on another rank"
+            raise UserError(f"checkpoint: cannot write {tmp} ({reason}); the previous checkpoint "
+                            f"{previous or '(none)'} is kept: free disk space and rerun with --train.resume auto")
+        final = ckpt.finalize(tmp, t.keep_last) if main else tmp
+        accelerator.wait_for_everyone()
+        set_train_mode(True)
+        return final
+
+    def after_validation(metrics: dict) -> None:
+        value = _metric_value(metrics, t.val_metric)
+        accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
+                        step=state["step"])
+        if cfg.optim.scheduler == "plateau":
+            scheduler.step(value)
+        improved = state["best_metric"] is None or value > state["best_metric"]
+        if improved:
+            state["best_metric"], state["best_step"] = value, state["step"]
+            export_best(metrics)
+        extra = "" if t.val_metric in ("auc", "eer") else f" {t.val_metric} {metrics.get(t.val_metric)}"
+        log.print(f"step {state['step']}: val auc {metrics['auc']:.4f} eer {metrics['eer']:.4f}{extra}"
+                  + ("  \\[best]" if improved else ""))
+
+    # ---- untrained baseline, so every run reports how much training added
+    set_train_mode(True)
+    if state["untrained"] is None:
+        state["untrained"] = validate()
+        log.print(f"untrained model: val auc {state['untrained']['auc']:.4f} eer {state['untrained']['eer']:.4f}")
+
+    # ---- the loop
+    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
+    last_metrics = None
+    stopped = False
+    window_start, window_images = time.perf_counter(), 0
+    log.start(total=max_steps, completed=state["step"])
+    while state["step"] < max_steps and not stopped:
+        epoch, step_in_epoch = divmod(state["step"], steps_per_epoch)
+        sampler.set_epoch(epoch, start=step_in_epoch * t.grad_accum_steps)
+        batches = iter(loader)
+        for _ in range(min(steps_per_epoch - step_in_epoch, max_steps - state["step"])):
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for micro in range(t.grad_accum_steps):
+                images, labels, _ = next(batches)
+                images = images.to(accelerator.device, non_blocking=True)
+                labels = labels.to(accelerator.device, non_blocking=True)
+                if cfg.model.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                last_micro = micro == t.grad_accum_steps - 1
+                with (nullcontext() if last_micro else accelerator.no_sync(model)), accelerator.autocast():
+                    emb = fwd_model(images)
+                    all_emb, all_labels = gather_for_loss(emb, labels, accelerator)
+                    loss = loss_fn(all_emb, all_labels)
+                if state["step"] == t.inject_nan_at:
+                    loss = loss * float("nan")
+                accelerator.backward(loss / t.grad_accum_steps)
+                loss_sum += loss.detach()
+            loss_value = loss_sum / t.grad_accum_steps
+            grad_norm = accelerator.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+            # One host sync per step: a non-finite loss/gradient must never reach the weights. Under fp16
+            # the grad scaler skips overflowing steps itself (normal while it calibrates).
+            finite_grad = accelerator.scaler is not None or bool(torch.isfinite(grad_norm))
+            if bool(torch.isfinite(loss_value)) and finite_grad:
+                optimizer.step()
+                state["bad_steps"] = 0
+            else:
+                state["bad_steps"] += 1
+                log.print(f"[yellow]warning:[/] step {state['step']}: non-finite loss or gradient, step skipped "
+                          f"({state['bad_steps']} in a row, limit train.max_bad_steps={t.max_bad_steps})")
+                if state["bad_steps"] >= t.max_bad_steps:
+                    raise UserError(f"training diverged: {state['bad_steps']} consecutive non-finite steps at "
+                                    f"step {state['step']}; lower optim.lr or set train.grad_clip (no checkpoint "
+                                    "with non-finite weights was written)")
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            window_images += t.batch_size * world * t.grad_accum_steps
+            if not per_epoch and cfg.optim.scheduler != "plateau":
+                scheduler.step()
+            elif per_epoch and cfg.optim.scheduler != "plateau" and state["step"] % steps_per_epoch == 0:
+                scheduler.step()
+
+            step = state["step"]
+            if step % t.log_every == 0 or step == max_steps:
+                elapsed = time.perf_counter() - window_start
+                ips = window_images / max(elapsed, 1e-9)
+                lr = optimizer.param_groups[0]["lr"]
+                accelerator.log({"train/loss": loss_value.item(), "train/lr": lr, "train/img_per_s": ips},
+                                step=step)
+                log.update(step, loss=loss_value.item(), ips=ips)
+                window_start, window_images = time.perf_counter(), 0
+            else:
+                log.advance(step)
+            end_of_epoch = step % steps_per_epoch == 0
+            if (t.val_every and step % t.val_every == 0) or (not t.val_every and end_of_epoch) or step == max_steps:
+                last_metrics = validate()
+                after_validation(last_metrics)
+                window_start, window_images = time.perf_counter(), 0  # img/s measures training only
+            if any_rank(stop.local(), accelerator):
+                stopped = step < max_steps
+                if stopped:
+                    final = save_checkpoint()
+                    log.print(f"stop requested: checkpoint {final} written at step {step}; "
+                              "continue with --train.resume auto")
+                    break
+            if step % t.ckpt_every == 0 or step == max_steps:
+                save_checkpoint()
+    log.stop()
+
+    summary = {"step": state["step"], "max_steps": max_steps, "stopped": stopped,
+               "untrained": state["untrained"], "final": last_metrics,
+               "best_step": state["best_step"], "best_metric_name": t.val_metric,
+               "best_metric": None if state["best_metric"] is None else abs(state["best_metric"]),
+               "bundle": str(out / "bundle"), "output_dir": str(out)}
+    if main and not stopped:
+        (out / "done.json").write_text(json.dumps(summary, indent=2))
+        u, f = state["untrained"], last_metrics
+        log.print(f"done: {state['step']} steps. val auc untrained {u['auc']:.4f} -> trained {f['auc']:.4f}, "
+                  f"eer {u['eer']:.4f} -> {f['eer']:.4f}. best model: {out / 'bundle'}; "
+                  f"TensorBoard: tensorboard --logdir {out / 'tb'}")
+    accelerator.end_training()
+    return summary
