@@ -9,6 +9,9 @@ Layout: <output_dir>/checkpoints/step_00001200/
 Everything is written into `step_X.tmp` first and renamed into place (a rename is atomic), so a kill during
 a save never leaves a corrupt latest checkpoint. `.pt` files hold only tensors and plain containers and are
 read with `torch.load(weights_only=True)`. A failed save (full disk) keeps the previous checkpoints.
+
+Test hook: FACETRAIN_TEST_SLOW_SAVE=<seconds> sleeps in `finalize` after every file but COMPLETE is written
+and before the rename, so a test can kill -9 the process inside a save deterministically.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -69,8 +73,45 @@ def write_train_state(tmp: Path, state: dict) -> None:
     torch.save(state, tmp / "train_state.pt")
 
 
+def nonfinite_tensors(*state_dicts: dict) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf (checked before a checkpoint is written)."""
+    return [k for sd in state_dicts for k, v in sd.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def write_error_reason(err: BaseException, directory: Path) -> str:
+    """Why writing into `directory` failed, in words. On a full disk safetensors raises SafetensorError and
+    torch.save a RuntimeError ("unexpected pos ..."), not OSError(ENOSPC), so the free space is checked too."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    try:
+        free = shutil.disk_usage(directory if directory.exists() else directory.parent).free
+    except OSError:
+        free = None
+    if "No space left" in str(err) or (free is not None and free < 1 << 20):  # < 1 MiB left: the disk is full
+        return f"No space left on device ({free} bytes free)"
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return f"{type(err).__name__}: {first}"
+
+
+# Settings that decide the shapes and kinds of the saved state: a checkpoint resumes only under the same ones.
+STATE_KEYS = (("model", "backbone"), ("model", "embedding_dim"), ("loss", "name"), ("optim", "name"))
+
+
+def check_compatible(path: Path, cfg: dict) -> None:
+    """Refuse to resume `path` under a config whose STATE_KEYS differ from the run that wrote it."""
+    saved = read_bundle_meta(path).get("config") or {}
+    diffs = [f"{a}.{b}: {saved[a][b]!r} -> {cfg[a][b]!r}" for a, b in STATE_KEYS
+             if b in saved.get(a, {}) and saved[a][b] != cfg[a][b]]
+    if diffs:
+        raise UserError(f"train.resume: {path} was written with other settings ({'; '.join(diffs)}); resume with "
+                        "the run's own config (its config.yaml) or choose a new train.output_dir")
+
+
 def finalize(tmp: Path, keep_last: int) -> Path:
     """Mark complete, rename into place, then prune old checkpoints (only after the new one exists)."""
+    if os.environ.get("FACETRAIN_TEST_SLOW_SAVE"):  # test hook: see the module docstring
+        time.sleep(float(os.environ["FACETRAIN_TEST_SLOW_SAVE"]))
     (tmp / MARKER).write_text("ok\n")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -111,4 +152,5 @@ def restore_rng(rng: dict | None) -> None:
 
 
 __all__ = ["CHECKPOINTS", "MARKER", "META_FILE", "checkpoint_dirs", "latest_checkpoint", "tmp_dir_for",
-           "write_rng", "write_train_state", "finalize", "load_train_state", "restore_rng"]
+           "write_rng", "write_train_state", "nonfinite_tensors", "write_error_reason", "check_compatible",
+           "finalize", "load_train_state", "restore_rng"]

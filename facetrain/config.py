@@ -235,6 +235,10 @@ class TrainConfig:
     """Log to TensorBoard under output_dir/tb."""
     max_bad_steps: int = 5
     """Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
+    stop_at_step: int = -1
+    """Act as if a stop request arrived after this optimizer step: checkpoint and exit, resumable (-1 = off)."""
+    record_samples: bool = False
+    """Audit: append each rank's dataset positions per micro-step to output_dir/samples/rank<r>.jsonl."""
     inject_nan_at: int = -1
     """Testing hook: make the loss NaN at this optimizer step (-1 = never)."""
 
@@ -263,7 +267,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
             return None
         errors = []
         for arg in args:
@@ -308,6 +312,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `no` / `yes` as a boolean
+            return "yes" if value else "no"
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
         raise UserError(f"{key}: expected a string, got {value!r}")
@@ -348,10 +354,7 @@ def _parse_overrides(args: list[str]) -> dict:
                 raise UserError(f"command line: {arg} needs a value")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        value = raw  # typed by the field's annotation in _coerce ("no" stays a string for a str field)
         node = out
         parts = key.split(".")
         for part in parts[:-1]:

@@ -20,6 +20,17 @@ def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("FACETRAIN_DEBUG", "") not in ("", "0")
 
 
+def one_line(err: UserError) -> str:
+    """The user's message. A UserError raised in a DataLoader worker reaches the main process re-created by
+    torch with the worker's traceback as its message ("Caught UserError in DataLoader worker process 0.
+    Original Traceback ..."); its last line, `facetrain.errors.UserError: <message>`, holds the original."""
+    text = str(err)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     """Run an entry point; user errors become `facetrain: error: <message>` and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
@@ -32,7 +43,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
             raise
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"facetrain: error: {prefix}{err}", file=sys.stderr, flush=True)
+        print(f"facetrain: error: {prefix}{one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print("facetrain: interrupted", file=sys.stderr)

@@ -40,7 +40,8 @@ def _adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
 
 
 def _sgd(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.momentum > 0)
 
 
 def _ranger(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:

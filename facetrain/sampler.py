@@ -8,8 +8,10 @@ RepeatAugSampler it is seeded per epoch (`set_epoch`) and sliced by rank; it is 
 a `batch_sampler` and is NOT passed through `accelerator.prepare` (which would shard it a second time).
 
 Epoch length is tied to the data: max(ceil(images / global batch), ceil(identities / P)) micro-steps, so an
-epoch shows about every training image once and every identity at least once (identities are drawn as
-consecutive random permutations; images of an identity as consecutive random permutations too).
+epoch draws as many images as the training set holds and visits every identity at least once. Identities are
+drawn as consecutive random permutations (balanced: each identity equally often, like pytorch-metric-
+learning's MPerClassSampler), and each identity's images as consecutive random permutations, so no image of
+an identity repeats before all of its images were shown.
 Identities with fewer than m images are excluded (counted in `excluded`, reported by the trainer): a
 batch would otherwise repeat an image and make trivial positive pairs.
 """

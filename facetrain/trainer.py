@@ -133,6 +133,11 @@ def train(cfg: Config) -> dict:
     elif ckpt.latest_checkpoint(out) is not None:
         raise UserError(f"train.output_dir: {out} already holds checkpoints; continue with --train.resume auto "
                         "or choose another train.output_dir")
+    try:  # on every rank (exist_ok makes it race-free): a file or an unwritable path is a one-line error
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"train.output_dir: cannot create folder {out} ({err.strerror}); choose another "
+                        "train.output_dir") from None
 
     # ---- data: split by identity, P x m sampler sharded by rank
     faceset = build_faceset(cfg.data)
@@ -175,18 +180,27 @@ def train(cfg: Config) -> dict:
     val_ds = FaceDataset(faceset, val_idx, val_labels, eval_transform(pre), cfg.data.bad_images)
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=workers,
                                          pin_memory=accelerator.device.type == "cuda",
-                                         persistent_workers=workers > 0)
+                                         persistent_workers=workers > 0,
+                                         # its own generator: creating an iterator draws a base seed, which
+                                         # must not consume the global RNG that dropout uses (exact resume)
+                                         generator=torch.Generator().manual_seed(t.seed))
 
     # ---- state, resume
     state = {"step": 0, "best_metric": None, "best_step": None, "untrained": None, "bad_steps": 0}
     if resume_from is not None:
         weights, saved, rng = ckpt.load_train_state(resume_from, rank)
-        raw_model.load_state_dict(weights)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        loss_fn.load_state_dict(saved["loss"])
-        if accelerator.scaler is not None and saved.get("scaler"):
-            accelerator.scaler.load_state_dict(saved["scaler"])
+        ckpt.check_compatible(resume_from, to_dict(cfg))
+        try:  # other differences (e.g. the identity count that sizes ArcFace's weights) surface here
+            raw_model.load_state_dict(weights)
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            loss_fn.load_state_dict(saved["loss"])
+            if accelerator.scaler is not None and saved.get("scaler"):
+                accelerator.scaler.load_state_dict(saved["scaler"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[-1].strip()[:200]
+            raise UserError(f"train.resume: {resume_from} does not fit this run ({first}); resume with the run's "
+                            "own config (its config.yaml) or choose a new train.output_dir") from None
         state.update(json.loads(saved["state_json"]))
         ckpt.restore_rng(rng)
         log.print(f"resumed from {resume_from} at step {state['step']}")
@@ -227,18 +241,29 @@ def train(cfg: Config) -> dict:
         if not main:
             return
         tmp = out / "bundle.tmp"
-        if tmp.exists():
-            import shutil
+        try:
+            if tmp.exists():
+                import shutil
 
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        write_bundle(tmp, raw_model, cfg.model, pre, {"step": state["step"], "val_metrics": metrics,
-                                                      "config": to_dict(cfg)})
-        replace_dir(tmp, out / "bundle")
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            write_bundle(tmp, raw_model, cfg.model, pre, {"step": state["step"], "val_metrics": metrics,
+                                                          "config": to_dict(cfg)})
+            replace_dir(tmp, out / "bundle")
+        except Exception as err:  # a full disk raises SafetensorError, not OSError
+            raise UserError(f"bundle: cannot write {tmp} ({ckpt.write_error_reason(err, tmp)}); the previous best "
+                            "model is kept: free disk space and rerun with --train.resume auto") from err
 
     def save_checkpoint() -> Path:
         set_train_mode(False)
         tmp = ckpt.tmp_dir_for(out, state["step"])
+        # never write NaN/inf into a checkpoint (the state is identical on every rank: all stop here together)
+        nonfinite = ckpt.nonfinite_tensors(raw_model.state_dict(), loss_fn.state_dict())
+        if nonfinite:
+            raise UserError(f"checkpoint: step {state['step']}: non-finite values in {nonfinite[0]} "
+                            f"({len(nonfinite)} tensor(s)), not written; the last good checkpoint is "
+                            f"{ckpt.latest_checkpoint(out) or '(none)'}: rerun with --train.resume auto and a lower "
+                            "optim.lr or train.grad_clip")
         error = None
         try:
             if main:
@@ -261,20 +286,26 @@ def train(cfg: Config) -> dict:
                         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                         "state_json": json.dumps(state),
                     })
-        except OSError as err:
+        except Exception as err:  # a full disk raises SafetensorError / RuntimeError here, not OSError
             error = err
         accelerator.wait_for_everyone()
         failed = any_rank(error is not None, accelerator)
         if failed:
+            reason = ckpt.write_error_reason(error, tmp) if error is not None else "failed on another rank"
             if main:
                 import shutil
 
                 shutil.rmtree(tmp, ignore_errors=True)
             previous = ckpt.latest_checkpoint(out)
-            reason = f"{error.strerror or error}" if error is not None else "failed on another rank"
             raise UserError(f"checkpoint: cannot write {tmp} ({reason}); the previous checkpoint "
-                            f"{previous or '(none)'} is kept: free disk space and rerun with --train.resume auto")
-        final = ckpt.finalize(tmp, t.keep_last) if main else tmp
+                            f"{previous or '(none)'} is kept: free disk space and rerun with --train.resume auto"
+                            ) from error
+        try:
+            final = ckpt.finalize(tmp, t.keep_last) if main else tmp
+        except OSError as err:
+            raise UserError(f"checkpoint: cannot finish {tmp} ({err.strerror or err}); the previous checkpoint "
+                            f"{ckpt.latest_checkpoint(out) or '(none)'} is kept: free disk space and rerun with "
+                            "--train.resume auto") from err
         accelerator.wait_for_everyone()
         set_train_mode(True)
         return final
@@ -301,18 +332,31 @@ def train(cfg: Config) -> dict:
 
     # ---- the loop
     params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
+    sample_log = None
+    if t.record_samples:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        sample_log = open(out / "samples" / f"rank{rank}.jsonl", "a", buffering=1)
     last_metrics = None
     stopped = False
     window_start, window_images = time.perf_counter(), 0
+    # Test hook (tests/test_robustness.py): FACETRAIN_TEST_FAIL_RANK=r with FACETRAIN_TEST_FAIL_STEP=s makes rank
+    # r raise at step s, to check that the other ranks then stop promptly too.
+    fail_rank = int(os.environ.get("FACETRAIN_TEST_FAIL_RANK", "-1"))
+    fail_step = int(os.environ.get("FACETRAIN_TEST_FAIL_STEP", "-1"))
     log.start(total=max_steps, completed=state["step"])
     while state["step"] < max_steps and not stopped:
         epoch, step_in_epoch = divmod(state["step"], steps_per_epoch)
         sampler.set_epoch(epoch, start=step_in_epoch * t.grad_accum_steps)
         batches = iter(loader)
         for _ in range(min(steps_per_epoch - step_in_epoch, max_steps - state["step"])):
+            if rank == fail_rank and state["step"] == fail_step:
+                raise RuntimeError(f"injected failure on rank {rank} at step {state['step']} (test hook)")
             loss_sum = torch.zeros((), device=accelerator.device)
             for micro in range(t.grad_accum_steps):
-                images, labels, _ = next(batches)
+                images, labels, positions = next(batches)
+                if sample_log is not None:
+                    sample_log.write(json.dumps({"step": state["step"], "micro": micro,
+                                                 "positions": positions.tolist()}) + "\n")
                 images = images.to(accelerator.device, non_blocking=True)
                 labels = labels.to(accelerator.device, non_blocking=True)
                 if cfg.model.channels_last:
@@ -338,6 +382,10 @@ def train(cfg: Config) -> dict:
                 state["bad_steps"] += 1
                 log.print(f"[yellow]warning:[/] step {state['step']}: non-finite loss or gradient, step skipped "
                           f"({state['bad_steps']} in a row, limit train.max_bad_steps={t.max_bad_steps})")
+                if ckpt.nonfinite_tensors(dict(raw_model.named_buffers())):  # only checked on bad steps
+                    raise UserError(f"training diverged at step {state['step']}: non-finite values reached the "
+                                    "model's normalisation statistics, so skipping the step cannot help; rerun with "
+                                    "--train.resume auto and a lower optim.lr or train.grad_clip")
                 if state["bad_steps"] >= t.max_bad_steps:
                     raise UserError(f"training diverged: {state['bad_steps']} consecutive non-finite steps at "
                                     f"step {state['step']}; lower optim.lr or set train.grad_clip (no checkpoint "
@@ -366,7 +414,7 @@ def train(cfg: Config) -> dict:
                 last_metrics = validate()
                 after_validation(last_metrics)
                 window_start, window_images = time.perf_counter(), 0  # img/s measures training only
-            if any_rank(stop.local(), accelerator):
+            if any_rank(stop.local() or step == t.stop_at_step, accelerator):
                 stopped = step < max_steps
                 if stopped:
                     final = save_checkpoint()
@@ -376,6 +424,8 @@ def train(cfg: Config) -> dict:
             if step % t.ckpt_every == 0 or step == max_steps:
                 save_checkpoint()
     log.stop()
+    if sample_log is not None:
+        sample_log.close()
 
     summary = {"step": state["step"], "max_steps": max_steps, "stopped": stopped,
                "untrained": state["untrained"], "final": last_metrics,

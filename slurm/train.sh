@@ -22,6 +22,52 @@
 # your cluster needs.)
 set -euo pipefail
 
+# ---- stop requests (installed first: USR1's default action would kill
+# the shell if it arrived during set-up, e.g. with a time limit < 3 min) ----
+# USR1 = "checkpoint, then requeue": sent 180 s before the time limit
+#   (--signal=B:USR1@180, batch shell only) or by hand / by a preemption
+#   hook with `scancel --batch --signal=USR1 <jobid>`.
+# TERM = "the job is ending" (scancel, time limit reached, preemption):
+#   checkpoint if there is still time, but never requeue. A requeue after a
+#   plain `scancel` would resurrect a job the user just cancelled (scontrol
+#   requeue accepts cancelled jobs); preemption with PreemptMode=REQUEUE
+#   requeues the job by itself.
+# We never kill the trainer: the STOP file makes every rank finish its
+# current step, write a checkpoint and exit 0.
+STOP_REQUESTED=0   # some signal asked the trainer to stop
+REQUEUE=0          # USR1 seen: the job should come back
+TERMINATING=0      # TERM seen: the job is ending, vetoes the requeue
+STOP_FILE=""       # set once OUTPUT_DIR exists
+DONE_FILE=""
+KEEPER_PID=""
+
+log() { echo "[train.sh $(date '+%F %T')] $*"; }
+
+# The trainer deletes a stale STOP file when it starts, so a signal that
+# lands while it is still starting up would be lost: keep re-creating the
+# file until the training step has ended.
+keep_stop_file() {
+    touch "$STOP_FILE"
+    (
+        while kill -0 "$$" 2>/dev/null && [[ ! -e "$DONE_FILE" ]]; do
+            [[ -e "$STOP_FILE" ]] || touch "$STOP_FILE"
+            sleep 0.5
+        done
+    ) &
+    KEEPER_PID=$!
+}
+
+# shellcheck disable=SC2317  # only invoked through trap
+on_stop_signal() {
+    if [[ "$1" == USR1 ]]; then REQUEUE=1; else TERMINATING=1; fi
+    log "received $1: asking the trainer to checkpoint and stop"
+    (( STOP_REQUESTED )) && return 0
+    STOP_REQUESTED=1
+    if [[ -n "$STOP_FILE" ]]; then keep_stop_file; fi
+}
+trap 'on_stop_signal USR1' USR1
+trap 'on_stop_signal TERM' TERM
+
 # ---- settings: every one can be overridden from the submitting environment
 # (sbatch exports it to the job by default) ---------------------------------
 # Experiment YAML passed to facetrain.train --config.
@@ -49,11 +95,10 @@ MAIN_PROCESS_IP="${MAIN_PROCESS_IP:-$(scontrol show hostnames "$SLURM_JOB_NODELI
 export CONFIG GPUS_PER_NODE PROCS_PER_NODE OUTPUT_DIR ACCELERATE_CONFIG \
     EXTRA_ARGS MAIN_PROCESS_IP MAIN_PROCESS_PORT
 
-log() { echo "[train.sh $(date '+%F %T')] $*"; }
-
 mkdir -p "$OUTPUT_DIR"
-STOP_FILE="$OUTPUT_DIR/STOP"
 DONE_FILE="$OUTPUT_DIR/done.json"
+STOP_FILE="$OUTPUT_DIR/STOP"
+if (( STOP_REQUESTED )); then keep_stop_file; fi  # a signal came during set-up
 
 log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST}" \
     "(${SLURM_JOB_NUM_NODES:-1} node(s)); head $MAIN_PROCESS_IP:$MAIN_PROCESS_PORT;" \
@@ -64,45 +109,9 @@ if [[ -e "$DONE_FILE" ]]; then
     exit 0
 fi
 
-# ---- stop requests --------------------------------------------------------
-# USR1 = "checkpoint, then requeue": sent 180 s before the time limit
-#   (--signal=B:USR1@180, batch shell only) or by hand / by a preemption
-#   hook with `scancel --batch --signal=USR1 <jobid>`.
-# TERM = "the job is ending" (scancel, time limit reached, preemption):
-#   checkpoint if there is still time, but never requeue. A requeue after a
-#   plain `scancel` would resurrect a job the user just cancelled (scontrol
-#   requeue accepts cancelled jobs); preemption with PreemptMode=REQUEUE
-#   requeues the job by itself.
-# We never kill the trainer: the STOP file makes every rank finish its
-# current step, write a checkpoint and exit 0.
-STOP_REQUESTED=0   # some signal asked the trainer to stop
-REQUEUE=0          # USR1 seen: the job should come back
-TERMINATING=0      # TERM seen: the job is ending, vetoes the requeue
-KEEPER_PID=""
-
-# shellcheck disable=SC2317  # only invoked through trap
-on_stop_signal() {
-    if [[ "$1" == USR1 ]]; then REQUEUE=1; else TERMINATING=1; fi
-    log "received $1: asking the trainer to checkpoint and stop ($STOP_FILE)"
-    (( STOP_REQUESTED )) && return 0
-    STOP_REQUESTED=1
-    touch "$STOP_FILE"
-    # The trainer deletes a stale STOP file when it starts, so a signal that
-    # lands while it is still starting up would be lost. Re-create the file
-    # until the training step has ended.
-    (
-        while kill -0 "$$" 2>/dev/null && [[ ! -e "$DONE_FILE" ]]; do
-            [[ -e "$STOP_FILE" ]] || touch "$STOP_FILE"
-            sleep 2
-        done
-    ) &
-    KEEPER_PID=$!
-}
-trap 'on_stop_signal USR1' USR1
-trap 'on_stop_signal TERM' TERM
-
 # ---- launch -----------------------------------------------------------------
-# One task per node; node_launch.sh reads its own $SLURM_NODEID there.
+# One task per node; node_launch.sh reads its own $SLURM_NODEID there. The
+# step gets all of the job's CPUs and GPUs on each node (srun's default).
 # Backgrounded + `wait`, because bash runs traps only between commands, and
 # `wait` is interruptible while a foreground srun is not.
 srun --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 --kill-on-bad-exit=1 \

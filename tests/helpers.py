@@ -1,0 +1,89 @@
+"""Shared helpers for the test-suite: tiny run settings, real subprocess launches, face-data location."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FACES = SHARED / "data" / "faces"
+WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+NO_SHARED_REASON = f"shared face data not found at {FACES} (only present inside the facetrain workplace)"
+
+# A run small enough for a 2-core CPU: 24 synthetic people, 32 px, timm's tiny test network, fp32.
+TINY = {
+    "data": {"source": "synthetic", "synthetic_identities": 24, "synthetic_images_per_identity": 8,
+             "image_size": 32, "val_identities": 6},
+    "model": {"backbone": "test_efficientnet", "embedding_dim": 32, "channels_last": False},
+    "optim": {"lr": 3e-3},
+    "train": {"batch_size": 16, "m": 4, "max_steps": 6, "val_every": 3, "ckpt_every": 3,
+              "num_workers": 0, "progress": False, "mixed_precision": "no", "tensorboard": False},
+}
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def tiny_train_config(tmp_path: Path, extra: dict | None = None, name: str = "tiny.yaml") -> Path:
+    """Write the tiny config (plus `extra`, nested like the YAML) to tmp_path and return its path."""
+    path = Path(tmp_path) / name
+    path.write_text(yaml.safe_dump(deep_merge(TINY, extra or {})))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update({"PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), "HF_DATASETS_OFFLINE": "1",
+                "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    env.pop("ACCELERATE_MIXED_PRECISION", None)
+    env.update(extra)
+    return env
+
+
+def launch_cmd(module: str, procs: int) -> list[str]:
+    """`python -m module` for 1 process, real multi-process DDP over gloo on the CPU otherwise."""
+    if procs == 1:
+        return [sys.executable, "-m", module]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
+            "--num_machines", "1", "--main_process_port", str(free_port()), "-m", module]
+
+
+def run_module(module: str, args: list[str], procs: int = 1, timeout: float = 600, check: bool = True,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    extra = {"ACCELERATE_USE_CPU": "1"} if procs > 1 else {}
+    proc = subprocess.run(launch_cmd(module, procs) + [str(a) for a in args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=subprocess_env(**extra, **(env or {})))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\nSTDOUT\n{proc.stdout[-4000:]}\n"
+                             f"STDERR\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_train(args: list[str], procs: int = 1, **kw) -> subprocess.CompletedProcess:
+    return run_module("facetrain.train", args, procs=procs, **kw)
+
+
+def load_weights(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(directory) / "model.safetensors"))
