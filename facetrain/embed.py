@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -62,7 +61,3 @@ def embed_dataset(model: nn.Module, dataset, batch_size: int, accelerator=None, 
 def _output_dim(model: nn.Module) -> int:
     inner = getattr(model, "module", model)
     return inner.head.out_features
-
-
-def labels_of(dataset) -> np.ndarray:
-    return np.asarray(dataset.labels)

@@ -23,15 +23,20 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from facetrain import checkpoint as ckpt
 from facetrain.config import Config, save_config, to_dict
-from facetrain.data import FaceDataset, build_faceset, default_num_workers, eval_transform, split_identities, \
-    train_transform
+from facetrain.data import (
+    FaceDataset,
+    build_faceset,
+    default_num_workers,
+    eval_transform,
+    split_identities,
+    train_transform,
+)
 from facetrain.distributed import any_rank, broadcast_object, gather_for_loss
 from facetrain.embed import embed_dataset
 from facetrain.errors import UserError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import run_train
 
-from facetrain.config import Config, load_config, save_config, config_from_dict, to_dict
+from facetrain.config import Config, config_from_dict, load_config, save_config, to_dict
 from facetrain.errors import UserError
 
 
