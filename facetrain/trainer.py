@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -248,8 +249,6 @@ def train(cfg: Config) -> dict:
         tmp = out / "bundle.tmp"
         try:
             if tmp.exists():
-                import shutil
-
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             write_bundle(tmp, raw_model, cfg.model, pre, {"step": state["step"], "val_metrics": metrics,
@@ -273,8 +272,6 @@ def train(cfg: Config) -> dict:
         try:
             if main:
                 if tmp.exists():
-                    import shutil
-
                     shutil.rmtree(tmp)
                 tmp.mkdir(parents=True)
         except OSError as err:
@@ -298,8 +295,6 @@ def train(cfg: Config) -> dict:
         if failed:
             reason = ckpt.write_error_reason(error, tmp) if error is not None else "failed on another rank"
             if main:
-                import shutil
-
                 shutil.rmtree(tmp, ignore_errors=True)
             previous = ckpt.latest_checkpoint(out)
             raise UserError(f"checkpoint: cannot write {tmp} ({reason}); the previous checkpoint "

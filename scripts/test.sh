@@ -4,7 +4,7 @@
 # 1. installs facetrain with its test extras (torch comes from pip as usual);
 # 2. installs and starts a one-node Slurm (munged, slurmctld, slurmd) for tests/test_slurm.py -- skipped with
 #    a clear reason by those tests when this is not possible (not root, no apt);
-# 3. runs pytest. Tests that need ../shared/data/faces skip with a reason outside the facetrain workplace.
+# 3. lints with ruff, then runs pytest. Tests that need ../shared/data/faces skip with a reason outside the facetrain workplace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --disable-pip-version-check -e ".[test]"
@@ -14,4 +14,5 @@ else
     echo "scripts/test.sh: not root or no apt-get: Slurm tests will be skipped"
 fi
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+python3 -m ruff check .
 python3 -m pytest -q -rs --durations=15 "$@"

@@ -1,0 +1,87 @@
+"""Data sources, identity split, image modes and the synthetic generator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facetrain.config import DataConfig
+from facetrain.data import FaceDataset, Preprocess, build_faceset, eval_transform, folder_faceset, split_identities, \
+    synthetic_faceset, to_rgb
+from facetrain.errors import UserError
+from facetrain.synthetic import render
+
+
+def test_split_is_by_identity_seeded_and_disjoint():
+    faces = synthetic_faceset(50, 4, seed=0)
+    cfg = DataConfig(val_fraction=0.2, split_seed=3)
+    train, val = split_identities(faces, cfg)
+    assert len(val) == 10 and len(train) == 40 and not set(train) & set(val)
+    again = split_identities(faces, cfg)
+    assert all(np.array_equal(a, b) for a, b in zip((train, val), again, strict=True))
+    other = split_identities(faces, DataConfig(val_fraction=0.2, split_seed=4))
+    assert not np.array_equal(other[1], val)
+    # no image of a validation identity is ever in the training subset
+    train_idx, train_labels = faces.subset(train)
+    val_idx, _ = faces.subset(val)
+    assert not set(faces.labels[train_idx]) & set(faces.labels[val_idx])
+    assert sorted(set(train_labels)) == list(range(40))  # remapped 0..P-1 (ArcFace needs contiguous classes)
+    assert split_identities(faces, DataConfig(val_identities=7))[1].size == 7
+
+
+def test_too_few_identities_to_split():
+    with pytest.raises(UserError, match="only 3 identities"):
+        split_identities(synthetic_faceset(3, 4, 0), DataConfig(val_fraction=0.5))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA"])
+def test_every_mode_becomes_8bit_rgb(mode):
+    base = render(0, 1, 2, 40)
+    if mode == "I;16":
+        arr = (np.asarray(base.convert("L"), dtype=np.uint16) * 257)
+        img = Image.fromarray(arr)  # uint16 -> mode I;16
+    else:
+        img = base.convert(mode)
+    out = to_rgb(img)
+    assert out.mode == "RGB" and out.size == (40, 40)
+    if mode == "I;16":  # 16-bit is scaled down, not clipped to white
+        assert abs(np.asarray(out).mean() - np.asarray(base.convert("L")).mean()) < 2
+
+
+def test_folder_source_layout_and_gray_images(tmp_path):
+    for k in range(3):
+        (tmp_path / f"id{k}").mkdir()
+        for i in range(2):
+            render(0, k, i, 24).convert("L").save(tmp_path / f"id{k}" / f"{i}.png")
+    (tmp_path / "id2" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    faces = folder_faceset(str(tmp_path))
+    assert faces.names == ["id0", "id1", "id2"] and len(faces) == 6
+    ds = FaceDataset(faces, np.arange(6), faces.labels, eval_transform(Preprocess(32, [0.5] * 3, [0.5] * 3)))
+    image, label, pos = ds[5]
+    assert image.shape == (3, 32, 32) and label == 2 and pos == 5
+
+
+def test_synthetic_is_deterministic_and_identities_differ():
+    a = np.asarray(render(5, 3, 7), dtype=np.float32)
+    assert np.array_equal(a, np.asarray(render(5, 3, 7), dtype=np.float32))
+    assert not np.array_equal(a, np.asarray(render(6, 3, 7), dtype=np.float32))
+    faces = build_faceset(DataConfig(synthetic_identities=5, synthetic_images_per_identity=3))
+    assert len(faces) == 15 and faces.loader(4).size == (96, 96)
+
+
+def test_bad_image_during_training_follows_policy(tmp_path):
+    for k in range(2):
+        (tmp_path / f"id{k}").mkdir()
+        for i in range(3):
+            render(0, k, i, 24).save(tmp_path / f"id{k}" / f"{i}.png")
+    faces = folder_faceset(str(tmp_path))
+    (tmp_path / "id0" / "1.png").write_bytes(b"\x89PNG broken")  # changed on disk after the scan
+    pre = eval_transform(Preprocess(16, [0.5] * 3, [0.5] * 3))
+    strict = FaceDataset(faces, np.arange(6), faces.labels, pre, "error")
+    with pytest.raises(UserError, match=r"id0/1.png: cannot decode image"):
+        strict[1]
+    lenient = FaceDataset(faces, np.arange(6), faces.labels, pre, "skip")
+    image, label, _ = lenient[1]  # another image of the same identity stands in
+    assert label == 0 and image.shape == (3, 16, 16)
