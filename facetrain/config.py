@@ -11,6 +11,7 @@ resolved config is written to the run directory and stored in every checkpoint a
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,6 +116,10 @@ class ModelConfig:
     """Convert BatchNorm to SyncBatchNorm under multi-GPU DDP (statistics over the global batch)."""
     compile: bool = False
     """Wrap the model in torch.compile (first steps are slow while it compiles)."""
+    freeze_stages: int = 0
+    """Freeze the first N parameter groups of the backbone (timm's coarse grouping: 1 = the stem, 2 = stem +
+    first stage, ...): weights get no gradient and BatchNorm statistics stop updating. -1 freezes the whole
+    backbone (only the embedding head trains). Protects generic low-level pretrained features on small data."""
 
 
 @dataclass
@@ -207,6 +212,10 @@ class TrainConfig:
     """Micro-steps per optimizer step (mining happens within each micro-step's global batch)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 = off."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights (timm ModelEmaV3, with its warm-up: the average
+    follows the weights closely in the first steps) with this decay per optimizer step, e.g. 0.998; validation
+    and the exported best bundle use the averaged weights, checkpoints keep both. 0 = off."""
     mixed_precision: str = "auto"
     """`auto` (the launcher's setting if any, else bf16 where the hardware supports it), `no`, `fp16`,
     `bf16`."""
@@ -229,6 +238,8 @@ class TrainConfig:
     output_dir, else fresh) or a checkpoint directory."""
     num_workers: int = -1
     """DataLoader worker processes per rank; -1 = from the CPU count and process count."""
+    prefetch_factor: int = 2
+    """Batches each DataLoader worker prepares ahead of the step (only with num_workers > 0)."""
     progress: bool = True
     """Rich progress bar on the main process."""
     tensorboard: bool = True
@@ -301,14 +312,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise UserError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise UserError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise UserError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -431,6 +447,7 @@ def validate(cfg: Config) -> None:
         "model.embedding_dim": m.embedding_dim, "train.grad_accum_steps": t.grad_accum_steps,
         "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every, "train.keep_last": t.keep_last,
         "train.val_batch_size": t.val_batch_size, "data.max_image_pixels": d.max_image_pixels,
+        "train.prefetch_factor": t.prefetch_factor,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -470,12 +487,16 @@ def validate(cfg: Config) -> None:
         raise UserError(f"model.pretrained_file: file not found: {m.pretrained_file}")
     if m.pretrained_file and not m.pretrained:
         m.pretrained = True  # giving a weights file is an unambiguous request for them
+    if m.freeze_stages < -1:
+        raise UserError(f"model.freeze_stages: must be >= 0, or -1 for the whole backbone; got {m.freeze_stages}")
     if o.lr <= 0:
         raise UserError(f"optim.lr: must be > 0, got {o.lr}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise UserError(f"optim.betas: give two values in [0, 1), got {o.betas}")
     if t.grad_clip < 0:
         raise UserError(f"train.grad_clip: must be >= 0 (0 = off), got {t.grad_clip}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise UserError(f"train.ema_decay: must be in [0, 1) (0 = off, e.g. 0.998), got {t.ema_decay}")
     if t.val_every < 0:
         raise UserError(f"train.val_every: must be >= 0 (0 = each epoch), got {t.val_every}")
     if t.resume not in ("", "auto") and not Path(t.resume).is_dir():

@@ -11,6 +11,9 @@ import os
 import sys
 from collections.abc import Callable
 
+# What a rank's collective raises when another rank died (gloo). That rank's own error is the one to read.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
+
 
 class UserError(Exception):
     """An error caused by the user's input; its message is shown without a traceback."""
@@ -45,6 +48,12 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"facetrain: error: {prefix}{one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RuntimeError as err:  # torch.distributed's DistBackendError is a RuntimeError
+        if debug or os.environ.get("WORLD_SIZE", "1") == "1" or not any(s in str(err) for s in PEER_LOST):
+            raise
+        print(f"facetrain: error: [rank {os.environ.get('RANK', '?')}] lost contact with another process, which "
+              "failed or was stopped (read that process's own error)", file=sys.stderr, flush=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("facetrain: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -14,7 +14,7 @@ What is checked (root/<identity>/<image>), and what happens:
       corrupt           header fine but the pixels do not decode (truncated download, damaged file)
       too_large         more than data.max_image_pixels pixels (decompression bombs)
     counted and reported, never refused
-      converted         not 8-bit RGB (grayscale, palette, RGBA, CMYK, 16-bit): converted to RGB on load
+      converted         not RGB (grayscale, palette, RGBA, CMYK, 16-bit): converted to RGB on load
       wrong_extension   content format differs from the extension (a PNG named .jpg is decoded by content and
                         used; an image named .dat is not read by training: rename it)
       ignored           non-image files, nested folders, files outside identity folders (training never reads them)
@@ -64,7 +64,7 @@ REFUSED = {
     "too_large": ("over data.max_image_pixels", "refused (decompression bomb)"),
 }
 NOTED = {
-    "converted": ("not 8-bit RGB", "converted to RGB on load"),
+    "converted": ("not RGB", "converted to RGB on load"),
     "wrong_extension": ("extension does not match content", "used if the extension is an image one"),
     "ignored": ("non-image files / folders", "not read"),
     "empty_identity": ("identities without a usable image", "dropped"),
@@ -100,16 +100,14 @@ def check_image(path: str, max_image_pixels: int) -> FileCheck:
     try:
         if os.path.getsize(path) == 0:
             return FileCheck(path, "empty_file", "0 bytes")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF and palette warnings
-            with Image.open(path) as im:
-                (w, h), mode, fmt = im.size, im.mode, im.format or ""
-                if w * h > max_image_pixels:
-                    return FileCheck(path, "too_large", f"{w}x{h} = {w * h:,} pixels > data.max_image_pixels "
-                                     f"{max_image_pixels:,}", mode, fmt)
-                if fmt in ("JPEG", "MPO"):  # DCT scaling: reads the whole stream, skips most of the inverse DCT work
-                    im.draft(None, (max(1, w // 8), max(1, h // 8)))
-                im.load()
+        with Image.open(path) as im:
+            (w, h), mode, fmt = im.size, im.mode, im.format or ""
+            if w * h > max_image_pixels:
+                return FileCheck(path, "too_large", f"{w}x{h} = {w * h:,} pixels > data.max_image_pixels "
+                                 f"{max_image_pixels:,}", mode, fmt)
+            if fmt in ("JPEG", "MPO"):  # DCT scaling: reads the whole stream, skips most of the inverse DCT work
+                im.draft(None, (max(1, w // 8), max(1, h // 8)))
+            im.load()
     except Image.DecompressionBombError as err:  # beyond 2x PIL's own limit: refused before decoding
         return FileCheck(path, "too_large", str(err).split(",")[0])
     except Image.UnidentifiedImageError:
@@ -236,7 +234,9 @@ def scan(root: str | Path, max_image_pixels: int, console: Console | None = None
     bar = Progress(TextColumn("[bold]pre-flight"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=console, transient=True, disable=not (progress and console.is_terminal))
     results: dict[str, FileCheck] = {}
-    with bar, ThreadPoolExecutor(threads) as pool:
+    # warnings.catch_warnings is not thread-safe: silence PIL (bomb, EXIF, palette warnings) around the pool
+    with bar, warnings.catch_warnings(), ThreadPoolExecutor(threads) as pool:
+        warnings.simplefilter("ignore")
         task = bar.add_task("pre-flight", total=len(todo))
         for res in pool.map(lambda p: check_image(p, max_image_pixels), todo):
             results[res.path] = res
@@ -275,7 +275,7 @@ def scan(root: str | Path, max_image_pixels: int, console: Console | None = None
         report.images += usable
     report.modes = dict(sorted(modes.items()))
     report.bad.sort(key=lambda r: r["path"])
-    report.notes.sort(key=lambda r: (r["problem"], r["path"]))
+    report.notes = sorted(notes, key=lambda r: (r["problem"], r["path"]))
     report.seconds = time.perf_counter() - start
     return report
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from timm.utils import ModelEmaV3
 
 from facetrain import checkpoint as ckpt
 from facetrain.config import Config, save_config, to_dict
@@ -81,6 +82,24 @@ def resolve_mixed_precision(requested: str, image_size: int) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def compile_forward(model: torch.nn.Module):
+    """model.compile: torch.compile compiles at the first call (minutes on a CPU). Where it cannot work (no C++
+    compiler for the CPU backend, no Triton for GPUs) that call fails with one line, not a traceback wall."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    compiled = torch.compile(model)
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        try:
+            return compiled(images)
+        except BackendCompilerFailed as err:
+            reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise UserError(f"model.compile: torch.compile failed on this machine ({reason.strip()[:200]}); set "
+                            "model.compile false, or install what it names") from None
+
+    return forward
+
+
 class StopRequest:
     """SIGUSR1/SIGTERM (Slurm's warning before preemption / time limit) or a STOP file set a flag that the
     loop checks once per step; the decision is agreed across ranks so all of them checkpoint together."""
@@ -107,6 +126,12 @@ def _flat_hparams(cfg: Config) -> dict:
             else:
                 out[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
     return out
+
+
+def _steady_img_per_s(windows: list[tuple[int, int, float]]) -> float | None:
+    steady = windows[1:] or windows
+    seconds = sum(w[2] for w in steady)
+    return sum(w[1] for w in steady) / seconds if seconds > 0 else None
 
 
 def _metric_value(metrics: dict, name: str) -> float:
@@ -177,7 +202,10 @@ def train(cfg: Config) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn.to(accelerator.device)
     raw_model = accelerator.unwrap_model(model)
-    fwd_model = torch.compile(model) if cfg.model.compile else model
+    fwd_model = compile_forward(model) if cfg.model.compile else model
+    # Weight EMA (train.ema_decay): validation and the exported best bundle use the averaged weights
+    ema = ModelEmaV3(raw_model, decay=t.ema_decay, use_warmup=True) if t.ema_decay > 0 else None
+    eval_model = ema.module if ema is not None else model
     set_seed(t.seed + rank)  # per-rank streams for dropout / stochastic depth
 
     workers = t.num_workers if t.num_workers >= 0 else default_num_workers(world)
@@ -187,6 +215,8 @@ def train(cfg: Config) -> dict:
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=workers,
                                          pin_memory=accelerator.device.type == "cuda",
                                          persistent_workers=workers > 0,
+                                         # batches each worker keeps ready (DataLoader refuses it without workers)
+                                         prefetch_factor=t.prefetch_factor if workers > 0 else None,
                                          # its own generator: creating an iterator draws a base seed, which
                                          # must not consume the global RNG that dropout uses (exact resume)
                                          generator=torch.Generator().manual_seed(t.seed))
@@ -201,6 +231,8 @@ def train(cfg: Config) -> dict:
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             loss_fn.load_state_dict(saved["loss"])
+            if ema is not None:  # a checkpoint of a run without EMA starts the average at its weights
+                ema.module.load_state_dict(saved.get("ema") or weights)
             if accelerator.scaler is not None and saved.get("scaler"):
                 accelerator.scaler.load_state_dict(saved["scaler"])
         except (RuntimeError, ValueError, KeyError) as err:
@@ -235,7 +267,7 @@ def train(cfg: Config) -> dict:
 
     def validate() -> dict:
         set_train_mode(False)
-        emb = embed_dataset(model, val_ds, t.val_batch_size, accelerator, num_workers=workers,
+        emb = embed_dataset(eval_model, val_ds, t.val_batch_size, accelerator, num_workers=workers,
                             channels_last=cfg.model.channels_last)
         metrics = None
         if main:
@@ -251,8 +283,8 @@ def train(cfg: Config) -> dict:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-            write_bundle(tmp, raw_model, cfg.model, pre, {"step": state["step"], "val_metrics": metrics,
-                                                          "config": to_dict(cfg)})
+            write_bundle(tmp, eval_model if ema is not None else raw_model, cfg.model, pre,
+                         {"step": state["step"], "val_metrics": metrics, "config": to_dict(cfg)})
             replace_dir(tmp, out / "bundle")
         except Exception as err:  # a full disk raises SafetensorError, not OSError
             raise UserError(f"bundle: cannot write {tmp} ({ckpt.write_error_reason(err, tmp)}); the previous best "
@@ -285,6 +317,7 @@ def train(cfg: Config) -> dict:
                     ckpt.write_train_state(tmp, {
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "loss": loss_fn.state_dict(),
+                        "ema": ema.module.state_dict() if ema is not None else None,
                         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                         "state_json": json.dumps(state),
                     })
@@ -339,6 +372,7 @@ def train(cfg: Config) -> dict:
     last_metrics = None
     stopped = False
     window_start, window_images = time.perf_counter(), 0
+    throughput = []  # (step, images, seconds) per log window: the training img/s, for bench/train_throughput.py
     # Test hook (tests/test_robustness.py): FACETRAIN_TEST_FAIL_RANK=r with FACETRAIN_TEST_FAIL_STEP=s makes rank
     # r raise at step s, to check that the other ranks then stop promptly too.
     fail_rank = int(os.environ.get("FACETRAIN_TEST_FAIL_RANK", "-1"))
@@ -373,10 +407,15 @@ def train(cfg: Config) -> dict:
             loss_value = loss_sum / t.grad_accum_steps
             grad_norm = accelerator.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
             # One host sync per step: a non-finite loss/gradient must never reach the weights. Under fp16
-            # the grad scaler skips overflowing steps itself (normal while it calibrates).
-            finite_grad = accelerator.scaler is not None or bool(torch.isfinite(grad_norm))
-            if bool(torch.isfinite(loss_value)) and finite_grad:
+            # the grad scaler skips overflowing steps itself (normal while it calibrates). On a GPU the sync
+            # keeps the host from queueing the next step early (cost: docs/performance.md); on a CPU it is free.
+            finite = torch.isfinite(loss_value)
+            if accelerator.scaler is None:
+                finite = finite & torch.isfinite(grad_norm)
+            if bool(finite):
                 optimizer.step()
+                if ema is not None:
+                    ema.update(raw_model, step=state["step"] + 1)
                 state["bad_steps"] = 0
             else:
                 state["bad_steps"] += 1
@@ -400,13 +439,14 @@ def train(cfg: Config) -> dict:
 
             step = state["step"]
             if step % t.log_every == 0 or step == max_steps:
-                elapsed = time.perf_counter() - window_start
-                ips = window_images / max(elapsed, 1e-9)
+                now = time.perf_counter()
+                ips = window_images / max(now - window_start, 1e-9)
+                throughput.append((step, window_images, now - window_start))
                 lr = optimizer.param_groups[0]["lr"]
                 accelerator.log({"train/loss": loss_value.item(), "train/lr": lr, "train/img_per_s": ips},
                                 step=step)
                 log.update(step, loss=loss_value.item(), ips=ips)
-                window_start, window_images = time.perf_counter(), 0
+                window_start, window_images = now, 0  # logging's own cost counts in the next window
             else:
                 log.advance(step)
             end_of_epoch = step % steps_per_epoch == 0
@@ -431,9 +471,12 @@ def train(cfg: Config) -> dict:
                "untrained": state["untrained"], "final": last_metrics,
                "best_step": state["best_step"], "best_metric_name": t.val_metric,
                "best_metric": None if state["best_metric"] is None else abs(state["best_metric"]),
-               "bundle": str(out / "bundle"), "output_dir": str(out)}
+               "bundle": str(out / "bundle"), "output_dir": str(out),
+               # steady-state training img/s: every log window but the first (DataLoader start-up)
+               "img_per_s": _steady_img_per_s(throughput), "throughput": throughput}
     if main and not stopped:
-        (out / "done.json").write_text(json.dumps(summary, indent=2))
+        (out / "done.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "throughput"},
+                                                  indent=2))
         u, f = state["untrained"], last_metrics
         log.print(f"done: {state['step']} steps. val auc untrained {u['auc']:.4f} -> trained {f['auc']:.4f}, "
                   f"eer {u['eer']:.4f} -> {f['eer']:.4f}. best model: {out / 'bundle'}; "

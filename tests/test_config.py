@@ -46,6 +46,7 @@ def test_resolved_config_round_trips(tmp_path):
     ("train:\n  batch_size: many\n", [], "train.batch_size: expected an integer"),
     ("", ["--train.m", "2.5"], "train.m: expected an integer"),
     ("", ["--optim.lr", "fast"], "optim.lr: expected a number"),
+    ("", ["--optim.lr", "nan"], "optim.lr: must be a finite number"),
     ("", ["--model.channels_last", "maybe"], "model.channels_last: expected true or false"),
     ("train: 5\n", [], "'train' is a section"),
     ("", ["--train.batch_size", "30", "--train.m", "4"], "train.batch_size (30) must be a multiple of train.m (4)"),
