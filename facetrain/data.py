@@ -288,6 +288,9 @@ class FaceDataset(torch.utils.data.Dataset):
 
 
 def default_num_workers(num_processes: int) -> int:
-    """Workers per rank: spare cores split between ranks, at most 8; 0 when no core is spare."""
+    """Workers per rank: this machine's cores split between the ranks *on this machine*, one kept for the rank
+    itself, at most 8; 0 when no core is spare. `num_processes` is the total process count; the launcher's
+    LOCAL_WORLD_SIZE (ranks on this node) takes precedence, so 2 nodes x 8 GPUs split a node's cores 8 ways."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cpus // max(1, num_processes) - 1))
+    return max(0, min(8, cpus // max(1, local) - 1))
