@@ -1,0 +1,69 @@
+"""Evaluate a trained model on held-out identities and calibrate its threshold (logic: facetrain/evaluate.py).
+
+    python -m facetrain.eval --model runs/exp/bundle --data /data/heldout
+    python -m facetrain.eval --model runs/exp/bundle --data /data/lfw --pairs /data/lfw/pairs.txt
+    python -m facetrain.eval --model runs/exp/checkpoints/step_00001200 --data /data/heldout --no-calibrate
+    accelerate launch --multi_gpu --num_processes 8 -m facetrain.eval --model ... --data ...
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+        --main_process_port <free port> -m facetrain.eval --model ... --data ...
+
+Writes <output>/metrics.json, args.json, roc.png, far_frr.png, scores.png (default output:
+<model>/../eval-<timestamp>-<data name>) and stores the threshold for --target-far in the bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from facetrain.errors import run_cli
+
+
+def build_parser():
+    from facetrain.evaluate import DEFAULT_CALIBRATION_FAR, ArgumentParser
+
+    p = ArgumentParser(prog="facetrain.eval", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="bundle or checkpoint directory (or a run directory: its bundle/)")
+    p.add_argument("--data", required=True, help="held-out folder <data>/<identity>/<image> (with --pairs: the "
+                   "LFW root <data>/<name>/<name>_0001.jpg)")
+    p.add_argument("--pairs", default="", help="LFW pairs.txt: evaluate the listed pairs (10-fold protocol) "
+                   "instead of all pairs of --data")
+    p.add_argument("--output", default="", help="run directory for metrics.json, plots and args "
+                   "(default <model>/../eval-<timestamp>-<data name>)")
+    p.add_argument("--target-far", type=float, default=None, help="FAR the bundle's threshold is calibrated "
+                   f"for (default {DEFAULT_CALIBRATION_FAR:g} if resolvable, else the smallest resolvable)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="do not write the threshold into the bundle")
+    p.add_argument("--flip", action="store_true", help="flip test: add the embedding of the mirrored image")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass per process (default 64)")
+    p.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers per process (-1 = from the "
+                   "CPU count)")
+    p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
+                   help="autocast precision (auto = bf16 where it is faster, as in training)")
+    p.add_argument("--roc-mode", default="auto", choices=("auto", "exact", "histogram"),
+                   help="all-pairs ROC: exact (every score kept) or histogram (bounded memory); auto = exact up "
+                   "to --max-exact-pairs")
+    p.add_argument("--max-exact-pairs", type=int, default=20_000_000,
+                   help="largest pair count scored exactly in auto mode (~25 bytes per pair of memory)")
+    p.add_argument("--tensorboard", default="", metavar="LOGDIR", help="also log metrics and the ROC figure here")
+    p.add_argument("--save-embeddings", action="store_true", help="write embeddings.safetensors (with the file "
+                   "list) to the output directory")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+
+    from facetrain.evaluate import EvalOptions, run  # heavy imports after the arguments parse
+
+    run(EvalOptions(**vars(args), argv=list(argv)))
+    return 0
+
+
+def cli() -> None:
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
