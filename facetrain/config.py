@@ -116,6 +116,10 @@ class ModelConfig:
     """Convert BatchNorm to SyncBatchNorm under multi-GPU DDP (statistics over the global batch)."""
     compile: bool = False
     """Wrap the model in torch.compile (first steps are slow while it compiles)."""
+    freeze_bn: bool = False
+    """Keep every BatchNorm layer of the backbone at its pretrained running statistics while training (their
+    scale/shift still learn): batches of a small, uniform training set would otherwise pull the statistics
+    away from what other people's photos need."""
     freeze_stages: int = 0
     """Freeze the first N parameter groups of the backbone (timm's coarse grouping: 1 = the stem, 2 = stem +
     first stage, ...): weights get no gradient and BatchNorm statistics stop updating. -1 freezes the whole

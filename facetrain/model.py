@@ -32,11 +32,20 @@ META_FILE = "facetrain.json"
 class EmbeddingModel(nn.Module):
     """backbone (pooled features) -> dropout -> linear -> L2 normalise; cosine score = dot product."""
 
-    def __init__(self, backbone: nn.Module, embedding_dim: int, drop_rate: float = 0.0):
+    def __init__(self, backbone: nn.Module, embedding_dim: int, drop_rate: float = 0.0, freeze_bn: bool = False):
         super().__init__()
         self.backbone = backbone
         self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Linear(backbone.num_features, embedding_dim)
+        self.freeze_bn = freeze_bn
+
+    def train(self, mode: bool = True) -> EmbeddingModel:
+        super().train(mode)
+        if mode and self.freeze_bn:  # normalise with the pretrained running statistics, never update them
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         emb = self.head(self.dropout(self.backbone(x)))
@@ -75,8 +84,32 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
                         "set model.pretrained_file to a local weights file, or model.pretrained: false") from None
 
 
+def freeze_backbone_stages(backbone: nn.Module, stages: int) -> None:
+    """Freeze, in place, the first `stages` coarse parameter groups of a timm backbone (its own
+    `group_matcher`: group 0 is the stem, then one group per stage), or the whole backbone for -1. Frozen
+    parameters get requires_grad=False and their BatchNorm layers become FrozenBatchNorm2d, so their running
+    statistics stay the pretrained ones in train mode too (timm.utils.freeze)."""
+    if stages == 0:
+        return
+    if stages == -1:
+        timm.utils.freeze(backbone)
+        return
+    matcher = getattr(backbone, "group_matcher", None)
+    if matcher is None:
+        raise UserError(f"model.freeze_stages: backbone {type(backbone).__name__} has no timm stage grouping; "
+                        "use -1 (freeze the whole backbone) or 0")
+    groups = timm.models.group_modules(backbone, matcher(coarse=True))
+    ordered = [groups[k] for k in sorted(groups)]
+    if stages > len(ordered):
+        raise UserError(f"model.freeze_stages: {stages} > the {len(ordered)} stages of this backbone "
+                        "(stem + blocks); use at most that, or -1 for the whole backbone")
+    timm.utils.freeze(backbone, [name for group in ordered[:stages] for name in group])
+
+
 def create_model(cfg: ModelConfig) -> EmbeddingModel:
-    model = EmbeddingModel(create_backbone(cfg), cfg.embedding_dim, cfg.drop_rate)
+    backbone = create_backbone(cfg)
+    freeze_backbone_stages(backbone, cfg.freeze_stages)  # after the pretrained weights are in
+    model = EmbeddingModel(backbone, cfg.embedding_dim, cfg.drop_rate, cfg.freeze_bn)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -10,8 +10,16 @@ Options: --config FILE (YAML), then any --section.key value override (see facetr
 
 from __future__ import annotations
 
-from facetrain.config import load_config
-from facetrain.errors import UserError, run_cli
+import os
+
+# Before torch loads (the OpenMP runtime reads it once): idle OpenMP threads sleep instead of spinning. Spinning
+# (the default) makes a process whose threads share cores with its DataLoader workers, other ranks or other jobs
+# wait out scheduler time slices at every parallel region: training measured 18x slower on a loaded 2-core CPU
+# (docs/performance.md). An OMP_WAIT_POLICY already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from facetrain.config import load_config  # noqa: E402
+from facetrain.errors import UserError, run_cli  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

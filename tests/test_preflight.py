@@ -249,6 +249,8 @@ def test_two_ranks_stop_together_on_bad_files(bad_folder, tmp_path):
     assert proc.returncode != 0
     assert time.monotonic() - start < 120
     errors = [line for line in proc.stderr.splitlines() if line.startswith("facetrain: error: ")]
-    assert any(line.startswith("facetrain: error: [rank 1] ") for line in errors), proc.stderr[-3000:]
+    # Both ranks raise the same verdict; whichever exits first makes the launcher stop the other, which may go
+    # before it prints. What the user relies on: the file list is shown and nobody hangs or blames a peer.
+    assert errors, proc.stderr[-3000:]
     assert all("image(s) cannot be used" in line for line in errors), errors
     assert "lost contact" not in proc.stderr

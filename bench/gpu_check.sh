@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# GPU check: facetrain's training step against the raw model step, eval embedding and all-pairs scoring speed,
+# and peak GPU memory, on one CUDA GPU (written for a lent H200: 16 CPU cores, no network). Under 8 minutes.
+#
+#   bash bench/gpu_check.sh             # from the repository root, on the GPU machine; prints a short table
+#   bash bench/gpu_check.sh --smoke     # anywhere, CPU included: tiny sizes, exercises every part (~2-4 min)
+#
+# Parts (each under its own time limit, so one slow part cannot eat the others' time):
+#   train    bench/train_throughput.py --data synthetic: raw step, raw step + facetrain's per-step guard sync,
+#            and facetrain.trainer.train() on the built-in synthetic faces (../shared is not on that machine),
+#            tf_efficientnetv2_b0 (random weights), 224 px, batch 64 and 256, fp32 and bf16 (channels_last,
+#            facetrain's default layout), 5 warm-up + 20 timed steps, 2 interleaved rounds, medians.
+#   eval     facetrain.embed.embed_dataset (the evaluator's and validation's embedding path, eval mode, bf16 +
+#            channels_last, batch 256): on pre-made tensors (the model's ceiling) and end to end from synthetic
+#            images through DataLoader workers.
+#   scoring  facetrain.metrics.all_pairs_roc on 10^5 random 512-d embeddings on the GPU (5e9 pairs).
+#
+# The device image has torch, timm, accelerate, tensorboard, scikit-learn, rich and pyyaml, but not
+# pytorch-metric-learning (needed: facetrain's losses), datasets, schedulefree or pytorch-ranger (imported only
+# when used). Carry them as wheels in .whl/ (git-ignored) at the repository root, downloaded on a machine with
+# internet for the device's Python 3.12:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+#       pytorch-metric-learning schedulefree pytorch-ranger \
+#       datasets pyarrow dill multiprocess xxhash fsspec pandas pytz tzdata
+# (datasets' own dependencies are listed by `pip show datasets` under Requires; add any the image lacks), and
+# name .whl in the run's carry list. Nothing is installed from the network here.
+set -euo pipefail
+
+SMOKE=0
+[[ "${1:-}" == "--smoke" ]] && SMOKE=1
+cd "$(dirname "$0")/.."
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$OUT"
+
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+python3 -c "import torch, timm, accelerate, pytorch_metric_learning as p; print('torch', torch.__version__, \
+'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), '| timm', timm.__version__, '| accelerate', \
+accelerate.__version__, '| pml', p.__version__, '| cpus', len(__import__('os').sched_getaffinity(0)))"
+
+if [[ $SMOKE == 1 ]]; then
+    TRAIN_ARGS=(--smoke --batch-sizes "16,32" --modes "fp32_cl,bf16_cl")
+    TRAIN_LIMIT=300
+else
+    TRAIN_ARGS=(--batch-sizes "64,256" --modes "fp32_cl,bf16_cl" --steps 20 --warmup 5 --rounds 2)
+    TRAIN_LIMIT=330
+fi
+
+echo "== train (limit ${TRAIN_LIMIT}s)"
+timeout "$TRAIN_LIMIT" python3 bench/train_throughput.py --data synthetic --variants raw,raw_guard,facetrain \
+    "${TRAIN_ARGS[@]}" --no-write --json "$OUT/train.json" || echo "train part failed or timed out (rc $?)"
+
+echo "== eval + scoring (limit 120s)"
+SMOKE=$SMOKE OUT=$OUT timeout 120 python3 - <<'PY' || echo "eval/scoring part failed or timed out (rc $?)"
+import json
+import os
+import time
+
+import torch
+from accelerate import Accelerator
+
+from facetrain.config import ModelConfig
+from facetrain.data import FaceDataset, Preprocess, default_num_workers, eval_transform, synthetic_faceset
+from facetrain.embed import embed_dataset
+from facetrain.metrics import all_pairs_roc
+from facetrain.model import create_model
+
+smoke = os.environ["SMOKE"] == "1"
+cuda = torch.cuda.is_available()
+device = torch.device("cuda" if cuda else "cpu")
+size, batch, n_images, n_scores = (32, 16, 64, 2_000) if smoke else (224, 256, 4096, 100_000)
+backbone, dim = ("test_efficientnet", 32) if smoke else ("tf_efficientnetv2_b0", 512)
+out = {}
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+
+
+accelerator = Accelerator(mixed_precision="bf16", cpu=not cuda)
+model = create_model(ModelConfig(backbone=backbone, embedding_dim=dim, channels_last=True)).to(device).eval()
+
+# the model's ceiling: the same embed_dataset path on a dataset of pre-made tensors (no decoding)
+tensors = torch.randn(n_images, 3, size, size)
+premade = [(tensors[i], 0) for i in range(n_images)]
+embed_dataset(model, premade[: 2 * batch], batch, accelerator, channels_last=True)  # warm-up (cudnn, autotune)
+if cuda:
+    torch.cuda.reset_peak_memory_stats()
+sync()
+t = time.perf_counter()
+embed_dataset(model, premade, batch, accelerator, channels_last=True)
+sync()
+out["eval_tensors_img_s"] = n_images / (time.perf_counter() - t)
+out["eval_peak_gib"] = peak_gib()
+
+# end to end from synthetic face images: rendering + resize + normalise in DataLoader workers
+faces = synthetic_faceset(n_images // 8, 8, seed=0)
+ds = FaceDataset(faces, list(range(n_images)), faces.labels, eval_transform(Preprocess(size, [0.5] * 3, [0.5] * 3)))
+workers = default_num_workers(1)
+t = time.perf_counter()
+embed_dataset(model, ds, batch, accelerator, num_workers=workers, channels_last=True)
+sync()
+out["eval_images_img_s"] = n_images / (time.perf_counter() - t)
+out["eval_workers"] = workers
+
+# all-pairs scoring on the device
+g = torch.Generator().manual_seed(0)
+emb = torch.nn.functional.normalize(torch.randn(n_scores, 512, generator=g), dim=1).to(device)
+labels = torch.randint(0, n_scores // 50, (n_scores,), generator=g).to(device)
+if cuda:
+    torch.cuda.reset_peak_memory_stats()
+sync()
+t = time.perf_counter()
+roc = all_pairs_roc(emb, labels)
+sync()
+out["scoring_s"] = time.perf_counter() - t
+out["scoring_pairs"] = roc.n_genuine + roc.n_impostor
+out["scoring_mode"] = roc.mode
+out["scoring_peak_gib"] = peak_gib()
+out.update(n_images=n_images, n_scores=n_scores, image_size=size, batch=batch)
+with open(os.path.join(os.environ["OUT"], "eval.json"), "w") as fh:
+    json.dump(out, fh, indent=2)
+PY
+
+echo "== summary"
+OUT=$OUT python3 - <<'PY'
+import json
+import os
+import statistics
+from pathlib import Path
+
+out = Path(os.environ["OUT"])
+if (out / "train.json").is_file():
+    train = json.loads((out / "train.json").read_text())
+    jobs = {(j["variant"], j["mode"], j["batch"]): j for j in train["jobs"]}
+    print(f"training step, {train['jobs'][0]['image_size']} px, img/s (median of rounds); machine: {train['machine']}")
+    print(f"{'batch':>5} {'mode':8} {'raw':>9} {'raw+guard':>10} {'facetrain':>10} {'ft/raw':>7} {'peak GiB':>9}")
+    for (variant, mode, batch), j in sorted(jobs.items(), key=lambda kv: (kv[0][2], kv[0][1])):
+        if variant != "raw":
+            continue
+        guard, ft = jobs.get(("raw_guard", mode, batch)), jobs.get(("facetrain", mode, batch))
+        peaks = [x["peak_gib"] for x in (j, guard, ft) if x and x["peak_gib"] is not None]
+        peak = f"{max(peaks):9.2f}" if peaks else f"{'n/a':>9}"  # GPU memory: none on a CPU
+        print(f"{batch:>5} {mode:8} {j['median']:9.1f} {guard['median'] if guard else float('nan'):10.1f} "
+              f"{ft['median'] if ft else float('nan'):10.1f} "
+              f"{(ft['median'] / j['median']) if ft else float('nan'):7.2f} {peak}")
+else:
+    print("no training figures (train part failed)")
+if (out / "eval.json").is_file():
+    e = json.loads((out / "eval.json").read_text())
+    print(f"eval embedding, bf16 + channels_last, {e['image_size']} px, batch {e['batch']}: "
+          f"{e['eval_tensors_img_s']:.0f} img/s on pre-made tensors, {e['eval_images_img_s']:.0f} img/s from "
+          f"synthetic images ({e['eval_workers']} workers); peak {e['eval_peak_gib']:.2f} GiB")
+    print(f"all-pairs scoring: {e['n_scores']:,} embeddings = {e['scoring_pairs']:,} pairs ({e['scoring_mode']}) "
+          f"in {e['scoring_s']:.1f} s; peak {e['scoring_peak_gib']:.2f} GiB")
+else:
+    print("no eval/scoring figures (that part failed)")
+print(f"raw JSON: {out}/train.json, {out}/eval.json")
+PY

@@ -1,0 +1,462 @@
+"""Small-data recipes benchmark: train on a few dozen identities, verify people of another dataset.
+
+    python bench/recipes.py                                   # the full table: 10 min per run, 2 runs at once
+    python bench/recipes.py --rows imagenet_112,article,facetrain --seeds 0 1 --budget-min 10
+    python bench/recipes.py --rows facetrain,facetrain_no_freeze --seeds 0 --budget-min 2.5   # quick look
+    python bench/recipes.py --direction att2yale --rows imagenet_112,facetrain --seeds 0       # the reverse
+    python bench/recipes.py --steps article=160 facetrain=600    # pin steps measured in earlier real runs
+
+This is a benchmark, not a test: it trains real models from ImageNet weights and takes about an hour.
+
+Protocol (cross-dataset, never the test set for model selection):
+* `yale2att` (default): train on ext_yale_b_cropped + yalefaces (53 identities, 2579 gray images; merged
+  through a folder of symlinks under --work, nothing is copied), evaluate every pair of att_faces (40 other
+  people, another capture: 1,800 genuine / 78,000 impostor pairs).
+* `att2yale` (the reverse): train on att_faces, evaluate every pair of the merged Yale folder.
+Validation during training (which picks the exported best model) uses identities held out of the *training*
+folder (data.val_fraction 0.2, data.split_seed 0: the same held-out people for every row and seed).
+The test set is only read by `facetrain.eval` after training, on the exported bundle, with --no-calibrate.
+Reported: AUC, EER, TAR@FAR=1e-2 and 1e-3, best accuracy, each with the flip test (mirror image embedding
+added; the default column) and without it.
+
+CPU budget, the same for every trained row: `--budget-min` minutes (10) of *training-step* wall time on ONE
+CPU thread (OMP_NUM_THREADS=MKL_NUM_THREADS=1 in each run's environment), with `--jobs` (2) runs at once on
+the 2-core machine. The budget is turned into train.max_steps per recipe before training, so each recipe's
+learning-rate schedule ends where its budget does: max_steps = floor(budget / seconds-per-step). Seconds per
+step come from a probe run of --probe-steps steps (same recipe, same concurrency, read from the trainer's own
+train/img_per_s log; rows of the same compute class share the median of their probes), or are pinned with
+`--steps ROW=N` from the step times of earlier real runs: on a machine shared with other jobs a 12-step probe
+can be several times off (docs/recipes.md says which was used for the published table). Validation,
+checkpointing and the final evaluation are not counted; the measured training-step seconds of every real run
+are reported next to its steps (`train s`). Row `imagenet_*` trains nothing: its bundle is the ImageNet
+backbone with an identity head (1280-d pooled features, L2-normalised), evaluated exactly like trained bundles.
+
+Results: <work>/<direction>/results.json and results.md (a markdown table; the mean and both seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FACES = REPO.parent / "shared" / "data" / "faces"
+WEIGHTS = REPO.parent / "shared" / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+METRICS = ("auc", "eer", "tar@far=1e-02", "tar@far=1e-03", "best_accuracy")
+
+
+@dataclass
+class Row:
+    """One line of the table: a training recipe (config file + overrides) or untrained ImageNet features."""
+
+    describe: str
+    config: str = ""
+    overrides: dict = field(default_factory=dict)
+    features_size: int = 0
+    """> 0: no training; ImageNet pooled features at this input size (own normalisation unless overridden)."""
+
+
+# The article's recipe, reproduced as written: configs/article.yaml (full fine-tuning, AdamW 1e-4 / wd 1e-5,
+# triplet margin 0.1 on cosine, 224 px, 512-d, colour jitter, cosine schedule of 50 *epochs* stepped per
+# epoch: constant 1e-4 within any CPU budget here) with its hard-coded ImageNet mean/std, on the same
+# backbone and weights as every other row.
+ARTICLE = {"model": {"backbone": "tf_efficientnet_lite0"},
+           "data": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}}
+SMALL = "configs/small_data.yaml"
+
+ROWS: dict[str, Row] = {
+    "imagenet_112": Row("(a) ImageNet features, no training, 112 px", features_size=112),
+    "imagenet_224": Row("(a) ImageNet features, no training, 224 px", features_size=224),
+    "imagenet_112_imagenet_norm": Row("(a) at 112 px with ImageNet mean/std instead of the backbone's own",
+                                      overrides={"data": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}},
+                                      features_size=112),
+    "article": Row("(b) article recipe (ImageNet mean/std, full fine-tune, AdamW 1e-4, triplet 0.1, 224 px)",
+                   "configs/article.yaml", ARTICLE),
+    "facetrain": Row("(c) facetrain configs/small_data.yaml", SMALL),
+    # ablations: the facetrain recipe with one choice changed
+    "facetrain_no_freeze_bn": Row("(c) with BatchNorm statistics updated by the training batches", SMALL,
+                                  {"model": {"freeze_bn": False}}),
+    "facetrain_freeze3": Row("(c) with only the stem + 2 stages frozen (model.freeze_stages 3)", SMALL,
+                             {"model": {"freeze_stages": 3}}),
+    "facetrain_no_freeze": Row("(c) with no frozen stage (model.freeze_stages 0)", SMALL,
+                               {"model": {"freeze_stages": 0}}),
+    "facetrain_freeze_all": Row("(c) with the whole backbone frozen (model.freeze_stages -1)", SMALL,
+                                {"model": {"freeze_stages": -1}}),
+    "facetrain_imagenet_norm": Row("(c) with ImageNet mean/std instead of the backbone's own", SMALL,
+                                   {"data": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}}),
+    "facetrain_triplet": Row("(c) with triplet loss margin 0.1, no miner (the article's loss)", SMALL,
+                             {"loss": {"name": "triplet", "margin": 0.1, "miner": "none"}}),
+    "facetrain_arcface": Row("(c) with ArcFace (0.5 rad, scale 30)", SMALL,
+                             {"loss": {"name": "arcface", "miner": "none"}}),
+    "facetrain_backbone_lr1": Row("(c) with the backbone at the head's lr (optim.backbone_lr_mult 1)", SMALL,
+                                  {"optim": {"backbone_lr_mult": 1.0}}),
+    "facetrain_ema": Row("(c) with weight EMA (train.ema_decay 0.99)", SMALL, {"train": {"ema_decay": 0.99}}),
+    "facetrain_224": Row("(c) at 224 px", SMALL, {"data": {"image_size": 224}}),
+    "facetrain_emb512": Row("(c) with a 512-d embedding", SMALL, {"model": {"embedding_dim": 512}}),
+}
+DEFAULT_ROWS = ("imagenet_112,imagenet_224,imagenet_112_imagenet_norm,article,facetrain,facetrain_no_freeze_bn,"
+                "facetrain_freeze3,facetrain_imagenet_norm,facetrain_triplet")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: the protocol's folders
+
+
+def merged_folder(work: Path, datasets: list[str]) -> Path:
+    """<work>/<a+b>/<dataset>__<identity> -> symlinks to the identity folders (no image is copied)."""
+    out = work / "data" / "+".join(datasets)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in datasets:
+        for ident in sorted(p for p in (FACES / name).iterdir() if p.is_dir()):
+            link = out / f"{name}__{ident.name}"
+            if not link.exists():
+                link.symlink_to(ident.resolve(), target_is_directory=True)
+    return out
+
+
+def protocol(direction: str, work: Path) -> tuple[Path, Path]:
+    """(training folder, test folder) of a direction."""
+    yale = merged_folder(work, ["ext_yale_b_cropped", "yalefaces"])
+    att = FACES / "att_faces"
+    return (yale, att) if direction == "yale2att" else (att, yale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running: every training and evaluation is its own process with one CPU thread
+
+
+def one_thread_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def flat_overrides(tree: dict, prefix: str = "") -> list[str]:
+    args = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            args += flat_overrides(value, f"{prefix}{key}.")
+        else:
+            text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+            args += [f"--{prefix}{key}", text]
+    return args
+
+
+def run_logged(cmd: list[str], log: Path) -> float:
+    """Run a command with one CPU thread, output to `log`; returns wall seconds; raises on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        done = subprocess.run(cmd, cwd=REPO, env=one_thread_env(), stdout=fh, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-3:]
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (rc {done.returncode}), see {log}: {' | '.join(tail)}")
+    return time.perf_counter() - start
+
+
+def train_cmd(row: Row, train_root: Path, out: Path, seed: int, max_steps: int, val_every: int) -> list[str]:
+    common = {
+        "data": {"source": "folder", "root": str(train_root), "val_fraction": 0.2, "val_identities": 0,
+                 "split_seed": 0, "preflight": False},
+        "model": {"pretrained": True, "pretrained_file": str(WEIGHTS)},
+        "train": {"seed": seed, "max_steps": max_steps, "val_every": val_every, "log_every": 4,
+                  "ckpt_every": 1_000_000, "keep_last": 1, "num_workers": 0, "progress": False,
+                  "tensorboard": True, "output_dir": str(out)},
+    }
+    return [sys.executable, "-m", "facetrain.train", "--config", str(REPO / row.config),
+            *flat_overrides(common), *flat_overrides(row.overrides)]
+
+
+def step_log(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, img/s) of each logging window, from the trainer's own TensorBoard scalar."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points = []
+    for events in sorted((run_dir / "tb").rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "train/img_per_s" in acc.Tags()["scalars"]:
+            points += [(e.step, e.value) for e in acc.Scalars("train/img_per_s")]
+    return sorted(points)
+
+
+def training_seconds(run_dir: Path, batch_size: int) -> tuple[float, list[float]]:
+    """(training-step seconds of the whole run, seconds per step of each window) from the img/s log."""
+    total, per_step, prev = 0.0, [], 0
+    for step, ips in step_log(run_dir):
+        seconds = batch_size * (step - prev) / max(ips, 1e-9)
+        total += seconds
+        per_step.append(seconds / max(1, step - prev))
+        prev = step
+    return total, per_step
+
+
+def resolved_batch(run_dir: Path) -> int:
+    """Images per step of a run, from the resolved config.yaml the trainer wrote."""
+    import yaml
+
+    return int(yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["batch_size"])
+
+
+def cost_class(row: Row, train_root: Path) -> tuple:
+    """What the compute of one training step depends on."""
+    sys.path.insert(0, str(REPO))
+    from facetrain.config import load_config
+
+    cfg = load_config(str(REPO / row.config), flat_overrides(row.overrides) + ["--data.root", str(train_root)])
+    return (cfg.model.backbone, cfg.data.image_size, cfg.model.freeze_stages, cfg.model.embedding_dim,
+            cfg.train.batch_size, cfg.train.mixed_precision)
+
+
+def probe_seconds_per_step(name: str, row: Row, train_root: Path, work: Path, steps: int) -> float:
+    """Seconds per optimizer step of this recipe, measured by a short run (first window = warm-up, dropped)."""
+    out = work / "probe" / f"{name}-{recipe_key(row)}"
+    if (out / "probe.json").is_file():
+        return json.loads((out / "probe.json").read_text())["seconds_per_step"]
+    if not (out / "run" / "done.json").is_file():
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        cmd = train_cmd(row, train_root, out / "run", seed=0, max_steps=steps, val_every=1_000_000)
+        cmd += ["--data.val_identities", "2"]  # only the step time is read: keep its validations short
+        run_logged(cmd, out / "train.log")
+    _, per_step = training_seconds(out / "run", resolved_batch(out / "run"))
+    value = statistics.median(per_step[1:] or per_step)
+    (out / "probe.json").write_text(json.dumps({"seconds_per_step": value, "windows": per_step}))
+    return value
+
+
+def evaluate(bundle: Path, test_root: Path, out: Path) -> dict:
+    """Both flip settings on the test folder, with facetrain's evaluator (no threshold written)."""
+    result = {}
+    for flip in (True, False):
+        where = out / ("eval_flip" if flip else "eval_noflip")
+        if not (where / "metrics.json").is_file():
+            cmd = [sys.executable, "-m", "facetrain.eval", "--model", str(bundle), "--data", str(test_root),
+                   "--no-calibrate", "--no-plots", "--num-workers", "0", "--output", str(where)]
+            run_logged(cmd + (["--flip"] if flip else []), where.with_suffix(".log"))
+        metrics = json.loads((where / "metrics.json").read_text())["metrics"]
+        result["flip" if flip else "noflip"] = {k: metrics[k] for k in METRICS}
+    return result
+
+
+def features_bundle(row: Row, out: Path) -> Path:
+    """A facetrain bundle whose embedding is the pretrained backbone's pooled features, L2-normalised: the
+    head is a square identity matrix with zero bias, so eval/verify read it like any trained bundle."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from facetrain.config import DataConfig, ModelConfig
+    from facetrain.model import EmbeddingModel, create_backbone, resolve_preprocess, write_bundle
+
+    bundle = out / "bundle"
+    if (bundle / "model.safetensors").is_file():
+        return bundle
+    mcfg = ModelConfig(backbone="tf_efficientnet_lite0", pretrained=True, pretrained_file=str(WEIGHTS))
+    backbone = create_backbone(mcfg)
+    model = EmbeddingModel(backbone, backbone.num_features)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.eye(backbone.num_features))
+        model.head.bias.zero_()
+    data = DataConfig(image_size=row.features_size, **row.overrides.get("data", {}))
+    pre = resolve_preprocess(data, model)
+    mcfg.embedding_dim, mcfg.pretrained, mcfg.pretrained_file = backbone.num_features, False, ""
+    bundle.mkdir(parents=True, exist_ok=True)
+    write_bundle(bundle, model, mcfg, pre, {"step": 0, "note": "ImageNet pooled features, identity head"})
+    return bundle
+
+
+@dataclass
+class Job:
+    name: str
+    row: Row
+    seed: int
+
+
+def recipe_key(row: Row) -> str:
+    """Short hash of what defines a row (its config file's text and overrides): runs are reused only when
+    the recipe is unchanged."""
+    import hashlib
+
+    text = (REPO / row.config).read_text() if row.config else ""
+    blob = json.dumps([text, row.overrides, row.features_size], sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+def run_job(job: Job, args, train_root: Path, test_root: Path, work: Path, steps: dict) -> dict:
+    tag = f"seed{job.seed}-{recipe_key(job.row)}" + (f"-steps{steps[job.name]}" if job.name in steps else "")
+    out = work / job.name / tag
+    record = {"row": job.name, "seed": job.seed, "describe": job.row.describe}
+    if job.row.features_size:
+        record["eval"] = evaluate(features_bundle(job.row, out), test_root, out)
+        record.update(steps=0, train_s=0.0)
+        return record
+    max_steps = steps[job.name]
+    run = out / "train"
+    done = run / "done.json"
+    if not done.is_file():
+        if run.exists():
+            import shutil
+
+            shutil.rmtree(run)
+        val_every = max(1, math.ceil(max_steps / args.validations))
+        wall = run_logged(train_cmd(job.row, train_root, run, job.seed, max_steps, val_every), out / "train.log")
+        (out / "wall.json").write_text(json.dumps({"wall_s": wall}))
+    summary = json.loads(done.read_text())
+    train_s, _ = training_seconds(run, resolved_batch(run))
+    record.update(steps=summary["step"], train_s=round(train_s, 1), best_step=summary["best_step"],
+                  val_auc_untrained=summary["untrained"]["auc"], val_best=summary["best_metric"],
+                  wall_s=json.loads((out / "wall.json").read_text())["wall_s"] if (out / "wall.json").is_file()
+                  else None)
+    record["eval"] = evaluate(run / "bundle", test_root, out)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def table(records: list[dict], rows: list[str], seeds: list[int]) -> str:
+    head = ("| row | seed | steps | train s | AUC | EER | TAR@1e-2 | TAR@1e-3 | best acc | AUC no-flip | "
+            "TAR@1e-2 no-flip |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    by = {(r["row"], r["seed"]): r for r in records}
+    for name in rows:
+        group = [by[(name, s)] for s in seeds if (name, s) in by]
+        for r in group:
+            f, n = r["eval"]["flip"], r["eval"]["noflip"]
+            lines.append(f"| {name} | {r['seed']} | {r['steps']} | {r['train_s']:.0f} | {fmt(f['auc'])} | "
+                         f"{fmt(f['eer'])} | {fmt(f['tar@far=1e-02'])} | {fmt(f['tar@far=1e-03'])} | "
+                         f"{fmt(f['best_accuracy'])} | {fmt(n['auc'])} | {fmt(n['tar@far=1e-02'])} |")
+        if len(group) > 1:
+            mean = {k: statistics.mean(r["eval"]["flip"][k] for r in group) for k in ("auc", "tar@far=1e-02")}
+            spread = {k: max(r["eval"]["flip"][k] for r in group) - min(r["eval"]["flip"][k] for r in group)
+                      for k in ("auc", "tar@far=1e-02")}
+            lines.append(f"| {name} | mean (spread) | | | {mean['auc']:.4f} ({spread['auc']:.4f}) | | "
+                         f"{mean['tar@far=1e-02']:.4f} ({spread['tar@far=1e-02']:.4f}) | | | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated rows of: {', '.join(ROWS)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="train.seed values (default 0 1)")
+    p.add_argument("--ablation-seeds", type=int, nargs="+", default=None,
+                   help="seeds for rows other than imagenet*/article/facetrain (default: --seeds)")
+    p.add_argument("--budget-min", type=float, default=10.0, help="training-step minutes per run (default 10)")
+    p.add_argument("--max-steps", type=int, default=0, help="fixed steps for every row instead of the budget")
+    p.add_argument("--steps", nargs="+", default=[], metavar="ROW=N",
+                   help="pin max_steps of a row (e.g. from the step time measured in an earlier real run)")
+    p.add_argument("--probe-steps", type=int, default=12, help="steps of the step-time probe (default 12)")
+    p.add_argument("--validations", type=int, default=4, help="validations per run (default 4)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, one CPU thread each (default 2)")
+    p.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+                   help="extra config overrides for every trained row (exploration), e.g. model.freeze_stages=7")
+    p.add_argument("--direction", choices=("yale2att", "att2yale"), default="yale2att")
+    p.add_argument("--work", default="/tmp/facetrain_recipes", help="data links, runs and results")
+    args = p.parse_args(argv)
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if "." not in key or not value:
+            p.error(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        for name in rows:
+            if not ROWS[name].features_size:
+                node = ROWS[name].overrides = json.loads(json.dumps(ROWS[name].overrides))
+                *parents, leaf = key.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
+    if not FACES.is_dir() or not WEIGHTS.is_file():
+        p.error(f"needs the shared faces ({FACES}) and weights ({WEIGHTS})")
+    work = Path(args.work) / args.direction
+    train_root, test_root = protocol(args.direction, Path(args.work))
+    main_rows = {"imagenet_112", "imagenet_224", "article", "facetrain"}
+    def seeds_of(name: str) -> list[int]:
+        if ROWS[name].features_size:  # no training, nothing random: one evaluation
+            return args.seeds[:1]
+        return args.seeds if name in main_rows or args.ablation_seeds is None else args.ablation_seeds
+
+    jobs = [Job(name, ROWS[name], seed) for name in rows for seed in seeds_of(name)]
+    trained = [name for name in rows if not ROWS[name].features_size]
+    print(f"{args.direction}: train {train_root}, test {test_root}; {len(jobs)} runs, {args.jobs} at once, "
+          f"budget {args.budget_min} training-step minutes on 1 thread per run", flush=True)
+
+    pinned = {k: int(v) for k, _, v in (item.partition("=") for item in args.steps)}
+    steps: dict[str, int] = {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        if args.max_steps or all(name in pinned for name in trained):
+            steps = {name: pinned.get(name, args.max_steps) for name in trained}
+        else:
+            probes = {name: pool.submit(probe_seconds_per_step, name, ROWS[name], train_root, work,
+                                        args.probe_steps) for name in trained}
+            measured = {name: fut.result() for name, fut in probes.items()}
+            # Rows whose steps cost the same compute (same backbone, input size, trainable stages, batch: only
+            # the loss, normalisation or BatchNorm mode differ) get the median of their probes, so that load
+            # from other processes during one probe does not hand one of them more steps than another.
+            classes: dict[tuple, list[str]] = {}
+            for name in trained:
+                classes.setdefault(cost_class(ROWS[name], train_root), []).append(name)
+            for members in classes.values():
+                sec = statistics.median(measured[name] for name in members)
+                for name in members:
+                    steps[name] = pinned.get(name) or max(1, int(args.budget_min * 60 / sec))
+                    print(f"  {name}: probe {measured[name]:.2f} s/step, class median {sec:.2f} -> max_steps "
+                          f"{steps[name]}", flush=True)
+        futures = [pool.submit(run_job, job, args, train_root, test_root, work, steps) for job in jobs]
+        records, text = [], ""
+        for job, fut in zip(jobs, futures, strict=True):
+            try:
+                records.append(fut.result())
+            except Exception as err:  # report the others; a failed row is listed, not hidden
+                print(f"  {job.name} seed {job.seed}: FAILED: {err}", flush=True)
+                continue
+            r = records[-1]
+            f = r["eval"]["flip"]
+            print(f"  {job.name} seed {job.seed}: steps {r['steps']} train {r['train_s']:.0f}s  auc {f['auc']:.4f}  "
+                  f"tar@1e-2 {fmt(f['tar@far=1e-02'])}  tar@1e-3 {fmt(f['tar@far=1e-03'])}", flush=True)
+            text = write_results(work, args, steps, records, rows, train_root, test_root)  # partial results too
+    print(text)
+    return 0
+
+
+def write_results(work: Path, args, steps: dict, records: list[dict], rows: list[str], train_root: Path,
+                  test_root: Path) -> str:
+    budget = (f"fixed {args.max_steps} steps per run" if args.max_steps else
+              f"{args.budget_min:g} min of training-step wall time per run on 1 CPU thread (OMP_NUM_THREADS=1), "
+              f"{args.jobs} runs at once")
+    if args.steps:
+        budget += f"; steps pinned with --steps {' '.join(args.steps)} (from measured step times)"
+    all_seeds = sorted(set(args.seeds) | set(args.ablation_seeds or []))
+    text = (f"direction {args.direction}: train {train_root.name}, test {test_root.name} (all pairs, flip test "
+            f"unless 'no-flip'); budget: {budget}; max_steps per row: {steps}\n\n"
+            f"{table(records, rows, all_seeds)}\n")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "results.json").write_text(json.dumps({"args": vars(args), "steps": steps, "records": records},
+                                                  indent=2))
+    (work / "results.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

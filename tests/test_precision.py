@@ -1,0 +1,153 @@
+"""The fast paths must not cost correctness: bf16 autocast + channels_last give the fp32 embeddings (cosine >= 0.99
+per image), `train.mixed_precision: auto` picks them where they are faster, and the other switches (DataLoader
+prefetch, torch.compile on a machine that cannot compile) work or fail with one line.
+
+    python -m pytest -q tests/test_precision.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from helpers import FACES, REPO, WEIGHTS, run_train, subprocess_env, tiny_train_config
+
+from facetrain import trainer
+from facetrain.config import ModelConfig
+from facetrain.data import FaceDataset, eval_transform, folder_faceset, synthetic_faceset
+from facetrain.embed import embed_dataset
+from facetrain.model import create_model, resolve_preprocess
+
+FACE_SIZE = 224  # tf_efficientnet_lite0's own input size, and the size where bf16 is used on CPUs
+
+
+@pytest.fixture
+def fresh_accelerator():
+    """Accelerators of different precisions in one process: accelerate keeps a process-wide singleton."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    def make(precision: str) -> Accelerator:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(mixed_precision=precision, cpu=True)
+
+    yield make
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def face_batch(model) -> FaceDataset:
+    """8 fixed images, 2 of each of 4 people: real faces when ../shared exists, else built-in synthetic ones."""
+    from facetrain.config import DataConfig
+
+    pre = resolve_preprocess(DataConfig(image_size=FACE_SIZE), model)
+    att = FACES / "att_faces"
+    faceset = folder_faceset(str(att)) if att.is_dir() else synthetic_faceset(4, 2, seed=0)
+    idx = np.concatenate([np.flatnonzero(faceset.labels == ident)[:2] for ident in range(4)])
+    return FaceDataset(faceset, idx, faceset.labels[idx], eval_transform(pre))
+
+
+def lite0(channels_last: bool):
+    """tf_efficientnet_lite0 with the offline ImageNet weights when present (real features), else random ones."""
+    weights = str(WEIGHTS) if WEIGHTS.is_file() else ""
+    torch.manual_seed(0)
+    return create_model(ModelConfig(backbone="tf_efficientnet_lite0", embedding_dim=512, pretrained=bool(weights),
+                                    pretrained_file=weights, channels_last=channels_last))
+
+
+def test_bf16_channels_last_embeddings_match_fp32(fresh_accelerator):
+    reference = lite0(channels_last=False)
+    fast = lite0(channels_last=True)
+    fast.load_state_dict(reference.state_dict())  # same weights (the head is random when weights are absent)
+    data = face_batch(reference)
+
+    emb32 = embed_dataset(reference, data, batch_size=8, accelerator=fresh_accelerator("no"))
+    emb16 = embed_dataset(fast, data, batch_size=8, accelerator=fresh_accelerator("bf16"), channels_last=True)
+
+    assert not torch.equal(emb32, emb16), "the bf16 path produced fp32's exact bits: autocast did not run"
+    cosine = (emb32 * emb16).sum(1)  # both L2-normalised
+    assert cosine.min() >= 0.99, f"bf16 + channels_last embeddings drift from fp32: cosine {cosine.tolist()}"
+    # what verification uses: the pairwise scores agree too
+    assert (emb32 @ emb32.T - emb16 @ emb16.T).abs().max() < 0.02
+
+
+def test_bf16_channels_last_training_forward_matches_fp32(fresh_accelerator):
+    """The trainer's own forward (train mode, under the accelerator's autocast). BatchNorm on batch statistics
+    subtracts the batch mean, so bf16's relative rounding (2^-8) grows on the small residuals of similar faces:
+    measured 0.973-0.987 on this batch (eval mode: >= 0.995). 0.95 still catches a broken path (fp32 parts
+    run in bf16, an overflow), which lands far lower."""
+    reference = lite0(channels_last=False).train()
+    fast = lite0(channels_last=True).train()
+    fast.load_state_dict(reference.state_dict())
+    data = face_batch(reference)
+    images = torch.stack([data[i][0] for i in range(len(data))])
+
+    emb32 = reference(images)
+    accelerator = fresh_accelerator("bf16")
+    with accelerator.autocast():
+        emb16 = fast(images.contiguous(memory_format=torch.channels_last))
+
+    assert emb16.dtype == torch.float32  # normalised in fp32 (model.py): the loss sees fp32 similarities
+    cosine = (emb32 * emb16).sum(1)
+    assert cosine.min() >= 0.95, f"bf16 training forward drifts from fp32: cosine {cosine.tolist()}"
+
+
+@pytest.mark.parametrize("cpu_bf16, size, expected", [
+    (True, trainer.CPU_BF16_MIN_IMAGE_SIZE, "bf16"),  # large images on a bf16 CPU: the fast path
+    (True, 224, "bf16"),
+    (True, trainer.CPU_BF16_MIN_IMAGE_SIZE - 1, "no"),  # small images: bf16 measured slower there
+    (False, 224, "no"),  # no bf16 instructions: emulated bf16 would be slow
+])
+def test_auto_precision_on_cpu(monkeypatch, cpu_bf16, size, expected):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(trainer, "cpu_supports_bf16", lambda: cpu_bf16)
+    assert trainer.resolve_mixed_precision("auto", size) == expected
+
+
+def test_explicit_or_launcher_precision_wins(monkeypatch):
+    monkeypatch.setattr(trainer, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert trainer.resolve_mixed_precision("no", 224) == "no"  # an explicit setting is never overridden
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # `accelerate launch --mixed_precision bf16`
+    assert trainer.resolve_mixed_precision("auto", 32) == "bf16"
+
+
+def test_workers_with_prefetch_train_and_report_throughput(tmp_path):
+    cfg = tiny_train_config(tmp_path, {"train": {"num_workers": 1, "prefetch_factor": 3, "max_steps": 4,
+                                                 "log_every": 1, "val_every": 4, "ckpt_every": 4}})
+    run_train(["--config", cfg, "--train.output_dir", tmp_path / "run"])
+    done = json.loads((tmp_path / "run" / "done.json").read_text())
+    assert done["step"] == 4
+    assert done["img_per_s"] > 0  # steady-state training img/s, warm-up window excluded
+
+
+@pytest.mark.slow
+def test_compile_without_a_compiler_fails_in_one_line(tmp_path):
+    """model.compile on a machine whose compiler does not work: one line naming the switch, no traceback."""
+    cfg = tiny_train_config(tmp_path, {"model": {"compile": True}, "train": {"max_steps": 2}})
+    proc = run_train(["--config", cfg, "--train.output_dir", tmp_path / "run"], check=False,
+                     env={"CXX": str(tmp_path / "no-such-compiler")})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("facetrain: error:")]
+    assert len(error) == 1 and "model.compile" in error[0] and "compiler" in error[0], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_training_cli_sets_openmp_wait_policy_before_torch_loads(given, expected):
+    """OpenMP reads OMP_WAIT_POLICY once, when torch loads it: the training CLI sets PASSIVE (idle threads sleep,
+    18x faster training measured on a loaded 2-core CPU) before anything imports torch, or it would silently do
+    nothing. A value the user set wins."""
+    env = subprocess_env()
+    env.pop("OMP_WAIT_POLICY", None)
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, sys; import facetrain.train; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [expected, "False"]  # set, and torch not loaded yet
