@@ -7,8 +7,16 @@ import pytest
 from PIL import Image
 
 from facetrain.config import DataConfig
-from facetrain.data import FaceDataset, Preprocess, build_faceset, eval_transform, folder_faceset, split_identities, \
-    synthetic_faceset, to_rgb
+from facetrain.data import (
+    FaceDataset,
+    Preprocess,
+    build_faceset,
+    eval_transform,
+    folder_faceset,
+    split_identities,
+    synthetic_faceset,
+    to_rgb,
+)
 from facetrain.errors import UserError
 from facetrain.synthetic import render
 
