@@ -47,6 +47,9 @@ class AugmentConfig:
     """ColorJitter hue strength, in [0, 0.5] (0 = off)."""
     grayscale: float = 0.0
     """Probability of converting a training image to 3-channel gray (helps when test data is gray)."""
+    native_resolution: bool = True
+    """Augment an image smaller than data.image_size at its own size and enlarge it once, in the final crop
+    (same augmentations, ~35% less CPU per image for 92x112 faces at 224 px); false enlarges it first."""
 
 
 @dataclass

@@ -207,22 +207,44 @@ def eval_transform(pre: Preprocess) -> Callable:
     ])
 
 
+class _SquareAtMost:
+    """Resize to a square of side min(size, longer side): large images shrink as with Resize((size, size)),
+    small ones are not enlarged, so the augmentation after it works on the image's own pixels."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        side = min(self.size, max(img.size))
+        return T.functional.resize(img, [side, side], antialias=True)
+
+
 def train_transform(pre: Preprocess, aug: AugmentConfig) -> Callable:
     if not aug.enabled:
         return eval_transform(pre)
     size = pre.image_size
-    steps: list = [T.Resize((size, size), antialias=True)]
+    # native_resolution: rotation and colour steps run before the enlargement, which the final crop does (4-5x
+    # fewer pixels per step for 92x112 faces at 224 px); colour changes commute with resizing up to rounding.
+    early = aug.native_resolution
+    steps: list = [_SquareAtMost(size) if early else T.Resize((size, size), antialias=True)]
     if aug.hflip > 0:
         steps.append(T.RandomHorizontalFlip(aug.hflip))
     if aug.rotation > 0:
         steps.append(T.RandomRotation(aug.rotation))
+    colour: list = []
+    if max(aug.brightness, aug.contrast, aug.saturation, aug.hue) > 0:
+        colour.append(T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue))
+    if aug.grayscale > 0:
+        colour.append(T.RandomGrayscale(aug.grayscale))
+    if early:
+        steps += colour
     if aug.crop_scale_min < 1.0:
         steps.append(T.RandomResizedCrop(size, scale=(aug.crop_scale_min, aug.crop_scale_max),
                                          ratio=(0.75, 1.33), antialias=True))
-    if max(aug.brightness, aug.contrast, aug.saturation, aug.hue) > 0:
-        steps.append(T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue))
-    if aug.grayscale > 0:
-        steps.append(T.RandomGrayscale(aug.grayscale))
+    elif early:
+        steps.append(T.Resize((size, size), antialias=True))
+    if not early:
+        steps += colour
     steps += [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
     return T.Compose(steps)
 

@@ -60,9 +60,11 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-# On CPUs, bf16 autocast pays off only for larger inputs: measured on a 2-core AMX CPU with
-# tf_efficientnetv2_b0, bf16 + channels_last is ~2x faster than fp32 at 224 px but ~2.4x slower at 64 px
-# (depthwise convolutions at small spatial sizes have no fast bf16 kernels).
+# On CPUs, bf16 autocast pays off only for larger inputs. Training step of tf_efficientnetv2_b0, batch 32, 2-core
+# AMX CPU, bf16 + channels_last vs fp32 + channels_last (bench/RESULTS.md): 0.81x at 64 px, 1.26x at 96, 1.44x
+# at 160, 1.66x at 224. The threshold stays above the 96 px break-even because bf16's oneDNN kernels stall far
+# worse than fp32's when other processes compete for the cores, and bf16 gradients are noisier when
+# fine-tuning pretrained weights (docs/performance.md).
 CPU_BF16_MIN_IMAGE_SIZE = 160
 
 

@@ -1,6 +1,7 @@
 """The fast paths must not cost correctness: bf16 autocast + channels_last give the fp32 embeddings (cosine >= 0.99
-per image), `train.mixed_precision: auto` picks them where they are faster, and the other switches (DataLoader
-prefetch, torch.compile on a machine that cannot compile) work or fail with one line.
+per image), `train.mixed_precision: auto` picks them where they are faster, augmenting at the image's own
+resolution gives the same augmentation, and the other switches (DataLoader prefetch, the OpenMP wait policy,
+torch.compile on a machine that cannot compile) work or fail with one line.
 
     python -m pytest -q tests/test_precision.py
 """
@@ -19,8 +20,16 @@ from accelerate.state import AcceleratorState
 from helpers import FACES, REPO, WEIGHTS, run_train, subprocess_env, tiny_train_config
 
 from facetrain import trainer
-from facetrain.config import ModelConfig
-from facetrain.data import FaceDataset, eval_transform, folder_faceset, synthetic_faceset
+from facetrain.config import AugmentConfig, ModelConfig
+from facetrain.data import (
+    FaceDataset,
+    Preprocess,
+    eval_transform,
+    folder_faceset,
+    synthetic_faceset,
+    to_rgb,
+    train_transform,
+)
 from facetrain.embed import embed_dataset
 from facetrain.model import create_model, resolve_preprocess
 
@@ -151,3 +160,36 @@ def test_training_cli_sets_openmp_wait_policy_before_torch_loads(given, expected
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [expected, "False"]  # set, and torch not loaded yet
+
+
+def one_face():
+    att = FACES / "att_faces"
+    faceset = folder_faceset(str(att)) if att.is_dir() else synthetic_faceset(2, 2, seed=0)
+    return to_rgb(faceset.loader(0))
+
+
+@pytest.mark.parametrize("crop_scale_min", [0.8, 1.0])
+@pytest.mark.parametrize("native", [True, False])
+def test_train_images_have_the_model_input_size(native, crop_scale_min):
+    small = one_face()  # 92 x 112 (96 x 96 synthetic): smaller than the input
+    pre = Preprocess(FACE_SIZE, [0.5] * 3, [0.5] * 3)
+    tf = train_transform(pre, AugmentConfig(native_resolution=native, crop_scale_min=crop_scale_min))
+    for img in (small, small.resize((400, 480))):
+        assert tf(img).shape == (3, FACE_SIZE, FACE_SIZE)
+
+
+def test_native_resolution_augmentation_matches_enlarging_first():
+    """Augmenting before the enlargement (data.augment.native_resolution) draws the same augmentations: over 64
+    draws of one face, the mean image and the pixel spread agree with the enlarge-first order."""
+    img = one_face()
+    pre = Preprocess(FACE_SIZE, [0.5] * 3, [0.5] * 3)
+    draws = {}
+    for native in (True, False):
+        tf = train_transform(pre, AugmentConfig(native_resolution=native))
+        torch.manual_seed(0)
+        draws[native] = torch.stack([tf(img) for _ in range(64)])
+    fast, reference = draws[True], draws[False]
+    mean_cos = torch.nn.functional.cosine_similarity(fast.mean(0).flatten(), reference.mean(0).flatten(), dim=0)
+    assert mean_cos >= 0.98
+    assert abs(fast.mean() - reference.mean()) < 0.05  # normalised units (std 0.5): < 0.025 of full scale
+    assert abs(fast.std() - reference.std()) < 0.05
