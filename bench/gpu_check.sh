@@ -139,10 +139,15 @@ echo "== summary"
 OUT=$OUT python3 - <<'PY'
 import json
 import os
-import statistics
 from pathlib import Path
 
 out = Path(os.environ["OUT"])
+
+
+def gib(value):
+    return "n/a (no GPU)" if value != value else f"{value:.2f} GiB"  # NaN: measured on a CPU
+
+
 if (out / "train.json").is_file():
     train = json.loads((out / "train.json").read_text())
     jobs = {(j["variant"], j["mode"], j["batch"]): j for j in train["jobs"]}
@@ -163,9 +168,9 @@ if (out / "eval.json").is_file():
     e = json.loads((out / "eval.json").read_text())
     print(f"eval embedding, bf16 + channels_last, {e['image_size']} px, batch {e['batch']}: "
           f"{e['eval_tensors_img_s']:.0f} img/s on pre-made tensors, {e['eval_images_img_s']:.0f} img/s from "
-          f"synthetic images ({e['eval_workers']} workers); peak {e['eval_peak_gib']:.2f} GiB")
+          f"synthetic images ({e['eval_workers']} workers); peak {gib(e['eval_peak_gib'])}")
     print(f"all-pairs scoring: {e['n_scores']:,} embeddings = {e['scoring_pairs']:,} pairs ({e['scoring_mode']}) "
-          f"in {e['scoring_s']:.1f} s; peak {e['scoring_peak_gib']:.2f} GiB")
+          f"in {e['scoring_s']:.1f} s; peak {gib(e['scoring_peak_gib'])}")
 else:
     print("no eval/scoring figures (that part failed)")
 print(f"raw JSON: {out}/train.json, {out}/eval.json")

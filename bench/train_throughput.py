@@ -1,9 +1,10 @@
 """Training throughput: the raw model step vs facetrain's full training step vs the reference article's loop.
 
-    python bench/train_throughput.py                    # att_faces, 224 px, batch 32: ~10 min on an idle 2-core CPU
+    python bench/train_throughput.py                    # att_faces, 224 px, batch 32: ~6-10 min on an idle 2-core CPU
     python bench/train_throughput.py --steps 4 --rounds 3                        # shorter
-    python bench/train_throughput.py --variants raw --modes fp32_cl,bf16_cl \\
-        --image-sizes 64,112,160,224 --section "bf16 vs fp32 by image size"       # where bf16 starts to pay
+    OMP_NUM_THREADS=1 python bench/train_throughput.py --variants raw --modes fp32_cl,bf16_cl \\
+        --image-sizes 64,96,128,160,192,224 --steps 3 --warmup 1 \\
+        --section "Training throughput: bf16 vs fp32 by image size"                  # where bf16 starts to pay
     python bench/train_throughput.py --smoke            # timm's tiny test network at 32 px: every path, seconds
 
 Variants (same backbone, image size, batch and data; random weights; batch = batch/4 identities x 4 images):
@@ -157,10 +158,10 @@ class FacetrainStep:
     def overrides(self, steps: int, out: Path) -> list[str]:
         a = self.args
         data = ["--data.source", "folder", "--data.root", str(a.data)]
-        if a.data == "synthetic":  # enough identities and images for several steps per epoch at this batch
-            ids = 2 * (self.batch // M) + 8
+        if a.data == "synthetic":  # rendered on the fly: 2 batches of identities, 64 images each, so that the
+            ids = 2 * (self.batch // M) + 8  # timed steps stay inside one epoch (~32 steps) at any batch size
             data = ["--data.source", "synthetic", "--data.synthetic_identities", str(ids),
-                    "--data.synthetic_images_per_identity", "32"]
+                    "--data.synthetic_images_per_identity", "64"]
         return data + [
             "--data.image_size", str(self.size),
             "--data.val_identities", "4",  # keeps the untrained / final validation (outside the timing) short
