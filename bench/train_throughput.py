@@ -105,7 +105,21 @@ def autocast(device: torch.device, mode: Mode):
 # Variants: each has run(warmup, steps) -> (images, seconds) over the timed steps only.
 
 
-class RawStep:
+class _TimedSteps:
+    """`run`: warm-up steps, then `steps` timed steps (device synchronised around them) -> (images, seconds)."""
+
+    def run(self, warmup: int, steps: int) -> tuple[int, float]:
+        for _ in range(warmup):
+            self.step()
+        synchronize(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        synchronize(self.device)
+        return self.batch * steps, time.perf_counter() - start
+
+
+class RawStep(_TimedSteps):
     """facetrain's model and loss on a fixed tensor batch: forward, backward, AdamW (+ the guard if `guard`)."""
 
     def __init__(self, args, size: int, batch: int, mode: Mode, device: torch.device, guard: bool = False):
@@ -136,15 +150,6 @@ class RawStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def run(self, warmup: int, steps: int) -> tuple[int, float]:
-        for _ in range(warmup):
-            self.step()
-        synchronize(self.device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        synchronize(self.device)
-        return self.batch * steps, time.perf_counter() - start
 
 
 class FacetrainStep:
@@ -197,7 +202,7 @@ class FacetrainStep:
         return sum(w[1] for w in timed), sum(w[2] for w in timed)
 
 
-class ArticleLoop:
+class ArticleLoop(_TimedSteps):
     """The reference article's training loop (see the module docstring), iterator kept across rounds."""
 
     def __init__(self, args, size: int, batch: int, device: torch.device):
@@ -238,15 +243,6 @@ class ArticleLoop:
         self.optimizer.step()
         self.running_loss += loss.item()
 
-    def run(self, warmup: int, steps: int) -> tuple[int, float]:
-        for _ in range(warmup):
-            self.step()
-        synchronize(self.device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        synchronize(self.device)
-        return self.batch * steps, time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------------------------------------------
