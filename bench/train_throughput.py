@@ -10,7 +10,8 @@
 Variants (same backbone, image size, batch and data; random weights; batch = batch/4 identities x 4 images):
 
 * ``raw``: facetrain's model (timm backbone + 512-d head, L2-normalised) forward, triplet loss, backward, AdamW
-  step, on one pre-made batch of random tensors already on the device. No data, no logging: the ceiling.
+  step (fused, as facetrain's optim.fused default), on one pre-made batch of random tensors already on the
+  device. No data, no logging: the ceiling.
 * ``raw_guard``: ``raw`` plus what facetrain adds per step around the optimizer: the gradient-norm pass and the
   one host sync of its non-finite-step guard (``bool(isfinite(loss) & isfinite(grad_norm))``). On a CPU the
   sync is free; on a GPU it shows what the guard costs.
@@ -19,7 +20,7 @@ Variants (same backbone, image size, batch and data; random weights; batch = bat
   TensorBoard + console logging every step (10x more often than the default). The figure is the trainer's own
   img/s (``summary["throughput"]``, one window per logged step), warm-up windows dropped.
 * ``article``: the reference article's loop, rewritten as the article has it: torchvision ImageFolder with its
-  transforms (Resize 224, RandomHorizontalFlip, RandomRotation(15), RandomResizedCrop(224, scale 0.8-1),
+  transforms (Resize((224, 224)), RandomHorizontalFlip, RandomRotation(15), RandomResizedCrop(224, scale 0.8-1),
   ColorJitter(0.2, 0.2, 0.2, 0.1), ToTensor, Normalize(ImageNet)), pytorch-metric-learning's MPerClassSampler
   (m=4), a DataLoader without workers, timm tf_efficientnetv2_b0 (num_classes=0) + Linear(1280, 512),
   TripletMarginLoss(margin 0.1, CosineSimilarity), AdamW 1e-4, single process, fp32, NCHW, loss.item() per
@@ -134,7 +135,8 @@ class RawStep(_TimedSteps):
         self.model.train()
         self.loss_fn = MetricLoss(LossConfig(), num_classes=batch // M, embedding_dim=args.embedding_dim).to(device)
         self.params = list(self.model.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=1e-5, eps=1e-8)
+        # the optimizer facetrain's default config builds (optim.fused): the ratio then measures the pipeline
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=1e-5, eps=1e-8, fused=True)
         images = torch.randn(batch, 3, size, size, device=device)
         self.images = images.contiguous(memory_format=torch.channels_last) if mode.channels_last else images
         self.labels = torch.arange(batch // M, device=device).repeat_interleave(M)
@@ -186,7 +188,8 @@ class FacetrainStep:
         from facetrain.trainer import train
 
         self.count += 1
-        out = self.workdir / f"facetrain_{self.size}_{self.batch}_{self.mode.precision}_w{self.workers}_{self.count}"
+        name = f"{self.size}_{self.batch}_{self.mode.precision}_w{self.workers}_{self.count}"
+        out = self.workdir / f"facetrain_{name}"
         cfg = load_config(str(REPO / "configs" / "article.yaml"), self.overrides(warmup + steps, out))
         # One Accelerator per run with this run's precision: accelerate keeps its state in a process-wide
         # singleton that refuses a second, different mixed_precision otherwise.
@@ -216,7 +219,7 @@ class ArticleLoop(_TimedSteps):
             raise SystemExit("--variants article needs an image folder (--data DIR), not --data synthetic")
         torch.manual_seed(0)
         transform = T.Compose([
-            T.Resize(size),
+            T.Resize((size, size)),
             T.RandomHorizontalFlip(),
             T.RandomRotation(15),
             T.RandomResizedCrop(size, scale=(0.8, 1.0)),
@@ -320,7 +323,7 @@ def machine() -> str:
 
 def report(jobs: list[Job], args, device: torch.device, load: tuple, started: str, elapsed: float) -> str:
     from facetrain.data import default_num_workers
-    from facetrain.trainer import resolve_mixed_precision
+    from facetrain.precision import resolve_mixed_precision
 
     def find(variant: str, mode: str, size: int, batch: int) -> Job | None:
         return next((j for j in jobs if (j.variant, j.mode, j.size, j.batch) == (variant, mode, size, batch)), None)

@@ -30,16 +30,21 @@ from facetrain.model import META_FILE, WEIGHTS_FILE, read_bundle_meta
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_STEP_DIR = re.compile(r"^step_(\d{8})(\.old)?$")
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first, one per step. `step_X.old` (a complete checkpoint that `finalize` set
+    aside to re-save step X) counts only while `step_X` itself is missing: a kill between those renames."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / MARKER).is_file() and (p / WEIGHTS_FILE).is_file()]
+    by_step: dict[int, Path] = {}
+    for p in sorted(root.iterdir(), key=lambda q: q.name.endswith(".old")):  # step_X before step_X.old
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / MARKER).is_file() and (p / WEIGHTS_FILE).is_file():
+            by_step.setdefault(int(m.group(1)), p)
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -117,10 +122,15 @@ def finalize(tmp: Path, keep_last: int) -> Path:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     final = tmp.with_name(tmp.name[: -len(".tmp")])
-    if final.exists():  # re-saving the same step (e.g. stop request right after a periodic save)
-        shutil.rmtree(final)
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():  # re-saving the same step (e.g. stop request right after a periodic save): the old copy
+        os.rename(final, old)  # stays a valid checkpoint (checkpoint_dirs) until the new one is in place
     os.rename(tmp, final)
     _fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
     for old in checkpoint_dirs(final.parent.parent)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

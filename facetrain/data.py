@@ -52,8 +52,13 @@ class FaceSet:
         return idx, remap[self.labels[idx]]
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Gray, palette, RGBA, CMYK and 16-bit images -> 8-bit RGB (16-bit is scaled, not clipped)."""
+def to_rgb(img: Image.Image, keep_gray: bool = False) -> Image.Image:
+    """Gray, palette, RGBA, CMYK and 16-bit images -> 8-bit RGB (16-bit is scaled, not clipped).
+
+    keep_gray=True returns single-channel images (gray, 1-bit, 16-bit) as 8-bit gray ("L") instead: the
+    transforms then work on one channel and `ThreeChannels` repeats it after ToTensor, which gives the same
+    tensor as converting to RGB first (each RGB channel of a gray image is that image) at a third of the
+    augmentation cost; many face sets (IR cameras, scans, the shared test sets) are gray."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float32)
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -62,6 +67,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
+    if keep_gray and img.mode in ("L", "1"):
+        return img.convert("L") if img.mode != "L" else img
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
@@ -199,10 +206,18 @@ class Preprocess:
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
 
+class ThreeChannels:
+    """A 1-channel image tensor (a gray image kept gray by `to_rgb(keep_gray=True)`) -> 3 equal channels."""
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
+
+
 def eval_transform(pre: Preprocess) -> Callable:
     return T.Compose([
         T.Resize((pre.image_size, pre.image_size), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
         T.ToTensor(),
+        ThreeChannels(),
         T.Normalize(pre.mean, pre.std),
     ])
 
@@ -245,7 +260,7 @@ def train_transform(pre: Preprocess, aug: AugmentConfig) -> Callable:
         steps.append(T.Resize((size, size), antialias=True))
     if not early:
         steps += colour
-    steps += [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+    steps += [T.ToTensor(), ThreeChannels(), T.Normalize(pre.mean, pre.std)]
     return T.Compose(steps)
 
 
@@ -267,7 +282,7 @@ class FaceDataset(torch.utils.data.Dataset):
         return len(self.indices)
 
     def _load(self, pos: int) -> Image.Image:
-        return to_rgb(self.faceset.loader(int(self.indices[pos])))
+        return to_rgb(self.faceset.loader(int(self.indices[pos])), keep_gray=True)
 
     def __getitem__(self, item: int | tuple[int, int]):
         # The sampler sends (position, seed): augmentation randomness then depends on the plan alone, not on

@@ -14,6 +14,11 @@ Writes <output>/metrics.json, args.json, roc.png, far_frr.png, scores.png (defau
 from __future__ import annotations
 
 import argparse
+import os
+
+# Before torch loads: idle OpenMP threads sleep instead of spinning, so DataLoader workers and other processes
+# get the cores in between (why: facetrain/train.py). An OMP_WAIT_POLICY already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from facetrain.errors import run_cli
 
@@ -44,7 +49,8 @@ def build_parser():
                    help="all-pairs ROC: exact (every score kept) or histogram (bounded memory); auto = exact up "
                    "to --max-exact-pairs")
     p.add_argument("--max-exact-pairs", type=int, default=20_000_000,
-                   help="largest pair count scored exactly in auto mode (~25 bytes per pair of memory)")
+                   help="largest pair count scored exactly in auto mode (~70 bytes of memory per pair at "
+                   "peak: 20M = 1.4 GB)")
     p.add_argument("--tensorboard", default="", metavar="LOGDIR", help="also log metrics and the ROC figure here")
     p.add_argument("--save-embeddings", action="store_true", help="write embeddings.safetensors (with the file "
                    "list) to the output directory")

@@ -122,7 +122,7 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 im.load()
-                img = to_rgb(im)
+                img = to_rgb(im, keep_gray=True)
         except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
             raise UserError(f"{path}: cannot decode image ({type(err).__name__}: {err}); remove or replace "
                             "the file") from None
@@ -152,7 +152,7 @@ class Embedder:
         from accelerate import Accelerator
 
         from facetrain.data import default_num_workers
-        from facetrain.trainer import resolve_mixed_precision
+        from facetrain.precision import resolve_mixed_precision
 
         path = resolve_model_path(model_path)
         model, pre, meta = load_bundle(path)

@@ -26,6 +26,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+# Before torch loads: idle OpenMP threads sleep instead of spinning, so DataLoader workers and other processes
+# get the cores in between (why: facetrain/train.py). An OMP_WAIT_POLICY already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import torch
 

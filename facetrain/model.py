@@ -79,9 +79,11 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     try:
         return timm.create_model(cfg.backbone, pretrained=True, **kwargs)
     except Exception as err:  # network errors come in many types; the fix is the same
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise UserError(f"model.pretrained: cannot get pretrained weights for {cfg.backbone!r} ({first}); "
-                        "set model.pretrained_file to a local weights file, or model.pretrained: false") from None
+        sentence = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:120]
+        reason = f"{type(err).__name__}: {sentence}" if sentence else type(err).__name__
+        raise UserError(f"model.pretrained: cannot get timm's pretrained weights for {cfg.backbone!r} ({reason}); "
+                        "set model.pretrained_file to a local weights file, fill the Hugging Face cache on a machine "
+                        "with internet (docs/recipes.md), or set model.pretrained false") from None
 
 
 def freeze_backbone_stages(backbone: nn.Module, stages: int) -> None:

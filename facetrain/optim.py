@@ -31,17 +31,24 @@ PRESETS: dict[str, tuple[str, str]] = {
 }
 
 
+def _fused(cfg: OptimConfig) -> bool | None:
+    # None = torch's default (multi-tensor foreach); True = the fused kernel (optim.fused)
+    return True if cfg.fused else None
+
+
 def _adam(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                            fused=_fused(cfg))
 
 
 def _adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             fused=_fused(cfg))
 
 
 def _sgd(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=cfg.momentum > 0)
+                           nesterov=cfg.momentum > 0, fused=_fused(cfg))
 
 
 def _ranger(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -14,6 +14,11 @@ the flip test when the threshold was calibrated with it. Exit status 0 whatever 
 from __future__ import annotations
 
 import argparse
+import os
+
+# Before torch loads: idle OpenMP threads sleep instead of spinning, so DataLoader workers and other processes
+# get the cores in between (why: facetrain/train.py). An OMP_WAIT_POLICY already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import json
 from pathlib import Path
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from facetrain.config import DataConfig
+from facetrain.config import AugmentConfig, DataConfig
 from facetrain.data import (
     FaceDataset,
     Preprocess,
@@ -16,6 +17,7 @@ from facetrain.data import (
     split_identities,
     synthetic_faceset,
     to_rgb,
+    train_transform,
 )
 from facetrain.errors import UserError
 from facetrain.synthetic import render
@@ -55,6 +57,32 @@ def test_every_mode_becomes_8bit_rgb(mode):
     assert out.mode == "RGB" and out.size == (40, 40)
     if mode == "I;16":  # 16-bit is scaled down, not clipped to white
         assert abs(np.asarray(out).mean() - np.asarray(base.convert("L")).mean()) < 2
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16"])
+def test_gray_images_stay_gray_until_the_tensor_and_match_the_rgb_path(mode):
+    """The gray fast path (augment one channel, repeat it after ToTensor) gives the model what converting to
+    RGB first gives: the same evaluation tensor, and the same training augmentation for the same seed."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (112, 92), dtype=np.uint8)
+    img = Image.fromarray(pixels) if mode == "L" else Image.fromarray(pixels.astype(np.uint16) * 257)  # I;16
+    gray, rgb = to_rgb(img, keep_gray=True), to_rgb(img)
+    assert gray.mode == "L" and rgb.mode == "RGB"
+    assert to_rgb(Image.new("RGB", (4, 4)), keep_gray=True).mode == "RGB"  # colour stays colour
+    pre = Preprocess(64, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # per-channel statistics differ
+    fast, slow = eval_transform(pre)(gray), eval_transform(pre)(rgb)
+    assert fast.shape == (3, 64, 64) and fast.is_contiguous()
+    assert torch.equal(fast, slow)
+    aug = AugmentConfig(hflip=0.5, rotation=15, brightness=0.3, contrast=0.3, saturation=0.2, hue=0.1,
+                        crop_scale_min=0.8, grayscale=0.5)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        fast = train_transform(pre, aug)(gray)
+        torch.manual_seed(seed)
+        slow = train_transform(pre, aug)(rgb)
+        # hue shifts of a gray RGB image round-trip through HSV: at most 1/255 off, divided by std
+        assert fast.shape == slow.shape == (3, 64, 64)
+        assert (fast - slow).abs().max() <= 1 / 255 / 0.224 + 1e-6
 
 
 def test_folder_source_layout_and_gray_images(tmp_path):

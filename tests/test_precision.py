@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from helpers import FACES, REPO, WEIGHTS, run_train, subprocess_env, tiny_train_config
 
-from facetrain import trainer
+from facetrain import precision
 from facetrain.config import AugmentConfig, ModelConfig
 from facetrain.data import (
     FaceDataset,
@@ -106,24 +106,24 @@ def test_bf16_channels_last_training_forward_matches_fp32(fresh_accelerator):
 
 
 @pytest.mark.parametrize("cpu_bf16, size, expected", [
-    (True, trainer.CPU_BF16_MIN_IMAGE_SIZE, "bf16"),  # large images on a bf16 CPU: the fast path
+    (True, precision.CPU_BF16_MIN_IMAGE_SIZE, "bf16"),  # large images on a bf16 CPU: the fast path
     (True, 224, "bf16"),
-    (True, trainer.CPU_BF16_MIN_IMAGE_SIZE - 1, "no"),  # small images: bf16 measured slower there
+    (True, precision.CPU_BF16_MIN_IMAGE_SIZE - 1, "no"),  # small images: bf16 measured slower there
     (False, 224, "no"),  # no bf16 instructions: emulated bf16 would be slow
 ])
 def test_auto_precision_on_cpu(monkeypatch, cpu_bf16, size, expected):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(trainer, "cpu_supports_bf16", lambda: cpu_bf16)
-    assert trainer.resolve_mixed_precision("auto", size) == expected
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: cpu_bf16)
+    assert precision.resolve_mixed_precision("auto", size) == expected
 
 
 def test_explicit_or_launcher_precision_wins(monkeypatch):
-    monkeypatch.setattr(trainer, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert trainer.resolve_mixed_precision("no", 224) == "no"  # an explicit setting is never overridden
+    assert precision.resolve_mixed_precision("no", 224) == "no"  # an explicit setting is never overridden
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # `accelerate launch --mixed_precision bf16`
-    assert trainer.resolve_mixed_precision("auto", 32) == "bf16"
+    assert precision.resolve_mixed_precision("auto", 32) == "bf16"
 
 
 def test_workers_with_prefetch_train_and_report_throughput(tmp_path):

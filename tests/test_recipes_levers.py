@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from helpers import load_weights, run_train, tiny_train_config
+from helpers import FACES, NO_SHARED_REASON, REPO, WEIGHTS, load_weights, run_train, tiny_train_config
 
 from facetrain.config import ModelConfig, load_config
 from facetrain.errors import UserError
@@ -112,3 +112,44 @@ def test_weight_ema_is_what_validation_exports_and_survives_resume(tmp_path):
     run_train(["--config", cfg, "--train.output_dir", parts, "--train.resume", "auto"])
     resumed = load_weights(parts / "bundle")
     assert all(torch.equal(resumed[k], bundle[k]) for k in bundle)
+
+
+def _hub_cache(root, weights) -> None:
+    """An HF hub cache holding `timm/tf_efficientnet_lite0.in1k` as a download would leave it (refs/main ->
+    snapshot -> model.safetensors), made from the local weights file: timm's own pretrained path, offline."""
+    repo = root / "models--timm--tf_efficientnet_lite0.in1k"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "model.safetensors").symlink_to(weights)
+
+
+def test_small_data_recipe_trains_from_timm_hub_weights_with_the_same_key(tmp_path):
+    """configs/small_data.yaml with `--model.pretrained_file ""` takes timm's own pretrained weights (from the HF
+    hub cache, which is what a machine with internet downloads into) through the same model.pretrained key; with
+    no weights reachable the run stops with one line naming the key and the way out."""
+    if not WEIGHTS.is_file() or not (FACES / "att_faces").is_dir():
+        pytest.skip(NO_SHARED_REASON)
+    hub = tmp_path / "hub"
+    _hub_cache(hub, WEIGHTS)
+    out = tmp_path / "run"
+    args = ["--config", REPO / "configs" / "small_data.yaml", "--model.pretrained_file", "",
+            "--data.root", FACES / "att_faces", "--data.image_size", "64", "--data.val_identities", "4",
+            "--train.batch_size", "16", "--train.max_steps", "2", "--train.val_every", "2", "--train.ckpt_every", "2",
+            "--train.num_workers", "0", "--train.progress", "false", "--train.output_dir", out]
+    run_train(args, env={"HF_HUB_CACHE": str(hub)})
+    from safetensors.torch import load_file
+
+    trained = load_weights(out / "bundle")
+    # the stem is frozen by the recipe: it must still be exactly the hub file's ImageNet weights
+    assert torch.equal(trained["backbone.conv_stem.weight"], load_file(str(WEIGHTS))["conv_stem.weight"])
+    meta = json.loads((out / "bundle" / "facetrain.json").read_text())
+    assert meta["preprocess"]["mean"] == [0.5, 0.5, 0.5]  # the weights' own normalisation, from timm's config
+
+    (tmp_path / "empty").mkdir()
+    proc = run_train(args[:-1] + [tmp_path / "run2"], env={"HF_HUB_CACHE": str(tmp_path / "empty")}, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "model.pretrained: cannot get timm's pretrained weights for 'tf_efficientnet_lite0'" in last, last
+    assert "model.pretrained_file" in last

@@ -253,6 +253,25 @@ def test_partial_checkpoints_are_ignored(tmp_path):
         ckpt.load_train_state(root / "step_00000006", 0)
 
 
+def test_resaving_a_step_keeps_a_complete_copy_at_every_moment(tmp_path):
+    """A stop request right after a periodic save writes the same step again: the old copy is set aside, not
+    deleted, until the new one is in place, so a kill between the two renames still resumes from that step."""
+    root = tmp_path / ckpt.CHECKPOINTS
+    fake_checkpoint(root / "step_00000002")
+    fake_checkpoint(root / "step_00000004")
+    tmp = root / "step_00000004.tmp"
+    fake_checkpoint(tmp)
+    (tmp / ckpt.MARKER).unlink()  # finalize writes it
+    assert ckpt.finalize(tmp, keep_last=3) == root / "step_00000004"
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000004"]
+    # the moment between the renames: step_4 set aside, the new copy not yet renamed
+    os.rename(root / "step_00000004", root / "step_00000004.old")
+    fake_checkpoint(root / "step_00000004.tmp")
+    assert ckpt.latest_checkpoint(tmp_path) == root / "step_00000004.old"
+    fake_checkpoint(root / "step_00000004")  # once both exist, the new copy wins
+    assert ckpt.checkpoint_dirs(tmp_path) == [root / "step_00000002", root / "step_00000004"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. A full disk at save time
 
