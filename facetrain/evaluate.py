@@ -144,11 +144,12 @@ class Embedder:
     flip: bool = False
 
     @classmethod
-    def load(cls, model_path: str | Path, batch_size: int = 64, num_workers: int = -1, flip: bool = False,
+    def load(cls, model_path: str | Path, batch_size: int = 64, num_workers: int = -1, flip: bool | None = False,
              mixed_precision: str = "auto") -> Embedder:
         """Load a bundle/checkpoint and create the Accelerator (here, never at import: under `accelerate
         launch` this joins the process group). Precision follows the trainer's rule: bf16 autocast only where
-        it is faster (GPUs; bf16-capable CPUs at >= 160 px)."""
+        it is faster (GPUs; bf16-capable CPUs at >= 160 px). flip=None: the flip test if the bundle's threshold
+        was calibrated with it (verify and identify then score as the threshold expects)."""
         from accelerate import Accelerator
 
         from facetrain.data import default_num_workers
@@ -156,6 +157,8 @@ class Embedder:
 
         path = resolve_model_path(model_path)
         model, pre, meta = load_bundle(path)
+        if flip is None:
+            flip = bool((meta.get("threshold_calibration") or {}).get("flip", False))
         precision = resolve_mixed_precision(mixed_precision, pre.image_size)
         accelerator = Accelerator(mixed_precision=precision)
         model = model.to(accelerator.device)

@@ -237,8 +237,7 @@ def _print_matches(probe: str, rows: list[dict], threshold: float | None, far, n
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from facetrain.evaluate import Embedder, require_files, resolve_model_path
-    from facetrain.model import read_bundle_meta
+    from facetrain.evaluate import Embedder, require_files
 
     if args.top_k < 1:
         raise UserError(f"--top-k: must be >= 1, got {args.top_k}")
@@ -249,10 +248,8 @@ def main(argv: list[str]) -> int:
         from facetrain.evaluate import labelled_folder
 
         evaluation_split(labelled_folder(args.gallery, "--gallery")[1])
-    path = resolve_model_path(args.model)
-    meta = read_bundle_meta(path)
-    flip = args.flip if args.flip is not None else bool((meta.get("threshold_calibration") or {}).get("flip"))
-    embedder = Embedder.load(path, args.batch_size, args.num_workers, flip, args.mixed_precision)
+    embedder = Embedder.load(args.model, args.batch_size, args.num_workers, args.flip, args.mixed_precision)
+    path, meta = embedder.path, embedder.meta
     gallery = enrol(embedder, args.gallery, args.cache, args.cache_dir)
     _status(f"gallery {args.gallery}: {len(gallery.paths)} images of {len(gallery.names)} identities "
             f"(cache: {gallery.cache_status})")

@@ -44,20 +44,13 @@ def build_parser():
 
 def load_embedder(model: str | Path, flip: bool | None = None, mixed_precision: str = "auto"):
     """The evaluator's Embedder for a bundle; flip defaults to what the bundle's threshold was calibrated with."""
-    from facetrain.evaluate import Embedder, resolve_model_path
-    from facetrain.model import read_bundle_meta
+    from facetrain.evaluate import Embedder
 
-    path = resolve_model_path(model)
-    if flip is None:
-        flip = bool((read_bundle_meta(path).get("threshold_calibration") or {}).get("flip", False))
-    return Embedder.load(path, batch_size=2, num_workers=0, flip=flip, mixed_precision=mixed_precision)
+    return Embedder.load(model, batch_size=2, num_workers=0, flip=flip, mixed_precision=mixed_precision)
 
 
 def embed_pair(embedder, image_a: str, image_b: str):
     """(2, D) embeddings of two image files, through the evaluator's preprocessing."""
-    from facetrain.evaluate import require_files
-
-    require_files([image_a, image_b], "facetrain.verify")
     return embedder.embed([image_a, image_b])
 
 
