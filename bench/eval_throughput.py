@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import resource
 import shutil
 import subprocess
@@ -50,8 +48,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing (the subprocesses get it via _env)
 FACES = REPO.parent / "shared" / "data" / "faces" / "ext_yale_b_cropped"
-RESULTS = REPO / "bench" / "RESULTS.md"
-SECTION = "## Evaluator"
+SECTION = "Evaluator"
+
+from results_md import RESULTS, machine, write_section  # noqa: E402  (bench/ is on sys.path)
+
 N_IDS, PER_ID, IMAGE_SIZE, BACKBONE = 19, 50, 224, "tf_efficientnetv2_b0"
 
 
@@ -280,24 +280,13 @@ def bench_scoring(sizes: list[int]) -> list[dict]:
 # Report
 
 
-def machine() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = re.search(r"Model name:\s*(.+)", text).group(1).strip()
-    except (OSError, subprocess.CalledProcessError, AttributeError):
-        name = platform.processor() or "unknown CPU"
-    import torch
-
-    return f"{name}, {os.cpu_count()} cores (torch {torch.__version__}, {torch.get_num_threads()} threads)"
-
-
 def ceiling(row: dict) -> float:
     """Baseline end-to-end seconds / seconds of the evaluator's batched forward alone for all images."""
     return row["baseline_s"] / (row["images"] * row["forward_batch64_ms"] / 1000)
 
 
 def markdown(command: str, images: list[dict], scoring: list[dict]) -> str:
-    lines = [SECTION, "", f"Date: {datetime.now().isoformat(timespec='minutes')}  ",
+    lines = [f"Date: {datetime.now().isoformat(timespec='minutes')}  ",
              f"Machine: {machine()}  ", f"Command: `{command}`", ""]
     if images:
         first = images[0]
@@ -354,14 +343,6 @@ def markdown(command: str, images: list[dict], scoring: list[dict]) -> str:
                   f"{r['peak_rss_mib']:.0f} | {r['load_before']:.1f} / {r['load_after']:.1f} |" for r in scoring]
         lines.append("")
     return "\n".join(lines) + "\n"
-
-
-def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving the other sections alone."""
-    old = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new)
 
 
 def print_table(images: list[dict], scoring: list[dict]) -> None:
@@ -431,7 +412,7 @@ def main() -> None:
     print_table(images, scoring)
     command = "python bench/eval_throughput.py " + " ".join(sys.argv[1:])
     if args.write:
-        write_section(markdown(command.strip(), images, scoring))
+        write_section(SECTION, markdown(command.strip(), images, scoring))
         print(f"wrote section '{SECTION}' of {RESULTS}")
 
 

@@ -44,8 +44,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import re
 import shutil
 import statistics
 import sys
@@ -65,8 +63,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
 
 import torch  # noqa: E402
+from results_md import RESULTS, machine, write_section  # noqa: E402
 
-RESULTS = REPO / "bench" / "RESULTS.md"
 ATT_FACES = REPO.parent / "shared" / "data" / "faces" / "att_faces"
 M = 4  # images per identity in a batch (the article's m)
 
@@ -308,19 +306,6 @@ def fmt_ratio(num: Job, den: Job) -> str:
     return f"{mid:.2f}x" + (f" ({lo:.2f}-{hi:.2f})" if len(num.ips) > 1 else "")
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1)
-    except (OSError, AttributeError):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    out = f"{cpu}, {cores} cores usable, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    if torch.cuda.is_available():
-        out += f", GPU {torch.cuda.get_device_name(0)}"
-    return out
-
-
 def report(jobs: list[Job], args, device: torch.device, load: tuple, started: str, elapsed: float) -> str:
     from facetrain.data import default_num_workers
     from facetrain.precision import resolve_mixed_precision
@@ -360,16 +345,6 @@ def report(jobs: list[Job], args, device: torch.device, load: tuple, started: st
         lines += ["", f"Raw step speed-up over {base} (same size and batch):", ""]
         lines += [f"- {j.size} px, batch {j.batch}: {j.mode} {fmt_ratio(j, b)}" for j, b in others if b is not None]
     return "\n".join(lines) + "\n"
-
-
-def write_section(name: str, text: str) -> None:
-    """Replace (or append) section `## name` of RESULTS.md, leaving the other sections alone."""
-    head = f"## {name}"
-    old = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
-    body = f"{head}\n\n{text}"
-    pattern = re.compile(rf"^{re.escape(head)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: body + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + body
-    RESULTS.write_text(new)
 
 
 def csv(kind):

@@ -1,0 +1,38 @@
+"""What every benchmark under bench/ writes into bench/RESULTS.md: its own `## <name>` section, and the one-line
+description of the machine it ran on. Imported by the benchmark scripts (`python bench/<script>.py` puts this
+folder on sys.path)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def write_section(name: str, text: str) -> None:
+    """Replace (or append) section `## name` of RESULTS.md with `text`, leaving the other sections alone."""
+    head = f"## {name}"
+    old = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
+    body = f"{head}\n\n{text}"
+    pattern = re.compile(rf"^{re.escape(head)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: body + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + body
+    RESULTS.write_text(new)
+
+
+def machine() -> str:
+    """CPU model, usable cores, torch version and threads, and the GPU if there is one."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1)
+    except (OSError, AttributeError):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    out = f"{cpu}, {cores} cores usable, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        out += f", GPU {torch.cuda.get_device_name(0)}"
+    return out
