@@ -125,15 +125,18 @@ def baseline_worker(bundle: str, data: str, pair_images: int) -> None:
     import torch
     import torch.nn.functional as F
     from sklearn.metrics import roc_auc_score, roc_curve
+    from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
-    from facetrain.data import eval_transform
     from facetrain.model import load_bundle
 
     t0 = time.perf_counter()
     model, pre, _ = load_bundle(bundle)
     model = model.to(memory_format=torch.contiguous_format).eval()  # the article's model: plain NCHW fp32
-    dataset = ImageFolder(data, transform=eval_transform(pre))  # its PIL loader converts to RGB, as to_rgb does
+    # the article's per-image transform, with the bundle's size and normalisation (ImageFolder's loader converts
+    # to RGB, as facetrain's to_rgb does): the same model inputs as facetrain's, up to float rounding
+    transform = T.Compose([T.Resize((pre.image_size, pre.image_size)), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+    dataset = ImageFolder(data, transform=transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False)
     embeddings: dict[int, list] = {}
     order = []

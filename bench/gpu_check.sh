@@ -93,25 +93,26 @@ def peak_gib():
 accelerator = Accelerator(mixed_precision="bf16", cpu=not cuda)
 model = create_model(ModelConfig(backbone=backbone, embedding_dim=dim, channels_last=True)).to(device).eval()
 
-# the model's ceiling: the same embed_dataset path on a dataset of pre-made tensors (no decoding)
-tensors = torch.randn(n_images, 3, size, size)
+# the model's ceiling: the same embed_dataset path on a dataset of pre-made uint8 images (no decoding)
+pre = Preprocess(size, [0.5] * 3, [0.5] * 3)
+tensors = torch.randint(0, 256, (n_images, 3, size, size), dtype=torch.uint8)
 premade = [(tensors[i], 0) for i in range(n_images)]
-embed_dataset(model, premade[: 2 * batch], batch, accelerator, channels_last=True)  # warm-up (cudnn, autotune)
+embed_dataset(model, premade[: 2 * batch], pre, batch, accelerator, channels_last=True)  # warm-up (cudnn, autotune)
 if cuda:
     torch.cuda.reset_peak_memory_stats()
 sync()
 t = time.perf_counter()
-embed_dataset(model, premade, batch, accelerator, channels_last=True)
+embed_dataset(model, premade, pre, batch, accelerator, channels_last=True)
 sync()
 out["eval_tensors_img_s"] = n_images / (time.perf_counter() - t)
 out["eval_peak_gib"] = peak_gib()
 
-# end to end from synthetic face images: rendering + resize + normalise in DataLoader workers
+# end to end from synthetic face images: rendering + resize in DataLoader workers, normalised on the device
 faces = synthetic_faceset(n_images // 8, 8, seed=0)
-ds = FaceDataset(faces, list(range(n_images)), faces.labels, eval_transform(Preprocess(size, [0.5] * 3, [0.5] * 3)))
+ds = FaceDataset(faces, list(range(n_images)), faces.labels, eval_transform(pre))
 workers = default_num_workers(1)
 t = time.perf_counter()
-embed_dataset(model, ds, batch, accelerator, num_workers=workers, channels_last=True)
+embed_dataset(model, ds, pre, batch, accelerator, num_workers=workers, channels_last=True)
 sync()
 out["eval_images_img_s"] = n_images / (time.perf_counter() - t)
 out["eval_workers"] = workers

@@ -341,8 +341,9 @@ def summarise_train(runs: dict[str, list[dict]]) -> list[dict]:
 
 
 def bench_loader(images: int, workdir: Path) -> dict:
-    """Per-core input-pipeline rate at 224 px: JPEG decode + the recipe's augmentation (train) or resize +
-    normalise (eval), in this process with one torch thread, as in a DataLoader worker."""
+    """Per-core input-pipeline rate at 224 px: JPEG decode + the recipe's augmentation (train) or resize
+    (eval) to uint8 tensors (normalisation runs on the device), in this process with one torch thread, as in
+    a DataLoader worker."""
     import torch
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 

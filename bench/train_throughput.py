@@ -12,9 +12,9 @@ Variants (same backbone, image size, batch and data; random weights; batch = bat
 * ``raw``: facetrain's model (timm backbone + 512-d head, L2-normalised) forward, triplet loss, backward, AdamW
   step (fused, as facetrain's optim.fused default), on one pre-made batch of random tensors already on the
   device. No data, no logging: the ceiling.
-* ``raw_guard``: ``raw`` plus what facetrain adds per step around the optimizer: the gradient-norm pass and the
-  one host sync of its non-finite-step guard (``bool(isfinite(loss) & isfinite(grad_norm))``). On a CPU the
-  sync is free; on a GPU it shows what the guard costs.
+* ``raw_guard``: ``raw`` with the optimizer step taken through facetrain's non-finite-step guard
+  (facetrain/guard.py: the gradient-norm pass and the skip decision handed to the fused AdamW kernel, no host
+  sync). On a GPU it shows what the guard costs.
 * ``facetrain``: ``facetrain.trainer.train()`` itself on the image folder, configs/article.yaml plus overrides:
   file decode, augmentation, the P x m sampler, DataLoader workers, loss, the guard, optimizer, scheduler,
   TensorBoard + console logging every step (10x more often than the default). The figure is the trainer's own
@@ -52,6 +52,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
@@ -123,6 +124,7 @@ class RawStep(_TimedSteps):
 
     def __init__(self, args, size: int, batch: int, mode: Mode, device: torch.device, guard: bool = False):
         from facetrain.config import LossConfig, ModelConfig
+        from facetrain.guard import NonFiniteGuard
         from facetrain.losses import MetricLoss
         from facetrain.model import create_model
 
@@ -138,16 +140,21 @@ class RawStep(_TimedSteps):
         images = torch.randn(batch, 3, size, size, device=device)
         self.images = images.contiguous(memory_format=torch.channels_last) if mode.channels_last else images
         self.labels = torch.arange(batch // M, device=device).repeat_interleave(M)
+        # facetrain's own guard (facetrain/guard.py), on a stand-in for the Accelerator it reads
+        stand_in = SimpleNamespace(scaler=None, device=device)
+        self.checker = NonFiniteGuard(self.optimizer, self.model, self.params, stand_in, 0.0, 1, print) if guard \
+            else None
+        self.index = 0
 
     def step(self) -> None:
         with autocast(self.device, self.mode):
             loss = self.loss_fn(self.model(self.images), self.labels)
         loss.backward()
-        if self.guard:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, float("inf"))
-            if not bool(torch.isfinite(loss) & torch.isfinite(norm)):
-                raise RuntimeError("non-finite raw step")
-        self.optimizer.step()
+        if self.checker is not None:
+            self.checker.step(loss.detach(), self.index)  # on-device skip decision (fused AdamW): no host sync
+            self.index += 1
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 

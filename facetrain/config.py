@@ -232,7 +232,8 @@ class TrainConfig:
     seed: int = 0
     """Seed for weights, sampler order and augmentation."""
     log_every: int = 10
-    """Log loss/lr/img/s every N optimizer steps (the only host sync in the hot loop)."""
+    """Log loss/lr/img/s every N optimizer steps: the hot loop's host syncs (also where skipped non-finite steps
+    are reported and, with several processes, stop requests agreed on)."""
     val_every: int = 0
     """Validate every N optimizer steps; 0 = at the end of each epoch."""
     val_metric: str = "auc"
@@ -255,7 +256,8 @@ class TrainConfig:
     tensorboard: bool = True
     """Log to TensorBoard under output_dir/tb."""
     max_bad_steps: int = 5
-    """Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
+    """Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped; with
+    a fused optimizer the count is read at the next log step, validation or checkpoint: facetrain/guard.py)."""
     stop_at_step: int = -1
     """Act as if a stop request arrived after this optimizer step: checkpoint and exit, resumable (-1 = off)."""
     record_samples: bool = False

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from facetrain.data import Preprocess, ToModelInput, collate
 from facetrain.distributed import gather_uneven, shard_range
 
 
@@ -26,9 +27,10 @@ class _Indexed(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def embed_dataset(model: nn.Module, dataset, batch_size: int, accelerator=None, num_workers: int = 0,
-                  flip: bool = False, channels_last: bool = False) -> torch.Tensor:
-    """L2-normalised embeddings (N, D) float32 on CPU for every item of `dataset` ((image, ...) tuples).
+def embed_dataset(model: nn.Module, dataset, pre: Preprocess, batch_size: int, accelerator=None,
+                  num_workers: int = 0, flip: bool = False, channels_last: bool = False) -> torch.Tensor:
+    """L2-normalised embeddings (N, D) float32 on CPU for every item of `dataset` ((uint8 image, ...) tuples
+    from `data.eval_transform`), normalised with `pre`'s mean/std.
 
     flip=True adds the embedding of the mirrored image before re-normalising (the flip test)."""
     world = accelerator.num_processes if accelerator is not None else 1
@@ -36,16 +38,16 @@ def embed_dataset(model: nn.Module, dataset, batch_size: int, accelerator=None, 
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     positions = shard_range(len(dataset), rank, world)
     loader = torch.utils.data.DataLoader(_Indexed(dataset, positions), batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, pin_memory=device.type == "cuda")
+                                         num_workers=num_workers, pin_memory=device.type == "cuda",
+                                         collate_fn=collate)
+    to_input = ToModelInput(pre, device, channels_last)
     was_training = model.training
     model.eval()
     autocast = accelerator.autocast() if accelerator is not None else nullcontext()
     chunks = []
     with autocast:
         for images in loader:
-            images = images.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = to_input(images)
             emb = model(images).float()
             if flip:
                 emb = torch.nn.functional.normalize(emb + model(torch.flip(images, dims=[3])).float(), dim=-1)

@@ -7,10 +7,11 @@
 
 Per optimizer step: each rank loads its share of a global P x m batch (sampler.py), embeds it, gathers all
 ranks' embeddings and computes the loss on the global batch (distributed.py explains the gradient scaling),
-then backward / clip / step. Validation embeds the held-out identities on all ranks and rank 0 scores all
-pairs with metrics.py (the same code `facetrain.eval` uses); the best model by `train.val_metric` is exported
-to <output_dir>/bundle. A stop request (SIGUSR1/SIGTERM, or a file <output_dir>/STOP) finishes the step,
-writes a checkpoint and exits 0; `--train.resume auto` continues from it mid-epoch.
+then backward and the optimizer step, which guard.py skips when the loss or a gradient is not finite.
+Validation embeds the held-out identities on all ranks and rank 0 scores all pairs with metrics.py (the same
+code `facetrain.eval` uses); the best model by `train.val_metric` is exported to <output_dir>/bundle. A stop
+request (SIGUSR1/SIGTERM, or a file <output_dir>/STOP) finishes the step, writes a checkpoint and exits 0;
+`--train.resume auto` continues from it mid-epoch.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from facetrain import checkpoint as ckpt
 from facetrain.config import Config, save_config, to_dict
 from facetrain.data import (
     FaceDataset,
+    ToModelInput,
     build_faceset,
+    collate,
     default_num_workers,
     eval_transform,
     split_identities,
@@ -42,6 +45,7 @@ from facetrain.data import (
 from facetrain.distributed import any_rank, broadcast_object, gather_for_loss
 from facetrain.embed import embed_dataset
 from facetrain.errors import UserError
+from facetrain.guard import NonFiniteGuard
 from facetrain.losses import MetricLoss, check_names
 from facetrain.metrics import all_pairs_roc, verification_metrics
 from facetrain.model import create_model, replace_dir, resolve_preprocess, write_bundle
@@ -183,7 +187,7 @@ def train(cfg: Config) -> dict:
     train_ds = FaceDataset(faceset, train_idx, train_labels, train_transform(pre, cfg.data.augment),
                            cfg.data.bad_images)
     val_ds = FaceDataset(faceset, val_idx, val_labels, eval_transform(pre), cfg.data.bad_images)
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=workers,
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                                          pin_memory=accelerator.device.type == "cuda",
                                          persistent_workers=workers > 0,
                                          # batches each worker keeps ready (DataLoader refuses it without workers)
@@ -191,6 +195,7 @@ def train(cfg: Config) -> dict:
                                          # its own generator: creating an iterator draws a base seed, which
                                          # must not consume the global RNG that dropout uses (exact resume)
                                          generator=torch.Generator().manual_seed(t.seed))
+    to_input = ToModelInput(pre, accelerator.device, cfg.model.channels_last)  # uint8 batches -> model input
 
     # ---- state, resume
     state = {"step": 0, "best_metric": None, "best_step": None, "untrained": None, "bad_steps": 0}
@@ -238,7 +243,7 @@ def train(cfg: Config) -> dict:
 
     def validate() -> dict:
         set_train_mode(False)
-        emb = embed_dataset(eval_model, val_ds, t.val_batch_size, accelerator, num_workers=workers,
+        emb = embed_dataset(eval_model, val_ds, pre, t.val_batch_size, accelerator, num_workers=workers,
                             channels_last=cfg.model.channels_last)
         metrics = None
         if main:
@@ -336,6 +341,8 @@ def train(cfg: Config) -> dict:
 
     # ---- the loop
     params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
+    guard = NonFiniteGuard(optimizer, raw_model, params, accelerator, t.grad_clip, t.max_bad_steps,
+                           lambda message: log.print(f"[yellow]warning:[/] {message}"), state["bad_steps"])
     sample_log = None
     if t.record_samples:
         (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -362,10 +369,8 @@ def train(cfg: Config) -> dict:
                 if sample_log is not None:
                     sample_log.write(json.dumps({"step": state["step"], "micro": micro,
                                                  "positions": positions.tolist()}) + "\n")
-                images = images.to(accelerator.device, non_blocking=True)
+                images = to_input(images)
                 labels = labels.to(accelerator.device, non_blocking=True)
-                if cfg.model.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
                 last_micro = micro == t.grad_accum_steps - 1
                 with (nullcontext() if last_micro else accelerator.no_sync(model)), accelerator.autocast():
                     emb = fwd_model(images)
@@ -376,30 +381,9 @@ def train(cfg: Config) -> dict:
                 accelerator.backward(loss / t.grad_accum_steps)
                 loss_sum += loss.detach()
             loss_value = loss_sum / t.grad_accum_steps
-            grad_norm = accelerator.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-            # One host sync per step: a non-finite loss/gradient must never reach the weights. Under fp16
-            # the grad scaler skips overflowing steps itself (normal while it calibrates). On a GPU the sync
-            # keeps the host from queueing the next step early (cost: docs/performance.md); on a CPU it is free.
-            finite = torch.isfinite(loss_value)
-            if accelerator.scaler is None:
-                finite = finite & torch.isfinite(grad_norm)
-            if bool(finite):
-                optimizer.step()
-                if ema is not None:
-                    ema.update(raw_model, step=state["step"] + 1)
-                state["bad_steps"] = 0
-            else:
-                state["bad_steps"] += 1
-                log.print(f"[yellow]warning:[/] step {state['step']}: non-finite loss or gradient, step skipped "
-                          f"({state['bad_steps']} in a row, limit train.max_bad_steps={t.max_bad_steps})")
-                if ckpt.nonfinite_tensors(dict(raw_model.named_buffers())):  # only checked on bad steps
-                    raise UserError(f"training diverged at step {state['step']}: non-finite values reached the "
-                                    "model's normalisation statistics, so skipping the step cannot help; rerun with "
-                                    "--train.resume auto and a lower optim.lr or train.grad_clip")
-                if state["bad_steps"] >= t.max_bad_steps:
-                    raise UserError(f"training diverged: {state['bad_steps']} consecutive non-finite steps at "
-                                    f"step {state['step']}; lower optim.lr or set train.grad_clip (no checkpoint "
-                                    "with non-finite weights was written)")
+            guard.step(loss_value, state["step"])  # skips the update if the loss or a gradient is non-finite
+            if ema is not None:  # (after a skipped step the weights are unchanged: the average stays put)
+                ema.update(raw_model, step=state["step"] + 1)
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             window_images += t.batch_size * world * t.grad_accum_steps
@@ -409,7 +393,15 @@ def train(cfg: Config) -> dict:
                 scheduler.step()
 
             step = state["step"]
-            if step % t.log_every == 0 or step == max_steps:
+            log_now = step % t.log_every == 0 or step == max_steps
+            end_of_epoch = step % steps_per_epoch == 0
+            val_now = (t.val_every and step % t.val_every == 0) or (not t.val_every and end_of_epoch) \
+                or step == max_steps
+            ckpt_now = step % t.ckpt_every == 0 or step == max_steps
+            if log_now or val_now or ckpt_now:  # the loop's host syncs: report skipped steps, stop on divergence
+                guard.check()
+                state["bad_steps"] = guard.bad_steps
+            if log_now:
                 now = time.perf_counter()
                 ips = window_images / max(now - window_start, 1e-9)
                 throughput.append((step, window_images, now - window_start))
@@ -420,19 +412,23 @@ def train(cfg: Config) -> dict:
                 window_start, window_images = now, 0  # logging's own cost counts in the next window
             else:
                 log.advance(step)
-            end_of_epoch = step % steps_per_epoch == 0
-            if (t.val_every and step % t.val_every == 0) or (not t.val_every and end_of_epoch) or step == max_steps:
+            if val_now:
                 last_metrics = validate()
                 after_validation(last_metrics)
                 window_start, window_images = time.perf_counter(), 0  # img/s measures training only
-            if any_rank(stop.local() or step == t.stop_at_step, accelerator):
+            # Stop requests: with several processes, agreeing on one is a collective (a host sync), so it is
+            # only asked on log steps (train.log_every; Slurm warns minutes ahead); alone, on every step.
+            ask = world == 1 or log_now or step == t.stop_at_step
+            if ask and any_rank(stop.local() or step == t.stop_at_step, accelerator):
                 stopped = step < max_steps
                 if stopped:
+                    guard.check()
+                    state["bad_steps"] = guard.bad_steps
                     final = save_checkpoint()
                     log.print(f"stop requested: checkpoint {final} written at step {step}; "
                               "continue with --train.resume auto")
                     break
-            if step % t.ckpt_every == 0 or step == max_steps:
+            if ckpt_now:
                 save_checkpoint()
     log.stop()
     if sample_log is not None:

@@ -11,7 +11,9 @@ from facetrain.config import AugmentConfig, DataConfig
 from facetrain.data import (
     FaceDataset,
     Preprocess,
+    ToModelInput,
     build_faceset,
+    collate,
     eval_transform,
     folder_faceset,
     split_identities,
@@ -60,9 +62,9 @@ def test_every_mode_becomes_8bit_rgb(mode):
 
 
 @pytest.mark.parametrize("mode", ["L", "I;16"])
-def test_gray_images_stay_gray_until_the_tensor_and_match_the_rgb_path(mode):
-    """The gray fast path (augment one channel, repeat it after ToTensor) gives the model what converting to
-    RGB first gives: the same evaluation tensor, and the same training augmentation for the same seed."""
+def test_gray_images_stay_gray_until_the_device_and_match_the_rgb_path(mode):
+    """The gray fast path (augment one channel, repeat it on the device) gives the model what converting to
+    RGB first gives: the same evaluation input, and the same training augmentation for the same seed."""
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (112, 92), dtype=np.uint8)
     img = Image.fromarray(pixels) if mode == "L" else Image.fromarray(pixels.astype(np.uint16) * 257)  # I;16
@@ -70,19 +72,43 @@ def test_gray_images_stay_gray_until_the_tensor_and_match_the_rgb_path(mode):
     assert gray.mode == "L" and rgb.mode == "RGB"
     assert to_rgb(Image.new("RGB", (4, 4)), keep_gray=True).mode == "RGB"  # colour stays colour
     pre = Preprocess(64, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # per-channel statistics differ
+    to_input = ToModelInput(pre, "cpu")
     fast, slow = eval_transform(pre)(gray), eval_transform(pre)(rgb)
-    assert fast.shape == (3, 64, 64) and fast.is_contiguous()
-    assert torch.equal(fast, slow)
+    assert fast.shape == (1, 64, 64) and slow.shape == (3, 64, 64) and fast.dtype == torch.uint8
+    assert torch.equal(to_input(fast[None]), to_input(slow[None]))
     aug = AugmentConfig(hflip=0.5, rotation=15, brightness=0.3, contrast=0.3, saturation=0.2, hue=0.1,
                         crop_scale_min=0.8, grayscale=0.5)
     for seed in range(5):
         torch.manual_seed(seed)
-        fast = train_transform(pre, aug)(gray)
+        fast = to_input(train_transform(pre, aug)(gray)[None])
         torch.manual_seed(seed)
-        slow = train_transform(pre, aug)(rgb)
+        slow = to_input(train_transform(pre, aug)(rgb)[None])
         # hue shifts of a gray RGB image round-trip through HSV: at most 1/255 off, divided by std
-        assert fast.shape == slow.shape == (3, 64, 64)
+        assert fast.shape == slow.shape == (1, 3, 64, 64)
         assert (fast - slow).abs().max() <= 1 / 255 / 0.224 + 1e-6
+
+
+def test_model_input_is_torchvisions_normalisation_of_the_uint8_batch():
+    """uint8 batches normalised on the device equal torchvision's ToTensor + Normalize per image (to float
+    rounding), in the asked memory layout; a batch mixing gray and colour images is collated as 3 channels."""
+    from torchvision import transforms as T
+
+    pre = Preprocess(16, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)),
+              Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8))]
+    batch = collate([(eval_transform(pre)(im), k, k) for k, im in enumerate(images)])
+    assert batch[0].shape == (2, 3, 16, 16) and batch[0].dtype == torch.uint8 and batch[1].tolist() == [0, 1]
+    reference = torch.stack([T.Compose([T.ToTensor(), T.Normalize(pre.mean, pre.std)])(im.convert("RGB"))
+                             for im in images])
+    for channels_last in (False, True):
+        got = ToModelInput(pre, "cpu", channels_last)(batch[0])
+        assert got.dtype == torch.float32 and got.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert torch.allclose(got, reference, atol=1e-5, rtol=0)
+    gray_only = collate([eval_transform(pre)(images[1])] * 2)  # bare tensors, as embedding batches are
+    assert gray_only.shape == (2, 1, 16, 16)
+    assert torch.allclose(ToModelInput(pre, "cpu")(gray_only)[1], reference[1], atol=1e-5, rtol=0)
 
 
 def test_folder_source_layout_and_gray_images(tmp_path):
@@ -96,7 +122,7 @@ def test_folder_source_layout_and_gray_images(tmp_path):
     assert faces.names == ["id0", "id1", "id2"] and len(faces) == 6
     ds = FaceDataset(faces, np.arange(6), faces.labels, eval_transform(Preprocess(32, [0.5] * 3, [0.5] * 3)))
     image, label, pos = ds[5]
-    assert image.shape == (3, 32, 32) and label == 2 and pos == 5
+    assert image.shape == (1, 32, 32) and image.dtype == torch.uint8 and label == 2 and pos == 5  # kept gray
 
 
 def test_synthetic_is_deterministic_and_identities_differ():

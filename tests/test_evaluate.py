@@ -86,11 +86,15 @@ def cli_error(main, argv: list, capsys) -> str:
 
 
 def reference_embeddings(bundle: Path, files: list[str]) -> torch.Tensor:
-    """Embeddings computed independently of facetrain.evaluate: PIL -> RGB -> the bundle's eval transform."""
-    from facetrain.data import eval_transform, to_rgb
+    """Embeddings computed independently of facetrain's data path: PIL -> RGB -> torchvision's resize,
+    ToTensor and Normalize with the bundle's stored preprocessing."""
+    from torchvision import transforms as T
+
+    from facetrain.data import to_rgb
 
     model, pre, _ = load_bundle(bundle)
-    transform = eval_transform(pre)
+    transform = T.Compose([T.Resize((pre.image_size, pre.image_size), antialias=True), T.ToTensor(),
+                           T.Normalize(pre.mean, pre.std)])
     batch = torch.stack([transform(to_rgb(Image.open(f))) for f in files])
     with torch.no_grad():
         return model(batch)

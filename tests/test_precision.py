@@ -24,6 +24,8 @@ from facetrain.config import AugmentConfig, ModelConfig
 from facetrain.data import (
     FaceDataset,
     Preprocess,
+    ToModelInput,
+    collate,
     eval_transform,
     folder_faceset,
     synthetic_faceset,
@@ -49,7 +51,7 @@ def fresh_accelerator():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def face_batch(model) -> FaceDataset:
+def face_batch(model) -> tuple[FaceDataset, Preprocess]:
     """8 fixed images, 2 of each of 4 people: real faces when ../shared exists, else built-in synthetic ones."""
     from facetrain.config import DataConfig
 
@@ -57,7 +59,7 @@ def face_batch(model) -> FaceDataset:
     att = FACES / "att_faces"
     faceset = folder_faceset(str(att)) if att.is_dir() else synthetic_faceset(4, 2, seed=0)
     idx = np.concatenate([np.flatnonzero(faceset.labels == ident)[:2] for ident in range(4)])
-    return FaceDataset(faceset, idx, faceset.labels[idx], eval_transform(pre))
+    return FaceDataset(faceset, idx, faceset.labels[idx], eval_transform(pre)), pre
 
 
 def lite0(channels_last: bool):
@@ -72,10 +74,10 @@ def test_bf16_channels_last_embeddings_match_fp32(fresh_accelerator):
     reference = lite0(channels_last=False)
     fast = lite0(channels_last=True)
     fast.load_state_dict(reference.state_dict())  # same weights (the head is random when weights are absent)
-    data = face_batch(reference)
+    data, pre = face_batch(reference)
 
-    emb32 = embed_dataset(reference, data, batch_size=8, accelerator=fresh_accelerator("no"))
-    emb16 = embed_dataset(fast, data, batch_size=8, accelerator=fresh_accelerator("bf16"), channels_last=True)
+    emb32 = embed_dataset(reference, data, pre, batch_size=8, accelerator=fresh_accelerator("no"))
+    emb16 = embed_dataset(fast, data, pre, batch_size=8, accelerator=fresh_accelerator("bf16"), channels_last=True)
 
     assert not torch.equal(emb32, emb16), "the bf16 path produced fp32's exact bits: autocast did not run"
     cosine = (emb32 * emb16).sum(1)  # both L2-normalised
@@ -92,8 +94,8 @@ def test_bf16_channels_last_training_forward_matches_fp32(fresh_accelerator):
     reference = lite0(channels_last=False).train()
     fast = lite0(channels_last=True).train()
     fast.load_state_dict(reference.state_dict())
-    data = face_batch(reference)
-    images = torch.stack([data[i][0] for i in range(len(data))])
+    data, pre = face_batch(reference)
+    images = ToModelInput(pre, "cpu")(collate([data[i][0] for i in range(len(data))]))
 
     emb32 = reference(images)
     accelerator = fresh_accelerator("bf16")
@@ -187,7 +189,7 @@ def test_native_resolution_augmentation_matches_enlarging_first():
     for native in (True, False):
         tf = train_transform(pre, AugmentConfig(native_resolution=native))
         torch.manual_seed(0)
-        draws[native] = torch.stack([tf(img) for _ in range(64)])
+        draws[native] = torch.stack([tf(img) for _ in range(64)]).float() / 127.5 - 1  # as mean = std = 0.5
     fast, reference = draws[True], draws[False]
     mean_cos = torch.nn.functional.cosine_similarity(fast.mean(0).flatten(), reference.mean(0).flatten(), dim=0)
     assert mean_cos >= 0.98

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import FACES, run_train, tiny_train_config
 from PIL import Image
 
@@ -202,11 +203,13 @@ def test_skip_filters_the_faceset_and_converts_every_mode(bad_folder, tmp_path):
     assert sorted(set(faceset.labels.tolist())) == list(range(len(faceset.names)))
     transform = eval_transform(Preprocess(32, [0.5] * 3, [0.5] * 3))
     ds = FaceDataset(faceset, np.arange(len(faceset)), faceset.labels, transform)
-    for i, path in enumerate(faceset.paths):  # every kept image loads, unusual modes become 3-channel
-        if Path(path).name in ("rgba.png", "cmyk.jpg", "gray16.png", "palette.png", "png_named.jpg"):
+    for i, path in enumerate(faceset.paths):  # every kept image loads: unusual modes become RGB, 16-bit gray 8-bit
+        name = Path(path).name
+        if name in ("rgba.png", "cmyk.jpg", "gray16.png", "palette.png", "png_named.jpg"):
             image, label, _ = ds[i]
-            assert image.shape == (3, 32, 32) and label == faceset.labels[i]
-            assert float(image.std()) > 0.05  # 16-bit scaled, not clipped to white
+            assert image.shape[1:] == (32, 32) and label == faceset.labels[i]
+            assert image.shape[0] in ((3,) if name in ("rgba.png", "cmyk.jpg") else (1, 3))  # gray stays 1-channel
+            assert image.dtype == torch.uint8 and float((image / 255.0).std()) > 0.025  # scaled, not clipped
     with pytest.raises(UserError, match="data.bad_images: skip"):
         apply_preflight(folder_faceset(str(root)), DataConfig(source="folder", root=str(root),
                                                                max_image_pixels=MAX_PIXELS), tmp_path / "run2")

@@ -25,6 +25,7 @@ from facetrain import synthetic
 from facetrain.config import Config, ModelConfig, to_dict
 from facetrain.data import Preprocess
 from facetrain.errors import UserError
+from facetrain.guard import NonFiniteGuard
 from facetrain.model import create_model, load_bundle, write_bundle
 
 DETERMINISTIC = {"data": {"augment": {"enabled": False}}, "train": {"num_workers": 0, "mixed_precision": "no"}}
@@ -150,6 +151,44 @@ def test_nan_step_is_skipped_and_never_reaches_a_checkpoint(tmp_path):
     w1, w2, w3 = (load_weights(out / "checkpoints" / f"step_{s:08d}") for s in (1, 2, 3))
     assert any(not torch.equal(w1[k], w2[k]) for k in params)  # a normal step moves the weights
     assert all(torch.equal(w2[k], w3[k]) for k in params)  # the NaN step (step index 2, the third) did not
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_guard_skips_nonfinite_steps_with_and_without_a_host_sync(fused):
+    """Fused optimizers skip a bad step inside their kernel (no host sync per step: reported and enforced at the
+    loop's next sync point); others skip it after one bool() per step. Either way the weights, moments and step
+    count never see the bad gradients, and train.max_bad_steps in a row stops the run."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    accelerator = SimpleNamespace(scaler=None, device=torch.device("cpu"))
+    warnings: list[str] = []
+    guard = NonFiniteGuard(optimizer, model, list(model.parameters()), accelerator, grad_clip=0.0,
+                           max_bad_steps=2, warn=warnings.append)
+    assert guard.on_device == fused
+
+    def step(index: int, bad: bool) -> None:
+        loss = model(torch.randn(8, 3)).square().mean() * (float("nan") if bad else 1.0)
+        loss.backward()
+        guard.step(loss.detach(), index)
+        optimizer.zero_grad(set_to_none=True)
+
+    step(0, bad=False)
+    weights = {k: v.detach().clone() for k, v in model.named_parameters()}
+    moments = {k: v.clone() for k, v in optimizer.state[model[0].weight].items()}
+    step(1, bad=True)
+    assert all(torch.equal(weights[k], v) for k, v in model.named_parameters())
+    assert all(torch.equal(moments[k], v) for k, v in optimizer.state[model[0].weight].items())
+    assert len(warnings) == (0 if fused else 1)  # fused: nothing read on the host yet
+    guard.check()
+    assert warnings == ["step 1: non-finite loss or gradient, step skipped (1 in a row, limit "
+                        "train.max_bad_steps=2)"] and guard.bad_steps == 1
+    step(2, bad=False)
+    step(3, bad=True)
+    with pytest.raises(UserError, match="training diverged: 2 consecutive non-finite steps at step 4"):
+        step(4, bad=True)
+        guard.check()  # fused: the next sync point
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
 
 
 def test_consecutive_nan_steps_stop_the_run(tmp_path):
