@@ -180,8 +180,7 @@ class Embedder:
         dataset = ImageFiles(paths, eval_transform(self.preprocess))
         workers = self.num_workers if num_workers is None else num_workers
         return embed_dataset(self.model, dataset, self.preprocess, self.batch_size, self.accelerator,
-                             num_workers=workers,
-                             flip=self.flip, channels_last=self.channels_last)
+                             num_workers=workers, flip=self.flip, channels_last=self.channels_last)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ class NonFiniteGuard:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         else:
             norm = None  # fp16: the scaler checks the gradients
-        if norm is not None and self.accelerator.scaler is None:
+        if self.accelerator.scaler is None:
             finite = finite & torch.isfinite(norm)
         if self.on_device:
             self.inner.grad_scale, self.inner.found_inf = None, (~finite).float()

@@ -218,6 +218,9 @@ def train(cfg: Config) -> dict:
         state.update(json.loads(saved["state_json"]))
         ckpt.restore_rng(rng)
         log.print(f"resumed from {resume_from} at step {state['step']}")
+    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
+    guard = NonFiniteGuard(optimizer, raw_model, params, accelerator, t.grad_clip, t.max_bad_steps,
+                           lambda message: log.print(f"[yellow]warning:[/] {message}"), state["bad_steps"])
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -267,6 +270,8 @@ def train(cfg: Config) -> dict:
                             "model is kept: free disk space and rerun with --train.resume auto") from err
 
     def save_checkpoint() -> Path:
+        guard.check()  # skipped steps reported (a diverged run stops here) before their count is saved
+        state["bad_steps"] = guard.bad_steps
         set_train_mode(False)
         tmp = ckpt.tmp_dir_for(out, state["step"])
         # never write NaN/inf into a checkpoint (the state is identical on every rank: all stop here together)
@@ -340,9 +345,6 @@ def train(cfg: Config) -> dict:
         log.print(f"untrained model: val auc {state['untrained']['auc']:.4f} eer {state['untrained']['eer']:.4f}")
 
     # ---- the loop
-    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
-    guard = NonFiniteGuard(optimizer, raw_model, params, accelerator, t.grad_clip, t.max_bad_steps,
-                           lambda message: log.print(f"[yellow]warning:[/] {message}"), state["bad_steps"])
     sample_log = None
     if t.record_samples:
         (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -398,9 +400,8 @@ def train(cfg: Config) -> dict:
             val_now = (t.val_every and step % t.val_every == 0) or (not t.val_every and end_of_epoch) \
                 or step == max_steps
             ckpt_now = step % t.ckpt_every == 0 or step == max_steps
-            if log_now or val_now or ckpt_now:  # the loop's host syncs: report skipped steps, stop on divergence
+            if log_now or val_now:  # the loop's host syncs (and save_checkpoint): report skipped steps
                 guard.check()
-                state["bad_steps"] = guard.bad_steps
             if log_now:
                 now = time.perf_counter()
                 ips = window_images / max(now - window_start, 1e-9)
@@ -422,8 +423,6 @@ def train(cfg: Config) -> dict:
             if ask and any_rank(stop.local() or step == t.stop_at_step, accelerator):
                 stopped = step < max_steps
                 if stopped:
-                    guard.check()
-                    state["bad_steps"] = guard.bad_steps
                     final = save_checkpoint()
                     log.print(f"stop requested: checkpoint {final} written at step {step}; "
                               "continue with --train.resume auto")
