@@ -9,7 +9,8 @@
 #   train    bench/train_throughput.py --data synthetic: raw step, raw step + facetrain's per-step guard sync,
 #            and facetrain.trainer.train() on the built-in synthetic faces (../shared is not on that machine),
 #            tf_efficientnetv2_b0 (random weights), 224 px, batch 64 and 256, fp32 and bf16 (channels_last,
-#            facetrain's default layout), 5 warm-up + 20 timed steps, 2 interleaved rounds, medians.
+#            facetrain's default layout), 5 warm-up + 20 timed steps, 2 rounds; the raw steps run inside each
+#            facetrain run, between its rounds (paired); ft/raw is the median of the per-round ratios.
 #   eval     facetrain.embed.embed_dataset (the evaluator's and validation's embedding path, eval mode, bf16 +
 #            channels_last, batch 256): on pre-made tensors (the model's ceiling) and end to end from synthetic
 #            images through DataLoader workers.
@@ -162,7 +163,7 @@ if (out / "train.json").is_file():
         peak = f"{max(peaks):9.2f}" if peaks else f"{'n/a':>9}"  # GPU memory: none on a CPU
         print(f"{batch:>5} {mode:8} {j['median']:9.1f} {guard['median'] if guard else float('nan'):10.1f} "
               f"{ft['median'] if ft else float('nan'):10.1f} "
-              f"{(ft['median'] / j['median']) if ft else float('nan'):7.2f} {peak}")
+              f"{ft['x_raw'] if ft and ft.get('x_raw') is not None else float('nan'):7.2f} {peak}")
 else:
     print("no training figures (train part failed)")
 if (out / "eval.json").is_file():

@@ -1,7 +1,7 @@
 """Training throughput: the raw model step vs facetrain's full training step vs the reference article's loop.
 
-    python bench/train_throughput.py                    # att_faces, 224 px, batch 32: ~6-10 min on an idle 2-core CPU
-    python bench/train_throughput.py --steps 4 --rounds 3                        # shorter
+    python bench/train_throughput.py                    # att_faces, 224 px, batch 32: ~10-15 min on an idle 2-core CPU
+    python bench/train_throughput.py --steps 6 --rounds 6   # the runs in bench/RESULTS.md (~15-20 min)
     OMP_NUM_THREADS=1 python bench/train_throughput.py --variants raw --modes fp32_cl,bf16_cl \\
         --image-sizes 64,96,128,160,192,224 --steps 3 --warmup 1 \\
         --section "Training throughput: bf16 vs fp32 by image size"                  # where bf16 starts to pay
@@ -18,7 +18,9 @@ Variants (same backbone, image size, batch and data; random weights; batch = bat
 * ``facetrain``: ``facetrain.trainer.train()`` itself on the image folder, configs/article.yaml plus overrides:
   file decode, augmentation, the P x m sampler, DataLoader workers, loss, the guard, optimizer, scheduler,
   TensorBoard + console logging every step (10x more often than the default). The figure is the trainer's own
-  img/s (``summary["throughput"]``, one window per logged step), warm-up windows dropped.
+  img/s (``summary["throughput"]``, one window per logged step), warm-up windows dropped, the other variants'
+  time taken out (see below). Its DataLoader workers may finish the batch they are on while another variant
+  starts (about 25 ms of one core per batch of 32 here): the other variant's untimed warm-up steps absorb it.
 * ``article``: the reference article's loop, rewritten as the article has it: torchvision ImageFolder with its
   transforms (Resize((224, 224)), RandomHorizontalFlip, RandomRotation(15), RandomResizedCrop(224, scale 0.8-1),
   ColorJitter(0.2, 0.2, 0.2, 0.1), ToTensor, Normalize(ImageNet)), pytorch-metric-learning's MPerClassSampler
@@ -31,11 +33,15 @@ Variants (same backbone, image size, batch and data; random weights; batch = bat
 Modes (``--modes``): fp32 (NCHW), fp32_cl (channels_last), bf16_cl (bf16 autocast + channels_last: facetrain's
 default on this CPU at 224 px), bf16 (NCHW).
 
-The machine is shared, so every figure is a ratio measured in one run: each round runs every variant once
-(the order rotates by one each round); each variant runs ``--warmup`` untimed steps, then ``--steps`` timed
-ones; a variant's figure is the median of its per-round img/s, and the ratios are ratios of those medians
-(the per-round ratios' range is printed next to them). The load average before and after is recorded.
-Writes its section of bench/RESULTS.md (``--section``) unless --no-write or --smoke.
+The machine is shared and its speed drifts by 10-20% within minutes, so every figure is a ratio of variants
+measured side by side in one process, round by round (`measure`). Each facetrain variant hosts a session: one
+facetrain.trainer.train() run that, at the log point that starts each round, runs the other variants of its
+size, batch and mode (and the article's loop), and takes that time out of its own windows. In a round every
+variant, facetrain included, runs ``--warmup`` untimed steps (after another model ran) and then ``--steps``
+timed ones, seconds apart from the others; a ratio is the median of the per-round ratios (their range is
+printed next to it). Variants without a facetrain host run in turn, round after round. The load average
+before and after is recorded. Writes its section of bench/RESULTS.md (``--section``) unless --no-write or
+--smoke.
 """
 
 from __future__ import annotations
@@ -160,18 +166,25 @@ class RawStep(_TimedSteps):
 
 
 class FacetrainStep:
-    """facetrain.trainer.train() for warmup + steps optimizer steps; its own per-step img/s windows."""
+    """facetrain.trainer.train() as the host of a measurement session (see `measure`).
+
+    One train() run of warmup + rounds x (warmup + steps) optimizer steps, logging every step. After the first
+    warm-up steps and then at the end of every round, at the log point (inside `Accelerator.log`),
+    `between(round)` runs the other variants; the time it takes is taken out of the facetrain window it falls
+    in. Each round then has `warmup` untimed facetrain steps (caches and allocator re-warm after the other
+    models ran, as the other variants' own warm-up steps do) and `steps` timed ones. Returns facetrain's
+    (images, seconds) per round."""
 
     def __init__(self, args, size: int, batch: int, mode: Mode, device: torch.device, workdir: Path,
                  workers: int):
         self.args, self.size, self.batch, self.mode, self.workdir = args, size, batch, mode, workdir
-        self.workers, self.count = workers, 0
+        self.device, self.workers, self.count = device, workers, 0
 
     def overrides(self, steps: int, out: Path) -> list[str]:
         a = self.args
         data = ["--data.source", "folder", "--data.root", str(a.data)]
-        if a.data == "synthetic":  # rendered on the fly: 2 batches of identities, 64 images each, so that the
-            ids = 2 * (self.batch // M) + 8  # timed steps stay inside one epoch (~32 steps) at any batch size
+        if a.data == "synthetic":  # rendered on the fly: 64 images per identity, enough identities for 32
+            ids = 2 * (self.batch // M) + 8  # steps per epoch at any batch size (epoch starts cost a refill)
             data = ["--data.source", "synthetic", "--data.synthetic_identities", str(ids),
                     "--data.synthetic_images_per_identity", "64"]
         return data + [
@@ -186,7 +199,10 @@ class FacetrainStep:
             "--train.progress", "false", "--train.tensorboard", "true", "--train.output_dir", str(out),
         ]
 
-    def run(self, warmup: int, steps: int) -> tuple[int, float]:
+    def run_session(self, warmup: int, steps: int, rounds: int, between) -> list[tuple[int, float]]:
+        from unittest import mock
+
+        from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
         from facetrain.config import load_config
@@ -195,19 +211,38 @@ class FacetrainStep:
         self.count += 1
         name = f"{self.size}_{self.batch}_{self.mode.precision}_w{self.workers}_{self.count}"
         out = self.workdir / f"facetrain_{name}"
-        cfg = load_config(str(REPO / "configs" / "article.yaml"), self.overrides(warmup + steps, out))
+        period = warmup + steps  # a round: warm-up steps after the other variants ran, then the timed ones
+        total = warmup + rounds * period
+        cfg = load_config(str(REPO / "configs" / "article.yaml"), self.overrides(total, out))
         # One Accelerator per run with this run's precision: accelerate keeps its state in a process-wide
         # singleton that refuses a second, different mixed_precision otherwise.
         AcceleratorState._reset_state(reset_partial_state=True)
-        log = out.with_suffix(".log")
+        excluded: dict[int, float] = {}  # facetrain window (its step) -> seconds spent in other variants
+        log = Accelerator.log
+
+        def log_then_others(accelerator, values, step=None, log_kwargs=None):
+            log(accelerator, values, step=step, log_kwargs=log_kwargs)
+            if "train/loss" in values and warmup <= step < total and (step - warmup) % period == 0:
+                synchronize(self.device)  # facetrain's queued work stays in its own time
+                start = time.perf_counter()
+                between((step - warmup) // period)
+                excluded[step + 1] = time.perf_counter() - start  # the trainer's next window contains it
+
+        log_file = out.with_suffix(".log")
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as fh, contextlib.redirect_stdout(fh):
+        with open(log_file, "w") as fh, contextlib.redirect_stdout(fh), \
+                mock.patch.object(Accelerator, "log", log_then_others):
             summary = train(cfg)
-        timed = [w for w in summary["throughput"] if w[0] > warmup]
-        if len(timed) != steps:
-            raise RuntimeError(f"facetrain logged {len(timed)} timed windows, expected {steps}; see {log}")
+        windows = {w[0]: (w[1], w[2] - excluded.get(w[0], 0.0)) for w in summary["throughput"]}
+        if sorted(windows) != list(range(1, total + 1)):
+            raise RuntimeError(f"facetrain logged windows {sorted(windows)}, expected 1..{total}; see {log_file}")
         shutil.rmtree(out, ignore_errors=True)
-        return sum(w[1] for w in timed), sum(w[2] for w in timed)
+        per_round = []
+        for r in range(rounds):
+            first = warmup + r * period + warmup + 1  # after the round's warm-up steps
+            ws = [windows[first + k] for k in range(steps)]
+            per_round.append((sum(w[0] for w in ws), sum(w[1] for w in ws)))
+        return per_round
 
 
 class ArticleLoop(_TimedSteps):
@@ -257,6 +292,9 @@ class ArticleLoop(_TimedSteps):
 # Measurement
 
 
+FACETRAIN = ("facetrain", "facetrain_w0")
+
+
 @dataclass
 class Job:
     variant: str
@@ -264,8 +302,12 @@ class Job:
     size: int
     batch: int
     runner: object = None
-    ips: list = None
+    samples: dict = None  # session -> img/s per round
     peak_gib: float | None = None
+
+    @property
+    def ips(self) -> list[float]:
+        return [v for values in self.samples.values() for v in values]
 
 
 def build_jobs(args, device: torch.device, workdir: Path) -> list[Job]:
@@ -274,12 +316,12 @@ def build_jobs(args, device: torch.device, workdir: Path) -> list[Job]:
         for batch in args.batch_sizes:
             for variant in args.variants:
                 for mode in (["fp32"] if variant == "article" else args.modes):
-                    jobs.append(Job(variant, mode, size, batch, ips=[]))
+                    jobs.append(Job(variant, mode, size, batch, samples={}))
     for job in jobs:  # construct lazily in run order would mix set-up into timing; build everything first
         m = MODES[job.mode]
         if job.variant in ("raw", "raw_guard"):
             job.runner = RawStep(args, job.size, job.batch, m, device, guard=job.variant == "raw_guard")
-        elif job.variant in ("facetrain", "facetrain_w0"):
+        elif job.variant in FACETRAIN:
             workers = 0 if job.variant == "facetrain_w0" else args.workers
             job.runner = FacetrainStep(args, job.size, job.batch, m, device, workdir, workers)
         else:
@@ -287,30 +329,93 @@ def build_jobs(args, device: torch.device, workdir: Path) -> list[Job]:
     return jobs
 
 
+def sessions(jobs: list[Job]) -> list[tuple[Job | None, list[Job]]]:
+    """(host, guests): each facetrain job hosts the other variants at its size, batch and mode (the article's
+    loop, fp32 only, in every session); variants no facetrain job hosts share one session without a host."""
+    hosts = [j for j in jobs if j.variant in FACETRAIN]
+    out = [(h, [g for g in jobs if g.variant not in FACETRAIN and (g.size, g.batch) == (h.size, h.batch)
+                and (g.mode == h.mode or g.variant == "article")]) for h in hosts]
+    hosted = {id(g) for _, guests in out for g in guests}
+    rest = [j for j in jobs if j.variant not in FACETRAIN and id(j) not in hosted]
+    return out + ([(None, rest)] if rest else [])
+
+
 def measure(jobs: list[Job], args, device: torch.device) -> None:
-    for r in range(args.rounds):
-        shift = r % len(jobs)
-        for job in jobs[shift:] + jobs[:shift]:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            images, seconds = job.runner.run(args.warmup, args.steps)
-            job.ips.append(images / seconds)
-            if device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(device) / 2**30
-                job.peak_gib = max(job.peak_gib or 0.0, peak)
-            print(f"round {r + 1}/{args.rounds}  {job.variant:9s} {job.mode:7s} {job.size:4d} px  batch {job.batch:4d}"
-                  f"  {images / seconds:8.2f} img/s  (load {os.getloadavg()[0]:.2f})", flush=True)
+    """Every figure is paired: the variants compared are measured in the same session, round by round.
+
+    A session with a facetrain host is one facetrain.trainer.train() run; between its rounds of `--steps` steps
+    each guest runs `--warmup` untimed and `--steps` timed steps (FacetrainStep.run_session), so all variants see
+    the same minutes of a shared machine, facetrain's DataLoader workers stay alive (idle: their prefetch queue
+    is full) and facetrain pays its own start-up only once. The guests' order rotates by one each round. A
+    session without a host runs its variants in turn, round after round."""
+    for s_index, (host, guests) in enumerate(sessions(jobs)):
+
+        def run_guests(r: int, s_index=s_index, guests=guests, host=host) -> None:
+            shift = r % len(guests) if guests else 0
+            for job in guests[shift:] + guests[:shift]:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                images, seconds = job.runner.run(args.warmup, args.steps)
+                job.samples.setdefault(s_index, []).append(images / seconds)
+                if device.type == "cuda":
+                    peak = torch.cuda.max_memory_allocated(device) / 2**30
+                    job.peak_gib = max(job.peak_gib or 0.0, peak)
+                    torch.cuda.reset_peak_memory_stats(device)  # the host's own peak is read at the end
+                where = f"session {s_index + 1}, " + (f"host {host.variant} {host.mode}" if host else "no host")
+                print(f"round {r + 1}/{args.rounds}  {job.variant:12s} {job.mode:7s} {job.size:4d} px  batch "
+                      f"{job.batch:4d}  {images / seconds:8.2f} img/s  ({where}; load {os.getloadavg()[0]:.2f})",
+                      file=sys.__stdout__, flush=True)  # inside a host's train(), whose output goes to its log
+
+        if host is None:
+            for r in range(args.rounds):
+                run_guests(r)
+            continue
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        per_round = host.runner.run_session(args.warmup, args.steps, args.rounds, run_guests)
+        host.samples[s_index] = [images / seconds for images, seconds in per_round]
+        if device.type == "cuda":
+            host.peak_gib = max(host.peak_gib or 0.0, torch.cuda.max_memory_allocated(device) / 2**30)
+        print(f"session {s_index + 1}: {host.variant} {host.mode} {host.size} px batch {host.batch}: "
+              + ", ".join(f"{v:.2f}" for v in host.samples[s_index]) + " img/s per round", flush=True)
 
 
-def ratio(num: Job, den: Job) -> tuple[float, float, float]:
-    """(ratio of medians, min and max of the per-round ratios)."""
-    per_round = [a / b for a, b in zip(num.ips, den.ips, strict=True)]
-    return statistics.median(num.ips) / statistics.median(den.ips), min(per_round), max(per_round)
+def paired(num: Job, den: Job) -> list[float]:
+    """Per-round ratios num/den over the sessions that measured both."""
+    common = [s for s in num.samples if s in den.samples]
+    return [a / b for s in common for a, b in zip(num.samples[s], den.samples[s], strict=True)]
 
 
-def fmt_ratio(num: Job, den: Job) -> str:
-    mid, lo, hi = ratio(num, den)
-    return f"{mid:.2f}x" + (f" ({lo:.2f}-{hi:.2f})" if len(num.ips) > 1 else "")
+def ratio(num: Job, den: Job, jobs: list[Job] = ()) -> tuple[float, float | None, float | None] | None:
+    """(median, min, max) of the per-round ratios num/den. If no session measured both (bf16 vs fp32 raw steps:
+    each is a guest of its own mode's facetrain run), the ratio goes through a variant measured alongside each
+    (the article's loop is in every session): median(num/bridge) / median(den/bridge), without a range. None if
+    neither works."""
+    per_round = paired(num, den)
+    if per_round:
+        return statistics.median(per_round), min(per_round), max(per_round)
+    for bridge in jobs:
+        a, b = paired(num, bridge), paired(den, bridge)
+        if a and b and bridge is not num and bridge is not den:
+            return statistics.median(a) / statistics.median(b), None, None
+    return None
+
+
+def fmt_ratio(num: Job, den: Job, jobs: list[Job] = ()) -> str:
+    r = ratio(num, den, jobs)
+    if r is None:
+        return "n/a"
+    mid, lo, hi = r
+    return f"{mid:.2f}x" + (f" ({lo:.2f}-{hi:.2f})" if lo is not None and lo != hi else "")
+
+
+def find_job(jobs: list[Job], variant: str, mode: str, size: int, batch: int) -> Job | None:
+    return next((j for j in jobs if (j.variant, j.mode, j.size, j.batch) == (variant, mode, size, batch)), None)
+
+
+def json_ratio(num: Job, den: Job | None, jobs: list[Job]) -> float | None:
+    r = ratio(num, den, jobs) if den is not None and den is not num else None
+    return None if r is None else r[0]
 
 
 def report(jobs: list[Job], args, device: torch.device, load: tuple, started: str, elapsed: float) -> str:
@@ -318,7 +423,7 @@ def report(jobs: list[Job], args, device: torch.device, load: tuple, started: st
     from facetrain.precision import resolve_mixed_precision
 
     def find(variant: str, mode: str, size: int, batch: int) -> Job | None:
-        return next((j for j in jobs if (j.variant, j.mode, j.size, j.batch) == (variant, mode, size, batch)), None)
+        return find_job(jobs, variant, mode, size, batch)
 
     cuda = device.type == "cuda"
     workers = args.workers if args.workers >= 0 else default_num_workers(1)
@@ -327,14 +432,21 @@ def report(jobs: list[Job], args, device: torch.device, load: tuple, started: st
         f"- machine: {machine()}",
         f"- command: `{' '.join(['python', 'bench/train_throughput.py', *sys.argv[1:]])}`",
         f"- data: {args.data}; backbone {args.backbone} (random weights), {args.embedding_dim}-d; "
-        f"{args.warmup} warm-up + {args.steps} timed steps per variant per round, {args.rounds} round(s); "
+        f"{args.rounds} round(s); in each, every variant runs {args.warmup} warm-up + {args.steps} timed steps; "
         f"facetrain DataLoader workers: {workers}",
+        "- sessions (paired: the variants of a session alternate round by round in one process): "
+        + "; ".join(f"{k + 1}: " + (f"facetrain.train() run, {h.variant} {h.mode}, hosting " if h else "no host, ")
+                    + ", ".join(f"{g.variant} {g.mode}" for g in guests)
+                    for k, (h, guests) in enumerate(sessions(jobs))),
         f"- load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f}; "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')} (all variants)",
         "- facetrain's `train.mixed_precision: auto` here resolves to: "
         + ", ".join(f"{s} px -> {resolve_mixed_precision('auto', s)}" for s in args.image_sizes),
         "",
-        "| px | batch | variant | mode | img/s (median) | per round | x raw (same mode) | x article (fp32) |"
+        "Ratios: median of the per-round ratios within a session (their range in brackets).",
+        "",
+        "| px | batch | variant | mode | img/s (median) | per round (by session) | x raw (same mode) "
+        "| x article (fp32) |"
         + (" peak GiB |" if cuda else ""),
         "|---:|---:|---|---|---:|---|---:|---:|" + ("---:|" if cuda else ""),
     ]
@@ -342,15 +454,17 @@ def report(jobs: list[Job], args, device: torch.device, load: tuple, started: st
         raw = find("raw", j.mode, j.size, j.batch)
         art = find("article", "fp32", j.size, j.batch)
         row = (f"| {j.size} | {j.batch} | {j.variant} | {j.mode} | {statistics.median(j.ips):.2f} | "
-               f"{', '.join(f'{v:.2f}' for v in j.ips)} | "
-               f"{fmt_ratio(j, raw) if raw is not None and j is not raw else ''} | "
-               f"{fmt_ratio(j, art) if art is not None and j is not art else ''} |")
-        lines.append(row + (f" {j.peak_gib:.2f} |" if cuda else ""))
+               + "; ".join(f"{k + 1}: " + ", ".join(f"{v:.2f}" for v in vs) for k, vs in j.samples.items())
+               + f" | {fmt_ratio(j, raw, jobs) if raw is not None and j is not raw else ''} | "
+               f"{fmt_ratio(j, art, jobs) if art is not None and j is not art else ''} |")
+        peak = f" {j.peak_gib:.2f} |" if j.peak_gib is not None else " |"
+        lines.append(row + (peak if cuda else ""))
     base = args.modes[0]
     others = [(j, find(j.variant, base, j.size, j.batch)) for j in jobs if j.variant == "raw" and j.mode != base]
     if any(b is not None for _, b in others):
         lines += ["", f"Raw step speed-up over {base} (same size and batch):", ""]
-        lines += [f"- {j.size} px, batch {j.batch}: {j.mode} {fmt_ratio(j, b)}" for j, b in others if b is not None]
+        lines += [f"- {j.size} px, batch {j.batch}: {j.mode} {fmt_ratio(j, b, jobs)}"
+                  for j, b in others if b is not None]
     return "\n".join(lines) + "\n"
 
 
@@ -419,7 +533,9 @@ def main(argv: list[str] | None = None) -> None:
             "machine": machine(), "date": started, "args": {k: v for k, v in vars(args).items()},
             "load_before": load_before, "load_after": load_after,
             "jobs": [{"variant": j.variant, "mode": j.mode, "image_size": j.size, "batch": j.batch,
-                      "img_per_s": j.ips, "median": statistics.median(j.ips), "peak_gib": j.peak_gib}
+                      "img_per_s": j.ips, "median": statistics.median(j.ips), "peak_gib": j.peak_gib,
+                      "x_raw": json_ratio(j, find_job(jobs, "raw", j.mode, j.size, j.batch), jobs),
+                      "x_article": json_ratio(j, find_job(jobs, "article", "fp32", j.size, j.batch), jobs)}
                      for j in jobs]}, indent=2))
     if args.write and not args.smoke:
         write_section(args.section, text)

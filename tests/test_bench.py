@@ -1,0 +1,36 @@
+"""The training benchmark's pairing: the raw step runs inside facetrain's own training run, between its rounds,
+and every facetrain ratio comes from rounds measured side by side (bench/train_throughput.py). The figures
+themselves are never asserted: they depend on the machine (bench/RESULTS.md has them)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, subprocess_env
+
+
+def test_train_throughput_pairs_facetrain_with_the_raw_step(tmp_path):
+    out = tmp_path / "train.json"
+    cmd = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--smoke", "--data", "synthetic",
+           "--variants", "raw,raw_guard,facetrain", "--modes", "fp32,bf16_cl", "--rounds", "2", "--device", "cpu",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env(),
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    jobs = {(j["variant"], j["mode"]): j for j in result["jobs"]}
+    assert set(jobs) == {(v, m) for v in ("raw", "raw_guard", "facetrain") for m in ("fp32", "bf16_cl")}
+    for job in jobs.values():
+        assert len(job["img_per_s"]) == 2 and all(v > 0 for v in job["img_per_s"])  # one figure per round
+    for mode in ("fp32", "bf16_cl"):
+        # paired in its own mode's session: the median of the per-round ratios
+        ft, raw = jobs[("facetrain", mode)], jobs[("raw", mode)]
+        per_round = sorted(a / b for a, b in zip(ft["img_per_s"], raw["img_per_s"], strict=True))
+        assert ft["x_raw"] == pytest.approx(sum(per_round) / 2)
+        assert jobs[("raw_guard", mode)]["x_raw"] > 0
+    # the report names each session's host and guests; the rounds of the guests printed as they ran
+    assert "1: facetrain.train() run, facetrain fp32, hosting raw fp32, raw_guard fp32" in proc.stdout
+    assert proc.stdout.count("round 2/2") == 4
