@@ -15,6 +15,8 @@
 #            channels_last, batch 256): on pre-made tensors (the model's ceiling) and end to end from synthetic
 #            images through DataLoader workers.
 #   scoring  facetrain.metrics.all_pairs_roc on 10^5 random 512-d embeddings on the GPU (5e9 pairs).
+#   design   the article's evaluator design on the GPU (batch-1 fp32 forwards, one .item() per ordered pair),
+#            timed on samples and scaled to 950 images, against the eval rate above + all-pairs scoring.
 #
 # The device image has torch, timm, accelerate, tensorboard, scikit-learn, rich and pyyaml, but not
 # pytorch-metric-learning (needed: facetrain's losses), datasets, schedulefree or pytorch-ranger (imported only
@@ -59,8 +61,8 @@ echo "== train (limit ${TRAIN_LIMIT}s)"
 timeout "$TRAIN_LIMIT" python3 bench/train_throughput.py --data synthetic --variants raw,raw_guard,facetrain \
     "${TRAIN_ARGS[@]}" --no-write --json "$OUT/train.json" || echo "train part failed or timed out (rc $?)"
 
-echo "== eval + scoring (limit 120s)"
-SMOKE=$SMOKE OUT=$OUT timeout 120 python3 - <<'PY' || echo "eval/scoring part failed or timed out (rc $?)"
+echo "== eval + scoring (limit 140s)"
+SMOKE=$SMOKE OUT=$OUT timeout 140 python3 - <<'PY' || echo "eval/scoring part failed or timed out (rc $?)"
 import json
 import os
 import time
@@ -118,6 +120,40 @@ sync()
 out["eval_images_img_s"] = n_images / (time.perf_counter() - t)
 out["eval_workers"] = workers
 
+# The reference article's evaluator design on the same device (bench/eval_throughput.py's baseline, which needs
+# ../shared's faces): batch-1 fp32 NCHW forwards, then F.cosine_similarity(a, b).item() per ordered pair; timed
+# on samples and scaled to 950 images, against facetrain's end-to-end embedding rate + all-pairs scoring.
+n_design = 950
+single = create_model(ModelConfig(backbone=backbone, embedding_dim=dim, channels_last=False)).to(device).eval()
+probe = torch.randn(1, 3, size, size, device=device)
+n_single = 16 if smoke else 128
+with torch.inference_mode():
+    for _ in range(3):
+        single(probe)
+    sync()
+    t = time.perf_counter()
+    for _ in range(n_single):
+        single(probe).cpu()  # the article moves nothing to the host per image, but .item() per pair syncs anyway
+    sync()
+    out["design_embed_ms"] = (time.perf_counter() - t) / n_single * 1e3
+    vecs = torch.nn.functional.normalize(torch.randn(64, 1, 512, device=device), dim=2)
+    n_pairs = 2_000 if smoke else 20_000
+    t = time.perf_counter()
+    for k in range(n_pairs):
+        torch.nn.functional.cosine_similarity(vecs[k % 64], vecs[(k * 7 + 1) % 64]).item()
+    out["design_pair_us"] = (time.perf_counter() - t) / n_pairs * 1e6
+del single
+emb950 = torch.nn.functional.normalize(torch.randn(n_design, 512, device=device), dim=1)
+lab950 = torch.arange(n_design, device=device) // 50
+sync()
+t = time.perf_counter()
+all_pairs_roc(emb950, lab950)
+sync()
+out["design_facetrain_scoring_s"] = time.perf_counter() - t
+out["design_article_s"] = (n_design * out["design_embed_ms"] / 1e3
+                           + n_design * (n_design - 1) * out["design_pair_us"] / 1e6)
+out["design_facetrain_s"] = n_design / out["eval_images_img_s"] + out["design_facetrain_scoring_s"]
+
 # all-pairs scoring on the device
 g = torch.Generator().manual_seed(0)
 emb = torch.nn.functional.normalize(torch.randn(n_scores, 512, generator=g), dim=1).to(device)
@@ -173,6 +209,11 @@ if (out / "eval.json").is_file():
           f"synthetic images ({e['eval_workers']} workers); peak {gib(e['eval_peak_gib'])}")
     print(f"all-pairs scoring: {e['n_scores']:,} embeddings = {e['scoring_pairs']:,} pairs ({e['scoring_mode']}) "
           f"in {e['scoring_s']:.1f} s; peak {gib(e['scoring_peak_gib'])}")
+    print(f"evaluator vs the article's design, 950 images (scaled from samples; imports and model load left out, "
+          f"and the article's image loading too): "
+          f"article {e['design_article_s']:.1f} s (batch-1 fp32 forward {e['design_embed_ms']:.1f} ms/image, "
+          f"{e['design_pair_us']:.1f} us per ordered pair) vs facetrain {e['design_facetrain_s']:.2f} s: "
+          f"{e['design_article_s'] / e['design_facetrain_s']:.1f}x")
 else:
     print("no eval/scoring figures (that part failed)")
 print(f"raw JSON: {out}/train.json, {out}/eval.json")
