@@ -33,7 +33,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_curve
 
 from facetrain.errors import UserError
 
@@ -225,6 +224,9 @@ def roc_exact(scores: np.ndarray, genuine: np.ndarray) -> RocCurve:
         raise MetricsError(f"scores and genuine differ in length: {s.shape[0]} vs {g.shape[0]}")
     n_genuine = int(np.count_nonzero(g))
     _require_both_classes(n_genuine, g.shape[0] - n_genuine)
+    # imported here: sklearn (with scipy) takes 1-2 s to import, which verify / identify never need
+    from sklearn.metrics import roc_curve
+
     # drop_intermediate=False keeps every threshold: collinear points matter for threshold reporting.
     far, tar, thresholds = roc_curve(g, s, pos_label=True, drop_intermediate=False)
     thresholds = thresholds.astype(np.float64)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +201,13 @@ def test_identify_evaluate_reports_rank_rates(tmp_path, people, capsys):
         run_cli(identify.main, ["--model", str(bundle), "--gallery", str(lonely), "--evaluate", "--num-workers", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "no probes" in err[0]
+
+
+def test_verify_and_identify_start_without_sklearn():
+    # sklearn (with scipy) takes 1-2 s to import on a small CPU; only the ROC needs it, so the 1:1 and 1:N
+    # commands, which compute none, must not pay for it at every start
+    code = "import sys, facetrain.verify, facetrain.identify, facetrain.evaluate; print('sklearn' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False"]
