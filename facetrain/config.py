@@ -123,6 +123,11 @@ class ModelConfig:
     """Keep every BatchNorm layer of the backbone at its pretrained running statistics while training (their
     scale/shift still learn): batches of a small, uniform training set would otherwise pull the statistics
     away from what other people's photos need."""
+    fold_batchnorm: bool = True
+    """At inference (validation, eval, verify, identify): embed with a copy whose BatchNorm layers are folded
+    into the convolutions before them: same embeddings (fp32: to ~1e-6), a ~30% faster forward pass on a CPU
+    (from 128 images on). Training and the saved weights are unaffected; an architecture where folding would
+    change the outputs is left as it is."""
     freeze_stages: int = 0
     """Freeze the first N parameter groups of the backbone (timm's coarse grouping: 1 = the stem, 2 = stem +
     first stage, ...): weights get no gradient and BatchNorm statistics stop updating. -1 freezes the whole

@@ -60,7 +60,14 @@ from facetrain.metrics import (
     roc_exact,
     verification_metrics,
 )
-from facetrain.model import META_FILE, load_bundle, read_bundle_meta, update_bundle_meta
+from facetrain.model import (
+    FOLD_MIN_IMAGES,
+    META_FILE,
+    inference_model,
+    load_bundle,
+    read_bundle_meta,
+    update_bundle_meta,
+)
 
 #: FAR the bundle's threshold is calibrated for when --target-far is not given: a common operating point for
 #: 1:1 verification (1 false accept in 1000 impostor attempts), resolvable by any set with >= 1000
@@ -142,14 +149,18 @@ class Embedder:
     batch_size: int = 64
     num_workers: int = 0
     flip: bool = False
+    fold_batchnorm: bool = True
+    _folded: torch.nn.Module | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, model_path: str | Path, batch_size: int = 64, num_workers: int = -1, flip: bool | None = False,
-             mixed_precision: str = "auto") -> Embedder:
+             mixed_precision: str = "auto", fold_batchnorm: bool | None = None) -> Embedder:
         """Load a bundle/checkpoint and create the Accelerator (here, never at import: under `accelerate
         launch` this joins the process group). Precision follows the trainer's rule: bf16 autocast only where
         it is faster (GPUs; bf16-capable CPUs at >= 160 px). flip=None: the flip test if the bundle's threshold
-        was calibrated with it (verify and identify then score as the threshold expects)."""
+        was calibrated with it (verify and identify then score as the threshold expects). fold_batchnorm=None:
+        the bundle's model.fold_batchnorm (BatchNorm folded into the convolutions for calls of `embed` with at
+        least model.FOLD_MIN_IMAGES images)."""
         from accelerate import Accelerator
 
         from facetrain.data import default_num_workers
@@ -163,7 +174,9 @@ class Embedder:
         accelerator = Accelerator(mixed_precision=precision)
         model = model.to(accelerator.device)
         workers = num_workers if num_workers >= 0 else default_num_workers(accelerator.num_processes)
-        return cls(model, pre, meta, path, accelerator, precision, batch_size, workers, flip)
+        if fold_batchnorm is None:
+            fold_batchnorm = bool(meta["model"].get("fold_batchnorm", True))
+        return cls(model, pre, meta, path, accelerator, precision, batch_size, workers, flip, fold_batchnorm)
 
     @property
     def channels_last(self) -> bool:
@@ -179,7 +192,11 @@ class Embedder:
 
         dataset = ImageFiles(paths, eval_transform(self.preprocess))
         workers = self.num_workers if num_workers is None else num_workers
-        return embed_dataset(self.model, dataset, self.preprocess, self.batch_size, self.accelerator,
+        if self._folded is None and self.fold_batchnorm and len(paths) >= FOLD_MIN_IMAGES:
+            self._folded = inference_model(self.model, self.preprocess.image_size, len(paths))
+        # once folded, every later call uses the same copy (identify: a gallery, then its probes)
+        model = self._folded if self._folded is not None else self.model
+        return embed_dataset(model, dataset, self.preprocess, self.batch_size, self.accelerator,
                              num_workers=workers, flip=self.flip, channels_last=self.channels_last)
 
 
@@ -201,6 +218,7 @@ class EvalOptions:
     batch_size: int = 64
     num_workers: int = -1
     mixed_precision: str = "auto"
+    fold_batchnorm: bool | None = None
     roc_mode: str = "auto"
     max_exact_pairs: int = 20_000_000
     tensorboard: str = ""
@@ -514,7 +532,8 @@ def run(opts: EvalOptions) -> dict | None:
                         f"pairs to be resolvable, {plan.describe} gives {plan.n_impostor:,}: choose a larger FAR "
                         "or add identities")
 
-    embedder = Embedder.load(model_path, opts.batch_size, opts.num_workers, opts.flip, opts.mixed_precision)
+    embedder = Embedder.load(model_path, opts.batch_size, opts.num_workers, opts.flip, opts.mixed_precision,
+                             opts.fold_batchnorm)
     t0 = time.perf_counter()
     emb = embedder.embed(plan.paths)
     embed_s = time.perf_counter() - t0

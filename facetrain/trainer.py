@@ -48,7 +48,7 @@ from facetrain.errors import UserError
 from facetrain.guard import NonFiniteGuard
 from facetrain.losses import MetricLoss, check_names
 from facetrain.metrics import all_pairs_roc, verification_metrics
-from facetrain.model import create_model, replace_dir, resolve_preprocess, write_bundle
+from facetrain.model import create_model, inference_model, replace_dir, resolve_preprocess, write_bundle
 from facetrain.optim import create_optimizer, create_scheduler, resolve_preset
 from facetrain.precision import resolve_mixed_precision
 from facetrain.progress import TrainProgress
@@ -246,7 +246,9 @@ def train(cfg: Config) -> dict:
 
     def validate() -> dict:
         set_train_mode(False)
-        emb = embed_dataset(eval_model, val_ds, pre, t.val_batch_size, accelerator, num_workers=workers,
+        # BatchNorm folded into a copy of the weights (model.fold_batchnorm): faster, same embeddings
+        infer = inference_model(eval_model, pre.image_size, len(val_ds), cfg.model.fold_batchnorm)
+        emb = embed_dataset(infer, val_ds, pre, t.val_batch_size, accelerator, num_workers=workers,
                             channels_last=cfg.model.channels_last)
         metrics = None
         if main:
