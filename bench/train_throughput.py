@@ -422,9 +422,6 @@ def report(jobs: list[Job], args, device: torch.device, load: tuple, started: st
     from facetrain.data import default_num_workers
     from facetrain.precision import resolve_mixed_precision
 
-    def find(variant: str, mode: str, size: int, batch: int) -> Job | None:
-        return find_job(jobs, variant, mode, size, batch)
-
     cuda = device.type == "cuda"
     workers = args.workers if args.workers >= 0 else default_num_workers(1)
     lines = [
@@ -451,8 +448,8 @@ def report(jobs: list[Job], args, device: torch.device, load: tuple, started: st
         "|---:|---:|---|---|---:|---|---:|---:|" + ("---:|" if cuda else ""),
     ]
     for j in jobs:
-        raw = find("raw", j.mode, j.size, j.batch)
-        art = find("article", "fp32", j.size, j.batch)
+        raw = find_job(jobs, "raw", j.mode, j.size, j.batch)
+        art = find_job(jobs, "article", "fp32", j.size, j.batch)
         row = (f"| {j.size} | {j.batch} | {j.variant} | {j.mode} | {statistics.median(j.ips):.2f} | "
                + "; ".join(f"{k + 1}: " + ", ".join(f"{v:.2f}" for v in vs) for k, vs in j.samples.items())
                + f" | {fmt_ratio(j, raw, jobs) if raw is not None and j is not raw else ''} | "
@@ -460,7 +457,8 @@ def report(jobs: list[Job], args, device: torch.device, load: tuple, started: st
         peak = f" {j.peak_gib:.2f} |" if j.peak_gib is not None else " |"
         lines.append(row + (peak if cuda else ""))
     base = args.modes[0]
-    others = [(j, find(j.variant, base, j.size, j.batch)) for j in jobs if j.variant == "raw" and j.mode != base]
+    others = [(j, find_job(jobs, j.variant, base, j.size, j.batch)) for j in jobs
+              if j.variant == "raw" and j.mode != base]
     if any(b is not None for _, b in others):
         lines += ["", f"Raw step speed-up over {base} (same size and batch):", ""]
         lines += [f"- {j.size} px, batch {j.batch}: {j.mode} {fmt_ratio(j, b, jobs)}"

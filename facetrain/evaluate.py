@@ -61,7 +61,6 @@ from facetrain.metrics import (
     verification_metrics,
 )
 from facetrain.model import (
-    FOLD_MIN_IMAGES,
     META_FILE,
     inference_model,
     load_bundle,
@@ -192,9 +191,9 @@ class Embedder:
 
         dataset = ImageFiles(paths, eval_transform(self.preprocess))
         workers = self.num_workers if num_workers is None else num_workers
-        if self._folded is None and self.fold_batchnorm and len(paths) >= FOLD_MIN_IMAGES:
-            self._folded = inference_model(self.model, self.preprocess.image_size, len(paths))
-        # once folded, every later call uses the same copy (identify: a gallery, then its probes)
+        if self._folded is None:  # once folded, every later call uses the same copy (identify: gallery, probes)
+            model = inference_model(self.model, self.preprocess.image_size, len(paths), self.fold_batchnorm)
+            self._folded = model if model is not self.model else None
         model = self._folded if self._folded is not None else self.model
         return embed_dataset(model, dataset, self.preprocess, self.batch_size, self.accelerator,
                              num_workers=workers, flip=self.flip, channels_last=self.channels_last)

@@ -211,3 +211,27 @@ def test_verify_and_identify_start_without_sklearn():
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False"]
+
+
+def test_evaluator_embeddings_are_the_same_with_batchnorm_folded(tmp_path, people):
+    from facetrain.evaluate import Embedder
+    from facetrain.model import FOLD_MIN_IMAGES
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="test_efficientnet", embedding_dim=16)
+    model = create_model(cfg)
+    with torch.no_grad():  # trained-looking statistics, so folding them in changes the weights for real
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    write_bundle(bundle, model, cfg, resolve_preprocess(DataConfig(image_size=32), model), {"step": 1})
+    paths = sorted(str(p) for p in people.rglob("*.png"))
+    paths = (paths * (FOLD_MIN_IMAGES // len(paths) + 1))[:FOLD_MIN_IMAGES]  # enough images to fold
+    embedded = {}
+    for fold in (True, False):
+        embedder = Embedder.load(bundle, num_workers=0, mixed_precision="no", fold_batchnorm=fold)
+        embedded[fold] = embedder.embed(paths)
+        assert (embedder._folded is not None) == fold  # the folded copy was used only when asked for
+    torch.testing.assert_close(embedded[True], embedded[False], atol=1e-5, rtol=0)
