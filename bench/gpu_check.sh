@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check: facetrain's training step against the raw model step, eval embedding and all-pairs scoring speed,
-# and peak GPU memory, on one CUDA GPU (written for a lent H200: 16 CPU cores, no network). Under 8 minutes.
+# and peak GPU memory, on one CUDA GPU (written for a lent H200: 16 CPU cores, no network). Under 12 minutes.
 #
 #   bash bench/gpu_check.sh             # from the repository root, on the GPU machine; prints a short table
 #   bash bench/gpu_check.sh --smoke     # anywhere, CPU included: tiny sizes, exercises every part (~2-4 min)
@@ -17,6 +17,10 @@
 #   scoring  facetrain.metrics.all_pairs_roc on 10^5 random 512-d embeddings on the GPU (5e9 pairs).
 #   design   the article's evaluator design on the GPU (batch-1 fp32 forwards, one .item() per ordered pair),
 #            timed on samples and scaled to 950 images, against the eval rate above + all-pairs scoring.
+#   data     bench/data_path.py --parts gpu: the raw step against facetrain.trainer.train() fed by each data
+#            path (image folder + PIL augmentation in DataLoader workers, pack + PIL, pack + augmentation on
+#            the GPU), tf_efficientnetv2_b0 bf16 channels_last, batch 256, 112 and 224 px, synthetic colour faces
+#            written as 160 px JPEGs (3,264 images), 5 warm-up + 20 timed steps.
 #
 # The device image has torch, timm, accelerate, tensorboard, scikit-learn, rich and pyyaml, but not
 # pytorch-metric-learning (needed: facetrain's losses), datasets, schedulefree or pytorch-ranger (imported only
@@ -60,6 +64,17 @@ fi
 echo "== train (limit ${TRAIN_LIMIT}s)"
 timeout "$TRAIN_LIMIT" python3 bench/train_throughput.py --data synthetic --variants raw,raw_guard,facetrain \
     "${TRAIN_ARGS[@]}" --no-write --json "$OUT/train.json" || echo "train part failed or timed out (rc $?)"
+
+if [[ $SMOKE == 1 ]]; then
+    DATA_ARGS=(--smoke)
+    DATA_LIMIT=240
+else
+    DATA_ARGS=(--sizes 112,224 --gpu-steps 20)
+    DATA_LIMIT=240
+fi
+echo "== data path (limit ${DATA_LIMIT}s)"
+timeout "$DATA_LIMIT" python3 bench/data_path.py --parts gpu "${DATA_ARGS[@]}" --no-write --json "$OUT/data.json" \
+    || echo "data part failed or timed out (rc $?)"
 
 echo "== eval + scoring (limit 140s)"
 SMOKE=$SMOKE OUT=$OUT timeout 140 python3 - <<'PY' || echo "eval/scoring part failed or timed out (rc $?)"
@@ -216,5 +231,14 @@ if (out / "eval.json").is_file():
           f"{e['design_article_s'] / e['design_facetrain_s']:.1f}x")
 else:
     print("no eval/scoring figures (that part failed)")
-print(f"raw JSON: {out}/train.json, {out}/eval.json")
+if (out / "data.json").is_file():
+    rows = json.loads((out / "data.json").read_text())["gpu"]
+    print("data paths feeding the training step (img/s; x raw in brackets), bf16 + channels_last:")
+    print(f"{'px':>4} {'batch':>5} {'raw':>8} {'folder+PIL':>17} {'pack+PIL':>17} {'pack+device aug':>17}")
+    for r in rows:
+        cells = [f"{r[k]:8.0f} ({r[k] / r['raw']:.2f})" for k in ("pil_folder", "pil_packed", "device_packed")]
+        print(f"{r['size']:>4} {r['batch']:>5} {r['raw']:8.0f} " + " ".join(f"{c:>17}" for c in cells))
+else:
+    print("no data-path figures (that part failed)")
+print(f"raw JSON: {out}/train.json, {out}/eval.json, {out}/data.json")
 PY

@@ -62,9 +62,12 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
-# As facetrain's training CLI does before torch loads (facetrain/train.py); one process, so every variant runs
-# under the same OpenMP setting and the ratios compare the loops, not the setting.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# As facetrain's commands do before torch loads (facetrain/threads.py): every variant in this process runs under
+# the same OpenMP setting, so these ratios compare the loops, not the setting; bench/thread_policy.py runs each
+# variant in its own process under each setting, as a user runs them.
+from facetrain import threads  # noqa: E402
+
+os.environ.update(threads.wait_policy())
 # A training run uses one input shape; this process interleaves several models, sizes and layouts, whose oneDNN
 # kernels would overflow the default cache of 1024 and be rebuilt every round.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
@@ -169,9 +172,9 @@ class FacetrainStep:
     """facetrain.trainer.train() as the host of a measurement session (see `measure`).
 
     One train() run of warmup + rounds x (warmup + steps) optimizer steps, logging every step. After the first
-    warm-up steps and then at the end of every round, at the log point (inside `Accelerator.log`),
-    `between(round)` runs the other variants; the time it takes is taken out of the facetrain window it falls
-    in. Each round then has `warmup` untimed facetrain steps (caches and allocator re-warm after the other
+    warm-up steps and then at the end of every round, at the log point (the trainer's public `on_log` hook),
+    `between(round)` runs the other variants; the trainer leaves the hook's time out of its img/s windows. Each
+    round then has `warmup` untimed facetrain steps (caches and allocator re-warm after the other
     models ran, as the other variants' own warm-up steps do) and `steps` timed ones. Returns facetrain's
     (images, seconds) per round."""
 
@@ -200,9 +203,6 @@ class FacetrainStep:
         ]
 
     def run_session(self, warmup: int, steps: int, rounds: int, between) -> list[tuple[int, float]]:
-        from unittest import mock
-
-        from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
         from facetrain.config import load_config
@@ -217,23 +217,16 @@ class FacetrainStep:
         # One Accelerator per run with this run's precision: accelerate keeps its state in a process-wide
         # singleton that refuses a second, different mixed_precision otherwise.
         AcceleratorState._reset_state(reset_partial_state=True)
-        excluded: dict[int, float] = {}  # facetrain window (its step) -> seconds spent in other variants
-        log = Accelerator.log
-
-        def log_then_others(accelerator, values, step=None, log_kwargs=None):
-            log(accelerator, values, step=step, log_kwargs=log_kwargs)
-            if "train/loss" in values and warmup <= step < total and (step - warmup) % period == 0:
+        def others(step: int) -> None:  # the trainer's on_log hook: its time is not in facetrain's windows
+            if warmup <= step < total and (step - warmup) % period == 0:
                 synchronize(self.device)  # facetrain's queued work stays in its own time
-                start = time.perf_counter()
                 between((step - warmup) // period)
-                excluded[step + 1] = time.perf_counter() - start  # the trainer's next window contains it
 
         log_file = out.with_suffix(".log")
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_file, "w") as fh, contextlib.redirect_stdout(fh), \
-                mock.patch.object(Accelerator, "log", log_then_others):
-            summary = train(cfg)
-        windows = {w[0]: (w[1], w[2] - excluded.get(w[0], 0.0)) for w in summary["throughput"]}
+        with open(log_file, "w") as fh, contextlib.redirect_stdout(fh):
+            summary = train(cfg, on_log=others)
+        windows = {w[0]: (w[1], w[2]) for w in summary["throughput"]}
         if sorted(windows) != list(range(1, total + 1)):
             raise RuntimeError(f"facetrain logged windows {sorted(windows)}, expected 1..{total}; see {log_file}")
         shutil.rmtree(out, ignore_errors=True)

@@ -10,12 +10,13 @@ Everything is written into `step_X.tmp` first and renamed into place (a rename i
 a save never leaves a corrupt latest checkpoint. `.pt` files hold only tensors and plain containers and are
 read with `torch.load(weights_only=True)`. A failed save (full disk) keeps the previous checkpoints.
 
-Test hook: FACETRAIN_TEST_SLOW_SAVE=<seconds> sleeps in `finalize` after every file but COMPLETE is written
-and before the rename, so a test can kill -9 the process inside a save deterministically.
+`finalize(..., slow_save_s)` (config debug.slow_save_s) sleeps after every file but COMPLETE is written and
+before the rename, so a test can kill -9 the process inside a save deterministically.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -25,8 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from facetrain.atomic_dir import replace_dir
 from facetrain.errors import UserError
-from facetrain.model import META_FILE, WEIGHTS_FILE, read_bundle_meta
+from facetrain.model import META_FILE, WEIGHTS_FILE, read_bundle_meta, write_bundle
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
@@ -50,17 +52,6 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     dirs = checkpoint_dirs(output_dir)
     return dirs[-1] if dirs else None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def tmp_dir_for(output_dir: str | Path, step: int) -> Path:
@@ -103,34 +94,42 @@ def write_error_reason(err: BaseException, directory: Path) -> str:
 STATE_KEYS = (("model", "backbone"), ("model", "embedding_dim"), ("loss", "name"), ("optim", "name"))
 
 
+# Settings that decide which identities train and which validate: resuming under other ones would put
+# identities the model trained on into validation (or change the training set mid-run).
+SPLIT_KEYS = (("data", "source"), ("data", "root"), ("data", "hf_name"), ("data", "hf_split"),
+              ("data", "label_column"), ("data", "split_seed"), ("data", "val_fraction"),
+              ("data", "val_identities"), ("data", "synthetic_identities"),
+              ("data", "synthetic_images_per_identity"), ("data", "synthetic_seed"))
+
+
 def check_compatible(path: Path, cfg: dict) -> None:
-    """Refuse to resume `path` under a config whose STATE_KEYS differ from the run that wrote it."""
+    """Refuse to resume `path` under a config whose STATE_KEYS or SPLIT_KEYS differ from the run that wrote it."""
     saved = read_bundle_meta(path).get("config") or {}
     diffs = [f"{a}.{b}: {saved[a][b]!r} -> {cfg[a][b]!r}" for a, b in STATE_KEYS
              if b in saved.get(a, {}) and saved[a][b] != cfg[a][b]]
     if diffs:
         raise UserError(f"train.resume: {path} was written with other settings ({'; '.join(diffs)}); resume with "
                         "the run's own config (its config.yaml) or choose a new train.output_dir")
+    split = [f"{a}.{b} {saved[a][b]!r} -> {cfg[a][b]!r}" for a, b in SPLIT_KEYS
+             if b in saved.get(a, {}) and saved[a][b] != cfg[a][b]]
+    if split:
+        raise UserError(f"train.resume: {path} was trained on another identity split ({'; '.join(split)}): "
+                        "resuming would put trained identities into validation; resume with the run's own data "
+                        "settings (its config.yaml) or choose a new train.output_dir")
 
 
-def finalize(tmp: Path, keep_last: int) -> Path:
+def finalize(tmp: Path, keep_last: int, slow_save_s: float = 0.0) -> Path:
     """Mark complete, rename into place, then prune old checkpoints (only after the new one exists)."""
-    if os.environ.get("FACETRAIN_TEST_SLOW_SAVE"):  # test hook: see the module docstring
-        time.sleep(float(os.environ["FACETRAIN_TEST_SLOW_SAVE"]))
+    if slow_save_s > 0:  # debug.slow_save_s: see the module docstring
+        time.sleep(slow_save_s)
     (tmp / MARKER).write_text("ok\n")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     final = tmp.with_name(tmp.name[: -len(".tmp")])
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():  # re-saving the same step (e.g. stop request right after a periodic save): the old copy
-        os.rename(final, old)  # stays a valid checkpoint (checkpoint_dirs) until the new one is in place
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    # re-saving the same step (e.g. a stop request right after a periodic save): the old copy stays a valid
+    # checkpoint (`checkpoint_dirs` counts step_X.old while step_X is missing) until the new one is in place
+    replace_dir(tmp, final)
     for old in checkpoint_dirs(final.parent.parent)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -161,6 +160,116 @@ def restore_rng(rng: dict | None) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
-__all__ = ["CHECKPOINTS", "MARKER", "META_FILE", "checkpoint_dirs", "latest_checkpoint", "tmp_dir_for",
+__all__ = ["CHECKPOINTS", "MARKER", "SPLIT_KEYS", "STATE_KEYS", "META_FILE", "checkpoint_dirs", "latest_checkpoint",
+           "tmp_dir_for",
            "write_rng", "write_train_state", "nonfinite_tensors", "write_error_reason", "check_compatible",
-           "finalize", "load_train_state", "restore_rng"]
+           "finalize", "load_train_state", "restore_rng", "Checkpointer"]
+
+
+class Checkpointer:
+    """What a run writes and reads back, in one place: full checkpoints (save on every rank together, restore,
+    keep the last `keep_last`) and the best-model bundle, each written into a `.tmp` directory and swapped into
+    place atomically (`atomic_dir`). Built once with the run's stateful parts.
+
+    `run_meta` goes into every checkpoint's and bundle's facetrain.json (the resolved config, the alignment
+    recipe); `schedule` is anything with state_dict/load_state_dict (optim.Schedule)."""
+
+    def __init__(self, out: Path, accelerator, model, optimizer, schedule, loss_fn, ema, model_cfg, pre,
+                 run_meta: dict, keep_last: int, slow_save_s: float = 0.0):
+        self.out, self.accelerator = Path(out), accelerator
+        self.model, self.optimizer, self.schedule, self.loss_fn, self.ema = model, optimizer, schedule, loss_fn, ema
+        self.model_cfg, self.pre, self.run_meta = model_cfg, pre, run_meta
+        self.keep_last, self.slow_save_s = keep_last, slow_save_s
+
+    @property
+    def _main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def restore(self, path: Path) -> dict:
+        """Load `path` into the run's parts and this rank's RNG; returns the saved loop state (step, best, ...)."""
+        weights, saved, rng = load_train_state(path, self.accelerator.process_index)
+        try:  # other differences (e.g. the identity count that sizes ArcFace's weights) surface here
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.schedule.load_state_dict(saved["scheduler"])
+            self.loss_fn.load_state_dict(saved["loss"])
+            if self.ema is not None:  # a checkpoint of a run without EMA starts the average at its weights
+                self.ema.module.load_state_dict(saved.get("ema") or weights)
+            if self.accelerator.scaler is not None and saved.get("scaler"):
+                self.accelerator.scaler.load_state_dict(saved["scaler"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[-1].strip()[:200]
+            raise UserError(f"train.resume: {path} does not fit this run ({first}); resume with the run's own "
+                            "config (its config.yaml) or choose a new train.output_dir") from None
+        restore_rng(rng)
+        return json.loads(saved["state_json"])
+
+    def save(self, state: dict) -> Path:
+        """Write a full checkpoint of step state["step"] on every rank together; a failure anywhere keeps the
+        previous checkpoints and stops every rank with one line. Returns the checkpoint directory."""
+        from facetrain.distributed import any_rank
+
+        step = state["step"]
+        tmp = tmp_dir_for(self.out, step)
+        # never write NaN/inf into a checkpoint (the state is identical on every rank: all stop here together)
+        nonfinite = nonfinite_tensors(self.model.state_dict(), self.loss_fn.state_dict())
+        if nonfinite:
+            raise UserError(f"checkpoint: step {step}: non-finite values in {nonfinite[0]} ({len(nonfinite)} "
+                            f"tensor(s)), not written; the last good checkpoint is "
+                            f"{latest_checkpoint(self.out) or '(none)'}: rerun with --train.resume auto and a lower "
+                            "optim.lr or train.grad_clip")
+        error = None
+        try:
+            if self._main:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+        except OSError as err:
+            error = err
+        self.accelerator.wait_for_everyone()
+        try:
+            if error is None:
+                write_rng(tmp, self.accelerator.process_index)
+                if self._main:
+                    write_bundle(tmp, self.model, self.model_cfg, self.pre, {"step": step, **self.run_meta})
+                    write_train_state(tmp, self._train_state(state))
+        except Exception as err:  # a full disk raises SafetensorError / RuntimeError here, not OSError
+            error = err
+        self.accelerator.wait_for_everyone()
+        if any_rank(error is not None, self.accelerator):
+            reason = write_error_reason(error, tmp) if error is not None else "failed on another rank"
+            if self._main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"checkpoint: cannot write {tmp} ({reason}); the previous checkpoint "
+                            f"{latest_checkpoint(self.out) or '(none)'} is kept: free disk space and rerun with "
+                            "--train.resume auto") from error
+        try:
+            final = finalize(tmp, self.keep_last, self.slow_save_s) if self._main else tmp
+        except OSError as err:
+            raise UserError(f"checkpoint: cannot finish {tmp} ({err.strerror or err}); the previous checkpoint "
+                            f"{latest_checkpoint(self.out) or '(none)'} is kept: free disk space and rerun with "
+                            "--train.resume auto") from err
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _train_state(self, state: dict) -> dict:
+        scaler = self.accelerator.scaler
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
+                "loss": self.loss_fn.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
+                "scaler": scaler.state_dict() if scaler is not None else None, "state_json": json.dumps(state)}
+
+    def export_best(self, model, step: int, metrics: dict) -> None:
+        """Write `model` (the weights just validated: EMA or schedule-free averages included) as <out>/bundle."""
+        if not self._main:
+            return
+        tmp = self.out / "bundle.tmp"
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            write_bundle(tmp, model, self.model_cfg, self.pre, {"step": step, "val_metrics": metrics,
+                                                                 **self.run_meta})
+            replace_dir(tmp, self.out / "bundle")
+        except Exception as err:  # a full disk raises SafetensorError, not OSError
+            raise UserError(f"bundle: cannot write {tmp} ({write_error_reason(err, tmp)}); the previous best "
+                            "model is kept: free disk space and rerun with --train.resume auto") from err

@@ -3,15 +3,20 @@
     accelerate launch -m facetrain.train --config configs/article.yaml --train.max_steps 500 --optim.lr 3e-4
 
 Every key lives in one dataclass field with a docstring. A YAML file sets any subset of the keys (nested by
-section); `--section.key value` on the command line beats the file. Unknown keys, wrong types and impossible
-combinations are rejected here with one line naming the key, before any data is read or model built. The
+section); `--section.key value` on the command line beats the file. Unknown keys, wrong types, values outside
+their range (`RANGES`) and impossible combinations are rejected here with one line naming the key, before any
+data is read or model built. `python -m facetrain.train --help` lists every key (`describe_keys`). The
 resolved config is written to the run directory and stored in every checkpoint and bundle.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import math
+import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,6 +55,10 @@ class AugmentConfig:
     native_resolution: bool = True
     """Augment an image smaller than data.image_size at its own size and enlarge it once, in the final crop
     (same augmentations, ~35% less CPU per image for 92x112 faces at 224 px); false enlarges it first."""
+    on_device: bool = True
+    """source=packed: augment whole uint8 batches on the training device (one affine warp + one colour matrix
+    per image, facetrain/device_augment.py) instead of per image with PIL in DataLoader workers; other sources
+    always use PIL."""
 
 
 @dataclass
@@ -57,10 +66,12 @@ class DataConfig:
     """Where images come from, how identities are split, and how images are preprocessed."""
 
     source: str = "synthetic"
-    """`synthetic` (built-in generated identities, no download), `folder` (root/<identity>/<image>) or `hf`
-    (Hugging Face datasets: a dataset name, or a local imagefolder via `root`)."""
+    """`synthetic` (built-in generated identities, no download), `folder` (root/<identity>/<image>), `hf`
+    (Hugging Face datasets: a dataset name, or a local imagefolder via `root`) or `packed` (a pack file made by
+    `python -m facetrain.pack`, given as `root`)."""
     root: str = ""
-    """Image folder (source=folder) or local imagefolder directory (source=hf without hf_name)."""
+    """Image folder (source=folder), local imagefolder directory (source=hf without hf_name) or pack file
+    (source=packed)."""
     hf_name: str = ""
     """Hugging Face dataset name for source=hf (e.g. `user/faces`); empty means `imagefolder` at `root`."""
     hf_split: str = "train"
@@ -116,7 +127,9 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     """Stochastic depth rate inside the backbone (where the backbone supports it)."""
     sync_bn: bool = False
-    """Convert BatchNorm to SyncBatchNorm under multi-GPU DDP (statistics over the global batch)."""
+    """With several processes: BatchNorm normalises with the statistics of the global batch, not each rank's
+    slice (any backend: gloo on CPUs, NCCL on GPUs; two small all-reduces per layer per step), so a step equals
+    one process's on the same batch."""
     compile: bool = False
     """Wrap the model in torch.compile (first steps are slow while it compiles)."""
     freeze_bn: bool = False
@@ -196,13 +209,14 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warm-up length in scheduler intervals (cosine_warmup)."""
     t_max: int = 0
-    """Cosine period in scheduler intervals; 0 = the whole run."""
+    """Length of the cosine (warm-up included) in scheduler intervals, after which the lr stays at eta_min;
+    0 = the whole run."""
     eta_min: float = 1e-6
     """Cosine floor learning rate."""
-    step_size: int = 30
-    """StepLR period in scheduler intervals."""
-    gamma: float = 0.1
-    """StepLR decay factor / ExponentialLR per-interval factor (e.g. 0.95)."""
+    step_size: int = 0
+    """step: drop the lr by gamma every N scheduler intervals; 0 = a third of the run (lr, lr/10, lr/100)."""
+    gamma: float = 0.0
+    """step: factor per drop (0 = 0.1); exponential: factor per interval (0 = chosen so the run ends at lr/100)."""
     plateau_patience: int = 2
     """ReduceLROnPlateau: validations without improvement before the lr is cut."""
     plateau_factor: float = 0.5
@@ -263,12 +277,25 @@ class TrainConfig:
     max_bad_steps: int = 5
     """Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped; with
     a fused optimizer the count is read at the next log step, validation or checkpoint: facetrain/guard.py)."""
+
+
+@dataclass
+class DebugConfig:
+    """Knobs for tests, audits and benchmarks, kept apart from the training settings; none is needed to train."""
+
     stop_at_step: int = -1
     """Act as if a stop request arrived after this optimizer step: checkpoint and exit, resumable (-1 = off)."""
     record_samples: bool = False
     """Audit: append each rank's dataset positions per micro-step to output_dir/samples/rank<r>.jsonl."""
     inject_nan_at: int = -1
-    """Testing hook: make the loss NaN at this optimizer step (-1 = never)."""
+    """Make the loss NaN at this optimizer step (-1 = never): the non-finite-step guard's test."""
+    fail_rank: int = -1
+    """Make this rank raise at optimizer step fail_step (-1 = never): the other ranks must then stop promptly."""
+    fail_step: int = -1
+    """The step at which fail_rank raises."""
+    slow_save_s: float = 0.0
+    """Sleep this many seconds inside every checkpoint save, after its files and before it is marked complete and
+    renamed into place, so that a test can kill the process in the middle of a save."""
 
 
 @dataclass
@@ -280,6 +307,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -442,12 +470,174 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # Cross-field checks that need no data and no heavy imports.
 
 _CHOICES = {
-    "data.source": ("synthetic", "folder", "hf"),
+    "data.source": ("synthetic", "folder", "hf", "packed"),
     "data.bad_images": ("error", "skip"),
     "loss.distance": ("cosine", "euclidean"),
     "optim.scheduler_interval": ("step", "epoch"),
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
 }
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed, open or half-open interval; a list-valued key must have each of its values inside."""
+
+    lo: float
+    hi: float
+    open_lo: bool = False
+    open_hi: bool = False
+    note: str = ""
+    """What a special value means (e.g. `-1 = off`), shown with the range."""
+
+    @classmethod
+    def parse(cls, spec: str, note: str = "") -> Range:
+        """`[0, 1]`, `(0, inf)`, `[-1, inf)`: brackets include the bound, parentheses exclude it."""
+        lo, hi = (float(v) for v in spec[1:-1].split(","))
+        return cls(lo, hi, spec[0] == "(", spec[-1] == ")", note)
+
+    def __contains__(self, x: float) -> bool:
+        above = x > self.lo if self.open_lo else x >= self.lo
+        below = x < self.hi if self.open_hi else x <= self.hi
+        return above and below
+
+    def interval(self) -> str:
+        """`>= 0`, `> 0`, `in [0, 1)`, ..."""
+        def num(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+        if self.hi == math.inf:
+            return f"{'>' if self.open_lo else '>='} {num(self.lo)}"
+        return f"in {'(' if self.open_lo else '['}{num(self.lo)}, {num(self.hi)}{')' if self.open_hi else ']'}"
+
+    def __str__(self) -> str:
+        return f"{self.interval()} ({self.note})" if self.note else self.interval()
+
+
+_SEED = "[0, 2147483647]"  # accelerate's set_seed seeds numpy's legacy 32-bit generator with train.seed + rank
+
+# The valid range of every numeric key (int, float, list of floats), checked by `validate` before any data is read.
+# tests/test_config_ranges.py fails when a numeric field has no entry here, so a new key cannot skip it.
+_RANGE_SPECS: dict[str, str | tuple[str, str]] = {  # key: interval, or (interval, what its special values mean)
+    "data.augment.hflip": ("[0, 1]", "a probability"),
+    "data.augment.rotation": ("[0, 180]", "degrees"),
+    "data.augment.crop_scale_min": ("(0, 1]", "a fraction of the image area"),
+    "data.augment.crop_scale_max": ("(0, 1]", "a fraction of the image area"),
+    "data.augment.brightness": ("[0, inf)", "0 = off"),
+    "data.augment.contrast": ("[0, inf)", "0 = off"),
+    "data.augment.saturation": ("[0, inf)", "0 = off"),
+    "data.augment.hue": ("[0, 0.5]", "0 = off"),
+    "data.augment.grayscale": ("[0, 1]", "a probability"),
+    "data.synthetic_identities": "[2, inf)",
+    "data.synthetic_images_per_identity": "[2, inf)",
+    "data.synthetic_seed": _SEED,
+    "data.val_fraction": ("[0, 1)", "a fraction of the identities"),
+    "data.val_identities": ("[0, inf)", "0 = use data.val_fraction"),
+    "data.split_seed": _SEED,
+    "data.image_size": ("[16, inf)", "pixels"),
+    "data.mean": ("[0, 1]", "pixel values are scaled to [0, 1] first"),
+    "data.std": ("(0, 1]", "pixel values are scaled to [0, 1] first"),
+    "data.max_image_pixels": "[1, inf)",
+    "model.embedding_dim": "[1, inf)",
+    "model.drop_rate": ("[0, 1)", "a probability"),
+    "model.drop_path_rate": ("[0, 1)", "a probability"),
+    "model.freeze_stages": ("[-1, inf)", "-1 = the whole backbone"),
+    "loss.margin": "[0, inf)",
+    "loss.pos_margin": "[-1, 2]",
+    "loss.neg_margin": "[-1, 2]",
+    "loss.ms_alpha": "(0, inf)",
+    "loss.ms_beta": "(0, inf)",
+    "loss.ms_base": ("[-1, 1]", "a cosine similarity"),
+    "loss.scale": "(0, inf)",
+    "loss.miner_margin": ("[0, 2]", "unit vectors: similarities and distances differ by at most 2"),
+    "loss.miner_epsilon": ("[0, 2]", "unit vectors: similarities differ by at most 2"),
+    "optim.lr": "(0, inf)",
+    "optim.backbone_lr_mult": ("[0, inf)", "0 = the backbone does not learn"),
+    "optim.weight_decay": "[0, inf)",
+    "optim.eps": "(0, inf)",
+    "optim.betas": "[0, 1)",
+    "optim.momentum": "[0, 1)",
+    "optim.warmup_steps": "[0, inf)",
+    "optim.t_max": ("[0, inf)", "0 = the whole run"),
+    "optim.eta_min": "[0, inf)",
+    "optim.step_size": ("[0, inf)", "0 = a third of the run"),
+    "optim.gamma": ("[0, 1]", "0 = derived from the run length"),
+    "optim.plateau_patience": "[0, inf)",
+    "optim.plateau_factor": "(0, 1)",
+    "train.batch_size": "[1, inf)",
+    "train.m": ("[2, inf)", "a batch needs positive pairs"),
+    "train.max_steps": ("[0, inf)", "0 = train.epochs"),
+    "train.epochs": "[0, inf)",
+    "train.grad_accum_steps": "[1, inf)",
+    "train.grad_clip": ("[0, inf)", "0 = off"),
+    "train.ema_decay": ("[0, 1)", "0 = off"),
+    "train.seed": _SEED,
+    "train.log_every": "[1, inf)",
+    "train.val_every": ("[0, inf)", "0 = each epoch"),
+    "train.val_batch_size": "[1, inf)",
+    "train.ckpt_every": "[1, inf)",
+    "train.keep_last": "[1, inf)",
+    "train.num_workers": ("[-1, inf)", "-1 = from the CPU and process counts"),
+    "train.prefetch_factor": "[1, inf)",
+    "train.max_bad_steps": "[1, inf)",
+    "debug.stop_at_step": ("[-1, inf)", "-1 = off"),
+    "debug.inject_nan_at": ("[-1, inf)", "-1 = never"),
+    "debug.fail_rank": ("[-1, inf)", "-1 = never"),
+    "debug.fail_step": ("[-1, inf)", "-1 = never"),
+    "debug.slow_save_s": ("[0, inf)", "seconds"),
+}
+RANGES: dict[str, Range] = {key: Range.parse(*((spec,) if isinstance(spec, str) else spec))
+                            for key, spec in _RANGE_SPECS.items()}
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, allowed in RANGES.items():
+        value = _get(cfg, key)
+        if value is None:  # data.mean / data.std null: the backbone's own statistics
+            continue
+        if isinstance(value, list):
+            if not all(v in allowed for v in value):
+                raise UserError(f"{key}: each value must be {allowed}, got {value}")
+        elif value not in allowed:
+            raise UserError(f"{key}: must be {allowed}, got {value}")
+
+
+# Validation computes `metrics.verification_metrics` at metrics.DEFAULT_TARGET_FARS (a copy here keeps this module
+# free of torch; tests/test_config_ranges.py checks that every name below is a key validation really reports).
+VAL_FARS: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4)
+VAL_METRICS: tuple[str, ...] = ("auc", "eer", "best_accuracy", *(f"tar@far={f:.0e}" for f in VAL_FARS))
+
+
+def normalise_val_metric(name: str) -> str:
+    """The canonical key for a spelling of a validation metric (`AUC`, `tar@far=1e-2`, `tar@far=0.01`,
+    `tar@far=1%` -> `auc`, `tar@far=1e-02`), or a one-line UserError listing the valid names."""
+    text = name.strip().lower().replace(" ", "")
+    if text in VAL_METRICS:
+        return text
+    valid = f"choose one of: {', '.join(VAL_METRICS)} (a FAR may also be written 0.01 or 1e-2)"
+    if text.startswith("tar@far="):
+        number = text[len("tar@far="):]
+        try:
+            far = float(number[:-1]) / 100 if number.endswith("%") else float(number)
+        except ValueError:
+            far = math.nan
+        for f in VAL_FARS:
+            if math.isclose(far, f, rel_tol=1e-9):
+                return f"tar@far={f:.0e}"
+        if math.isfinite(far):
+            raise UserError(f"train.val_metric: validation does not report TAR at FAR {far:g}; {valid}")
+    raise UserError(f"train.val_metric: unknown metric {name!r}; {valid}")
+
+
+def val_metric_far(name: str) -> float | None:
+    """The FAR of a canonical `tar@far=...` metric name (None for auc, eer, best_accuracy)."""
+    return float(name[len("tar@far="):]) if name.startswith("tar@far=") else None
 
 
 def validate(cfg: Config) -> None:
@@ -458,65 +648,130 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise UserError(f"{key}: unknown value {value!r} (choose one of: {', '.join(allowed)})")
-    d, t, m, o = cfg.data, cfg.train, cfg.model, cfg.optim
-    positive = {
-        "train.batch_size": t.batch_size, "train.m": t.m, "data.image_size": d.image_size,
-        "model.embedding_dim": m.embedding_dim, "train.grad_accum_steps": t.grad_accum_steps,
-        "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every, "train.keep_last": t.keep_last,
-        "train.val_batch_size": t.val_batch_size, "data.max_image_pixels": d.max_image_pixels,
-        "train.prefetch_factor": t.prefetch_factor,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"{key}: must be > 0, got {value}")
-    if t.m < 2:
-        raise UserError(f"train.m: must be >= 2 (a batch needs positive pairs), got {t.m}")
+    _check_ranges(cfg)
+    d, t, m, o, lo = cfg.data, cfg.train, cfg.model, cfg.optim, cfg.loss
     if t.batch_size % t.m:
         raise UserError(f"train.batch_size ({t.batch_size}) must be a multiple of train.m ({t.m}): "
                         f"try {max(t.m, t.batch_size // t.m * t.m)}")
     if t.batch_size // t.m < 2:
         raise UserError(f"train.batch_size ({t.batch_size}) / train.m ({t.m}) must be >= 2 identities per batch "
                         "(a batch needs negatives)")
-    if t.max_steps < 0 or t.epochs < 0 or (t.max_steps == 0 and t.epochs == 0):
+    if t.max_steps == 0 and t.epochs == 0:
         raise UserError("train.max_steps or train.epochs: set one of them > 0")
-    if not 0.0 < d.val_fraction < 1.0 and d.val_identities == 0:
-        raise UserError(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
-    if d.val_identities < 0:
-        raise UserError(f"data.val_identities: must be >= 0, got {d.val_identities}")
+    if d.val_fraction == 0 and d.val_identities == 0:
+        raise UserError(f"data.val_fraction: must be in (0, 1) when data.val_identities is 0, got {d.val_fraction}")
     if d.source == "folder" and not d.root:
         raise UserError("data.root: required when data.source is 'folder' (a folder of <identity>/<image>)")
+    if d.source == "packed" and not d.root:
+        raise UserError("data.root: required when data.source is 'packed' (a pack file from python -m facetrain.pack)")
     if d.source == "hf" and not (d.root or d.hf_name):
         raise UserError("data.hf_name or data.root: source 'hf' needs a dataset name or a local imagefolder")
-    if d.source == "synthetic" and (d.synthetic_identities < 2 or d.synthetic_images_per_identity < 2):
-        raise UserError("data.synthetic_identities and data.synthetic_images_per_identity: must both be >= 2")
     for key, stats in (("data.mean", d.mean), ("data.std", d.std)):
         if stats is not None and len(stats) != 3:
             raise UserError(f"{key}: give 3 values (R, G, B), got {stats}")
-    if d.std is not None and min(d.std) <= 0:
-        raise UserError(f"data.std: values must be > 0, got {d.std}")
     a = d.augment
-    if not 0 < a.crop_scale_min <= a.crop_scale_max <= 1:
-        raise UserError("data.augment.crop_scale_min/max: need 0 < min <= max <= 1, "
-                        f"got {a.crop_scale_min}, {a.crop_scale_max}")
-    if not 0 <= a.hue <= 0.5:
-        raise UserError(f"data.augment.hue: must be in [0, 0.5], got {a.hue}")
+    if a.crop_scale_min > a.crop_scale_max:
+        raise UserError(f"data.augment.crop_scale_min ({a.crop_scale_min}) must be <= data.augment.crop_scale_max "
+                        f"({a.crop_scale_max})")
     if m.pretrained_file and not Path(m.pretrained_file).is_file():
         raise UserError(f"model.pretrained_file: file not found: {m.pretrained_file}")
     if m.pretrained_file and not m.pretrained:
         m.pretrained = True  # giving a weights file is an unambiguous request for them
-    if m.freeze_stages < -1:
-        raise UserError(f"model.freeze_stages: must be >= 0, or -1 for the whole backbone; got {m.freeze_stages}")
-    if o.lr <= 0:
-        raise UserError(f"optim.lr: must be > 0, got {o.lr}")
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+    _check_loss(lo)
+    if len(o.betas) != 2:
         raise UserError(f"optim.betas: give two values in [0, 1), got {o.betas}")
-    if t.grad_clip < 0:
-        raise UserError(f"train.grad_clip: must be >= 0 (0 = off), got {t.grad_clip}")
-    if not 0.0 <= t.ema_decay < 1.0:
-        raise UserError(f"train.ema_decay: must be in [0, 1) (0 = off, e.g. 0.998), got {t.ema_decay}")
-    if t.val_every < 0:
-        raise UserError(f"train.val_every: must be >= 0 (0 = each epoch), got {t.val_every}")
+    if o.eta_min > o.lr:
+        raise UserError(f"optim.eta_min ({o.eta_min:g}) must be <= optim.lr ({o.lr:g}): it is the floor the "
+                        "schedule decays to, not a peak")
+    if 0 < o.t_max <= o.warmup_steps:
+        raise UserError(f"optim.t_max ({o.t_max}) must be longer than optim.warmup_steps ({o.warmup_steps}): "
+                        "the cosine includes the warm-up (or set t_max 0 = the whole run)")
     if t.resume not in ("", "auto") and not Path(t.resume).is_dir():
         raise UserError(f"train.resume: {t.resume!r} is neither 'auto' nor a checkpoint directory")
-    if t.val_metric not in ("auc", "eer", "best_accuracy") and not t.val_metric.startswith("tar@far="):
-        raise UserError(f"train.val_metric: {t.val_metric!r} unknown (auc, eer, best_accuracy, tar@far=1e-02)")
+    t.val_metric = normalise_val_metric(t.val_metric)
+
+
+_USES_DISTANCE = ("triplet", "contrastive")
+"""Losses built with loss.distance (facetrain/losses.py); the triplet_* miners use it too."""
+
+
+def _check_loss(lo: LossConfig) -> None:
+    """Settings that the chosen loss would ignore or cannot use (names themselves are checked by losses.py)."""
+    default_distance = LossConfig().distance
+    if lo.distance != default_distance and lo.name not in _USES_DISTANCE and not lo.miner.startswith("triplet_"):
+        raise UserError(f"loss.distance: loss {lo.name!r} ignores it (only the {' and '.join(_USES_DISTANCE)} losses "
+                        f"and the triplet_* miners use a distance); remove loss.distance {lo.distance!r} or choose "
+                        "one of those")
+    if lo.name == "triplet" and lo.margin > 2:
+        raise UserError(f"loss.margin: must be in [0, 2] for triplet (unit vectors: similarities and distances "
+                        f"differ by at most 2), got {lo.margin}")
+    if lo.name == "arcface" and lo.margin >= 90:
+        raise UserError(f"loss.margin: must be in [0, 90) for arcface (degrees), got {lo.margin}")
+    if lo.name == "contrastive":
+        span = Range(-1.0, 1.0, note="cosine similarity") if lo.distance == "cosine" else Range(
+            0.0, 2.0, note="L2 distance of unit vectors")
+        for key, value in (("loss.pos_margin", lo.pos_margin), ("loss.neg_margin", lo.neg_margin)):
+            if value not in span:
+                raise UserError(f"{key}: must be {span} with loss.distance {lo.distance!r}, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `--help`: every key, generated from the dataclasses above (their field docstrings are the documentation).
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """{field: docstring} from the string literal right after each field in the class's source."""
+    (node,) = ast.parse(textwrap.dedent(inspect.getsource(cls))).body
+    docs = {}
+    for stmt, after in zip(node.body, node.body[1:], strict=False):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[stmt.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _summary(doc: str) -> str:
+    """The docstring's first line, continued to the end of its sentence when the sentence runs on."""
+    first = doc.splitlines()[0] if doc else ""
+    text = " ".join(doc.split())
+    end = re.compile(r"[.!?](?=\s+[A-Z(`]|\s*$)").search(text, max(0, len(first) - 1))
+    return text[: end.end()] if end else text
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "''" if value == "" else "null" if value is None else str(value)
+
+
+def describe_keys() -> str:
+    """Every key as `--section.key: TYPE = DEFAULT (valid values)` and the summary of its docstring, grouped by
+    section in the order of the dataclasses: the `--help` of facetrain.train."""
+    lines: list[str] = []
+
+    def section(cls: type, prefix: str) -> None:
+        docs = _field_docs(cls)
+        lines.extend(["", f"{prefix}: {_summary(inspect.cleandoc(cls.__doc__ or ''))}"])
+        nested = []
+        for f in dataclasses.fields(cls):
+            key, default = f"{prefix}.{f.name}", _default(f)
+            if dataclasses.is_dataclass(default):
+                nested.append((type(default), key))
+                continue
+            valid = ""
+            if key in RANGES:
+                valid = RANGES[key].interval() + (f"; {RANGES[key].note}" if RANGES[key].note else "")
+            elif key in _CHOICES or key == "train.val_metric":
+                valid = "one of " + " | ".join(_CHOICES.get(key, VAL_METRICS))
+            lines.append(f"  --{key}: {f.type} = {_shown(default)}" + (f"  ({valid})" if valid else ""))
+            lines.append(f"      {_summary(docs.get(f.name, ''))}")
+        for nested_cls, nested_key in nested:
+            section(nested_cls, nested_key)
+
+    for f in dataclasses.fields(Config):
+        section(type(_default(f)), f.name)
+    return "\n".join(lines).lstrip("\n")

@@ -21,8 +21,7 @@ from torchvision import transforms as T
 from facetrain import synthetic
 from facetrain.config import AugmentConfig, DataConfig
 from facetrain.errors import UserError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+from facetrain.images import IMAGE_EXTENSIONS, decode, load_image, to_rgb  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -51,32 +50,6 @@ class FaceSet:
         remap[identities] = np.arange(len(identities))
         idx = np.flatnonzero(remap[self.labels] >= 0)
         return idx, remap[self.labels[idx]]
-
-
-def to_rgb(img: Image.Image, keep_gray: bool = False) -> Image.Image:
-    """Gray, palette, RGBA, CMYK and 16-bit images -> 8-bit RGB (16-bit is scaled, not clipped).
-
-    keep_gray=True returns single-channel images (gray, 1-bit, 16-bit) as 8-bit gray ("L") instead: the
-    transforms then work on one channel and `ToModelInput` repeats it on the device, which gives the same
-    input as converting to RGB first (each RGB channel of a gray image is that image) at a third of the
-    augmentation cost; many face sets (IR cameras, scans, the shared test sets) are gray."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float32)
-        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype(np.uint8), "L")
-    elif img.mode == "RGBA" or img.mode == "LA" or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, img)
-    if keep_gray and img.mode in ("L", "1"):
-        return img.convert("L") if img.mode != "L" else img
-    return img.convert("RGB") if img.mode != "RGB" else img
-
-
-def _open_file(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return im
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -114,7 +87,7 @@ class _PathLoader:
         self.paths = paths
 
     def __call__(self, i: int) -> Image.Image:
-        return _open_file(self.paths[i])
+        return decode(self.paths[i])
 
 
 class _SyntheticLoader:
@@ -137,7 +110,7 @@ class _HFLoader:
         self.ds, self.column = ds, column
 
     def __call__(self, i: int) -> Image.Image:
-        return self.ds[int(i)][self.column]
+        return decode(self.ds[int(i)][self.column])  # datasets applied EXIF already: a no-op then
 
 
 def hf_faceset(cfg: DataConfig) -> FaceSet:
@@ -176,6 +149,10 @@ def build_faceset(cfg: DataConfig) -> FaceSet:
         return synthetic_faceset(cfg.synthetic_identities, cfg.synthetic_images_per_identity, cfg.synthetic_seed)
     if cfg.source == "folder":
         return folder_faceset(cfg.root)
+    if cfg.source == "packed":  # a pack file (facetrain/packed.py): the stored images, memory-mapped
+        from facetrain.packed import packed_faceset
+
+        return packed_faceset(cfg.root, cfg.image_size)
     return hf_faceset(cfg)
 
 
@@ -361,6 +338,8 @@ def default_num_workers(num_processes: int) -> int:
     """Workers per rank: this machine's cores split between the ranks *on this machine*, one kept for the rank
     itself, at most 8; 0 when no core is spare. `num_processes` is the total process count; the launcher's
     LOCAL_WORLD_SIZE (ranks on this node) takes precedence, so 2 nodes x 8 GPUs split a node's cores 8 ways."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
+    from facetrain.distributed import launcher_local_world_size
+
+    local = launcher_local_world_size(num_processes)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(8, cpus // max(1, local) - 1))

@@ -2,21 +2,65 @@
 
 Global-batch mining with exact gradients: every rank gathers all ranks' embeddings, computes the *same*
 loss on the global batch, and back-propagates only through its own slice. DDP then averages gradients over
-W ranks, so each rank's slice gradient is scaled by W first (`_scale_grad`): the averaged gradient equals a
-single process's gradient on the same global batch, and the loss value (logged) is the global-batch loss,
-not W times it. Loss-owned parameters (ArcFace weights) see the unscaled, identical gradient on every rank.
+W ranks, so each rank's slice gradient is scaled by W first (`_ScaleGrad`, the identity in the forward pass,
+bit for bit, at any W): the averaged gradient equals a single process's gradient on the same global batch, and
+the loss value (logged) is the global-batch loss, not W times it. Every rank sees bit-identical inputs to the
+loss, so miners pick the same tuples everywhere. Loss-owned parameters (ArcFace's class weights) are not in
+DDP's model; their gradient is the full global-batch gradient on every rank, and `average_gradients` all-reduces
+it anyway, so that non-deterministic kernels (GPU atomics) can never let the ranks' copies drift apart;
+`check_identical` verifies that they did not (at every checkpoint).
+
+BatchNorm under DDP normalises each rank's slice with that slice's statistics unless `model.sync_bn` is on:
+then `convert_to_global_batchnorm` makes every BatchNorm layer normalise with the statistics of the global
+batch (differentiable all-reduces of the per-channel sums), on every backend accelerate launches (gloo on
+CPUs, NCCL on GPUs), so that a multi-process step equals the one-process step on the same global batch.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from torch import nn
+
+# What the launcher (accelerate launch, torchrun, Slurm's srun) tells a process through its environment: read here
+# and nowhere else in the library.
+
+
+def launcher_local_world_size(default: int) -> int:
+    """Processes on this machine (LOCAL_WORLD_SIZE), else `default`."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", default))
+
+
+def launcher_mixed_precision() -> str:
+    """The precision `accelerate launch --mixed_precision` asked for (`no` when none)."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+
+
+def launcher_wants_cpu() -> bool:
+    """`ACCELERATE_USE_CPU=1`: run on the CPU even where a GPU exists."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass (the same tensor values, bit for bit: `x * W - x * (W - 1)` is not, for W - 1
+    not a power of two); multiplies the gradient by `factor` in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
 
 
 def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by `factor` in the backward pass."""
-    return x * factor - x.detach() * (factor - 1.0)
+    return _ScaleGrad.apply(x, factor)
 
 
 def gather_for_loss(emb: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator):
@@ -67,3 +111,112 @@ def broadcast_object(obj, accelerator: Accelerator, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def end_processes(accelerator) -> None:
+    """Leave the process group together: a rank that exits while another still works (rank 0 scoring an
+    evaluation) tears down gloo's threads under it, and the process aborts ("terminate called without an active
+    exception"). No-op for one process or a backend without a process group (onnxruntime)."""
+    if getattr(accelerator, "num_processes", 1) > 1 and dist.is_available() and dist.is_initialized():
+        accelerator.wait_for_everyone()
+        dist.destroy_process_group()
+
+
+def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """All-reduce-average the gradients of parameters DDP does not own (the loss's), in one flat buffer."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def check_identical(tensors: dict[str, torch.Tensor], accelerator: Accelerator, what: str) -> None:
+    """Raise if `tensors` differ between ranks (compared through float64 sums and sums of squares)."""
+    if accelerator.num_processes == 1 or not tensors:
+        return
+    local = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors.values()])
+    every = accelerator.gather(local.to(accelerator.device)[None]).view(accelerator.num_processes, *local.shape)
+    drift = (every - every[0]).abs().max().item()
+    if drift != 0.0:
+        name = list(tensors)[int((every - every[0]).abs().amax(dim=(0, 2)).argmax())]
+        raise RuntimeError(f"{what} differ between processes ({name}: checksum drift {drift:.3g}); this is a bug "
+                           "in facetrain's distributed code, please report it")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BatchNorm over the global batch (model.sync_bn)
+
+
+def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Training-mode batch norm of this rank's slice `x` with the mean and variance of the global batch: two
+    differentiable all-reduces (per-channel sum with the count, then the sum of squared deviations: the two-pass
+    variance, as exact as one process's), so the backward pass also sums the statistics' gradients over ranks."""
+    from torch.distributed.nn.functional import all_reduce
+
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    xf = x.float()  # statistics in fp32 whatever the autocast dtype, as torch's own batch norm does
+    count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
+    sums = all_reduce(torch.cat([xf.sum(dims), count]))
+    total = sums[-1]
+    mean = sums[:-1] / total
+    centered = xf - mean.view(shape)
+    var = all_reduce(centered.square().sum(dims)) / total
+    y = centered * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked += 1
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+            unbiased = var * (total / (total - 1).clamp(min=1))
+            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+    return y.to(x.dtype)
+
+
+def _syncing(bn: nn.Module) -> bool:
+    return bn.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _global_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if not _syncing(self):
+        return self._local_forward(x)
+    y = _global_batch_norm(self, x)
+    # timm's BatchNormAct2d: normalisation, then its dropout and activation (plain BatchNorm has neither)
+    for name in ("drop", "act"):
+        layer = getattr(self, name, None)
+        if isinstance(layer, nn.Module):
+            y = layer(y)
+    return y
+
+
+_GLOBAL_CLASSES: dict[type, type] = {}
+
+
+def convert_to_global_batchnorm(model: nn.Module) -> int:
+    """Make every BatchNorm layer of `model` (torch's and timm's BatchNormAct variants; frozen ones excepted)
+    normalise with global-batch statistics in training mode when a process group of several ranks exists. In
+    place: the layers keep their parameters, buffers and state-dict keys, so checkpoints and bundles are
+    unchanged; eval mode and single processes run the original forward. Returns the number of layers."""
+    # torch marks the autograd-aware collectives deprecated in favour of ones that are not differentiable
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated")
+    converted = 0
+    for module in model.modules():
+        cls = type(module)
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or cls in _GLOBAL_CLASSES.values():
+            continue
+        if cls not in _GLOBAL_CLASSES:  # the name keeps "BatchNorm" (model.fold_batchnorm recognises it)
+            _GLOBAL_CLASSES[cls] = type(f"Global{cls.__name__}", (cls,),
+                                        {"forward": _global_forward, "_local_forward": cls.forward})
+        module.__class__ = _GLOBAL_CLASSES[cls]
+        converted += 1
+    return converted

@@ -16,15 +16,17 @@ from __future__ import annotations
 import argparse
 import os
 
-# Before torch loads: idle OpenMP threads sleep instead of spinning, so DataLoader workers and other processes
-# get the cores in between (why: facetrain/train.py). An OMP_WAIT_POLICY already in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads: how idle OpenMP threads wait (facetrain/threads.py; the environment's setting wins).
+from facetrain import threads
+
+os.environ.update(threads.wait_policy())
 
 from facetrain.errors import run_cli
 
 
 def build_parser():
-    from facetrain.evaluate import DEFAULT_CALIBRATION_FAR, ArgumentParser
+    from facetrain.cli import RECOGNISED, ArgumentParser, add_embedding_options, add_image_check_options
+    from facetrain.protocols import DEFAULT_CALIBRATION_FAR
 
     p = ArgumentParser(prog="facetrain.eval", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,6 +61,8 @@ def build_parser():
     p.add_argument("--save-embeddings", action="store_true", help="write embeddings.safetensors (with the file "
                    "list) to the output directory")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    add_image_check_options(p, "leave them out, and the pairs that use them, and list them in the report")
+    add_embedding_options(p, "the images", RECOGNISED)
     return p
 
 

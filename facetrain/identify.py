@@ -5,7 +5,7 @@
     python -m facetrain.identify --model runs/exp/bundle --gallery /data/heldout --evaluate     # rank-1 / rank-5
 
 The gallery is a folder `<gallery>/<identity>/<image>`; enrolling it embeds every image once (through the
-evaluator's preprocessing, `evaluate.Embedder`) and caches the embeddings in
+evaluator's preprocessing, `embed.Embedder`) and caches the embeddings in
 `<gallery>/.facetrain-cache/gallery-<model fingerprint>.safetensors` with a JSON manifest (file list, sizes,
 mtimes, model fingerprint). A later run reuses the cache only if the manifest still matches the folder and
 the model; otherwise it re-enrols. An identity's score is its best-matching image's cosine similarity; with a
@@ -26,14 +26,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# Before torch loads: idle OpenMP threads sleep instead of spinning, so DataLoader workers and other processes
-# get the cores in between (why: facetrain/train.py). An OMP_WAIT_POLICY already in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads: how idle OpenMP threads wait (facetrain/threads.py; the environment's setting wins).
+from facetrain import threads
+
+os.environ.update(threads.wait_policy())
 
 import numpy as np
 import torch
 
 from facetrain.errors import UserError, run_cli
+from facetrain.images import MAX_IMAGE_PIXELS
 
 CACHE_FORMAT = "facetrain-gallery"
 CACHE_VERSION = 1
@@ -41,7 +43,7 @@ CACHE_DIR = ".facetrain-cache"  # a dot folder: scan_folder never takes it for a
 
 
 def build_parser():
-    from facetrain.evaluate import ArgumentParser
+    from facetrain.cli import RECOGNISED, ArgumentParser, add_embedding_options, add_image_check_options
 
     p = ArgumentParser(prog="facetrain.identify", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,6 +61,8 @@ def build_parser():
     p.add_argument("--num-workers", type=int, default=-1)
     p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    add_image_check_options(p, "enrol the gallery without them")
+    add_embedding_options(p, "gallery and probes", RECOGNISED)
     return p
 
 
@@ -76,11 +80,12 @@ def model_fingerprint(embedder) -> str:
     from facetrain.model import WEIGHTS_FILE
 
     h = hashlib.sha256()
-    with open(embedder.path / WEIGHTS_FILE, "rb") as f:
+    weights = embedder.path / WEIGHTS_FILE if embedder.path.is_dir() else embedder.path  # or the exported .onnx
+    with open(weights, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     extra = {"model": embedder.meta["model"], "preprocess": embedder.preprocess.to_dict(), "flip": embedder.flip,
-             "precision": embedder.precision}
+             "precision": embedder.precision, "alignment": embedder.alignment}
     h.update(json.dumps(extra, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -122,15 +127,35 @@ def _stale_reason(manifest_file: Path, fingerprint: str, files: list[list]) -> s
     return None
 
 
-def enrol(embedder, gallery: str, cache: bool = True, cache_dir: str = "") -> Gallery:
+def usable_files(paths: list[str], labels: np.ndarray, bad_images: str, what: str,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> tuple[list[str], np.ndarray]:
+    """The training pre-flight's decode check of every gallery file: all unusable files named at once
+    (`--bad-images error`), or left out and listed (`skip`)."""
+    from facetrain.preflight import check_files
+
+    report = check_files(paths, max_image_pixels, what, progress=False)
+    if not report.bad:
+        return paths, labels
+    if bad_images == "error":
+        raise UserError(report.error_message(remedy="pass --bad-images skip to enrol the gallery without them"))
+    for bad in report.bad:
+        _status(f"skipped (--bad-images skip): {bad['path']} ({bad['problem']}: {bad['detail']})")
+    keep = np.array([p not in report.bad_paths for p in paths], dtype=bool)
+    return [p for p, k in zip(paths, keep, strict=True) if k], labels[keep]
+
+
+def enrol(embedder, gallery: str, cache: bool = True, cache_dir: str = "", bad_images: str = "error",
+          max_image_pixels: int = MAX_IMAGE_PIXELS) -> Gallery:
     from safetensors.torch import load_file, save_file
 
-    from facetrain.evaluate import labelled_folder
+    from facetrain.cli import labelled_folder
 
     root = Path(gallery)
     paths, labels, names = labelled_folder(root, "--gallery")
+    paths, labels = usable_files(paths, labels, bad_images, str(root), max_image_pixels)
+    align = not embedder.aligned_folder(root, "--gallery")  # crops of facetrain.align with the bundle's recipe
     if not cache:
-        return Gallery(paths, labels, names, embedder.embed(paths), None, "off")
+        return Gallery(paths, labels, names, embedder.embed(paths, align=align), None, "off")
     fingerprint = model_fingerprint(embedder)
     folder = Path(cache_dir) if cache_dir else root / CACHE_DIR
     tensors_file = folder / f"gallery-{fingerprint[:16]}.safetensors"
@@ -145,7 +170,7 @@ def enrol(embedder, gallery: str, cache: bool = True, cache_dir: str = "") -> Ga
             reason = "row count differs"
         except Exception as err:  # a truncated or foreign file: rebuild rather than fail
             reason = f"unreadable embeddings ({type(err).__name__})"
-    emb = embedder.embed(paths)
+    emb = embedder.embed(paths, align=align)
     status = "built" if reason in ("no cache", None) else f"stale: {reason}, rebuilt"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -237,7 +262,8 @@ def _print_matches(probe: str, rows: list[dict], threshold: float | None, far, n
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from facetrain.evaluate import Embedder, require_files
+    from facetrain.cli import require_files
+    from facetrain.embed import load_embedder
 
     if args.top_k < 1:
         raise UserError(f"--top-k: must be >= 1, got {args.top_k}")
@@ -245,12 +271,13 @@ def main(argv: list[str]) -> int:
         raise UserError("facetrain.identify: give probe image(s) to identify, or --evaluate")
     require_files(args.probes, "facetrain.identify")
     if args.evaluate:  # before any embedding: a gallery that cannot be evaluated fails fast
-        from facetrain.evaluate import labelled_folder
+        from facetrain.cli import labelled_folder
 
         evaluation_split(labelled_folder(args.gallery, "--gallery")[1])
-    embedder = Embedder.load(args.model, args.batch_size, args.num_workers, args.flip, args.mixed_precision)
+    embedder = load_embedder(args.backend, args.model, args.batch_size, args.num_workers, args.flip,
+                             args.mixed_precision, aligned=args.aligned)
     path, meta = embedder.path, embedder.meta
-    gallery = enrol(embedder, args.gallery, args.cache, args.cache_dir)
+    gallery = enrol(embedder, args.gallery, args.cache, args.cache_dir, args.bad_images, args.max_image_pixels)
     _status(f"gallery {args.gallery}: {len(gallery.paths)} images of {len(gallery.names)} identities "
             f"(cache: {gallery.cache_status})")
     threshold, far = meta.get("threshold"), meta.get("threshold_far")

@@ -10,6 +10,7 @@ ArcFace owns a class-weight matrix (one row per training identity), trained with
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,17 @@ class MetricLoss(nn.Module):
         self.miner = MINERS[cfg.miner](cfg)
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        emb = emb.float()  # PML's distances and margins are tuned for fp32 similarities
-        tuples = self.miner(emb, labels) if self.miner is not None else None
-        return self.loss(emb, labels, tuples) if tuples is not None else self.loss(emb, labels)
+        # Mining and the loss run in fp32 with autocast off: casting the embeddings is not enough, since under
+        # autocast PML's similarity matmuls (and ArcFace's embeddings x class-weights product) would run in
+        # bf16/fp16 again, and margins of 0.1 in cosine units are then a few bf16 steps (triplet 0.108887 vs
+        # 0.108643 in fp32).
+        with _autocast_off(emb.device.type):
+            emb = emb.float()
+            tuples = self.miner(emb, labels) if self.miner is not None else None
+            return self.loss(emb, labels, tuples) if tuples is not None else self.loss(emb, labels)
+
+
+def _autocast_off(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()

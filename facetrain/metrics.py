@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from facetrain.errors import UserError
+from facetrain.images import IMAGE_EXTENSIONS  # tried in order when resolving LFW pair names to files
 
 
 class MetricsError(UserError, ValueError):
@@ -52,6 +53,7 @@ __all__ = [
     "all_pairs_roc",
     "best_accuracy_threshold",
     "count_pairs",
+    "far_needed",
     "kfold_accuracy",
     "pair_scores",
     "parse_lfw_pairs",
@@ -65,8 +67,6 @@ __all__ = [
 DEFAULT_BINS = 2**16
 #: FARs at which TAR is reported by default.
 DEFAULT_TARGET_FARS: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4)
-#: Image extensions tried, in order, when resolving LFW pair names to files.
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".png", ".jpeg", ".pgm", ".bmp")
 
 _SCORE_LOW, _SCORE_HIGH = -1.0, 1.0  # cosine range covered by ScoreHistogram
 _HIST_CHUNK = 1 << 20  # scores binned per step in ScoreHistogram.add: bounds temporaries to ~24 MiB
@@ -80,6 +80,12 @@ def _labels_to_numpy(labels: torch.Tensor | np.ndarray | Sequence[int]) -> np.nd
     if lab.ndim != 1:
         raise MetricsError(f"labels must be 1-D, got shape {tuple(lab.shape)}")
     return lab
+
+
+def far_needed(far: float) -> int:
+    """Impostor pairs needed to resolve a false-accept rate `far`: FAR moves in steps of 1/n_impostor, so with
+    fewer than 1/far impostor pairs one false accept already overshoots it."""
+    return math.ceil(1.0 / far - 1e-9)
 
 
 def count_pairs(labels: torch.Tensor | np.ndarray | Sequence[int]) -> tuple[int, int]:

@@ -9,9 +9,9 @@ verifier accept either.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
-import shutil
 from pathlib import Path
 
 import timm
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from facetrain.atomic_dir import recover_dir
 from facetrain.config import DataConfig, ModelConfig, to_dict
 from facetrain.data import Preprocess
 from facetrain.errors import UserError
@@ -77,14 +78,60 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         except (RuntimeError, KeyError, ValueError, OSError) as err:
             first = str(err).strip().splitlines()[0][:200]
             raise UserError(f"model.pretrained_file: {path} does not fit backbone {cfg.backbone!r}: {first}") from None
+    unreachable = _hub_unreachable(cfg.backbone)
+    if unreachable:  # fail now: huggingface_hub would retry each weights file 5 times (~45 s) before giving up
+        raise _no_pretrained_weights(cfg.backbone, unreachable)
     try:
         return timm.create_model(cfg.backbone, pretrained=True, **kwargs)
     except Exception as err:  # network errors come in many types; the fix is the same
         sentence = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:120]
-        reason = f"{type(err).__name__}: {sentence}" if sentence else type(err).__name__
-        raise UserError(f"model.pretrained: cannot get timm's pretrained weights for {cfg.backbone!r} ({reason}); "
-                        "set model.pretrained_file to a local weights file, fill the Hugging Face cache on a machine "
-                        "with internet (docs/recipes.md), or set model.pretrained false") from None
+        raise _no_pretrained_weights(cfg.backbone, f"{type(err).__name__}: {sentence}" if sentence
+                                     else type(err).__name__) from None
+
+
+def _no_pretrained_weights(backbone: str, reason: str) -> UserError:
+    return UserError(f"model.pretrained: cannot get timm's pretrained weights for {backbone!r} ({reason}); "
+                     "set model.pretrained_file to a local weights file, fill the Hugging Face cache on a machine "
+                     "with internet (docs/recipes.md), or set model.pretrained false")
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+"""Seconds the one metadata request that checks the Hugging Face hub may take before the hub counts as
+unreachable."""
+
+
+def _hub_unreachable(backbone: str) -> str | None:
+    """Why timm's hub weights for `backbone` cannot be had now, or None when they can (or are not on the hub):
+    not in the local Hugging Face cache, and HF_HUB_OFFLINE set (huggingface_hub's own setting) or one
+    metadata request to the hub, without retries, failing to get an answer. Weights already in the cache are
+    loaded by timm as usual, online or offline."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        pcfg = timm.models.get_pretrained_cfg(backbone)
+    except RuntimeError:  # an unknown pretrained tag: timm's own error says it
+        return None
+    if pcfg is None or not pcfg.hf_hub_id:
+        return None  # weights from a plain URL (torch.hub), not through huggingface_hub's retries
+    repo, _, revision = pcfg.hf_hub_id.partition("@")
+    names = [pcfg.hf_hub_filename] if pcfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    for name in names:  # timm's load_state_dict_from_hf looks for these
+        if isinstance(huggingface_hub.try_to_load_from_cache(repo, name, revision=revision or None), str):
+            return None
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set and they are not in the Hugging Face cache"
+    probe = huggingface_hub.get_hf_file_metadata
+    no_retry = {"retry_on_errors": False} if "retry_on_errors" in inspect.signature(probe).parameters else {}
+    try:
+        probe(huggingface_hub.hf_hub_url(repo, names[0], revision=revision or None), timeout=HUB_PROBE_TIMEOUT_S,
+              **no_retry)
+    except HfHubHTTPError:
+        return None  # the hub answered (a missing file is fine: timm tries the next name)
+    except Exception as err:  # no answer: DNS, refused or timed-out connection, proxy, TLS
+        first = (str(err).strip().splitlines() or [""])[0][:120]
+        return f"Hugging Face hub {huggingface_hub.constants.ENDPOINT} unreachable: {type(err).__name__}: {first}"
+    return None
 
 
 def freeze_backbone_stages(backbone: nn.Module, stages: int) -> None:
@@ -233,22 +280,11 @@ def write_bundle(directory: str | Path, model: nn.Module, model_cfg: ModelConfig
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a fully written `tmp` directory in for `final` (rename is atomic; the old copy goes last)."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def read_bundle_meta(path: str | Path) -> dict:
     path = Path(path)
     if path.is_file() and path.name in (WEIGHTS_FILE, META_FILE):
         path = path.parent
+    path = recover_dir(path)  # a kill in the middle of a bundle swap left only <path>.old
     if not path.exists():
         raise UserError(f"--model: not found: {path}")
     meta_path = path / META_FILE

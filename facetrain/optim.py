@@ -6,7 +6,11 @@
                      adamw_cosine_warmup   (sets name + scheduler together)
 
 Schedules advance per optimizer step or per epoch (`optim.scheduler_interval`); `plateau` advances on each
-validation with the validation metric. Schedule-free AdamW needs `optimizer.train()` before training steps
+validation with the validation metric. The schedules are defined here as multipliers of optim.lr (LambdaLR),
+so their meaning is the same whatever the interval: cosine / cosine_warmup go from lr to eta_min over
+optim.t_max intervals (0 = the run) and stay there; step drops by gamma every step_size intervals (0 = a
+third of the run); exponential multiplies by gamma per interval (0 = so that the run ends at lr/100), never
+below eta_min. Schedule-free AdamW needs `optimizer.train()` before training steps
 and `optimizer.eval()` before validation and saving: the trainer does that whenever the optimizer has them.
 """
 
@@ -21,6 +25,15 @@ from torch import nn
 from facetrain.config import OptimConfig
 from facetrain.errors import UserError
 
+# preset -> (optimizer, scheduler). Every scheduler adapts to the run's length by default (optim.t_max 0,
+# optim.step_size 0, optim.gamma 0), so each preset gives a sensible curve for any train.max_steps / epochs:
+#   adam_cosine          cosine from lr to eta_min over the run
+#   adamw_plateau        lr, multiplied by plateau_factor after plateau_patience validations without progress
+#   sgd_step             lr for the first third of the run, lr/10 for the second, lr/100 for the last
+#   ranger_exponential   lr x gamma^t with gamma chosen so that the run ends at lr/100 (never below eta_min)
+#   schedulefree_adamw   constant (schedule-free needs no schedule; its own warm-up is optim.warmup_steps)
+#   adamw_cosine_warmup  linear warm-up over optim.warmup_steps, then cosine to eta_min
+# Each stays at >= 1% of lr until the last tenth of the run (tests/test_schedules.py measures it on real runs).
 PRESETS: dict[str, tuple[str, str]] = {
     "adam_cosine": ("adam", "cosine"),
     "adamw_plateau": ("adamw", "plateau"),
@@ -29,6 +42,14 @@ PRESETS: dict[str, tuple[str, str]] = {
     "schedulefree_adamw": ("schedulefree_adamw", "constant"),
     "adamw_cosine_warmup": ("adamw", "cosine_warmup"),
 }
+
+STEP_DROPS = 3
+"""optim.step_size 0: the run is split into this many equal periods (lr, lr x gamma, lr x gamma^2)."""
+EXPONENTIAL_END = 1e-2
+"""optim.gamma 0 with the exponential schedule: gamma = EXPONENTIAL_END^(1 / intervals), so the run ends at
+lr x EXPONENTIAL_END, the decay of the article's ExponentialLR(0.95) over ~90 epochs."""
+STEP_GAMMA = 0.1
+"""optim.gamma 0 with the step schedule: the factor of each drop."""
 
 
 def _fused(cfg: OptimConfig) -> bool | None:
@@ -73,37 +94,62 @@ OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]
 }
 
 
-def _cosine_factor(t: int, total: int, floor: float) -> float:
-    progress = min(1.0, t / max(1, total))
+def _cosine_factor(t: int, length: int, floor: float) -> float:
+    """Half a cosine from 1 down to `floor` over `length` intervals, then `floor`: it never climbs back."""
+    progress = min(1.0, t / max(1, length))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _lambda(fn: Callable[[int], float]):
+def _lambda(fn: Callable[[OptimConfig, int], Callable[[int], float]]):
     return lambda opt, cfg, total: torch.optim.lr_scheduler.LambdaLR(opt, fn(cfg, total))
 
 
-def _cosine_warmup_fn(cfg: OptimConfig, total: int) -> Callable[[int], float]:
-    period = (cfg.t_max or total) - cfg.warmup_steps
+def _cosine_fn(cfg: OptimConfig, total: int) -> Callable[[int], float]:
+    """cosine and cosine_warmup: optim.t_max is the length of the whole schedule in intervals, warm-up included
+    (0 = the run); the cosine ends at eta_min there and stays (the same meaning in both schedules)."""
+    warmup = cfg.warmup_steps if cfg.scheduler == "cosine_warmup" else 0
+    length = (cfg.t_max or total) - warmup
     floor = cfg.eta_min / cfg.lr
 
     def factor(t: int) -> float:
-        if t < cfg.warmup_steps:
-            return (t + 1) / (cfg.warmup_steps + 1)
-        return _cosine_factor(t - cfg.warmup_steps, period, floor)
+        if t < warmup:
+            return (t + 1) / (warmup + 1)
+        return _cosine_factor(t - warmup, length, floor)
 
     return factor
 
 
+def _step_fn(cfg: OptimConfig, total: int) -> Callable[[int], float]:
+    size = cfg.step_size or max(1, math.ceil(total / STEP_DROPS))
+    gamma = cfg.gamma or STEP_GAMMA
+    return lambda t: gamma ** (t // size)
+
+
+def _exponential_fn(cfg: OptimConfig, total: int) -> Callable[[int], float]:
+    gamma = cfg.gamma or EXPONENTIAL_END ** (1.0 / max(1, total))
+    floor = cfg.eta_min / cfg.lr
+    return lambda t: max(floor, gamma ** t)
+
+
 SCHEDULERS: dict[str, Callable] = {
-    "cosine": lambda opt, cfg, total: torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt, T_max=cfg.t_max or total, eta_min=cfg.eta_min),
-    "cosine_warmup": _lambda(_cosine_warmup_fn),
-    "plateau": lambda opt, cfg, total: torch.optim.lr_scheduler.ReduceLROnPlateau(
+    "cosine": _lambda(_cosine_fn),
+    "cosine_warmup": _lambda(_cosine_fn),
+    "plateau": lambda opt, cfg, total: torch.optim.lr_scheduler.ReduceLROnPlateau(  # Schedule sets its mode
         opt, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience),
-    "step": lambda opt, cfg, total: torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma),
-    "exponential": lambda opt, cfg, total: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.gamma),
+    "step": _lambda(_step_fn),
+    "exponential": _lambda(_exponential_fn),
     "constant": lambda opt, cfg, total: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0),
 }
+
+
+def schedule_notes(cfg: OptimConfig, total: int) -> list[str]:
+    """One-line warnings about a schedule that ends inside the run (printed by the trainer at the start)."""
+    unit = "epochs" if cfg.scheduler_interval == "epoch" else "steps"
+    if cfg.scheduler in ("cosine", "cosine_warmup") and 0 < cfg.t_max < total:
+        return [f"optim.t_max {cfg.t_max} is shorter than the run ({total} {unit}): the learning rate reaches "
+                f"optim.eta_min {cfg.eta_min:g} after {cfg.t_max} {unit} and stays there for the last "
+                f"{total - cfg.t_max} (it does not restart); set optim.t_max 0 to span the whole run"]
+    return []
 
 
 def resolve_preset(cfg: OptimConfig) -> None:
@@ -142,3 +188,53 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_i
     """`total_intervals`: optimizer steps (interval=step) or epochs (interval=epoch) in the whole run."""
     resolve_preset(cfg)
     return SCHEDULERS[cfg.scheduler](optimizer, cfg, total_intervals)
+
+
+LOWER_IS_BETTER = {"eer"}
+"""Validation metrics where a smaller value is better (the rest: larger)."""
+
+
+class Schedule:
+    """When the learning rate changes, in one place: after every optimizer step (optim.scheduler_interval step),
+    at the end of every epoch (epoch), or on each validation with the validation metric (plateau); plus the
+    schedule-free optimizer's switch between its training weights and the averaged ones it is validated with."""
+
+    def __init__(self, optimizer, cfg: OptimConfig, steps_per_epoch: int, max_steps: int, val_metric: str):
+        self.per_epoch = cfg.scheduler_interval == "epoch"
+        self.steps_per_epoch = steps_per_epoch
+        self.intervals = math.ceil(max_steps / steps_per_epoch) if self.per_epoch else max_steps
+        """The run's length in scheduler intervals (epochs or optimizer steps)."""
+        self.on_plateau = cfg.scheduler == "plateau"
+        self.decreasing = val_metric in LOWER_IS_BETTER
+        if self.on_plateau:  # cut the rate when the metric stops improving, in the metric's own direction
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min" if self.decreasing else "max", factor=cfg.plateau_factor,
+                patience=cfg.plateau_patience)
+        else:
+            self.scheduler = create_scheduler(optimizer, cfg, self.intervals)
+        self.optimizer = optimizer
+        self.schedule_free = cfg.name.startswith("schedulefree") and hasattr(optimizer, "eval")
+        self.notes = schedule_notes(cfg, self.intervals)
+        """One-line warnings about the schedule, for the start of the run."""
+
+    def after_step(self, step: int) -> None:
+        """Call after optimizer step number `step` (1-based) has been taken."""
+        if self.on_plateau or (self.per_epoch and step % self.steps_per_epoch):
+            return
+        self.scheduler.step()
+
+    def after_validation(self, value: float) -> None:
+        if self.on_plateau:
+            self.scheduler.step(value)
+
+    def set_mode(self, model: nn.Module, training: bool) -> None:
+        """Train or eval mode for the model and, schedule-free, the weights it holds (eval: the averaged ones)."""
+        model.train(training)
+        if self.schedule_free:
+            self.optimizer.train() if training else self.optimizer.eval()
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)

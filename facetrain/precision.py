@@ -8,7 +8,6 @@ them to pay off; an explicit setting is used as given.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -39,10 +38,12 @@ def resolve_mixed_precision(requested: str, image_size: int) -> str:
         if requested == "fp16" and not torch.cuda.is_available():
             raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 (or no) on CPU")
         return requested
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    from facetrain.distributed import launcher_mixed_precision, launcher_wants_cpu
+
+    launcher = launcher_mixed_precision()
     if launcher in ("fp16", "bf16"):
         return launcher
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
+    use_cpu = launcher_wants_cpu() or not torch.cuda.is_available()
     if use_cpu:
         return "bf16" if cpu_supports_bf16() and image_size >= CPU_BF16_MIN_IMAGE_SIZE else "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -1,7 +1,8 @@
 """Data pre-flight: check every file of an image folder before hours of training (or an evaluation) start.
 
 Training calls `apply_preflight` automatically for `data.source: folder` (turn it off with
-`--data.preflight false`); the evaluator calls `preflight_folder(root, ...)` on its folder:
+`--data.preflight false`); `facetrain.eval` and `identify`'s gallery enrolment run the same decode check on
+exactly the files they read (`check_files`, with `--bad-images error|skip`):
 
     accelerate launch -m facetrain.train --data.source folder --data.root /data/faces                 # error mode
     accelerate launch -m facetrain.train --data.source folder --data.root /data/faces --data.bad_images skip
@@ -52,9 +53,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from facetrain.data import IMAGE_EXTENSIONS, FaceSet
+from facetrain.data import FaceSet
 from facetrain.distributed import broadcast_object
 from facetrain.errors import UserError
+from facetrain.images import IMAGE_EXTENSIONS
 
 # Problem key -> (label in the summary table, what facetrain does). REFUSED follow data.bad_images.
 REFUSED = {
@@ -186,13 +188,15 @@ class PreflightReport:
         (out / "preflight.json").write_text(json.dumps(self.to_dict(), indent=2))
         (out / "preflight.txt").write_text(self.text())
 
-    def error_message(self, policy_key: str = "data.bad_images", saved_to: Path | None = None) -> str:
+    def error_message(self, policy_key: str = "data.bad_images", saved_to: Path | None = None,
+                      remedy: str = "") -> str:
         """One line: how many files are refused, which (the first LIST_IN_MESSAGE), and what to do."""
         shown = "; ".join(f"{b['path']} ({b['problem']})" for b in self.bad[:LIST_IN_MESSAGE])
         more = f"; and {len(self.bad) - LIST_IN_MESSAGE} more" if len(self.bad) > LIST_IN_MESSAGE else ""
         where = f" (full list: {saved_to})" if saved_to else ""
+        remedy = remedy or f"set {policy_key}: skip to train without them"
         return (f"{self.root}: {len(self.bad)} image(s) cannot be used: {shown}{more}{where}; fix or remove them, "
-                f"or set {policy_key}: skip to train without them")
+                f"or {remedy}")
 
 
 def _identity_folders(base: Path) -> tuple[list[Path], list[dict]]:
@@ -206,6 +210,44 @@ def _identity_folders(base: Path) -> tuple[list[Path], list[dict]]:
         else:
             stray.append({"path": str(p), "problem": "ignored", "detail": "file outside identity folders"})
     return folders, stray
+
+
+def _check_all(paths: list[str], max_image_pixels: int, console: Console | None, progress: bool,
+               threads: int | None) -> dict[str, FileCheck]:
+    """`check_image` of every path, in a thread pool, with a progress bar on a terminal."""
+    threads = threads or min(32, 4 * (os.cpu_count() or 1))  # decoding releases the GIL; I/O latency hides too
+    console = console or Console(highlight=False)
+    bar = Progress(TextColumn("[bold]pre-flight"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=console, transient=True, disable=not (progress and console.is_terminal))
+    results: dict[str, FileCheck] = {}
+    # warnings.catch_warnings is not thread-safe: silence PIL (bomb, EXIF, palette warnings) around the pool
+    with bar, warnings.catch_warnings(), ThreadPoolExecutor(threads) as pool:
+        warnings.simplefilter("ignore")
+        task = bar.add_task("pre-flight", total=len(paths))
+        for res in pool.map(lambda p: check_image(p, max_image_pixels), paths):
+            results[res.path] = res
+            bar.advance(task)
+    return results
+
+
+def check_files(paths: list[str], max_image_pixels: int, what: str, console: Console | None = None,
+                progress: bool = True) -> PreflightReport:
+    """The pre-flight's decode check of exactly the files an evaluation or a gallery enrolment will read:
+    every refused file is listed in `report.bad` at once (the callers apply `--bad-images`)."""
+    start = time.perf_counter()
+    results = _check_all(list(dict.fromkeys(paths)), max_image_pixels, console, progress, None)
+    report = PreflightReport(what, max_image_pixels)
+    modes: Counter = Counter()
+    for res in results.values():
+        if res.problem is None:
+            modes[res.mode] += 1
+        else:
+            report.bad.append({"path": res.path, "problem": res.problem, "detail": res.detail})
+    report.images = sum(modes.values())
+    report.modes = dict(sorted(modes.items()))
+    report.bad.sort(key=lambda r: r["path"])
+    report.seconds = time.perf_counter() - start
+    return report
 
 
 def scan(root: str | Path, max_image_pixels: int, console: Console | None = None, progress: bool = True,
@@ -229,18 +271,7 @@ def scan(root: str | Path, max_image_pixels: int, console: Console | None = None
             else:
                 others.append(str(f))
     todo = [p for files in images.values() for p in files] + others
-    threads = threads or min(32, 4 * (os.cpu_count() or 1))  # decoding releases the GIL; I/O latency hides too
-    console = console or Console(highlight=False)
-    bar = Progress(TextColumn("[bold]pre-flight"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=console, transient=True, disable=not (progress and console.is_terminal))
-    results: dict[str, FileCheck] = {}
-    # warnings.catch_warnings is not thread-safe: silence PIL (bomb, EXIF, palette warnings) around the pool
-    with bar, warnings.catch_warnings(), ThreadPoolExecutor(threads) as pool:
-        warnings.simplefilter("ignore")
-        task = bar.add_task("pre-flight", total=len(todo))
-        for res in pool.map(lambda p: check_image(p, max_image_pixels), todo):
-            results[res.path] = res
-            bar.advance(task)
+    results = _check_all(todo, max_image_pixels, console, progress, threads)
 
     report = PreflightReport(str(root), max_image_pixels)
     modes: Counter = Counter()
@@ -285,22 +316,6 @@ def enforce(report: PreflightReport, policy: str, policy_key: str = "data.bad_im
     """`error`: raise a UserError naming the refused files; `skip`: nothing (the caller drops report.bad_paths)."""
     if report.bad and policy == "error":
         raise UserError(report.error_message(policy_key, saved_to))
-
-
-def preflight_folder(root: str | Path, max_image_pixels: int, bad_images: str = "error",
-                     out_dir: str | Path | None = None, console: Console | None = None, progress: bool = True,
-                     policy_key: str = "data.bad_images") -> PreflightReport:
-    """Scan `root`, print the summary table, write preflight.json/txt into `out_dir` (if given) and apply the
-    policy. For callers outside training (the evaluator): drop `report.bad_paths` from what you load."""
-    console = console or Console(highlight=False)
-    report = scan(root, max_image_pixels, console=console, progress=progress)
-    console.print(report.table())
-    saved = None
-    if out_dir is not None:
-        report.write(out_dir)
-        saved = Path(out_dir) / "preflight.txt"
-    enforce(report, bad_images, policy_key, saved)
-    return report
 
 
 class _SubsetLoader:
@@ -356,5 +371,5 @@ def apply_preflight(faceset: FaceSet, data_cfg, out_dir: str | Path, accelerator
     return filtered
 
 
-__all__ = ["REFUSED", "NOTED", "FileCheck", "PreflightReport", "check_image", "scan", "enforce",
-           "preflight_folder", "without_files", "apply_preflight"]
+__all__ = ["REFUSED", "NOTED", "FileCheck", "PreflightReport", "check_image", "check_files", "scan", "enforce",
+           "without_files", "apply_preflight"]

@@ -5,26 +5,28 @@
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 -m facetrain.train --config X.yaml
     accelerate launch -m facetrain.train --config X.yaml --train.resume auto   # continue an interrupted run
 
-Options: --config FILE (YAML), then any --section.key value override (see facetrain/config.py), --debug.
+Options: --config FILE (YAML), then any --section.key value override (every key is listed below, with its type,
+default, valid values and meaning, from facetrain/config.py), --debug (show tracebacks).
 """
 
 from __future__ import annotations
 
 import os
 
-# Before torch loads (the OpenMP runtime reads it once): idle OpenMP threads sleep instead of spinning. Spinning
-# (the default) makes a process whose threads share cores with its DataLoader workers, other ranks or other jobs
-# wait out scheduler time slices at every parallel region: training measured 18x slower on a loaded 2-core CPU
-# (docs/performance.md). An OMP_WAIT_POLICY already in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads: how idle OpenMP threads wait (facetrain/threads.py; the environment's setting wins).
+from facetrain import threads
 
-from facetrain.config import load_config  # noqa: E402
+os.environ.update(threads.wait_policy())
+
+from facetrain.config import describe_keys, load_config  # noqa: E402
 from facetrain.errors import UserError, run_cli  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
+    if "-h" in argv or "--help" in argv:
         print(__doc__)
+        print("Keys (--section.key value on the command line, or nested by section in the YAML file):\n")
+        print(describe_keys())
         return 0
     config_file = None
     if "--config" in argv:

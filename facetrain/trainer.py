@@ -17,21 +17,21 @@ request (SIGUSR1/SIGTERM, or a file <output_dir>/STOP) finishes the step, writes
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from timm.utils import ModelEmaV3
 
 from facetrain import checkpoint as ckpt
-from facetrain.config import Config, save_config, to_dict
+from facetrain.alignment import recipe_of_folder
+from facetrain.config import VAL_FARS, Config, save_config, to_dict, val_metric_far
 from facetrain.data import (
     FaceDataset,
     ToModelInput,
@@ -42,19 +42,52 @@ from facetrain.data import (
     split_identities,
     train_transform,
 )
-from facetrain.distributed import any_rank, broadcast_object, gather_for_loss
+from facetrain.distributed import (
+    any_rank,
+    average_gradients,
+    broadcast_object,
+    check_identical,
+    convert_to_global_batchnorm,
+    gather_for_loss,
+)
 from facetrain.embed import embed_dataset
 from facetrain.errors import UserError
 from facetrain.guard import NonFiniteGuard
 from facetrain.losses import MetricLoss, check_names
-from facetrain.metrics import all_pairs_roc, verification_metrics
-from facetrain.model import create_model, inference_model, replace_dir, resolve_preprocess, write_bundle
-from facetrain.optim import create_optimizer, create_scheduler, resolve_preset
+from facetrain.metrics import all_pairs_roc, count_pairs, far_needed, verification_metrics
+from facetrain.model import create_model, inference_model, read_bundle_meta, resolve_preprocess
+from facetrain.optim import Schedule, create_optimizer, resolve_preset
 from facetrain.precision import resolve_mixed_precision
 from facetrain.progress import TrainProgress
 from facetrain.sampler import MPerClassBatchSampler
 
-LOWER_IS_BETTER = {"eer"}
+BN_RECOMPUTE_IMAGES = 512
+"""Schedule-free runs: training images whose BatchNorm statistics are recomputed for the averaged weights
+before each validation (the schedule-free authors' advice; a few hundred images give stable statistics)."""
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: torch.nn.Module, dataset, pre, batch_size: int, device, channels_last: bool) -> int:
+    """Replace the running statistics of `model`'s BatchNorm layers by their exact average over `dataset`
+    (every other layer in eval mode: no dropout, no RNG drawn). Returns the number of layers."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in layers]
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+        m.train()
+    to_input = ToModelInput(pre, device, channels_last)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    for images, _, _ in loader:
+        model(to_input(images))
+    for m, momentum in zip(layers, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
+    return len(layers)
 
 
 def compile_forward(model: torch.nn.Module):
@@ -109,345 +142,399 @@ def _steady_img_per_s(windows: list[tuple[int, int, float]]) -> float | None:
     return sum(w[1] for w in steady) / seconds if seconds > 0 else None
 
 
-def _metric_value(metrics: dict, name: str) -> float:
-    value = metrics.get(name)
-    if value is None:
-        return -math.inf
-    return -value if name in LOWER_IS_BETTER else value
+class Trainer:
+    """One training run. `run()` reads top to bottom; every part is a method a test can call on a tiny model:
 
+        setup_data()       the identity split and the P x m sampler (the run's length follows from them)
+        setup()            model, loss, optimizer, schedule, checkpointer, loaders, guard, outputs (+ resume)
+        train_step()       one optimizer step over train.grad_accum_steps micro-batches -> the loss (on device)
+        validate()         metrics of the eval-mode model on the validation identities (rank 0 scores)
+        after_validation() log, schedule on the metric, export the best bundle
+        save_checkpoint()  a full checkpoint of the current step, on every rank together
 
-def train(cfg: Config) -> dict:
-    t = cfg.train
-    resolve_preset(cfg.optim)
-    check_names(cfg.loss)
-    out = Path(t.output_dir)
+    `on_log(step)`: called at every log point after logging (a benchmark runs other variants there); its time is
+    left out of the training img/s."""
 
-    # ---- accelerator: precision, trackers, process group (created here, never at import time)
-    precision = resolve_mixed_precision(t.mixed_precision, cfg.data.image_size)
-    accelerator = Accelerator(mixed_precision=precision, log_with="tensorboard" if t.tensorboard else None,
-                              project_dir=str(out))
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    log = TrainProgress(enabled=main and t.progress, quiet=not main)
+    def __init__(self, cfg: Config, on_log: Callable[[int], None] | None = None):
+        self.cfg, self.t, self.on_log = cfg, cfg.train, on_log
+        resolve_preset(cfg.optim)
+        check_names(cfg.loss)
+        self.out = Path(self.t.output_dir)
+        # accelerator: precision, trackers, process group (created here, never at import time)
+        self.precision = resolve_mixed_precision(self.t.mixed_precision, cfg.data.image_size)
+        self.accelerator = Accelerator(mixed_precision=self.precision, project_dir=str(self.out),
+                                       log_with="tensorboard" if self.t.tensorboard else None)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.main = self.accelerator.is_main_process
+        self.log = TrainProgress(enabled=self.main and self.t.progress, quiet=not self.main)
+        self.state = {"step": 0, "best_metric": None, "best_step": None, "untrained": None, "bad_steps": 0}
+        """The loop's own state, saved as JSON in every checkpoint."""
+        self.last_metrics: dict | None = None
+        self.throughput: list[tuple[int, int, float]] = []  # (step, images, seconds) per log window
+        self._window = (time.perf_counter(), 0)
 
-    # ---- resume decision (before touching the output directory)
-    resume_from = None
-    if t.resume == "auto":
-        resume_from = ckpt.latest_checkpoint(out)
-    elif t.resume:
-        resume_from = Path(t.resume)
-    elif ckpt.latest_checkpoint(out) is not None:
-        raise UserError(f"train.output_dir: {out} already holds checkpoints; continue with --train.resume auto "
-                        "or choose another train.output_dir")
-    try:  # on every rank (exist_ok makes it race-free): a file or an unwritable path is a one-line error
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"train.output_dir: cannot create folder {out} ({err.strerror}); choose another "
-                        "train.output_dir") from None
+    # ------------------------------------------------------------------------------------------------ setup
 
-    # ---- data: split by identity, P x m sampler sharded by rank
-    faceset = build_faceset(cfg.data)
-    if cfg.data.preflight and faceset.paths is not None:
-        from facetrain.preflight import apply_preflight
+    def resume_point(self) -> Path | None:
+        """The checkpoint to continue from (train.resume), refused at once if it was written with other settings
+        or another identity split; before any data is read and before the output folder is touched."""
+        t, out = self.t, self.out
+        resume_from = None
+        if t.resume == "auto":
+            resume_from = ckpt.latest_checkpoint(out)
+        elif t.resume:
+            resume_from = Path(t.resume)
+        elif ckpt.latest_checkpoint(out) is not None:
+            raise UserError(f"train.output_dir: {out} already holds checkpoints; continue with --train.resume "
+                            "auto or choose another train.output_dir")
+        if resume_from is not None:
+            ckpt.check_compatible(resume_from, to_dict(self.cfg))
+        return resume_from
 
-        faceset = apply_preflight(faceset, cfg.data, out, accelerator)
-    train_ids, val_ids = split_identities(faceset, cfg.data)
-    train_idx, train_labels = faceset.subset(train_ids)
-    val_idx, val_labels = faceset.subset(val_ids)
-    sampler = MPerClassBatchSampler(train_labels, t.m, t.batch_size, world, rank, t.seed,
-                                    multiple_of=t.grad_accum_steps)
-    if sampler.excluded:
-        log.print(f"[yellow]warning:[/] {sampler.excluded} training identities have fewer than train.m={t.m} "
-                  "images and are not sampled")
-    steps_per_epoch = sampler.steps_per_epoch // t.grad_accum_steps
-    max_steps = t.max_steps or t.epochs * steps_per_epoch
+    def setup_data(self) -> None:
+        cfg, t = self.cfg, self.t
+        faceset = build_faceset(cfg.data)
+        if cfg.data.preflight and faceset.paths is not None:
+            from facetrain.preflight import apply_preflight
 
-    # ---- model, loss, optimizer, schedule
-    set_seed(t.seed)  # identical initial weights on every rank
-    model = create_model(cfg.model)
-    pre = resolve_preprocess(cfg.data, model)
-    cfg.data.mean, cfg.data.std = pre.mean, pre.std  # the resolved config records what was really used
-    loss_fn = MetricLoss(cfg.loss, num_classes=len(train_ids), embedding_dim=cfg.model.embedding_dim)
-    optimizer = create_optimizer(model, loss_fn, cfg.optim)
-    per_epoch = cfg.optim.scheduler_interval == "epoch"
-    scheduler = create_scheduler(optimizer, cfg.optim, math.ceil(max_steps / steps_per_epoch) if per_epoch
-                                 else max_steps)
-    if cfg.model.sync_bn and world > 1 and accelerator.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    loss_fn.to(accelerator.device)
-    raw_model = accelerator.unwrap_model(model)
-    fwd_model = compile_forward(model) if cfg.model.compile else model
-    # Weight EMA (train.ema_decay): validation and the exported best bundle use the averaged weights
-    ema = ModelEmaV3(raw_model, decay=t.ema_decay, use_warmup=True) if t.ema_decay > 0 else None
-    eval_model = ema.module if ema is not None else model
-    set_seed(t.seed + rank)  # per-rank streams for dropout / stochastic depth
+            faceset = apply_preflight(faceset, cfg.data, self.out, self.accelerator)
+        # how the training crops were aligned (a folder written by facetrain.align): eval, verify and identify
+        # align raw photos the same way, from the bundle's "alignment" entry
+        folder = cfg.data.source in ("folder", "hf") and cfg.data.root
+        self.alignment = recipe_of_folder(cfg.data.root) if folder else None
+        self.train_ids, self.val_ids = split_identities(faceset, cfg.data)
+        self.train_idx, self.train_labels = faceset.subset(self.train_ids)
+        self.val_idx, self.val_labels = faceset.subset(self.val_ids)
+        check_val_metric_resolvable(t.val_metric, self.val_labels)
+        self.faceset = faceset
+        self.sampler = MPerClassBatchSampler(self.train_labels, t.m, t.batch_size, self.world, self.rank, t.seed,
+                                             multiple_of=t.grad_accum_steps)
+        if self.sampler.excluded:
+            self.log.print(f"[yellow]warning:[/] {self.sampler.excluded} training identities have fewer than "
+                           f"train.m={t.m} images and are not sampled")
+        self.steps_per_epoch = self.sampler.steps_per_epoch // t.grad_accum_steps
+        self.max_steps = t.max_steps or t.epochs * self.steps_per_epoch
 
-    workers = t.num_workers if t.num_workers >= 0 else default_num_workers(world)
-    train_ds = FaceDataset(faceset, train_idx, train_labels, train_transform(pre, cfg.data.augment),
-                           cfg.data.bad_images)
-    val_ds = FaceDataset(faceset, val_idx, val_labels, eval_transform(pre), cfg.data.bad_images)
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                                         pin_memory=accelerator.device.type == "cuda",
-                                         persistent_workers=workers > 0,
-                                         # batches each worker keeps ready (DataLoader refuses it without workers)
-                                         prefetch_factor=t.prefetch_factor if workers > 0 else None,
-                                         # its own generator: creating an iterator draws a base seed, which
-                                         # must not consume the global RNG that dropout uses (exact resume)
-                                         generator=torch.Generator().manual_seed(t.seed))
-    to_input = ToModelInput(pre, accelerator.device, cfg.model.channels_last)  # uint8 batches -> model input
+    def setup_model(self) -> None:
+        cfg, t, acc = self.cfg, self.t, self.accelerator
+        set_seed(t.seed)  # identical initial weights on every rank
+        model = create_model(cfg.model)
+        self.pre = resolve_preprocess(cfg.data, model)
+        cfg.data.mean, cfg.data.std = self.pre.mean, self.pre.std  # the resolved config records what was used
+        self.loss_fn = MetricLoss(cfg.loss, num_classes=len(self.train_ids), embedding_dim=cfg.model.embedding_dim)
+        optimizer = create_optimizer(model, self.loss_fn, cfg.optim)
+        self.schedule = Schedule(optimizer, cfg.optim, self.steps_per_epoch, self.max_steps, t.val_metric)
+        if cfg.model.sync_bn and self.world > 1:  # BatchNorm statistics over the global batch, on any backend
+            convert_to_global_batchnorm(model)
+        self.model, self.optimizer = acc.prepare(model, optimizer)  # the DDP-wrapped network trains
+        self.loss_fn.to(acc.device)
+        self.net = acc.unwrap_model(self.model)  # the network itself: saved, restored, averaged
+        self.forward = compile_forward(self.model) if cfg.model.compile else self.model
+        # weight EMA (train.ema_decay): validation and the exported best bundle use the averaged weights
+        self.ema = ModelEmaV3(self.net, decay=t.ema_decay, use_warmup=True) if t.ema_decay > 0 else None
+        set_seed(t.seed + self.rank)  # per-rank streams for dropout / stochastic depth
+        self.loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        self.checkpointer = ckpt.Checkpointer(self.out, acc, self.net, self.optimizer, self.schedule, self.loss_fn,
+                                              self.ema, cfg.model, self.pre,
+                                              {"config": to_dict(cfg), "alignment": self.alignment}, t.keep_last,
+                                              cfg.debug.slow_save_s)
 
-    # ---- state, resume
-    state = {"step": 0, "best_metric": None, "best_step": None, "untrained": None, "bad_steps": 0}
-    if resume_from is not None:
-        weights, saved, rng = ckpt.load_train_state(resume_from, rank)
-        ckpt.check_compatible(resume_from, to_dict(cfg))
-        try:  # other differences (e.g. the identity count that sizes ArcFace's weights) surface here
-            raw_model.load_state_dict(weights)
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            loss_fn.load_state_dict(saved["loss"])
-            if ema is not None:  # a checkpoint of a run without EMA starts the average at its weights
-                ema.module.load_state_dict(saved.get("ema") or weights)
-            if accelerator.scaler is not None and saved.get("scaler"):
-                accelerator.scaler.load_state_dict(saved["scaler"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            first = str(err).strip().splitlines()[-1].strip()[:200]
-            raise UserError(f"train.resume: {resume_from} does not fit this run ({first}); resume with the run's "
-                            "own config (its config.yaml) or choose a new train.output_dir") from None
-        state.update(json.loads(saved["state_json"]))
-        ckpt.restore_rng(rng)
-        log.print(f"resumed from {resume_from} at step {state['step']}")
-    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
-    guard = NonFiniteGuard(optimizer, raw_model, params, accelerator, t.grad_clip, t.max_bad_steps,
-                           lambda message: log.print(f"[yellow]warning:[/] {message}"), state["bad_steps"])
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        (out / "done.json").unlink(missing_ok=True)
-        (out / "STOP").unlink(missing_ok=True)  # a stale request from a previous (requeued) run
-    accelerator.wait_for_everyone()
-    stop = StopRequest(out / "STOP")
-    if t.tensorboard:
-        accelerator.init_trackers("tb", config=_flat_hparams(cfg))
+    def setup_loaders(self) -> None:
+        cfg, t, acc = self.cfg, self.t, self.accelerator
+        self.workers = t.num_workers if t.num_workers >= 0 else default_num_workers(self.world)
+        train_ds = FaceDataset(self.faceset, self.train_idx, self.train_labels,
+                               train_transform(self.pre, cfg.data.augment), cfg.data.bad_images)
+        self.val_ds = FaceDataset(self.faceset, self.val_idx, self.val_labels, eval_transform(self.pre),
+                                  cfg.data.bad_images)
+        # schedule-free: training images (fixed, seeded) whose statistics BatchNorm recomputes before validation
+        pick = np.sort(np.random.default_rng(t.seed).permutation(len(self.train_idx))[:BN_RECOMPUTE_IMAGES])
+        self.bn_ds = FaceDataset(self.faceset, self.train_idx[pick], self.train_labels[pick],
+                                 eval_transform(self.pre), cfg.data.bad_images)
+        self.loader = torch.utils.data.DataLoader(
+            train_ds, batch_sampler=self.sampler, num_workers=self.workers, collate_fn=collate,
+            pin_memory=acc.device.type == "cuda", persistent_workers=self.workers > 0,
+            # batches each worker keeps ready (DataLoader refuses it without workers)
+            prefetch_factor=t.prefetch_factor if self.workers > 0 else None,
+            # its own generator: creating an iterator draws a base seed, which must not consume the global RNG
+            # that dropout uses (exact resume)
+            generator=torch.Generator().manual_seed(t.seed))
+        self.to_input = ToModelInput(self.pre, acc.device, cfg.model.channels_last)  # uint8 batch -> model input
 
-    log.print(f"facetrain: {len(train_ids)} train / {len(val_ids)} val identities, {len(train_idx)} / "
-              f"{len(val_idx)} images; {world} process(es), {precision} precision, global batch "
-              f"{t.batch_size * world} = {sampler.p_global} ids x {t.m}; {steps_per_epoch} steps/epoch, "
-              f"{max_steps} steps; output {out}")
+    def setup(self, resume_from: Path | None = None) -> None:
+        """Everything the loop needs after `setup_data`; `resume_from` (a checkpoint) restores the run's state."""
+        self.setup_model()
+        self.setup_loaders()
+        if resume_from is not None:
+            self.state.update(self.checkpointer.restore(resume_from))
+            self.log.print(f"resumed from {resume_from} at step {self.state['step']}")
+        params = [p for p in self.model.parameters() if p.requires_grad] + self.loss_params
+        self.guard = NonFiniteGuard(self.optimizer, self.net, params, self.accelerator, self.t.grad_clip,
+                                    self.t.max_bad_steps, self._warn, self.state["bad_steps"])
+        self._start_outputs()
 
-    schedule_free = hasattr(optimizer, "eval") and hasattr(optimizer, "train") and "schedulefree" in \
-        cfg.optim.name
+    # ------------------------------------------------------------------------------------------------ parts
 
-    def set_train_mode(training: bool) -> None:
-        model.train(training)
-        if schedule_free:  # schedule-free keeps two weight sequences; eval() selects the averaged one
-            optimizer.train() if training else optimizer.eval()
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What validation scores and the best bundle holds: the EMA average, else the network."""
+        return self.ema.module if self.ema is not None else self.net
 
-    def validate() -> dict:
-        set_train_mode(False)
+    def set_train_mode(self, training: bool) -> None:
+        self.schedule.set_mode(self.model, training)  # schedule-free: eval mode holds the averaged weights
+
+    def train_step(self, batches) -> torch.Tensor:
+        """One optimizer step on the next train.grad_accum_steps micro-batches of `batches`; returns the
+        global-batch loss (a device tensor: reading it is a host sync). The step is skipped by the guard when
+        the loss or a gradient is not finite."""
+        t, acc, step = self.t, self.accelerator, self.state["step"]
+        loss_sum = torch.zeros((), device=acc.device)
+        for micro in range(t.grad_accum_steps):
+            images, labels, positions = next(batches)
+            if self.sample_log is not None:
+                self.sample_log.write(json.dumps({"step": step, "micro": micro,
+                                                  "positions": positions.tolist()}) + "\n")
+            images = self.to_input(images)
+            labels = labels.to(acc.device, non_blocking=True)
+            last_micro = micro == t.grad_accum_steps - 1
+            with (nullcontext() if last_micro else acc.no_sync(self.model)), acc.autocast():
+                all_emb, all_labels = gather_for_loss(self.forward(images), labels, acc)
+                loss = self.loss_fn(all_emb, all_labels)
+            if step == self.cfg.debug.inject_nan_at:
+                loss = loss * float("nan")
+            acc.backward(loss / t.grad_accum_steps)
+            loss_sum += loss.detach()
+        average_gradients(self.loss_params, acc)  # DDP averages the model's gradients; these are the loss's own
+        loss_value = loss_sum / t.grad_accum_steps
+        self.guard.step(loss_value, step)  # skips the update if the loss or a gradient is non-finite
+        if self.ema is not None:  # (after a skipped step the weights are unchanged: the average stays put)
+            self.ema.update(self.net, step=step + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["step"] = step + 1
+        self.schedule.after_step(step + 1)
+        return loss_value
+
+    def validate(self) -> dict:
+        """Metrics of the model in eval mode; the caller exports it as it is, then calls set_train_mode(True)
+        (schedule-free: the averaged weights are in the model only until then)."""
+        cfg, t, acc = self.cfg, self.t, self.accelerator
+        self.set_train_mode(False)
+        if self.schedule.schedule_free and not cfg.model.freeze_bn:
+            # the running statistics were gathered with the training sequence's weights, not the average's
+            recompute_batchnorm(self.eval_model, self.bn_ds, self.pre, t.val_batch_size, acc.device,
+                                cfg.model.channels_last)
         # BatchNorm folded into a copy of the weights (model.fold_batchnorm): faster, same embeddings
-        infer = inference_model(eval_model, pre.image_size, len(val_ds), cfg.model.fold_batchnorm)
-        emb = embed_dataset(infer, val_ds, pre, t.val_batch_size, accelerator, num_workers=workers,
+        infer = inference_model(self.eval_model, self.pre.image_size, len(self.val_ds), cfg.model.fold_batchnorm)
+        emb = embed_dataset(infer, self.val_ds, self.pre, t.val_batch_size, acc, num_workers=self.workers,
                             channels_last=cfg.model.channels_last)
         metrics = None
-        if main:
-            metrics = verification_metrics(all_pairs_roc(emb, torch.as_tensor(val_labels)))
-        set_train_mode(True)
-        return broadcast_object(metrics, accelerator)
+        if self.main:
+            metrics = verification_metrics(all_pairs_roc(emb, torch.as_tensor(self.val_labels)))
+        return broadcast_object(metrics, acc)
 
-    def export_best(metrics: dict) -> None:
-        if not main:
-            return
-        tmp = out / "bundle.tmp"
-        try:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            write_bundle(tmp, eval_model if ema is not None else raw_model, cfg.model, pre,
-                         {"step": state["step"], "val_metrics": metrics, "config": to_dict(cfg)})
-            replace_dir(tmp, out / "bundle")
-        except Exception as err:  # a full disk raises SafetensorError, not OSError
-            raise UserError(f"bundle: cannot write {tmp} ({ckpt.write_error_reason(err, tmp)}); the previous best "
-                            "model is kept: free disk space and rerun with --train.resume auto") from err
-
-    def save_checkpoint() -> Path:
-        guard.check()  # skipped steps reported (a diverged run stops here) before their count is saved
-        state["bad_steps"] = guard.bad_steps
-        set_train_mode(False)
-        tmp = ckpt.tmp_dir_for(out, state["step"])
-        # never write NaN/inf into a checkpoint (the state is identical on every rank: all stop here together)
-        nonfinite = ckpt.nonfinite_tensors(raw_model.state_dict(), loss_fn.state_dict())
-        if nonfinite:
-            raise UserError(f"checkpoint: step {state['step']}: non-finite values in {nonfinite[0]} "
-                            f"({len(nonfinite)} tensor(s)), not written; the last good checkpoint is "
-                            f"{ckpt.latest_checkpoint(out) or '(none)'}: rerun with --train.resume auto and a lower "
-                            "optim.lr or train.grad_clip")
-        error = None
-        try:
-            if main:
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                tmp.mkdir(parents=True)
-        except OSError as err:
-            error = err
-        accelerator.wait_for_everyone()
-        try:
-            if error is None:
-                ckpt.write_rng(tmp, rank)
-                if main:
-                    write_bundle(tmp, raw_model, cfg.model, pre, {"step": state["step"], "config": to_dict(cfg)})
-                    ckpt.write_train_state(tmp, {
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "loss": loss_fn.state_dict(),
-                        "ema": ema.module.state_dict() if ema is not None else None,
-                        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                        "state_json": json.dumps(state),
-                    })
-        except Exception as err:  # a full disk raises SafetensorError / RuntimeError here, not OSError
-            error = err
-        accelerator.wait_for_everyone()
-        failed = any_rank(error is not None, accelerator)
-        if failed:
-            reason = ckpt.write_error_reason(error, tmp) if error is not None else "failed on another rank"
-            if main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            previous = ckpt.latest_checkpoint(out)
-            raise UserError(f"checkpoint: cannot write {tmp} ({reason}); the previous checkpoint "
-                            f"{previous or '(none)'} is kept: free disk space and rerun with --train.resume auto"
-                            ) from error
-        try:
-            final = ckpt.finalize(tmp, t.keep_last) if main else tmp
-        except OSError as err:
-            raise UserError(f"checkpoint: cannot finish {tmp} ({err.strerror or err}); the previous checkpoint "
-                            f"{ckpt.latest_checkpoint(out) or '(none)'} is kept: free disk space and rerun with "
-                            "--train.resume auto") from err
-        accelerator.wait_for_everyone()
-        set_train_mode(True)
-        return final
-
-    def after_validation(metrics: dict) -> None:
-        value = _metric_value(metrics, t.val_metric)
-        accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
-                        step=state["step"])
-        if cfg.optim.scheduler == "plateau":
-            scheduler.step(value)
-        improved = state["best_metric"] is None or value > state["best_metric"]
+    def after_validation(self, metrics: dict) -> bool:
+        """Log the metrics, give the schedule its metric, export the model if it is the best so far; True then."""
+        t, state = self.t, self.state
+        value = metrics.get(t.val_metric)  # None when validation could not compute it (never for auc / eer)
+        self.accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
+                             step=state["step"])
+        if value is not None:
+            self.schedule.after_validation(value)
+        best = state["best_metric"]
+        better = value is not None and (best is None or (value < best if self.schedule.decreasing else value > best))
+        improved = better or state["best_step"] is None  # the first validation always gives a bundle
         if improved:
             state["best_metric"], state["best_step"] = value, state["step"]
-            export_best(metrics)
-        extra = "" if t.val_metric in ("auc", "eer") else f" {t.val_metric} {metrics.get(t.val_metric)}"
-        log.print(f"step {state['step']}: val auc {metrics['auc']:.4f} eer {metrics['eer']:.4f}{extra}"
-                  + ("  \\[best]" if improved else ""))
+            self.checkpointer.export_best(self.eval_model, state["step"], metrics)
+        extra = "" if t.val_metric in ("auc", "eer") else f" {t.val_metric} {value}"
+        self.log.print(f"step {state['step']}: val auc {metrics['auc']:.4f} eer {metrics['eer']:.4f}{extra}"
+                       + ("  \\[best]" if improved else ""))
+        return improved
 
-    # ---- untrained baseline, so every run reports how much training added
-    set_train_mode(True)
-    if state["untrained"] is None:
-        state["untrained"] = validate()
-        log.print(f"untrained model: val auc {state['untrained']['auc']:.4f} eer {state['untrained']['eer']:.4f}")
+    def save_checkpoint(self) -> Path:
+        self.guard.check()  # skipped steps reported (a diverged run stops here) before their count is saved
+        self.state["bad_steps"] = self.guard.bad_steps
+        check_identical(self.loss_fn.state_dict(), self.accelerator, "the loss's parameters")
+        self.set_train_mode(False)
+        final = self.checkpointer.save(self.state)
+        self.set_train_mode(True)
+        return final
 
-    # ---- the loop
-    sample_log = None
-    if t.record_samples:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        sample_log = open(out / "samples" / f"rank{rank}.jsonl", "a", buffering=1)
-    last_metrics = None
-    stopped = False
-    window_start, window_images = time.perf_counter(), 0
-    throughput = []  # (step, images, seconds) per log window: the training img/s, for bench/train_throughput.py
-    # Test hook (tests/test_robustness.py): FACETRAIN_TEST_FAIL_RANK=r with FACETRAIN_TEST_FAIL_STEP=s makes rank
-    # r raise at step s, to check that the other ranks then stop promptly too.
-    fail_rank = int(os.environ.get("FACETRAIN_TEST_FAIL_RANK", "-1"))
-    fail_step = int(os.environ.get("FACETRAIN_TEST_FAIL_STEP", "-1"))
-    log.start(total=max_steps, completed=state["step"])
-    while state["step"] < max_steps and not stopped:
-        epoch, step_in_epoch = divmod(state["step"], steps_per_epoch)
-        sampler.set_epoch(epoch, start=step_in_epoch * t.grad_accum_steps)
-        batches = iter(loader)
-        for _ in range(min(steps_per_epoch - step_in_epoch, max_steps - state["step"])):
-            if rank == fail_rank and state["step"] == fail_step:
-                raise RuntimeError(f"injected failure on rank {rank} at step {state['step']} (test hook)")
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for micro in range(t.grad_accum_steps):
-                images, labels, positions = next(batches)
-                if sample_log is not None:
-                    sample_log.write(json.dumps({"step": state["step"], "micro": micro,
-                                                 "positions": positions.tolist()}) + "\n")
-                images = to_input(images)
-                labels = labels.to(accelerator.device, non_blocking=True)
-                last_micro = micro == t.grad_accum_steps - 1
-                with (nullcontext() if last_micro else accelerator.no_sync(model)), accelerator.autocast():
-                    emb = fwd_model(images)
-                    all_emb, all_labels = gather_for_loss(emb, labels, accelerator)
-                    loss = loss_fn(all_emb, all_labels)
-                if state["step"] == t.inject_nan_at:
-                    loss = loss * float("nan")
-                accelerator.backward(loss / t.grad_accum_steps)
-                loss_sum += loss.detach()
-            loss_value = loss_sum / t.grad_accum_steps
-            guard.step(loss_value, state["step"])  # skips the update if the loss or a gradient is non-finite
-            if ema is not None:  # (after a skipped step the weights are unchanged: the average stays put)
-                ema.update(raw_model, step=state["step"] + 1)
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            window_images += t.batch_size * world * t.grad_accum_steps
-            if not per_epoch and cfg.optim.scheduler != "plateau":
-                scheduler.step()
-            elif per_epoch and cfg.optim.scheduler != "plateau" and state["step"] % steps_per_epoch == 0:
-                scheduler.step()
+    def log_step(self, step: int, loss: torch.Tensor) -> None:
+        """Loss, learning rate and img/s of the window since the last log point (a host sync)."""
+        start, images = self._window
+        now = time.perf_counter()
+        ips = images / max(now - start, 1e-9)
+        self.throughput.append((step, images, now - start))
+        value = loss.item()
+        self.accelerator.log({"train/loss": value, "train/lr": self.optimizer.param_groups[0]["lr"],
+                              "train/img_per_s": ips}, step=step)
+        self.log.update(step, loss=value, ips=ips)
+        if self.on_log is not None:
+            self.on_log(step)
+        self._window = (time.perf_counter(), 0)  # logging's (and on_log's) own time is not training
 
-            step = state["step"]
-            log_now = step % t.log_every == 0 or step == max_steps
-            end_of_epoch = step % steps_per_epoch == 0
-            val_now = (t.val_every and step % t.val_every == 0) or (not t.val_every and end_of_epoch) \
-                or step == max_steps
-            ckpt_now = step % t.ckpt_every == 0 or step == max_steps
-            if log_now or val_now:  # the loop's host syncs (and save_checkpoint): report skipped steps
-                guard.check()
-            if log_now:
-                now = time.perf_counter()
-                ips = window_images / max(now - window_start, 1e-9)
-                throughput.append((step, window_images, now - window_start))
-                lr = optimizer.param_groups[0]["lr"]
-                accelerator.log({"train/loss": loss_value.item(), "train/lr": lr, "train/img_per_s": ips},
-                                step=step)
-                log.update(step, loss=loss_value.item(), ips=ips)
-                window_start, window_images = now, 0  # logging's own cost counts in the next window
-            else:
-                log.advance(step)
-            if val_now:
-                last_metrics = validate()
-                after_validation(last_metrics)
-                window_start, window_images = time.perf_counter(), 0  # img/s measures training only
-            # Stop requests: with several processes, agreeing on one is a collective (a host sync), so it is
-            # only asked on log steps (train.log_every; Slurm warns minutes ahead); alone, on every step.
-            ask = world == 1 or log_now or step == t.stop_at_step
-            if ask and any_rank(stop.local() or step == t.stop_at_step, accelerator):
-                stopped = step < max_steps
-                if stopped:
-                    final = save_checkpoint()
-                    log.print(f"stop requested: checkpoint {final} written at step {step}; "
-                              "continue with --train.resume auto")
-                    break
-            if ckpt_now:
-                save_checkpoint()
-    log.stop()
-    if sample_log is not None:
-        sample_log.close()
+    def stop_agreed(self, step: int, log_now: bool) -> bool:
+        """A stop request (signal, STOP file, debug.stop_at_step) on any rank. With several processes agreeing is
+        a collective (a host sync), so it is only asked on log steps (Slurm warns minutes ahead)."""
+        at = step == self.cfg.debug.stop_at_step
+        if not (self.world == 1 or log_now or at):
+            return False
+        return any_rank(self.stop.local() or at, self.accelerator)
 
-    summary = {"step": state["step"], "max_steps": max_steps, "stopped": stopped,
-               "untrained": state["untrained"], "final": last_metrics,
-               "best_step": state["best_step"], "best_metric_name": t.val_metric,
-               "best_metric": None if state["best_metric"] is None else abs(state["best_metric"]),
-               "bundle": str(out / "bundle"), "output_dir": str(out),
-               # steady-state training img/s: every log window but the first (DataLoader start-up)
-               "img_per_s": _steady_img_per_s(throughput), "throughput": throughput}
-    if main and not stopped:
-        (out / "done.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "throughput"},
-                                                  indent=2))
-        u, f = state["untrained"], last_metrics
-        log.print(f"done: {state['step']} steps. val auc untrained {u['auc']:.4f} -> trained {f['auc']:.4f}, "
-                  f"eer {u['eer']:.4f} -> {f['eer']:.4f}. best model: {out / 'bundle'}; "
-                  f"TensorBoard: tensorboard --logdir {out / 'tb'}")
-    accelerator.end_training()
-    return summary
+    # ------------------------------------------------------------------------------------------------ the run
+
+    def run(self) -> dict:
+        resume_from = self.resume_point()
+        if resume_from is not None:
+            finished = _finished_run(self.out, resume_from, self.cfg)
+            if finished is not None:  # nothing to train, nothing rewritten (done.json, config.yaml, bundle stay)
+                self.log.print(f"train.resume: {self.out} is complete (step {finished['step']} of "
+                               f"{finished['max_steps']}); nothing to do. To train longer, raise train.max_steps "
+                               "or train.epochs")
+                return finished
+        self._make_output_dir()
+        self.setup_data()
+        if resume_from is not None and (read_bundle_meta(resume_from).get("step") or 0) >= self.max_steps:
+            step = read_bundle_meta(resume_from)["step"]  # train.max_steps / epochs lowered to or below it
+            self.log.print(f"train.resume: {resume_from} is at step {step}, the run has {self.max_steps} steps; "
+                           "nothing to do. To train longer, raise train.max_steps or train.epochs")
+            return {"step": step, "max_steps": self.max_steps, "stopped": False, "already_complete": True}
+        self.setup(resume_from)
+        if self.state["untrained"] is None:  # every run reports how much training added
+            self.state["untrained"] = self.validate()
+            self.log.print(f"untrained model: val auc {self.state['untrained']['auc']:.4f} eer "
+                           f"{self.state['untrained']['eer']:.4f}")
+        self.set_train_mode(True)
+        stopped = self.loop()
+        return self.finish(stopped)
+
+    def loop(self) -> bool:
+        """Train to max_steps or a stop request; True if it stopped early (a checkpoint was written)."""
+        t, state = self.t, self.state
+        self.log.start(total=self.max_steps, completed=state["step"])
+        self._window = (time.perf_counter(), 0)
+        try:
+            while state["step"] < self.max_steps:
+                epoch, step_in_epoch = divmod(state["step"], self.steps_per_epoch)
+                self.sampler.set_epoch(epoch, start=step_in_epoch * t.grad_accum_steps)
+                batches = iter(self.loader)
+                for _ in range(min(self.steps_per_epoch - step_in_epoch, self.max_steps - state["step"])):
+                    if self.rank == self.cfg.debug.fail_rank and state["step"] == self.cfg.debug.fail_step:
+                        raise RuntimeError(f"injected failure on rank {self.rank} at step {state['step']} "
+                                           "(debug.fail_rank)")
+                    loss = self.train_step(batches)
+                    self._window = (self._window[0], self._window[1] + t.batch_size * self.world * t.grad_accum_steps)
+                    step = state["step"]
+                    last = step == self.max_steps
+                    log_now = step % t.log_every == 0 or last
+                    val_now = (step % t.val_every == 0 if t.val_every else step % self.steps_per_epoch == 0) or last
+                    if log_now or val_now:  # the loop's host syncs (and save_checkpoint): report skipped steps
+                        self.guard.check()
+                    if log_now:
+                        self.log_step(step, loss)
+                    else:
+                        self.log.advance(step)
+                    if val_now:
+                        self.last_metrics = self.validate()
+                        self.after_validation(self.last_metrics)  # exports the validated weights as they are
+                        self.set_train_mode(True)
+                        self._window = (time.perf_counter(), 0)  # img/s measures training only
+                    if self.stop_agreed(step, log_now) and not last:
+                        final = self.save_checkpoint()
+                        self.log.print(f"stop requested: checkpoint {final} written at step {step}; continue "
+                                       "with --train.resume auto")
+                        return True
+                    if step % t.ckpt_every == 0 or last:
+                        self.save_checkpoint()
+            return False
+        finally:
+            self.log.stop()
+            if self.sample_log is not None:
+                self.sample_log.close()
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    def _warn(self, message: str) -> None:
+        self.log.print(f"[yellow]warning:[/] {message}")
+
+    def _make_output_dir(self) -> None:
+        try:  # on every rank (exist_ok makes it race-free): a file or an unwritable path is a one-line error
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"train.output_dir: cannot create folder {self.out} ({err.strerror}); choose another "
+                            "train.output_dir") from None
+
+    def _start_outputs(self) -> None:
+        """config.yaml, TensorBoard, the stop request, the audit log; the run's first lines."""
+        cfg, t, out = self.cfg, self.t, self.out
+        if self.main:
+            save_config(cfg, out / "config.yaml")
+            (out / "done.json").unlink(missing_ok=True)
+            (out / "STOP").unlink(missing_ok=True)  # a stale request from a previous (requeued) run
+        self.accelerator.wait_for_everyone()
+        self.stop = StopRequest(out / "STOP")
+        if t.tensorboard:
+            self.accelerator.init_trackers("tb", config=_flat_hparams(cfg))
+        self.sample_log = None
+        if cfg.debug.record_samples:
+            (out / "samples").mkdir(parents=True, exist_ok=True)
+            self.sample_log = open(out / "samples" / f"rank{self.rank}.jsonl", "a", buffering=1)
+        for note in self.schedule.notes:
+            self._warn(note)
+        self.log.print(f"facetrain: {len(self.train_ids)} train / {len(self.val_ids)} val identities, "
+                       f"{len(self.train_idx)} / {len(self.val_idx)} images; {self.world} process(es), "
+                       f"{self.precision} precision, global batch {t.batch_size * self.world} = "
+                       f"{self.sampler.p_global} ids x {t.m}; {self.steps_per_epoch} steps/epoch, "
+                       f"{self.max_steps} steps; output {out}")
+
+    def finish(self, stopped: bool) -> dict:
+        """The run's summary (and done.json when it completed)."""
+        state, out = self.state, self.out
+        summary = {"step": state["step"], "max_steps": self.max_steps, "stopped": stopped,
+                   "untrained": state["untrained"], "final": self.last_metrics,
+                   "best_step": state["best_step"], "best_metric_name": self.t.val_metric,
+                   "best_metric": state["best_metric"], "bundle": str(out / "bundle"), "output_dir": str(out),
+                   # steady-state training img/s: every log window but the first (DataLoader start-up)
+                   "img_per_s": _steady_img_per_s(self.throughput), "throughput": self.throughput}
+        if self.main and not stopped:
+            (out / "done.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "throughput"},
+                                                      indent=2))
+            u, f = state["untrained"], self.last_metrics
+            self.log.print(f"done: {state['step']} steps. val auc untrained {u['auc']:.4f} -> trained "
+                           f"{f['auc']:.4f}, eer {u['eer']:.4f} -> {f['eer']:.4f}. best model: {out / 'bundle'}; "
+                           f"TensorBoard: tensorboard --logdir {out / 'tb'}")
+        self.accelerator.end_training()
+        return summary
+
+
+def train(cfg: Config, on_log: Callable[[int], None] | None = None) -> dict:
+    """Run one training job (see `Trainer`); returns its summary."""
+    return Trainer(cfg, on_log).run()
+
+
+def check_val_metric_resolvable(val_metric: str, val_labels: np.ndarray) -> None:
+    """TAR at FAR f needs >= 1/f impostor pairs, else it is never resolved: stop before training."""
+    far = val_metric_far(val_metric)
+    n_impostor = count_pairs(val_labels)[1]
+    if far is not None and n_impostor < far_needed(far):
+        usable = [f"tar@far={f:.0e}" for f in VAL_FARS if n_impostor >= far_needed(f)] + ["auc", "eer"]
+        raise UserError(f"train.val_metric: {val_metric} needs >= {far_needed(far):,} impostor pairs, but the "
+                        f"{len(np.unique(val_labels))} validation identities ({len(val_labels)} images) give "
+                        f"{n_impostor:,}; choose {', '.join(usable)}, or hold out more identities "
+                        "(data.val_identities)")
+
+
+def _finished_run(out: Path, checkpoint: Path, cfg: Config) -> dict | None:
+    """The done.json of a run that finished at `checkpoint` under the same run length, else None."""
+    done_file = out / "done.json"
+    if not done_file.is_file():
+        return None
+    try:
+        done = json.loads(done_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    saved = (read_bundle_meta(checkpoint).get("config") or {}).get("train", {})
+    same_length = all(saved.get(k) == getattr(cfg.train, k) for k in ("max_steps", "epochs", "grad_accum_steps"))
+    if not same_length or done.get("step") != read_bundle_meta(checkpoint).get("step"):
+        return None
+    return {**done, "already_complete": True}

@@ -7,7 +7,7 @@
 Prints the cosine similarity of the two embeddings (-1..1, higher = more alike) and the decision "same person
 if similarity >= threshold". The threshold is the one `facetrain.eval` calibrated into the bundle for a target
 false-accept rate; without one (and without --threshold) only the similarity is printed, with a note saying
-how to calibrate. Images go through exactly the evaluator's preprocessing (`evaluate.Embedder`), including
+how to calibrate. Images go through exactly the evaluator's preprocessing (`embed.Embedder`), including
 the flip test when the threshold was calibrated with it. Exit status 0 whatever the decision; errors exit 2.
 """
 
@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 
-# Before torch loads: idle OpenMP threads sleep instead of spinning, so DataLoader workers and other processes
-# get the cores in between (why: facetrain/train.py). An OMP_WAIT_POLICY already in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads: how idle OpenMP threads wait (facetrain/threads.py; the environment's setting wins).
+from facetrain import threads
+
+os.environ.update(threads.wait_policy())
 import json
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from facetrain.errors import run_cli
 
 
 def build_parser():
-    from facetrain.evaluate import ArgumentParser
+    from facetrain.cli import ArgumentParser, add_embedding_options
 
     p = ArgumentParser(prog="facetrain.verify", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,14 +40,19 @@ def build_parser():
                    help="flip test (default: as used when the bundle's threshold was calibrated)")
     p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_embedding_options(p, "the two images")
     return p
 
 
-def load_embedder(model: str | Path, flip: bool | None = None, mixed_precision: str = "auto"):
-    """The evaluator's Embedder for a bundle; flip defaults to what the bundle's threshold was calibrated with."""
-    from facetrain.evaluate import Embedder
+def load_embedder(model: str | Path, flip: bool | None = None, mixed_precision: str = "auto", aligned: bool = False,
+                  backend: str = "torch"):
+    """The evaluator's Embedder for a bundle; flip defaults to what the bundle's threshold was calibrated with.
+    aligned=True: the images are crops already (the bundle's alignment recipe is not applied). backend
+    "onnxruntime": an exported model.onnx instead (`embed.load_embedder`)."""
+    from facetrain.embed import load_embedder as load
 
-    return Embedder.load(model, batch_size=2, num_workers=0, flip=flip, mixed_precision=mixed_precision)
+    return load(backend, model, batch_size=2, num_workers=0, flip=flip, mixed_precision=mixed_precision,
+                aligned=aligned)
 
 
 def embed_pair(embedder, image_a: str, image_b: str):
@@ -55,13 +61,13 @@ def embed_pair(embedder, image_a: str, image_b: str):
 
 
 def verify(model: str, image_a: str, image_b: str, threshold: float | None = None, flip: bool | None = None,
-           mixed_precision: str = "auto") -> dict:
+           mixed_precision: str = "auto", aligned: bool = False, backend: str = "torch") -> dict:
     """Similarity and decision for one pair of image files (the result `--json` prints)."""
-    from facetrain.evaluate import require_files
+    from facetrain.cli import require_files
     from facetrain.metrics import pair_scores
 
     require_files([image_a, image_b], "facetrain.verify")  # before the model loads: a typo fails fast
-    embedder = load_embedder(model, flip, mixed_precision)
+    embedder = load_embedder(model, flip, mixed_precision, aligned, backend)
     emb = embed_pair(embedder, image_a, image_b)
     similarity = float(pair_scores(emb[:1], emb[1:])[0])
     meta = embedder.meta
@@ -75,7 +81,7 @@ def verify(model: str, image_a: str, image_b: str, threshold: float | None = Non
         "image_a": image_a, "image_b": image_b, "similarity": similarity,
         "threshold": threshold, "threshold_source": source, "threshold_far": far,
         "same": None if threshold is None else bool(similarity >= threshold),
-        "model": str(embedder.path), "flip": embedder.flip,
+        "model": str(embedder.path), "flip": embedder.flip, "alignment": embedder.alignment,
     }
 
 
@@ -95,7 +101,8 @@ def describe(result: dict) -> str:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    result = verify(args.model, args.image_a, args.image_b, args.threshold, args.flip, args.mixed_precision)
+    result = verify(args.model, args.image_a, args.image_b, args.threshold, args.flip, args.mixed_precision,
+                    args.aligned, args.backend)
     print(json.dumps(result) if args.json else describe(result), flush=True)
     return 0
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Set up and run facetrain's whole test-suite on a fresh machine (Python >= 3.10; root for the Slurm part):
 #   bash scripts/test.sh            # extra arguments go to pytest, e.g. -k sampler
-# 1. installs facetrain with its test extras (torch comes from pip as usual);
+# 1. installs facetrain with its test, align and serve extras (torch comes from pip as usual);
 # 2. installs and starts a one-node Slurm (munged, slurmctld, slurmd) for tests/test_slurm.py -- skipped with
 #    a clear reason by those tests when this is not possible (not root, no apt);
 # 3. lints with ruff, then runs pytest. Tests that need ../shared/data/faces skip with a reason outside the facetrain workplace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+python3 -m pip install -q --disable-pip-version-check -e ".[test,align,serve]"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     bash scripts/start_slurm.sh || echo "scripts/test.sh: Slurm could not be started; Slurm tests will be skipped"
 else

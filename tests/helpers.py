@@ -28,6 +28,40 @@ TINY = {
 }
 
 
+# Exactness settings: no augmentation, no dropout, fp32, and plain SGD so that any error in the gradient scale
+# would change the weights (Adam would hide a constant factor). The backbone is the test's choice: GroupNorm
+# (per-sample statistics) or BatchNorm with model.sync_bn.
+EXACT = {"data": {"augment": {"enabled": False}},
+         "model": {"backbone": "test_efficientnet_gn"},
+         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.0, "scheduler": "constant", "weight_decay": 0.0},
+         "train": {"max_steps": 4, "val_every": 4, "ckpt_every": 4, "log_every": 1, "tensorboard": True},
+         "debug": {"record_samples": True}}
+
+
+def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """TensorBoard scalars `tag` of a run, by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in (Path(run_dir) / "tb").rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def assert_same_logged_loss(one: Path, many: Path, steps: int) -> None:
+    """The loss TensorBoard logged at every step is the same for the 1-process and the multi-process run: the
+    global-batch loss, not world_size times it."""
+    import pytest
+
+    l1, ln = tb_scalars(one, "train/loss"), tb_scalars(many, "train/loss")
+    assert sorted(l1) == sorted(ln) == list(range(1, steps + 1))
+    for step in l1:
+        assert ln[step] == pytest.approx(l1[step], rel=1e-4, abs=1e-6), step
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     out = json.loads(json.dumps(base))
     for key, value in extra.items():

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
-from helpers import run_train
+from helpers import REPO, run_module, run_train, subprocess_env, tiny_train_config
 
 from facetrain.config import Config, config_from_dict, load_config, save_config, to_dict
 from facetrain.errors import UserError
@@ -97,3 +102,121 @@ def test_cli_errors_are_one_line_and_fast(tmp_path):
         assert lines[-1].startswith("facetrain: error: ") and needle in lines[-1], (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.val_metric: the spellings users write become the key validation reports; anything else is refused
+
+
+@pytest.mark.parametrize("written, canonical", [
+    ("tar@far=1e-2", "tar@far=1e-02"), ("tar@far=0.01", "tar@far=1e-02"), ("TAR@FAR=1e-3", "tar@far=1e-03"),
+    ("tar@far=1%", "tar@far=1e-02"), ("tar@far=0.0001", "tar@far=1e-04"), ("tar@far=1e-01", "tar@far=1e-01"),
+    ("AUC", "auc"), ("eer", "eer"), ("best_accuracy", "best_accuracy"),
+])
+def test_val_metric_spellings_become_the_reported_key(tmp_path, written, canonical):
+    cfg = load_config(None, ["--train.val_metric", written])
+    assert cfg.train.val_metric == canonical
+    save_config(cfg, tmp_path / "config.yaml")  # the run directory records the key that was used
+    assert load_config(tmp_path / "config.yaml").train.val_metric == canonical
+
+
+@pytest.mark.parametrize("written", ["tar@far=banana", "tar@far=5e-3", "tar@far=", "f1", "tar@far=2"])
+def test_val_metric_unknown_names_list_the_valid_ones(written):
+    with pytest.raises(UserError) as err:
+        load_config(None, ["--train.val_metric", written])
+    message = str(err.value)
+    assert message.startswith("train.val_metric: ") and "\n" not in message
+    for name in ("auc", "eer", "best_accuracy", "tar@far=1e-01", "tar@far=1e-02", "tar@far=1e-03", "tar@far=1e-04"):
+        assert name in message
+
+
+def test_val_metric_names_are_keys_that_validation_reports():
+    """config.VAL_METRICS (kept free of torch) against what validation computes: metrics.verification_metrics at
+    its default FARs, on enough pairs to resolve every FAR (a name missing there would be -inf forever)."""
+    import numpy as np
+    import torch
+
+    from facetrain.config import VAL_FARS, VAL_METRICS
+    from facetrain.metrics import DEFAULT_TARGET_FARS, all_pairs_roc, verification_metrics
+
+    assert VAL_FARS == DEFAULT_TARGET_FARS
+    labels = np.repeat(np.arange(50), 4)  # 200 images: 19,600 impostor pairs >= 1/1e-4
+    emb = torch.nn.functional.normalize(torch.randn(200, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    metrics = verification_metrics(all_pairs_roc(emb, torch.as_tensor(labels)))
+    for name in VAL_METRICS:
+        assert isinstance(metrics[name], float), name
+
+
+def test_val_metric_far_the_validation_set_cannot_resolve_stops_before_training(tmp_path):
+    """The tiny run holds out 6 identities x 8 images: 960 impostor pairs, enough for FAR 1e-2 (100) but not
+    for 1e-3 (1,000). Asking for tar@far=0.001 stops with one line naming both counts; nothing is trained."""
+    cfg = tiny_train_config(tmp_path)
+    proc = run_train(["--config", cfg, "--train.val_metric", "tar@far=0.001", "--train.output_dir",
+                      tmp_path / "run"], check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("facetrain: error: train.val_metric: tar@far=1e-03 needs >= 1,000 impostor pairs"), last
+    assert "6 validation identities (48 images) give 960" in last and "tar@far=1e-02" in last, last
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "done.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --help: every key, from the dataclasses
+
+
+def _field_docs_from_source() -> dict[str, str]:
+    """{ClassName.field: first docstring line}, read straight from config.py's source (the test's own reading)."""
+    import ast
+
+    import facetrain.config as config_module
+
+    tree = ast.parse(Path(config_module.__file__).read_text())
+    docs = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            for stmt, after in zip(node.body, node.body[1:], strict=False):
+                if isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(
+                        getattr(after, "value", None), ast.Constant):
+                    docs[f"{node.name}.{stmt.target.id}"] = after.value.value.strip().splitlines()[0].strip()
+    return docs
+
+
+def _keys(cls, prefix):
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from _keys(type(default), f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", cls, f, default
+
+
+def test_help_lists_every_key_with_type_default_and_docstring():
+    proc = run_module("facetrain.train", ["--help"], timeout=120)
+    out = proc.stdout
+    docs = _field_docs_from_source()
+    keys = list(_keys(Config, ""))
+    assert len(keys) > 80
+    for key, cls, f, default in keys:
+        line = next((ln for ln in out.splitlines() if ln.strip().startswith(f"--{key}: ")), None)
+        assert line is not None, f"--help does not list {key}"
+        assert f": {f.type} = " in line, line
+        if isinstance(default, int | float) and not isinstance(default, bool):
+            assert f" = {default}" in line, line
+        assert docs[f"{cls.__name__}.{f.name}"] in out, f"{key}: docstring missing from --help"
+    # grouped by section, each under its header, with the valid range and the choices
+    assert out.index("\ndata: ") < out.index("--data.source") < out.index("\ndata.augment: ") < out.index(
+        "--data.augment.hflip") < out.index("\nmodel: ") < out.index("\ntrain: ") < out.index("--train.seed")
+    assert "--data.augment.hflip: float = 0.5  (in [0, 1]; a probability)" in out
+    assert "--data.source: str = synthetic  (one of synthetic | folder | hf" in out
+    assert "tar@far=1e-02" in next(ln for ln in out.splitlines() if "--train.val_metric:" in ln)
+
+
+def test_help_does_not_import_torch():
+    code = ("import io, sys, contextlib\nfrom facetrain.train import main\nbuf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf):\n    assert main(['--config', 'x.yaml', '--help']) == 0\n"
+            "assert '--optim.lr' in buf.getvalue()\nprint('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"

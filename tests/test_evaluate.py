@@ -306,13 +306,13 @@ def test_user_errors_are_one_line_messages(tmp_path, faces, capsys):
     err = cli_error(eval_cli.main, ["--model", bundle, "--data", single], capsys)
     assert "only one identity" in err and "no impostor pairs" in err
 
-    # an image that cannot be decoded, read by a DataLoader worker process: named, still one line
+    # an image that cannot be decoded: named by the pre-flight check before the model loads, still one line
     broken = tmp_path / "broken"
     shutil.copytree(faces, broken)
     (broken / "person03" / "002.png").write_bytes(b"not a png at all")
     err = cli_error(eval_cli.main, ["--model", bundle, "--data", broken, "--num-workers", 1, "--output",
                                     tmp_path / "out"], capsys)
-    assert str(broken / "person03" / "002.png") in err and "cannot decode" in err
+    assert f"{broken / 'person03' / '002.png'} (not_an_image)" in err and "--bad-images skip" in err
 
     # not a model
     err = cli_error(eval_cli.main, ["--model", single, "--data", faces], capsys)
@@ -347,10 +347,13 @@ def test_two_processes_give_the_one_process_result_on_an_odd_image_count(tmp_pat
 
 
 @pytest.mark.slow
-def test_trainer_validation_metrics_equal_eval_on_the_same_identities(tmp_path):
+@pytest.mark.parametrize("optim", [{}, {"preset": "schedulefree_adamw"}], ids=["adamw", "schedulefree"])
+def test_trainer_validation_metrics_equal_eval_on_the_same_identities(tmp_path, optim):
+    # schedule-free: validation scores the averaged weights (with BatchNorm statistics recomputed for them), and
+    # the bundle must hold exactly those, not the training sequence the optimizer switches back to
     run = tmp_path / "run"
-    run_train(["--config", tiny_train_config(tmp_path), "--train.output_dir", run, "--train.max_steps", 3],
-              timeout=300)
+    run_train(["--config", tiny_train_config(tmp_path, {"optim": optim}), "--train.output_dir", run,
+               "--train.max_steps", 3], timeout=300)
     meta = read_bundle_meta(run / "bundle")
     logged = meta["val_metrics"]
 
@@ -376,7 +379,7 @@ def test_trainer_validation_metrics_equal_eval_on_the_same_identities(tmp_path):
     for key, value in logged.items():
         assert key in reported
         if isinstance(value, float):
-            assert reported[key] == pytest.approx(value, abs=1e-9), key
+            assert reported[key] == pytest.approx(value, abs=1e-6), key
         else:
             assert reported[key] == value, key
 

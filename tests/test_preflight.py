@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import FACES, run_train, tiny_train_config
+from helpers import FACES, run_module, run_train, tiny_train_config
 from PIL import Image
 
 from facetrain import synthetic
 from facetrain.config import DataConfig
 from facetrain.data import FaceDataset, Preprocess, eval_transform, folder_faceset
 from facetrain.errors import UserError
-from facetrain.preflight import REFUSED, apply_preflight, check_image, preflight_folder, scan
+from facetrain.preflight import REFUSED, apply_preflight, check_image, scan
 
 MAX_PIXELS = 50_000  # data.max_image_pixels in these tests: faces are ~10k pixels, huge.png is 90k
 
@@ -215,16 +215,41 @@ def test_skip_filters_the_faceset_and_converts_every_mode(bad_folder, tmp_path):
                                                                max_image_pixels=MAX_PIXELS), tmp_path / "run2")
 
 
-def test_evaluator_entry_point(bad_folder, tmp_path):
-    """`preflight_folder` is what the evaluator calls on its folder: policy, table, files, bad paths."""
+def test_eval_and_identify_name_every_bad_file_or_skip_them(bad_folder, tmp_path):
+    """One run names every unusable file (not only the first); --bad-images skip evaluates without them."""
+    from facetrain.config import ModelConfig
+    from facetrain.model import create_model, write_bundle
+
     root, expected = bad_folder
-    with pytest.raises(UserError) as err:
-        preflight_folder(root, MAX_PIXELS, "error", out_dir=tmp_path / "eval", progress=False,
-                         policy_key="--bad-images")
-    message = str(err.value)
-    assert "\n" not in message and "--bad-images: skip" in message and str(tmp_path / "eval") in message
-    report = preflight_folder(root, MAX_PIXELS, "skip", progress=False)
-    assert report.bad_paths == set(expected["refused"])
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    torch.manual_seed(0)
+    write_bundle(bundle, create_model(ModelConfig(backbone="test_efficientnet", embedding_dim=16,
+                                                  channels_last=False)),
+                 ModelConfig(backbone="test_efficientnet", embedding_dim=16, channels_last=False),
+                 Preprocess(32, [0.5] * 3, [0.5] * 3))
+    common = ["--model", bundle, "--data", root, "--no-plots", "--num-workers", 0, "--no-calibrate",
+              "--max-image-pixels", MAX_PIXELS]
+    failed = run_module("facetrain.eval", common + ["--output", tmp_path / "e1"], check=False)
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    line = failed.stderr.strip().splitlines()[-1]
+    assert line.startswith("facetrain: error:") and "--bad-images skip" in line
+    assert f"{len(expected['refused'])} image(s) cannot be used" in line
+    for path, problem in expected["refused"].items():
+        if problem != "too_large" or path.endswith("huge.png"):  # the bomb exceeds PIL's own limit too
+            assert f"{path} ({problem})" in line, path
+    run_module("facetrain.eval", common + ["--output", tmp_path / "e2", "--bad-images", "skip"])
+    report = json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    assert {b["path"] for b in report["skipped_images"]} == set(expected["refused"])
+    assert report["n_images"] == expected["images"]
+
+    gallery = ["--model", bundle, "--gallery", root, "--evaluate", "--no-cache", "--num-workers", 0, "--json",
+               "--max-image-pixels", MAX_PIXELS]
+    failed = run_module("facetrain.identify", gallery, check=False)
+    assert failed.returncode == 2 and f"{len(expected['refused'])} image(s) cannot be used" in failed.stderr
+    done = run_module("facetrain.identify", gallery + ["--bad-images", "skip"])
+    assert json.loads(done.stdout)["evaluation"]["n_probes"] > 0
+    assert all(path in done.stderr for path in expected["refused"])
 
 
 def test_scan_is_parallel_and_fast(tmp_path):

@@ -108,7 +108,7 @@ def test_weight_ema_is_what_validation_exports_and_survives_resume(tmp_path):
     assert torch.equal(bundle[name], ema[name])
     assert not torch.equal(bundle[name], raw[name])
 
-    run_train(["--config", cfg, "--train.output_dir", parts, "--train.stop_at_step", "2"])
+    run_train(["--config", cfg, "--train.output_dir", parts, "--debug.stop_at_step", "2"])
     run_train(["--config", cfg, "--train.output_dir", parts, "--train.resume", "auto"])
     resumed = load_weights(parts / "bundle")
     assert all(torch.equal(resumed[k], bundle[k]) for k in bundle)

@@ -137,8 +137,8 @@ def test_bad_image_inside_a_dataloader_worker(tmp_path, policy):
 
 
 def test_nan_step_is_skipped_and_never_reaches_a_checkpoint(tmp_path):
-    cfg = tiny_train_config(tmp_path, {"train": {"inject_nan_at": 2, "max_steps": 4, "ckpt_every": 1,
-                                                 "keep_last": 10, "val_every": 4}})
+    cfg = tiny_train_config(tmp_path, {"debug": {"inject_nan_at": 2},
+                                       "train": {"max_steps": 4, "ckpt_every": 1, "keep_last": 10, "val_every": 4}})
     out = tmp_path / "run"
     proc = run_train(["--config", cfg, "--train.output_dir", out], timeout=600)
     assert "step 2: non-finite loss or gradient, step skipped (1 in a row" in proc.stdout
@@ -192,8 +192,8 @@ def test_guard_skips_nonfinite_steps_with_and_without_a_host_sync(fused):
 
 
 def test_consecutive_nan_steps_stop_the_run(tmp_path):
-    cfg = tiny_train_config(tmp_path, {"train": {"inject_nan_at": 2, "max_bad_steps": 1, "ckpt_every": 1,
-                                                 "keep_last": 10}})
+    cfg = tiny_train_config(tmp_path, {"debug": {"inject_nan_at": 2},
+                                       "train": {"max_bad_steps": 1, "ckpt_every": 1, "keep_last": 10}})
     out = tmp_path / "run"
     proc = run_train(["--config", cfg, "--train.output_dir", out], check=False, timeout=600)
     assert proc.returncode == 2
@@ -257,11 +257,11 @@ def test_kill9_mid_step_and_mid_save_then_resume_is_exact(tmp_path):
     _kill_when(proc, lambda: ckpt.latest_checkpoint(run) is not None, log)
     assert ckpt.latest_checkpoint(run).name == "step_00000002"
 
-    # (b) resume, and kill -9 inside the save of step 4 (test hook: sleeps before COMPLETE and the rename)
+    # (b) resume, and kill -9 inside the save of step 4 (debug.slow_save_s: sleeps before COMPLETE and the rename)
     log = tmp_path / "b.log"
     partial = ckpt.tmp_dir_for(run, 4)
-    proc = _popen_train(["--config", cfg, "--train.output_dir", run, "--train.resume", "auto"], log,
-                        FACETRAIN_TEST_SLOW_SAVE="120")
+    proc = _popen_train(["--config", cfg, "--train.output_dir", run, "--train.resume", "auto",
+                         "--debug.slow_save_s", "120"], log)
     _kill_when(proc, lambda: (partial / "train_state.pt").is_file() and (partial / "model.safetensors").is_file(),
                log)
     assert "resumed from" in log.read_text()
@@ -449,10 +449,52 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 def test_failing_rank_stops_all_ranks_promptly(tmp_path):
     cfg = tiny_train_config(tmp_path, {"train": {"max_steps": 6}})
     start = time.monotonic()
-    proc = run_train(["--config", cfg, "--train.output_dir", tmp_path / "run"], procs=2, check=False, timeout=300,
-                     env={"FACETRAIN_TEST_FAIL_RANK": "1", "FACETRAIN_TEST_FAIL_STEP": "2"})
+    proc = run_train(["--config", cfg, "--train.output_dir", tmp_path / "run", "--debug.fail_rank", "1",
+                      "--debug.fail_step", "2"], procs=2, check=False, timeout=300)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert "RuntimeError: injected failure on rank 1 at step 2" in proc.stderr, proc.stderr[-4000:]
     assert elapsed < 120, f"took {elapsed:.0f} s (a hang would last until the 30 min collective timeout)"
     assert not (tmp_path / "run" / "done.json").exists()
+
+
+def test_a_kill_between_the_bundle_swap_renames_is_recovered(tmp_path, monkeypatch):
+    """bundle -> bundle.old, then bundle.tmp -> bundle: a kill between the two leaves only bundle.old, which every
+    place that resolves a bundle renames back."""
+    import os
+
+    from facetrain.atomic_dir import replace_dir
+    from facetrain.cli import resolve_model_path
+    from facetrain.config import ModelConfig
+    from facetrain.data import Preprocess
+    from facetrain.model import create_model, read_bundle_meta, write_bundle
+
+    mcfg = ModelConfig(backbone="test_efficientnet", embedding_dim=8, channels_last=False)
+    model = create_model(mcfg)
+    run = tmp_path / "run"
+
+    def written(step: int) -> Path:
+        tmp = run / "bundle.tmp"
+        tmp.mkdir(parents=True)
+        write_bundle(tmp, model, mcfg, Preprocess(32, [0.5] * 3, [0.5] * 3), {"step": step})
+        return tmp
+
+    replace_dir(written(1), run / "bundle")
+    real_rename, calls = os.rename, []
+
+    def killed_after_first_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between the renames")
+        real_rename(src, dst)
+
+    tmp = written(2)
+    monkeypatch.setattr(os, "rename", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(tmp, run / "bundle")
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not (run / "bundle").exists() and (run / "bundle.old").is_dir()
+    assert resolve_model_path(run) == run / "bundle"  # a run directory means its bundle: recovered
+    assert read_bundle_meta(run / "bundle")["step"] == 1 and not (run / "bundle.old").exists()
+    os.rename(run / "bundle", run / "bundle.old")
+    assert read_bundle_meta(run / "bundle")["step"] == 1  # the bundle path itself, as verify / eval get it

@@ -115,5 +115,18 @@ def test_too_few_identities_is_a_clear_error():
 
 
 def test_multiple_of_grad_accumulation():
-    s = MPerClassBatchSampler(LABELS, 4, 8, multiple_of=4)
-    assert s.steps_per_epoch % 4 == 0
+    """An epoch is rounded up to whole optimizer steps (grad_accum_steps micro-steps each). LABELS give 36
+    micro-steps at batch 8 (285 images / 8), which is already a multiple of 2, 3, 4 and 6 -- so only a
+    multiple_of that does not divide 36 shows whether it is applied: 5 -> 40, 7 -> 42."""
+    plain = MPerClassBatchSampler(LABELS, 4, 8)
+    assert plain.steps_per_epoch == 36
+    for multiple_of, expected in ((5, 40), (7, 42), (4, 36)):
+        s = MPerClassBatchSampler(LABELS, 4, 8, multiple_of=multiple_of)
+        assert s.steps_per_epoch == expected
+        batches = epoch_batches([s], 0)[0]
+        assert len(batches) == expected  # the iterator really yields the padded epoch
+        for batch in batches:  # the extra micro-steps are ordinary P x m batches
+            ids, counts = np.unique(LABELS[batch], return_counts=True)
+            assert len(ids) == 2 and set(counts) == {4}
+        s.set_epoch(0, start=expected - 3)  # mid-epoch resume counts down to the padded end
+        assert len(s) == 3

@@ -8,36 +8,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import FACES, NO_SHARED_REASON, WEIGHTS, load_weights, run_train, tiny_train_config
+from helpers import (
+    EXACT,
+    FACES,
+    NO_SHARED_REASON,
+    WEIGHTS,
+    assert_same_logged_loss,
+    load_weights,
+    run_train,
+    tiny_train_config,
+)
 
 from facetrain.synthetic import render
 
 
-def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for events in (run_dir / "tb").rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events.parent))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
-
-
-# Exactness settings: no augmentation, no dropout, a model without batch-norm (GroupNorm: per-sample
-# statistics), fp32, and plain SGD so that any error in the gradient scale would change the weights (Adam
-# would hide a constant factor).
-EXACT = {"data": {"augment": {"enabled": False}},
-         "model": {"backbone": "test_efficientnet_gn"},
-         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.0, "scheduler": "constant", "weight_decay": 0.0},
-         "train": {"max_steps": 4, "val_every": 4, "ckpt_every": 4, "log_every": 1, "tensorboard": True,
-                   "record_samples": True}}
-
-
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process_on_the_same_global_batches(tmp_path):
-    cfg = tiny_train_config(tmp_path, EXACT)
+@pytest.mark.parametrize("model", [
+    {"backbone": "test_efficientnet_gn"},  # GroupNorm: per-sample statistics, nothing to synchronise
+    {"backbone": "test_efficientnet", "sync_bn": True},  # BatchNorm over the global batch (model.sync_bn)
+], ids=["groupnorm", "batchnorm_sync_bn"])
+def test_two_process_ddp_equals_one_process_on_the_same_global_batches(tmp_path, model):
+    cfg = tiny_train_config(tmp_path, {**EXACT, "model": model})
     one, two = tmp_path / "one", tmp_path / "two"
     run_train(["--config", cfg, "--train.output_dir", one, "--train.batch_size", "16"], procs=1)
     proc = run_train(["--config", cfg, "--train.output_dir", two, "--train.batch_size", "8"], procs=2)
@@ -56,11 +47,7 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batches(tmp_path)
     w1, w2 = load_weights(one / "bundle"), load_weights(two / "bundle")
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5, msg=key)
-    # the logged loss is the global-batch loss, not world_size times it
-    l1, l2 = tb_scalars(one, "train/loss"), tb_scalars(two, "train/loss")
-    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
-    for step in l1:
-        assert l2[step] == pytest.approx(l1[step], rel=1e-4, abs=1e-6)
+    assert_same_logged_loss(one, two, 4)
     d1, d2 = (json.loads((d / "done.json").read_text()) for d in (one, two))
     assert d2["final"]["auc"] == pytest.approx(d1["final"]["auc"], abs=1e-4)
 
@@ -71,7 +58,7 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path):
                                        "train": {"max_steps": 8, "val_every": 4, "ckpt_every": 100}})
     full, part = tmp_path / "full", tmp_path / "part"
     run_train(["--config", cfg, "--train.output_dir", full])
-    proc = run_train(["--config", cfg, "--train.output_dir", part, "--train.stop_at_step", "5"])
+    proc = run_train(["--config", cfg, "--train.output_dir", part, "--debug.stop_at_step", "5"])
     assert "stop requested" in proc.stdout and not (part / "done.json").exists()
     assert (part / "checkpoints" / "step_00000005" / "COMPLETE").is_file()
     refused = run_train(["--config", cfg, "--train.output_dir", part], check=False)
@@ -162,3 +149,23 @@ def test_att_faces_training_beats_untrained_model(tmp_path):
     # raw pixels already separate ORL faces well (untrained ~0.93): training must still clearly add to it
     assert done["final"]["auc"] > done["untrained"]["auc"] + 0.02
     assert done["final"]["eer"] < done["untrained"]["eer"] * 0.75
+
+
+def test_resuming_a_finished_run_changes_nothing_and_another_split_is_refused(tmp_path):
+    cfg = tiny_train_config(tmp_path, {"train": {"max_steps": 3, "val_every": 3, "ckpt_every": 3}})
+    run = tmp_path / "run"
+    run_train(["--config", cfg, "--train.output_dir", run])
+    files = [run / "done.json", run / "config.yaml", run / "bundle" / "model.safetensors",
+             run / "bundle" / "facetrain.json"]
+    before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
+    proc = run_train(["--config", cfg, "--train.output_dir", run, "--train.resume", "auto"])
+    assert "is complete (step 3 of 3); nothing to do" in " ".join(proc.stdout.split())  # rich wraps lines
+    assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files} == before
+    # a different identity split would put trained people into validation
+    for key, value in (("data.split_seed", "7"), ("data.val_identities", "8"), ("data.synthetic_seed", "1")):
+        refused = run_train(["--config", cfg, "--train.output_dir", run, "--train.resume", "auto",
+                             "--train.max_steps", "6", f"--{key}", value], check=False)
+        assert refused.returncode == 2, refused.stdout[-2000:]
+        line = refused.stderr.strip().splitlines()[-1]
+        assert "another identity split" in line and key in line, line
+    assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files} == before

@@ -214,7 +214,7 @@ def test_verify_and_identify_start_without_sklearn():
 
 
 def test_evaluator_embeddings_are_the_same_with_batchnorm_folded(tmp_path, people):
-    from facetrain.evaluate import Embedder
+    from facetrain.embed import Embedder
     from facetrain.model import FOLD_MIN_IMAGES
 
     torch.manual_seed(0)

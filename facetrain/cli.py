@@ -1,0 +1,86 @@
+"""Command-line helpers shared by the entry points (eval, verify, identify, align, export, pack, serve).
+
+`ArgumentParser` turns argparse's mistakes into one-line `UserError`s (`errors.run_cli` prints them);
+`resolve_model_path` turns --model (a bundle, checkpoint, run directory or exported `.onnx`) into the model's
+path; `labelled_folder` and `require_files` check the inputs before any model is built.
+
+Nothing here imports torch at import time (the model and data helpers are imported where they are used), so
+the onnxruntime service can parse its command line with it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from facetrain.errors import UserError
+from facetrain.images import MAX_IMAGE_PIXELS
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one-line UserErrors (run_cli prints them) instead of usage dumps."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def add_image_check_options(parser: argparse.ArgumentParser, skip_means: str) -> None:
+    """--bad-images and --max-image-pixels: the training pre-flight's check of every file a command reads."""
+    parser.add_argument("--bad-images", default="error", choices=("error", "skip"),
+                        help="files that cannot be decoded (zero-byte, truncated, not an image, over "
+                        f"--max-image-pixels): error = name every one and stop (default), skip = {skip_means}")
+    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                        help="larger images are refused as decompression bombs (default: PIL's limit)")
+
+
+RECOGNISED = "; a folder written by facetrain.align with the same recipe is recognised without this flag"
+
+
+def add_embedding_options(parser: argparse.ArgumentParser, inputs: str, recognised: str = "") -> None:
+    """--aligned and --backend: how `inputs` ("the images", "the two images", ...) reach the model."""
+    parser.add_argument("--aligned", action="store_true", help=f"{inputs} are already aligned face crops (by "
+                        "default a bundle with an alignment recipe aligns raw photos with it" + recognised + ")")
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
+                        help="torch: the bundle in PyTorch; onnxruntime: a model.onnx written by facetrain.export "
+                        "(--model FILE.onnx), same embeddings without PyTorch model code")
+
+
+def resolve_model_path(path: str | Path, backend: str = "torch") -> Path:
+    """A bundle or checkpoint directory; a training run directory means its best model, `<run>/bundle`.
+    backend "onnxruntime": an exported `.onnx` file (`onnx_runtime.resolve_onnx_path`)."""
+    from facetrain.atomic_dir import recover_dir
+    from facetrain.model import META_FILE, read_bundle_meta
+    from facetrain.onnx_runtime import is_onnx_file, resolve_onnx_path
+
+    if backend == "onnxruntime":
+        return resolve_onnx_path(path)
+    path = Path(path)
+    if path.is_file() and is_onnx_file(path):
+        raise UserError(f"--model: {path} is an exported ONNX file: pass --backend onnxruntime to use it, or give "
+                        "the bundle it was exported from")
+    if path.is_dir() and not (path / META_FILE).is_file():
+        bundle = recover_dir(path / "bundle")
+        if (bundle / META_FILE).is_file():
+            path = bundle
+    return Path(read_bundle_meta(path)["path"])  # raises a one-line error for anything else
+
+
+def labelled_folder(root: str | Path, option: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """(image paths, identity label per image, identity names) of `root/<identity>/<image>`."""
+    from facetrain.data import scan_folder
+
+    if not Path(root).is_dir():
+        raise UserError(f"{option}: folder not found: {root} (expected {root}/<identity>/<image>)")
+    try:
+        paths, labels, names = scan_folder(str(root))
+    except UserError as err:  # scan_folder speaks in config keys; this is a command-line option
+        raise UserError(str(err).replace("data.root", option, 1)) from None
+    return paths, np.asarray(labels, dtype=np.int64), names
+
+
+def require_files(paths: list[str], what: str) -> None:
+    for p in paths:
+        if not Path(p).is_file():
+            raise UserError(f"{what}: file not found: {p}")

@@ -1,0 +1,348 @@
+"""Embedding through onnxruntime: the deployment path for a `model.onnx` from `facetrain.export`.
+
+Only onnxruntime, numpy and PIL are imported here, never torch, so a service or batch job needs neither
+PyTorch model code nor a GPU stack to embed faces (`pip install -e ".[serve]"`). The one exception is a model
+that records a face-alignment recipe and is given raw photos: `facetrain.alignment` is imported for it, whose
+MTCNN detector runs in PyTorch (facenet-pytorch); aligned crops (`aligned=True`) need none of that. `facetrain.verify`,
+`identify` and `eval` reach this through `--backend onnxruntime` (`embed.load_embedder`), the service
+(`facetrain.serve`) directly.
+
+What happens to an image, identical to the PyTorch path (`embed.Embedder` with `data.eval_transform`):
+  file or bytes -> `images.load_image` (EXIF orientation, 8-bit gray or RGB) -> the bundle's face alignment
+  when the export recorded a recipe and the input is not already aligned -> PIL bilinear resize to the
+  model's input size (what torchvision's Resize does to a PIL image; antialiased when shrinking) -> gray
+  repeated to 3 channels -> one (H, W, 3) uint8 array. The ONNX graph does the rest: normalisation with the
+  bundle's mean/std, the model, the flip test when it was exported with one, L2 normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from facetrain.errors import UserError
+from facetrain.images import IMAGE_EXTENSIONS, load_image
+
+ONNX_SUFFIX = ".onnx"
+INPUT_NAME = "images"  # (N, H, W, 3) uint8 RGB, N dynamic
+OUTPUT_NAME = "embeddings"  # (N, D) float32, L2-normalised
+SERVE_EXTRA = 'pip install -e ".[serve]"'
+
+# Metadata keys of an exported file (`metadata_props`, strings; JSON where the value is not a plain string).
+# The bundle's own metadata (model config, preprocessing, step, training config) travels whole under
+# META_BUNDLE; the keys below it are the deployment facts a reader of the file looks for, and win over it.
+META_BUNDLE = "facetrain_bundle"
+META_FIELDS = ("facetrain_version", "backbone", "embedding_dim", "input_size", "input_layout", "mean", "std",
+               "flip_test", "batchnorm_folded", "alignment", "threshold", "threshold_far", "threshold_calibration")
+CALIBRATION_FIELDS = ("threshold", "threshold_far", "threshold_calibration")
+
+
+def is_onnx_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ONNX_SUFFIX
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(f"the onnxruntime backend needs the onnxruntime package: {SERVE_EXTRA}") from None
+    return onnxruntime
+
+
+def resolve_onnx_path(path: str | Path, option: str = "--model") -> Path:
+    """An existing `.onnx` file; anything else is a one-line error saying how to get one."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{option}: not found: {path}")
+    if not path.is_file() or not is_onnx_file(path):
+        # a bundle's own model.onnx is never picked silently: it may predate the bundle's weights or threshold
+        exported = f" (or give its export, {path / 'model.onnx'})" if (path / "model.onnx").is_file() else ""
+        raise UserError(f"{option}: {path} is not an ONNX file; the onnxruntime backend needs one: run "
+                        f"`python -m facetrain.export --model {path}`{exported}, or use --backend torch for a bundle")
+    return path
+
+
+@dataclass
+class InputSpec:
+    """The preprocessing an exported model expects (the fields of `data.Preprocess`, which imports torch)."""
+
+    image_size: int
+    mean: list[float]
+    std: list[float]
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
+
+def decode_metadata(props: dict[str, str], path: Path) -> dict:
+    """Metadata strings of an exported file -> a dict shaped like a bundle's `facetrain.json` (model,
+    preprocess, threshold, threshold_far, threshold_calibration, alignment, ...)."""
+    if META_BUNDLE not in props:
+        raise UserError(f"{path}: not exported by facetrain.export (metadata key {META_BUNDLE!r} missing); "
+                        "export the bundle with `python -m facetrain.export --model <bundle>`")
+    try:
+        meta = json.loads(props[META_BUNDLE])
+        fields = {k: json.loads(props[k]) for k in META_FIELDS if k in props}
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: corrupt facetrain metadata ({err}); export the bundle again") from None
+    meta.update({k: v for k, v in fields.items() if k in CALIBRATION_FIELDS or k == "alignment"})
+    meta["export"] = {k: v for k, v in fields.items() if k not in CALIBRATION_FIELDS and k != "alignment"}
+    meta["path"] = str(path)
+    return meta
+
+
+def encode_metadata(meta: dict, fields: dict) -> dict[str, str]:
+    """The inverse of `decode_metadata`: bundle metadata (without the deployment fields) + those fields."""
+    bundle = {k: v for k, v in meta.items() if k not in (*CALIBRATION_FIELDS, "alignment", "path", "export")}
+    props = {META_BUNDLE: json.dumps(bundle)}
+    props.update({k: json.dumps(fields[k]) for k in META_FIELDS if k in fields})
+    return props
+
+
+def update_metadata(path: str | Path, **fields) -> None:
+    """Merge calibration fields (threshold, threshold_far, threshold_calibration) into an exported file's
+    metadata, atomically: `facetrain.eval --backend onnxruntime` calibrates the file it evaluated."""
+    unknown = set(fields) - set(CALIBRATION_FIELDS)
+    if unknown:
+        raise ValueError(f"update_metadata: only {CALIBRATION_FIELDS} can change, got {sorted(unknown)}")
+    try:
+        import onnx
+    except ImportError:
+        raise UserError(f"writing the threshold into {path} needs the onnx package: {SERVE_EXTRA}") from None
+    path = Path(path)
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update({k: json.dumps(v) for k, v in fields.items()})
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images -> model input
+
+
+def resize_to_input(img: Image.Image, size: int) -> Image.Image:
+    """The resize of `data.eval_transform`: torchvision's Resize((size, size), BILINEAR, antialias=True) on a
+    PIL image calls PIL's `resize((size, size), BILINEAR)`, which filters over the whole source footprint when
+    shrinking (antialiased) -- the tests check the pixels are identical."""
+    return img.resize((size, size), Image.BILINEAR)
+
+
+def to_input_array(img: Image.Image, size: int) -> np.ndarray:
+    """An 8-bit gray or RGB PIL image -> (size, size, 3) uint8. Gray is resized on its one channel, then
+    repeated, as the PyTorch path does (`data.ToModelInput` broadcasts it)."""
+    arr = np.asarray(resize_to_input(img, size), dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(arr)
+
+
+class AlignmentFailed(UserError):
+    """A raw photo without a usable face (`alignment.align_image` said why)."""
+
+    def __init__(self, name: str, status: str, reason: str):
+        super().__init__(f"{name}: {status.replace('_', ' ')} ({reason}); this model aligns raw photos as in "
+                         "training: give a photo with one clearly visible face, or pass --aligned if the images "
+                         "are already aligned crops")
+        self.status, self.reason = status, reason
+
+
+def is_aligned_folder(folder: str | Path, alignment: dict | None, option: str, owner: str) -> bool:
+    """True when `folder` holds crops facetrain.align cut with the recipe `alignment` (its marker file), which
+    are then embedded as they are; False without a recipe or a marker. Crops cut with another recipe are
+    refused with one line naming every difference (`owner`: "model" or "bundle", for the message)."""
+    if alignment is None:
+        return False
+    from facetrain.alignment import MARKER_FILE, recipe_of_folder
+
+    recipe = recipe_of_folder(folder)
+    if recipe is None:
+        return False
+    if recipe != alignment:
+        diff = ", ".join(f"{k} {v!r} ({owner} {alignment.get(k)!r})" for k, v in recipe.items()
+                         if alignment.get(k) != v)
+        raise UserError(f"{option}: {folder} holds crops aligned with another recipe than the model's ({diff}; "
+                        f"{Path(folder) / MARKER_FILE}): align the raw photos with python -m facetrain.align "
+                        f"and the {owner}'s recipe, or pass --aligned to embed these crops as they are")
+    return True
+
+
+def check_alignment(meta: dict, path: Path, aligned: bool) -> dict | None:
+    """The recipe raw photos are aligned with (of an exported file here, of a bundle in `embed.Embedder.load`),
+    or None: no recipe recorded, or aligned=True. `facetrain.alignment` is imported only when there is a
+    recipe; a recipe whose detector is not installed is a one-line error saying what to install."""
+    recipe = meta.get("alignment")
+    if not recipe or aligned:
+        return None
+    from facetrain.alignment import AlignmentRecipe
+    from facetrain.detectors import DetectorUnavailable, require_detector
+
+    recipe = AlignmentRecipe.from_dict(recipe)
+    try:
+        require_detector(recipe.detector)
+    except DetectorUnavailable as err:
+        raise UserError(f"{path}: this model was trained on crops aligned by facetrain.align ({recipe.describe()}) "
+                        f"and aligns raw photos the same way, but {err}; or pass --aligned if the images are "
+                        "already aligned crops") from None
+    return recipe.to_dict()
+
+
+def scan_gallery(root: str | Path, option: str = "--gallery") -> tuple[list[str], np.ndarray, list[str]]:
+    """(image paths, identity label per image, identity names) of `root/<identity>/<image>`: the order of
+    `data.scan_folder` (identities and files sorted by name, dot folders skipped), without importing torch."""
+    base = Path(root)
+    if not base.is_dir():
+        raise UserError(f"{option}: folder not found: {root} (expected {root}/<identity>/<image>)")
+    paths, labels, names = [], [], []
+    for ident in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(f for f in ident.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if files:
+            names.append(ident.name)
+            paths.extend(str(f) for f in files)
+            labels.extend([len(names) - 1] * len(files))
+    if not names:
+        raise UserError(f"{option}: no identity folders with images in {root} (expected {root}/<identity>/<image> "
+                        f"with one of {', '.join(IMAGE_EXTENSIONS)})")
+    return paths, np.asarray(labels, dtype=np.int64), names
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The embedder
+
+
+@dataclass
+class OnnxEmbedder:
+    """An exported model in an onnxruntime session, with the interface of `embed.Embedder` in numpy:
+    `embed(paths)` -> (N, D) float32 L2-normalised, `.meta`, `.path`, `.flip`, `.preprocess`, `.precision`,
+    `.is_main`, `.alignment`, `aligned_folder`, `last_failures`."""
+
+    session: object
+    meta: dict
+    path: Path
+    preprocess: InputSpec
+    flip: bool
+    alignment: dict | None = None
+    """The recipe raw photos are aligned with; None: images are embedded as they are."""
+    batch_size: int = 64
+    num_workers: int = 0
+    precision: str = "no"  # an fp32 graph: the PyTorch path's name for "no autocast"
+    is_main: bool = True
+    num_processes: int = 1
+    last_failures: list[dict] = field(default_factory=list, repr=False)
+    """Photos of the last `embed(..., record_failures=True)` without a usable face (index, path, reason)."""
+
+    @classmethod
+    def load(cls, model_path: str | Path, batch_size: int = 64, num_workers: int = -1, flip: bool | None = None,
+             aligned: bool = False, threads: int = 0) -> OnnxEmbedder:
+        """flip: None = as exported; True/False must match the graph (the flip test is part of it).
+        aligned=True: the images are aligned crops already (the recorded recipe is not applied). threads:
+        onnxruntime's intra-op threads (0 = its default, one per physical core). num_workers: decoding
+        threads (-1 = the CPU count minus one, at most 8)."""
+        ort = import_onnxruntime()
+        path = resolve_onnx_path(model_path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        # idle threads sleep instead of spinning between calls (onnxruntime's default spins): the cores go to
+        # image decoding, PyTorch or other processes in between, as OMP_WAIT_POLICY=PASSIVE does for torch
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / ... types
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise UserError(f"{path}: onnxruntime cannot load this file ({type(err).__name__}: {first}); export "
+                            "the bundle again") from None
+        meta = decode_metadata(session.get_modelmeta().custom_metadata_map, path)
+        graph_flip = bool(meta["export"].get("flip_test", False))
+        if flip is not None and bool(flip) != graph_flip:
+            have = "with" if graph_flip else "without"
+            raise UserError(f"--flip: {path} was exported {have} the flip test, which is part of its graph; "
+                            f"export again with --{'' if flip else 'no-'}flip, or drop the option")
+        alignment = check_alignment(meta, path, aligned)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = num_workers if num_workers >= 0 else max(0, min(8, cpus - 1))
+        return cls(session, meta, path, InputSpec(**meta["preprocess"]), graph_flip, alignment, batch_size, workers)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.session.get_outputs()[0].shape[1])
+
+    def aligned_folder(self, folder: str | Path, option: str) -> bool:
+        """True when `folder` holds crops facetrain.align cut with this model's recipe (its marker file): they
+        are embedded as they are. Crops cut with another recipe are refused with one line."""
+        return is_aligned_folder(folder, self.alignment, option, "model")
+
+    def prepare(self, source: str | Path | bytes | Image.Image, name: str = "image", align: bool = True) -> np.ndarray:
+        """One image (path, file bytes or PIL image) -> the (H, W, 3) uint8 model input. Decoding errors are
+        PIL's (the caller names the source); a photo without a usable face raises AlignmentFailed."""
+        if self.alignment is None or not align:
+            return to_input_array(load_image(source, keep_gray=True), self.preprocess.image_size)
+        from facetrain.alignment import align_image
+
+        res = align_image(load_image(source), self.alignment)
+        if not res.ok:
+            raise AlignmentFailed(name, res.status, res.reason)
+        return to_input_array(res.crop, self.preprocess.image_size)
+
+    def _prepare_file(self, path: str, index: int, align: bool, failures: list | None) -> np.ndarray:
+        try:
+            return self.prepare(path, name=path, align=align)
+        except AlignmentFailed as err:
+            if failures is None:
+                raise
+            failures.append({"index": index, "path": path, "status": err.status, "reason": err.reason})
+            size = self.preprocess.image_size  # a black crop in the failed photo's row; the caller drops it
+            return np.zeros((size, size, 3), dtype=np.uint8)
+        except UserError:
+            raise
+        except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+            raise UserError(f"{path}: cannot decode image ({type(err).__name__}: {err}); remove or replace "
+                            "the file") from None
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> (N, D) float32 embeddings, in slices of at most `batch_size` images."""
+        if batch.shape[0] == 0:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        out = [self.session.run([OUTPUT_NAME], {INPUT_NAME: batch[i:i + self.batch_size]})[0]
+               for i in range(0, batch.shape[0], self.batch_size)]
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def embed(self, paths: Sequence[str], num_workers: int | None = None, align: bool = True,
+              record_failures: bool = False) -> np.ndarray:
+        """(N, D) float32 L2-normalised embeddings of image files, in order. With workers, the next batch is
+        decoded on threads (PIL releases the GIL while decoding and resizing) while the model runs on this
+        one; at most two batches of pixels are held at a time. With the recorded alignment recipe (and
+        align=True) the files are raw photos, aligned first; one without a usable face is a one-line error,
+        or with record_failures=True a black row to drop, listed in `self.last_failures`."""
+        paths = [str(p) for p in paths]
+        failures: list | None = [] if record_failures else None
+        workers = self.num_workers if num_workers is None else num_workers
+        starts = range(0, len(paths), self.batch_size)
+
+        def batch(start: int, submit=None):
+            items = [(p, start + k, align, failures) for k, p in enumerate(paths[start:start + self.batch_size])]
+            return [submit(self._prepare_file, *item) if submit else self._prepare_file(*item) for item in items]
+
+        out = []
+        if workers <= 0 or len(paths) <= 1:
+            out = [self.run(np.stack(batch(start))) for start in starts]
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                ahead = deque([batch(starts[0], pool.submit)])
+                for k in range(len(starts)):
+                    if k + 1 < len(starts):
+                        ahead.append(batch(starts[k + 1], pool.submit))
+                    out.append(self.run(np.stack([f.result() for f in ahead.popleft()])))
+        self.last_failures = sorted(failures, key=lambda r: r["index"]) if failures is not None else []
+        return np.concatenate(out) if out else np.zeros((0, self.embedding_dim), dtype=np.float32)

@@ -1,0 +1,179 @@
+"""Evaluation protocols: what to embed, and how to turn the embeddings into an ROC; and the FAR the
+bundle's threshold is calibrated at.
+
+Protocols (`PROTOCOLS`):
+* `all_pairs` (default): every unordered pair of a labelled folder `<data>/<identity>/<image>`. The ROC is
+  exact up to `--max-exact-pairs` pairs (every score kept), else a fixed histogram of 2**16 bins streamed
+  block by block (memory independent of the number of pairs, thresholds quantised to 3.05e-5).
+* `pairs_file` (`--pairs FILE`): an LFW `pairs.txt` over `<data>/<name>/<name>_<0001>.<ext>`; 10-fold
+  accuracy (threshold chosen on the other nine folds) plus AUC/EER/TAR@FAR over all listed pairs.
+
+A protocol `plan`s the files to embed and the pair counts before any model runs (`preflight_plan` checks
+every file of the plan first), drops the images `without` a usable face afterwards, and `score`s the
+embeddings with `metrics` (the code the trainer validates with).
+
+Threshold calibration: the decision rule is "same person if cosine >= threshold". The threshold written to
+the bundle is the highest one whose FAR on this data is <= the target FAR (`--target-far`; by default 1e-3
+when the data has >= 1000 impostor pairs, else the smallest of 1e-1/1e-2 that it can resolve). A FAR f is
+resolvable only with >= 1/f impostor pairs: below that, one false accept already overshoots the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from facetrain.cli import labelled_folder
+from facetrain.errors import UserError
+from facetrain.metrics import (
+    DEFAULT_TARGET_FARS,
+    RocCurve,
+    all_pairs_roc,
+    count_pairs,
+    far_needed,
+    kfold_accuracy,
+    pair_scores,
+    parse_lfw_pairs,
+    resolve_pair_paths,
+    roc_exact,
+)
+
+if TYPE_CHECKING:
+    from facetrain.evaluate import EvalOptions
+
+#: FAR the bundle's threshold is calibrated for when --target-far is not given: a common operating point for
+#: 1:1 verification (1 false accept in 1000 impostor attempts), resolvable by any set with >= 1000
+#: impostor pairs (e.g. 5 identities x 10 images).
+DEFAULT_CALIBRATION_FAR = 1e-3
+
+
+def calibration_far(requested: float | None, n_impostor: int) -> tuple[float | None, str]:
+    """(FAR to calibrate the threshold at, where that choice came from); None when nothing is resolvable."""
+    if requested is not None:
+        return requested, "--target-far"
+    if n_impostor >= far_needed(DEFAULT_CALIBRATION_FAR):
+        return DEFAULT_CALIBRATION_FAR, "default"
+    resolvable = [f for f in DEFAULT_TARGET_FARS if n_impostor >= far_needed(f)]
+    if resolvable:
+        return min(resolvable), f"smallest resolvable ({n_impostor} impostor pairs < {far_needed(1e-3)})"
+    return None, f"no standard FAR is resolvable with {n_impostor} impostor pairs (need >= 10)"
+
+
+@dataclass
+class Plan:
+    """What a protocol needs embedded, and the pair counts known before any model runs."""
+
+    paths: list[str]
+    n_genuine: int
+    n_impostor: int
+    n_identities: int
+    describe: str
+    labels: np.ndarray | None = None
+    pair_index: np.ndarray | None = None  # (K, 2) rows into `paths` (pairs_file)
+    pair_genuine: np.ndarray | None = None
+    pair_fold: np.ndarray | None = None
+
+
+class AllPairs:
+    """Every unordered pair of a labelled folder."""
+
+    name = "all_pairs"
+
+    def plan(self, opts: EvalOptions) -> Plan:
+        paths, labels, names = labelled_folder(opts.data, "--data")
+        n_genuine, n_impostor = count_pairs(labels)
+        if len(names) < 2:
+            raise UserError(f"--data: {opts.data} has only one identity ({names[0]}, {len(paths)} images), so "
+                            "there are no impostor pairs and FAR is undefined: add folders of other people")
+        if n_genuine == 0:
+            raise UserError(f"--data: every identity in {opts.data} has a single image, so there are no "
+                            "genuine pairs and TAR is undefined: add a second image of some people")
+        return Plan(paths, n_genuine, n_impostor, len(names), f"all pairs of {opts.data}", labels=labels)
+
+    def without(self, plan: Plan, emb: torch.Tensor, dropped: set[int]) -> tuple[Plan, torch.Tensor]:
+        """The plan and embeddings without the images at `dropped` (photos in which no face was found)."""
+        keep = np.array([i not in dropped for i in range(len(plan.paths))], dtype=bool)
+        labels = plan.labels[keep]
+        n_genuine, n_impostor = count_pairs(labels)
+        n_ids = len(np.unique(labels))
+        if n_ids < 2 or n_genuine == 0:
+            raise UserError(f"--data: {len(dropped)} of {len(plan.paths)} photos have no usable face, leaving "
+                            f"{n_ids} identities and {n_genuine} genuine pairs: too few to evaluate (see "
+                            "python -m facetrain.align for a report of which photos fail)")
+        paths = [p for p, k in zip(plan.paths, keep, strict=True) if k]
+        return dataclasses.replace(plan, paths=paths, labels=labels, n_genuine=n_genuine, n_impostor=n_impostor,
+                                   n_identities=n_ids), emb[torch.as_tensor(keep)]
+
+    def score(self, emb: torch.Tensor, plan: Plan, opts: EvalOptions) -> tuple[RocCurve, dict]:
+        roc = all_pairs_roc(emb, torch.as_tensor(plan.labels), mode=opts.roc_mode,
+                            max_exact_pairs=opts.max_exact_pairs)
+        return roc, {}
+
+
+class PairsFile:
+    """The pairs listed in an LFW-format pairs.txt, with the 10-fold accuracy protocol."""
+
+    name = "pairs_file"
+
+    def plan(self, opts: EvalOptions) -> Plan:
+        if not Path(opts.data).is_dir():
+            raise UserError(f"--data: folder not found: {opts.data} (the LFW root: <data>/<name>/<name>_0001.jpg)")
+        specs = resolve_pair_paths(parse_lfw_pairs(opts.pairs), opts.data)
+        files = list(dict.fromkeys(str(p) for s in specs for p in (s.path_a, s.path_b)))
+        row = {p: i for i, p in enumerate(files)}
+        index = np.array([[row[str(s.path_a)], row[str(s.path_b)]] for s in specs], dtype=np.int64)
+        genuine = np.array([s.genuine for s in specs], dtype=bool)
+        folds = np.array([s.fold for s in specs], dtype=np.int64)
+        n_genuine = int(genuine.sum())
+        people = {s.name_a for s in specs} | {s.name_b for s in specs}
+        return Plan(files, n_genuine, len(specs) - n_genuine, len(people),
+                    f"{len(specs)} pairs of {opts.pairs} ({len(np.unique(folds))} folds)",
+                    pair_index=index, pair_genuine=genuine, pair_fold=folds)
+
+    def without(self, plan: Plan, emb: torch.Tensor, dropped: set[int]) -> tuple[Plan, torch.Tensor]:
+        """The plan without the pairs that use an image at `dropped` (embedding rows are kept, unused)."""
+        keep = ~np.isin(plan.pair_index, list(dropped)).any(axis=1)
+        n_genuine = int(plan.pair_genuine[keep].sum())
+        if n_genuine == 0 or n_genuine == int(keep.sum()):
+            raise UserError(f"--pairs: {len(dropped)} photos have no usable face, leaving {int(keep.sum())} pairs "
+                            f"({n_genuine} genuine): too few to evaluate")
+        return dataclasses.replace(plan, n_genuine=n_genuine, n_impostor=int(keep.sum()) - n_genuine,
+                                   pair_index=plan.pair_index[keep], pair_genuine=plan.pair_genuine[keep],
+                                   pair_fold=plan.pair_fold[keep]), emb
+
+    def score(self, emb: torch.Tensor, plan: Plan, opts: EvalOptions) -> tuple[RocCurve, dict]:
+        scores = pair_scores(emb[plan.pair_index[:, 0]], emb[plan.pair_index[:, 1]])
+        roc = roc_exact(scores, plan.pair_genuine)
+        extra = {}
+        if len(np.unique(plan.pair_fold)) >= 2:
+            extra["kfold"] = kfold_accuracy(scores, plan.pair_genuine, plan.pair_fold)
+        return roc, extra
+
+
+PROTOCOLS = {"all_pairs": AllPairs(), "pairs_file": PairsFile()}
+
+
+def preflight_plan(protocol, plan: Plan, opts: EvalOptions) -> tuple[Plan, list[dict]]:
+    """The training pre-flight's decode check of every file the plan reads, before any model loads: every
+    unusable file is named at once (`--bad-images error`), or left out with the pairs that use it (`skip`)."""
+    from facetrain.preflight import check_files
+
+    report = check_files(plan.paths, opts.max_image_pixels, opts.data, progress=False)
+    if not report.bad:
+        return plan, []
+    if opts.bad_images == "error":
+        raise UserError(report.error_message(remedy="pass --bad-images skip to evaluate without them"))
+    row = {p: i for i, p in enumerate(plan.paths)}
+    plan, _ = protocol.without(plan, torch.zeros((len(plan.paths), 0)), {row[b["path"]] for b in report.bad})
+    if plan.pair_index is not None:  # pairs_file keeps the rows of dropped files: do not read them at all
+        used = np.unique(plan.pair_index)
+        new_row = np.full(len(plan.paths), -1, dtype=np.int64)
+        new_row[used] = np.arange(len(used))
+        plan = dataclasses.replace(plan, paths=[plan.paths[i] for i in used], pair_index=new_row[plan.pair_index])
+    return plan, report.bad
+

@@ -1,0 +1,119 @@
+"""The report of an evaluation: the rich table on the terminal, `metrics.json` / `args.json`, the default
+output folder, the alignment summary and the TensorBoard scalars and figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from facetrain.metrics import DEFAULT_TARGET_FARS, far_needed
+
+if TYPE_CHECKING:
+    from facetrain.embed import Embedder
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def print_report(report: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(highlight=False, width=None if Console().is_terminal else 120)
+    m = report["metrics"]
+    table = Table(title=f"facetrain.eval: {report['model']}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("threshold", justify="right")
+    mode = f"{m['mode']} ROC" + (f" (bin width {m['bin_width']:.2e})" if m["mode"] == "histogram" else "")
+    table.add_row("protocol", f"{report['protocol']}, {mode}", "")
+    table.add_row("images / identities", f"{report['n_images']:,} / {report['n_identities']:,}", "")
+    table.add_row("pairs genuine / impostor", f"{m['n_genuine']:,} / {m['n_impostor']:,}", "")
+    table.add_row("ROC AUC", _fmt(m["auc"]), "")
+    table.add_row("EER", _fmt(m["eer"]), _fmt(m["eer_threshold"]))
+    table.add_row("best accuracy", _fmt(m["best_accuracy"]), _fmt(m["best_threshold"]))
+    for far in DEFAULT_TARGET_FARS:
+        key = f"{far:.0e}"
+        tar = m[f"tar@far={key}"]
+        value = _fmt(tar) if tar is not None else f"n/a (< {far_needed(far):,} impostor pairs)"
+        table.add_row(f"TAR @ FAR={key}", value, _fmt(m[f"threshold@far={key}"]))
+    if "kfold" in report:
+        k = report["kfold"]
+        table.add_row(f"{len(k['fold_accuracies'])}-fold accuracy", f"{k['accuracy_mean']:.4f} ± "
+                      f"{k['accuracy_std']:.4f}", "other folds")
+    cal = report["calibration"]
+    if cal["far"] is not None:
+        table.add_row(f"calibration: TAR @ FAR={cal['far']:.0e}", _fmt(cal["tar"]), _fmt(cal["threshold"]))
+    console.print(table)
+    for reason in m["tar_unavailable"]:
+        console.print(f"[yellow]note:[/] {reason}")
+    console.print(f"calibration: {cal['note']}")
+    for bad in report.get("skipped_images") or []:
+        console.print(f"[yellow]skipped (--bad-images skip):[/] {bad['path']} ({bad['problem']}: {bad['detail']})")
+    failures = (report.get("alignment") or {}).get("without_face") or []
+    if failures:
+        names = ", ".join(f["path"] for f in failures[:10]) + (f" and {len(failures) - 10} more" if len(failures) > 10
+                                                             else "")
+        console.print(f"[yellow]alignment:[/] {len(failures)} of {report['alignment']['n_photos']} photos have no "
+                      f"usable face and were left out (listed in metrics.json): {names}")
+    console.print(f"wrote {report['output']}/metrics.json" + (", roc.png, far_frr.png, scores.png"
+                                                               if report["plots"] else ""))
+
+
+def alignment_summary(embedder: Embedder, align: bool, paths: list[str]) -> dict:
+    """What the report says about alignment: the recipe applied (if any) and every photo left out."""
+    failures = [{"path": r["path"], "status": r["status"], "reason": r["reason"]} for r in embedder.last_failures]
+    if embedder.alignment is None:
+        inputs = "aligned crops (--aligned)" if embedder.meta.get("alignment") else "as they are (no recipe in bundle)"
+    else:
+        inputs = "raw photos, aligned with the bundle's recipe" if align else "crops of facetrain.align (same recipe)"
+    return {"inputs": inputs, "recipe": embedder.alignment if align else None, "n_photos": len(paths),
+            "n_without_face": len(failures), "without_face": failures}
+
+
+def default_output_dir(model_path: Path, data: str) -> Path:
+    """`<model>/../eval-<timestamp>-<data folder name>`, next to the bundle, never overwriting one."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = model_path.parent / f"eval-{stamp}-{Path(data).resolve().name}"
+    out, k = base, 1
+    while out.exists():
+        out, k = base.with_name(f"{base.name}-{k}"), k + 1
+    return out
+
+
+def _json_default(value: Any):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def log_tensorboard(log_dir: str, report: dict, roc_fig, step: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir)
+    try:
+        for key, value in report["metrics"].items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and value is not None:
+                writer.add_scalar(f"eval/{key}", value, step)
+        if "kfold" in report:
+            writer.add_scalar("eval/kfold_accuracy_mean", report["kfold"]["accuracy_mean"], step)
+        if roc_fig is not None:
+            writer.add_figure("eval/roc", roc_fig, step, close=False)
+    finally:
+        writer.close()
+

@@ -1,0 +1,77 @@
+"""Training on a pack with augmentation on the device: resume and 2-process DDP are exact, as for folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import deep_merge, load_weights, run_train, tiny_train_config
+from test_train import EXACT
+
+from facetrain.alignment import MARKER_FILE, MARKER_FORMAT, recipe_of_folder
+from facetrain.pack import pack_folder
+from facetrain.synthetic import render
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    """24 synthetic colour identities x 8 images at 32 px, packed (the tiny config's data as files)."""
+    root = tmp_path_factory.mktemp("packed")
+    for k in range(24):
+        folder = root / "faces" / f"person_{k:02d}"
+        folder.mkdir(parents=True)
+        for i in range(8):
+            render(3, k, i, 40).save(folder / f"{i}.jpg", quality=90)
+    # as facetrain.align leaves it: the bundle must record the recipe whether trained on the folder or the pack
+    (root / "faces" / MARKER_FILE).write_text(json.dumps({"format": MARKER_FORMAT, "recipe": {}}))
+    return pack_folder(root / "faces", root / "faces.ftpack", 32, progress=False)
+
+
+def packed_config(tmp_path, pack, extra: dict | None = None):
+    base = {"data": {"source": "packed", "root": str(pack), "image_size": 32,
+                     "augment": {"on_device": True, "hue": 0.1, "grayscale": 0.2}}}
+    return tiny_train_config(tmp_path, deep_merge(base, extra or {}))
+
+
+def test_packed_resume_matches_uninterrupted_run_and_same_seed_same_weights(tmp_path, pack):
+    cfg = packed_config(tmp_path, pack, {"model": {"drop_rate": 0.2},
+                                         "train": {"max_steps": 8, "val_every": 4, "ckpt_every": 100}})
+    full, part = tmp_path / "full", tmp_path / "part"
+    proc = run_train(["--config", cfg, "--train.output_dir", full])
+    assert "18 train / 6 val identities, 144 / 48 images" in proc.stdout
+    run_train(["--config", cfg, "--train.output_dir", part, "--debug.stop_at_step", "5"])
+    proc = run_train(["--config", cfg, "--train.output_dir", part, "--train.resume", "auto"])
+    assert "resumed from" in proc.stdout and "at step 5" in proc.stdout
+    assert json.loads((full / "bundle" / "facetrain.json").read_text())["alignment"] == recipe_of_folder(
+        pack.parent / "faces")
+    a = load_weights(full / "checkpoints" / "step_00000008")
+    b = load_weights(part / "checkpoints" / "step_00000008")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    # the device augmentation is on and matters: without it the weights differ
+    plain = tmp_path / "plain"
+    run_train(["--config", cfg, "--train.output_dir", plain, "--data.augment.enabled", "false"])
+    c = load_weights(plain / "checkpoints" / "step_00000008")
+    assert max((c[k].float() - a[k].float()).abs().max().item() for k in a if a[k].is_floating_point()) > 1e-3
+
+
+@pytest.mark.slow
+def test_packed_two_process_ddp_equals_one_process(tmp_path, pack):
+    # test_train's exactness settings, but with the device augmentation on: it follows the per-slot seeds
+    extra = deep_merge(EXACT, {"data": {"augment": {"enabled": True}}})
+    cfg = packed_config(tmp_path, pack, extra)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_train(["--config", cfg, "--train.output_dir", one, "--train.batch_size", "16"], procs=1)
+    proc = run_train(["--config", cfg, "--train.output_dir", two, "--train.batch_size", "8"], procs=2)
+    assert "2 process(es)" in proc.stdout
+    ranks = [[json.loads(line) for line in (two / "samples" / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in range(2)]
+    single = [json.loads(line) for line in (one / "samples" / "rank0.jsonl").read_text().splitlines()]
+    for step in range(4):
+        assert ranks[0][step]["positions"] + ranks[1][step]["positions"] == single[step]["positions"]
+    w1, w2 = load_weights(one / "bundle"), load_weights(two / "bundle")
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5, msg=key)
+    d1, d2 = (json.loads((d / "done.json").read_text()) for d in (one, two))
+    assert d2["final"]["auc"] == pytest.approx(d1["final"]["auc"], abs=1e-4)
