@@ -36,7 +36,8 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
-from facetrain.errors import UserError, run_cli
+from facetrain.cli import run_cli
+from facetrain.errors import UserError
 
 JOURNAL_DIR = ".facetrain-align"
 JOURNAL_FILE = "journal.jsonl"

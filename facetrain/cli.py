@@ -1,6 +1,8 @@
 """Command-line helpers shared by the entry points (eval, verify, identify, align, export, pack, serve).
 
-`ArgumentParser` turns argparse's mistakes into one-line `UserError`s (`errors.run_cli` prints them);
+`run_cli` runs an entry point's `main`: a `UserError` becomes `facetrain: error: <one line>` and exit code 2
+(`--debug` or FACETRAIN_DEBUG=1: the full traceback instead); it also reads the launcher's RANK / WORLD_SIZE
+to say which process failed. `ArgumentParser` turns argparse's mistakes into one-line `UserError`s;
 `resolve_model_path` turns --model (a bundle, checkpoint, run directory or exported `.onnx`) into the model's
 path; `labelled_folder` and `require_files` check the inputs before any model is built.
 
@@ -11,11 +13,14 @@ the onnxruntime service can parse its command line with it too.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from facetrain.errors import UserError
+from facetrain.errors import PEER_LOST, UserError, one_line
 from facetrain.images import MAX_IMAGE_PIXELS
 
 
@@ -36,6 +41,13 @@ def add_image_check_options(parser: argparse.ArgumentParser, skip_means: str) ->
 
 
 RECOGNISED = "; a folder written by facetrain.align with the same recipe is recognised without this flag"
+
+
+def print_result(result: dict, as_json: bool, describe: Callable[[dict], str]) -> None:
+    """A command's answer on stdout: one JSON object (--json), or `describe`'s text for a person."""
+    import json
+
+    print(json.dumps(result) if as_json else describe(result), flush=True)
 
 
 def add_embedding_options(parser: argparse.ArgumentParser, inputs: str, recognised: str = "") -> None:
@@ -84,3 +96,33 @@ def require_files(paths: list[str], what: str) -> None:
     for p in paths:
         if not Path(p).is_file():
             raise UserError(f"{what}: file not found: {p}")
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("FACETRAIN_DEBUG", "") not in ("", "0")
+
+
+def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
+    """Run an entry point; user errors become `facetrain: error: <message>` and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = _debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        code = main(argv)
+    except UserError as err:
+        if debug:
+            raise
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"facetrain: error: {prefix}{one_line(err)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except RuntimeError as err:  # torch.distributed's DistBackendError is a RuntimeError
+        if debug or os.environ.get("WORLD_SIZE", "1") == "1" or not any(s in str(err) for s in PEER_LOST):
+            raise
+        print(f"facetrain: error: [rank {os.environ.get('RANK', '?')}] lost contact with another process, which "
+              "failed or was stopped (read that process's own error)", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("facetrain: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

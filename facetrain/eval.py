@@ -21,7 +21,7 @@ from facetrain import threads
 
 os.environ.update(threads.wait_policy())
 
-from facetrain.errors import run_cli
+from facetrain.cli import run_cli
 
 
 def build_parser():

@@ -24,9 +24,12 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # why: facetrain/train.py
+from facetrain import threads
 
-from facetrain.errors import UserError, run_cli
+os.environ.update(threads.wait_policy())  # before torch loads: facetrain/threads.py
+
+from facetrain.cli import print_result, run_cli
+from facetrain.errors import UserError
 
 #: Smallest cosine between the PyTorch and onnxruntime embeddings of the export's self-check.
 MIN_COSINE = 0.9999
@@ -208,11 +211,8 @@ def describe(result: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    import json
-
     args = build_parser().parse_args(argv)
-    result = export(args.model, args.output, args.opset, args.flip)
-    print(json.dumps(result) if args.json else describe(result), flush=True)
+    print_result(export(args.model, args.output, args.opset, args.flip), args.json, describe)
     return 0
 
 

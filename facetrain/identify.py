@@ -34,7 +34,8 @@ os.environ.update(threads.wait_policy())
 import numpy as np
 import torch
 
-from facetrain.errors import UserError, run_cli
+from facetrain.cli import run_cli
+from facetrain.errors import UserError
 from facetrain.images import MAX_IMAGE_PIXELS
 
 CACHE_FORMAT = "facetrain-gallery"

@@ -19,7 +19,11 @@ import os
 import time
 from pathlib import Path
 
-from facetrain.errors import UserError, run_cli
+from facetrain import threads
+
+os.environ.update(threads.wait_policy())  # before torch loads: facetrain/threads.py
+from facetrain.cli import run_cli  # noqa: E402
+from facetrain.errors import UserError
 
 # PIL modes that `images.to_rgb(keep_gray=True)` returns as one gray channel
 SINGLE_CHANNEL_MODES = {"L", "1", "I;16", "I;16B", "I;16L", "I"}

@@ -28,6 +28,7 @@ import base64
 import binascii
 import io
 import json
+import os
 import socket
 import sys
 import tempfile
@@ -38,8 +39,15 @@ from pathlib import Path
 
 import numpy as np
 
-from facetrain.cli import ArgumentParser  # torch-free: the service never imports torch
-from facetrain.errors import UserError, run_cli
+from facetrain import threads
+
+# before torch loads (a bundle is exported through PyTorch at start): facetrain/threads.py
+os.environ.update(threads.wait_policy())
+from facetrain.cli import (  # noqa: E402
+    ArgumentParser,  # torch-free: the service never imports torch
+    run_cli,
+)
+from facetrain.errors import UserError
 
 SERVE_EXTRA = 'pip install -e ".[serve]"'
 

@@ -18,8 +18,9 @@ from facetrain import threads
 
 os.environ.update(threads.wait_policy())
 
+from facetrain.cli import run_cli  # noqa: E402
 from facetrain.config import describe_keys, load_config  # noqa: E402
-from facetrain.errors import UserError, run_cli  # noqa: E402
+from facetrain.errors import UserError  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -40,8 +40,8 @@ from facetrain.data import (
     default_num_workers,
     eval_transform,
     split_identities,
-    train_transform,
 )
+from facetrain.device_augment import training_input
 from facetrain.distributed import (
     any_rank,
     average_gradients,
@@ -202,6 +202,8 @@ class Trainer:
         # align raw photos the same way, from the bundle's "alignment" entry
         folder = cfg.data.source in ("folder", "hf") and cfg.data.root
         self.alignment = recipe_of_folder(cfg.data.root) if folder else None
+        if cfg.data.source == "packed":  # a pack carries the recipe of the folder it was made from
+            self.alignment = faceset.loader.alignment
         self.train_ids, self.val_ids = split_identities(faceset, cfg.data)
         self.train_idx, self.train_labels = faceset.subset(self.train_ids)
         self.val_idx, self.val_labels = faceset.subset(self.val_ids)
@@ -242,8 +244,11 @@ class Trainer:
     def setup_loaders(self) -> None:
         cfg, t, acc = self.cfg, self.t, self.accelerator
         self.workers = t.num_workers if t.num_workers >= 0 else default_num_workers(self.world)
-        train_ds = FaceDataset(self.faceset, self.train_idx, self.train_labels,
-                               train_transform(self.pre, cfg.data.augment), cfg.data.bad_images)
+        # PIL transforms per image in the workers, or (a pack with data.augment.on_device) batches gathered from
+        # the memory map and augmented on the device by to_input (facetrain/device_augment.py)
+        train_ds, train_collate, self.to_input = training_input(self.faceset, self.train_idx, self.train_labels,
+                                                                self.pre, cfg.data, acc.device,
+                                                                cfg.model.channels_last)
         self.val_ds = FaceDataset(self.faceset, self.val_idx, self.val_labels, eval_transform(self.pre),
                                   cfg.data.bad_images)
         # schedule-free: training images (fixed, seeded) whose statistics BatchNorm recomputes before validation
@@ -251,14 +256,13 @@ class Trainer:
         self.bn_ds = FaceDataset(self.faceset, self.train_idx[pick], self.train_labels[pick],
                                  eval_transform(self.pre), cfg.data.bad_images)
         self.loader = torch.utils.data.DataLoader(
-            train_ds, batch_sampler=self.sampler, num_workers=self.workers, collate_fn=collate,
+            train_ds, batch_sampler=self.sampler, num_workers=self.workers, collate_fn=train_collate,
             pin_memory=acc.device.type == "cuda", persistent_workers=self.workers > 0,
             # batches each worker keeps ready (DataLoader refuses it without workers)
             prefetch_factor=t.prefetch_factor if self.workers > 0 else None,
             # its own generator: creating an iterator draws a base seed, which must not consume the global RNG
             # that dropout uses (exact resume)
             generator=torch.Generator().manual_seed(t.seed))
-        self.to_input = ToModelInput(self.pre, acc.device, cfg.model.channels_last)  # uint8 batch -> model input
 
     def setup(self, resume_from: Path | None = None) -> None:
         """Everything the loop needs after `setup_data`; `resume_from` (a checkpoint) restores the run's state."""
@@ -289,11 +293,11 @@ class Trainer:
         t, acc, step = self.t, self.accelerator, self.state["step"]
         loss_sum = torch.zeros((), device=acc.device)
         for micro in range(t.grad_accum_steps):
-            images, labels, positions = next(batches)
+            images, labels, positions, *augment_seeds = next(batches)  # seeds: device augmentation
             if self.sample_log is not None:
                 self.sample_log.write(json.dumps({"step": step, "micro": micro,
                                                   "positions": positions.tolist()}) + "\n")
-            images = self.to_input(images)
+            images = self.to_input(images, *augment_seeds)  # uint8 batch -> (augmented) model input
             labels = labels.to(acc.device, non_blocking=True)
             last_micro = micro == t.grad_accum_steps - 1
             with (nullcontext() if last_micro else acc.no_sync(self.model)), acc.autocast():

@@ -20,10 +20,9 @@ import os
 from facetrain import threads
 
 os.environ.update(threads.wait_policy())
-import json
 from pathlib import Path
 
-from facetrain.errors import run_cli
+from facetrain.cli import print_result, run_cli
 
 
 def build_parser():
@@ -103,7 +102,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     result = verify(args.model, args.image_a, args.image_b, args.threshold, args.flip, args.mixed_precision,
                     args.aligned, args.backend)
-    print(json.dumps(result) if args.json else describe(result), flush=True)
+    print_result(result, args.json, describe)
     return 0
 
 

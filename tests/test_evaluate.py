@@ -22,8 +22,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from facetrain import eval as eval_cli
+from facetrain.cli import run_cli
 from facetrain.config import DataConfig, ModelConfig
-from facetrain.errors import run_cli
 from facetrain.metrics import (
     ScoreHistogram,
     all_pair_scores,

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from facetrain import eval as eval_cli
 from facetrain import identify, verify
+from facetrain.cli import run_cli
 from facetrain.config import DataConfig, ModelConfig
-from facetrain.errors import run_cli
 from facetrain.model import create_model, read_bundle_meta, resolve_preprocess, write_bundle
 from facetrain.synthetic import render
 
