@@ -109,6 +109,10 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     argv = [a for a in argv if a != "--debug"]
     try:
         code = main(argv)
+        if "torch.distributed" in sys.modules:  # a multi-process run: every rank leaves together
+            from facetrain.distributed import leave_process_group
+
+            leave_process_group()
     except UserError as err:
         if debug:
             raise

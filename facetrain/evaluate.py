@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 from facetrain.cli import resolve_model_path
-from facetrain.distributed import end_processes
 from facetrain.embed import load_embedder
 from facetrain.errors import UserError
 from facetrain.figures import make_figures
@@ -108,8 +107,7 @@ def run(opts: EvalOptions) -> dict | None:
     t0 = time.perf_counter()
     emb = embedder.embed(plan.paths, align=align, record_failures=True)
     embed_s = time.perf_counter() - t0
-    if not embedder.is_main:  # rank 0 scores; the others wait for it, so no rank tears the group down early
-        end_processes(getattr(embedder, "accelerator", None))
+    if not embedder.is_main:  # rank 0 scores; the others wait for it in cli.run_cli (leave_process_group)
         return None
     alignment = alignment_summary(embedder, align, plan.paths)
     if embedder.last_failures:
@@ -185,5 +183,4 @@ def run(opts: EvalOptions) -> dict | None:
     write_json(out / "args.json", {**dataclasses.asdict(opts), "command": [sys.executable, "-m", "facetrain.eval",
                                                                          *opts.argv]})
     print_report(report)
-    end_processes(getattr(embedder, "accelerator", None))
     return report

@@ -51,6 +51,29 @@ def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:
     return values
 
 
+def train_one_and_many(cfg: Path, tmp_path: Path, global_batch: int, procs: int) -> tuple[Path, Path]:
+    """Train `cfg` (with debug.record_samples) on 1 process and on `procs` real processes with the same global
+    batch; check that the ranks drew disjoint images and together exactly the 1-process batches, every step.
+    Returns the two run directories."""
+    one, many = Path(tmp_path) / "one", Path(tmp_path) / f"procs{procs}"
+    run_train(["--config", cfg, "--train.output_dir", one, "--train.batch_size", str(global_batch)], procs=1)
+    proc = run_train(["--config", cfg, "--train.output_dir", many, "--train.batch_size", str(global_batch // procs)],
+                     procs=procs)
+    assert f"{procs} process(es)" in proc.stdout
+
+    def samples(run: Path, rank: int) -> list[list[int]]:
+        lines = (run / "samples" / f"rank{rank}.jsonl").read_text().splitlines()
+        return [json.loads(line)["positions"] for line in lines]
+
+    single, ranks = samples(one, 0), [samples(many, r) for r in range(procs)]
+    assert single and all(len(r) == len(single) for r in ranks)
+    for step, want in enumerate(single):
+        parts = [r[step] for r in ranks]
+        assert len(set().union(*parts)) == sum(len(p) for p in parts)  # disjoint
+        assert sum(parts, []) == want, step
+    return one, many
+
+
 def assert_same_logged_loss(one: Path, many: Path, steps: int) -> None:
     """The loss TensorBoard logged at every step is the same for the 1-process and the multi-process run: the
     global-batch loss, not world_size times it."""

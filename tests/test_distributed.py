@@ -12,9 +12,9 @@ from helpers import (
     assert_same_logged_loss,
     launch_cmd,
     load_weights,
-    run_train,
     subprocess_env,
     tiny_train_config,
+    train_one_and_many,
 )
 
 
@@ -40,9 +40,7 @@ def test_building_blocks_at_three_processes():
 def test_three_processes_equal_one_process_with_batchnorm(tmp_path, loss):
     cfg = tiny_train_config(tmp_path, {**EXACT, "loss": loss,
                                        "model": {"backbone": "test_efficientnet", "sync_bn": True}})
-    one, three = tmp_path / "one", tmp_path / "three"
-    run_train(["--config", cfg, "--train.output_dir", one, "--train.batch_size", "24"], procs=1)
-    run_train(["--config", cfg, "--train.output_dir", three, "--train.batch_size", "8"], procs=3)
+    one, three = train_one_and_many(cfg, tmp_path, 24, 3)
 
     # equal up to float summation order, relative to each tensor's scale (after 4 SGD steps with ArcFace's
     # scale 30: <= 2e-4 measured; per-rank BatchNorm statistics, i.e. model.sync_bn off: 1.7 on the stem)

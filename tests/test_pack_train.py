@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import deep_merge, load_weights, run_train, tiny_train_config
-from test_train import EXACT
+from helpers import EXACT, deep_merge, load_weights, run_train, tiny_train_config, train_one_and_many
 
 from facetrain.alignment import MARKER_FILE, MARKER_FORMAT, recipe_of_folder
 from facetrain.pack import pack_folder
@@ -61,15 +60,7 @@ def test_packed_two_process_ddp_equals_one_process(tmp_path, pack):
     # test_train's exactness settings, but with the device augmentation on: it follows the per-slot seeds
     extra = deep_merge(EXACT, {"data": {"augment": {"enabled": True}}})
     cfg = packed_config(tmp_path, pack, extra)
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_train(["--config", cfg, "--train.output_dir", one, "--train.batch_size", "16"], procs=1)
-    proc = run_train(["--config", cfg, "--train.output_dir", two, "--train.batch_size", "8"], procs=2)
-    assert "2 process(es)" in proc.stdout
-    ranks = [[json.loads(line) for line in (two / "samples" / f"rank{r}.jsonl").read_text().splitlines()]
-             for r in range(2)]
-    single = [json.loads(line) for line in (one / "samples" / "rank0.jsonl").read_text().splitlines()]
-    for step in range(4):
-        assert ranks[0][step]["positions"] + ranks[1][step]["positions"] == single[step]["positions"]
+    one, two = train_one_and_many(cfg, tmp_path, 16, 2)
     w1, w2 = load_weights(one / "bundle"), load_weights(two / "bundle")
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -17,6 +17,7 @@ from helpers import (
     load_weights,
     run_train,
     tiny_train_config,
+    train_one_and_many,
 )
 
 from facetrain.synthetic import render
@@ -28,21 +29,8 @@ from facetrain.synthetic import render
     {"backbone": "test_efficientnet", "sync_bn": True},  # BatchNorm over the global batch (model.sync_bn)
 ], ids=["groupnorm", "batchnorm_sync_bn"])
 def test_two_process_ddp_equals_one_process_on_the_same_global_batches(tmp_path, model):
-    cfg = tiny_train_config(tmp_path, {**EXACT, "model": model})
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_train(["--config", cfg, "--train.output_dir", one, "--train.batch_size", "16"], procs=1)
-    proc = run_train(["--config", cfg, "--train.output_dir", two, "--train.batch_size", "8"], procs=2)
-    assert "2 process(es)" in proc.stdout
-
     # both ranks trained, on different images, and together on exactly the 1-process global batches
-    ranks = [[json.loads(line) for line in (two / "samples" / f"rank{r}.jsonl").read_text().splitlines()]
-             for r in range(2)]
-    single = [json.loads(line) for line in (one / "samples" / "rank0.jsonl").read_text().splitlines()]
-    assert len(ranks[0]) == len(ranks[1]) == len(single) == 4
-    for step in range(4):
-        r0, r1 = ranks[0][step]["positions"], ranks[1][step]["positions"]
-        assert not set(r0) & set(r1)
-        assert r0 + r1 == single[step]["positions"]
+    one, two = train_one_and_many(tiny_train_config(tmp_path, {**EXACT, "model": model}), tmp_path, 16, 2)
 
     w1, w2 = load_weights(one / "bundle"), load_weights(two / "bundle")
     for key in w1:
