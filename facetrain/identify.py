@@ -25,6 +25,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Before torch loads: how idle OpenMP threads wait (facetrain/threads.py; the environment's setting wins).
 from facetrain import threads
@@ -32,11 +33,13 @@ from facetrain import threads
 os.environ.update(threads.wait_policy())
 
 import numpy as np
-import torch
 
 from facetrain.cli import run_cli
 from facetrain.errors import UserError
 from facetrain.images import MAX_IMAGE_PIXELS
+
+if TYPE_CHECKING:  # torch loads with the model, after the command line parsed
+    import torch
 
 CACHE_FORMAT = "facetrain-gallery"
 CACHE_VERSION = 1
@@ -195,6 +198,8 @@ def enrol(embedder, gallery: str, cache: bool = True, cache_dir: str = "", bad_i
 
 
 def rank_identities(gallery: Gallery, probes: torch.Tensor, top_k: int) -> list[list[dict]]:
+    import torch
+
     """Per probe: the top_k identities by best-image cosine similarity, with that image."""
     scores = probes.double() @ gallery.embeddings.double().T  # (P, N) cosines
     labels = torch.as_tensor(gallery.labels)
@@ -229,6 +234,8 @@ def evaluation_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def identification_rates(gallery: Gallery, ks: tuple[int, ...], block: int = 4096) -> dict:
     """Closed-set rank-k rates over the `evaluation_split` of the gallery."""
+    import torch
+
     labels = gallery.labels
     first, probe_idx = evaluation_split(labels)
     enrolled = gallery.embeddings[first].double()
