@@ -21,7 +21,7 @@ from torchvision import transforms as T
 from facetrain import synthetic
 from facetrain.config import AugmentConfig, DataConfig
 from facetrain.errors import UserError
-from facetrain.images import IMAGE_EXTENSIONS, decode, load_image, to_rgb  # noqa: F401 (re-exported)
+from facetrain.images import IMAGE_EXTENSIONS, Preprocess, decode, load_image, to_rgb  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -170,18 +170,6 @@ def split_identities(faceset: FaceSet, cfg: DataConfig) -> tuple[np.ndarray, np.
 
 # ----------------------------------------------------------------------------------------------------------
 # Transforms
-
-
-@dataclass
-class Preprocess:
-    """Everything needed to turn a file into a model input; stored in bundles so eval/verify match training."""
-
-    image_size: int
-    mean: list[float]
-    std: list[float]
-
-    def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
 
 def eval_transform(pre: Preprocess) -> Callable:

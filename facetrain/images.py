@@ -15,6 +15,7 @@ Nothing here imports torch, so the onnxruntime deployment path can use it too.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,20 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".t
 
 MAX_IMAGE_PIXELS = 89_478_485
 """Images with more pixels are refused as decompression bombs (PIL's own default, Image.MAX_IMAGE_PIXELS)."""
+
+
+@dataclass
+class Preprocess:
+    """Everything needed to turn an image into a model input (side in pixels, per-channel mean and std of
+    pixels scaled to [0, 1]); stored in bundles and exported models so eval, verify and the onnxruntime path
+    match training. Here, not in data.py, because the onnxruntime path must not import torch."""
+
+    image_size: int
+    mean: list[float]
+    std: list[float]
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
 
 def is_image_file(path: str | Path) -> bool:

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from facetrain.errors import UserError
-from facetrain.images import IMAGE_EXTENSIONS, load_image
+from facetrain.images import IMAGE_EXTENSIONS, Preprocess, load_image
 
 ONNX_SUFFIX = ".onnx"
 INPUT_NAME = "images"  # (N, H, W, 3) uint8 RGB, N dynamic
@@ -68,18 +68,6 @@ def resolve_onnx_path(path: str | Path, option: str = "--model") -> Path:
         raise UserError(f"{option}: {path} is not an ONNX file; the onnxruntime backend needs one: run "
                         f"`python -m facetrain.export --model {path}`{exported}, or use --backend torch for a bundle")
     return path
-
-
-@dataclass
-class InputSpec:
-    """The preprocessing an exported model expects (the fields of `data.Preprocess`, which imports torch)."""
-
-    image_size: int
-    mean: list[float]
-    std: list[float]
-
-    def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
 
 def decode_metadata(props: dict[str, str], path: Path) -> dict:
@@ -231,7 +219,7 @@ class OnnxEmbedder:
     session: object
     meta: dict
     path: Path
-    preprocess: InputSpec
+    preprocess: Preprocess
     flip: bool
     alignment: dict | None = None
     """The recipe raw photos are aligned with; None: images are embedded as they are."""
@@ -272,7 +260,7 @@ class OnnxEmbedder:
         alignment = check_alignment(meta, path, aligned)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         workers = num_workers if num_workers >= 0 else max(0, min(8, cpus - 1))
-        return cls(session, meta, path, InputSpec(**meta["preprocess"]), graph_flip, alignment, batch_size, workers)
+        return cls(session, meta, path, Preprocess(**meta["preprocess"]), graph_flip, alignment, batch_size, workers)
 
     @property
     def embedding_dim(self) -> int:
