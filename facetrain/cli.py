@@ -81,15 +81,9 @@ def resolve_model_path(path: str | Path, backend: str = "torch") -> Path:
 
 def labelled_folder(root: str | Path, option: str) -> tuple[list[str], np.ndarray, list[str]]:
     """(image paths, identity label per image, identity names) of `root/<identity>/<image>`."""
-    from facetrain.data import scan_folder
+    from facetrain.images import scan_identity_folder
 
-    if not Path(root).is_dir():
-        raise UserError(f"{option}: folder not found: {root} (expected {root}/<identity>/<image>)")
-    try:
-        paths, labels, names = scan_folder(str(root))
-    except UserError as err:  # scan_folder speaks in config keys; this is a command-line option
-        raise UserError(str(err).replace("data.root", option, 1)) from None
-    return paths, np.asarray(labels, dtype=np.int64), names
+    return scan_identity_folder(root, option)
 
 
 def require_files(paths: list[str], what: str) -> None:

@@ -21,7 +21,14 @@ from torchvision import transforms as T
 from facetrain import synthetic
 from facetrain.config import AugmentConfig, DataConfig
 from facetrain.errors import UserError
-from facetrain.images import IMAGE_EXTENSIONS, Preprocess, decode, load_image, to_rgb  # noqa: F401 (re-exported)
+from facetrain.images import (  # noqa: F401 (re-exported)
+    IMAGE_EXTENSIONS,
+    Preprocess,
+    decode,
+    load_image,
+    scan_identity_folder,
+    to_rgb,
+)
 
 
 @dataclass
@@ -56,23 +63,9 @@ class FaceSet:
 # Sources
 
 
-def scan_folder(root: str) -> tuple[list[str], list[int], list[str]]:
-    """root/<identity>/<image> -> (paths, labels, identity names); identities sorted by name."""
-    base = Path(root)
-    if not base.is_dir():
-        raise UserError(f"data.root: folder not found: {root} (expected {root}/<identity>/<image>.jpg)")
-    names, paths, labels = [], [], []
-    for ident in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in ident.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            continue
-        names.append(ident.name)
-        paths.extend(str(f) for f in files)
-        labels.extend([len(names) - 1] * len(files))
-    if not names:
-        raise UserError(f"data.root: no identity folders with images in {root} "
-                        f"(expected {root}/<identity>/<image> with one of {', '.join(IMAGE_EXTENSIONS)})")
-    return paths, labels, names
+def scan_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """root/<identity>/<image> -> (paths, labels, identity names) (`images.scan_identity_folder`)."""
+    return scan_identity_folder(root, "data.root")
 
 
 def folder_faceset(root: str) -> FaceSet:

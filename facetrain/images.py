@@ -43,6 +43,29 @@ class Preprocess:
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
 
+def scan_identity_folder(root: str | Path, key: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """root/<identity>/<image> -> (image paths, identity label per image (int64), identity names), identities and
+    files sorted by name, dot folders skipped: the order every command (training, eval, identify, pack, serve)
+    numbers a folder in. `key` (a config key or an option) names the input in the one-line errors."""
+    from facetrain.errors import UserError
+
+    base = Path(root)
+    if not base.is_dir():
+        raise UserError(f"{key}: folder not found: {root} (expected {root}/<identity>/<image>)")
+    names, paths, labels = [], [], []
+    for ident in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(f for f in ident.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            continue
+        names.append(ident.name)
+        paths.extend(str(f) for f in files)
+        labels.extend([len(names) - 1] * len(files))
+    if not names:
+        raise UserError(f"{key}: no identity folders with images in {root} "
+                        f"(expected {root}/<identity>/<image> with one of {', '.join(IMAGE_EXTENSIONS)})")
+    return paths, np.asarray(labels, dtype=np.int64), names
+
+
 def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from facetrain.errors import UserError
-from facetrain.images import IMAGE_EXTENSIONS, Preprocess, load_image
+from facetrain.images import Preprocess, load_image
 
 ONNX_SUFFIX = ".onnx"
 INPUT_NAME = "images"  # (N, H, W, 3) uint8 RGB, N dynamic
@@ -185,25 +185,6 @@ def check_alignment(meta: dict, path: Path, aligned: bool) -> dict | None:
                         f"and aligns raw photos the same way, but {err}; or pass --aligned if the images are "
                         "already aligned crops") from None
     return recipe.to_dict()
-
-
-def scan_gallery(root: str | Path, option: str = "--gallery") -> tuple[list[str], np.ndarray, list[str]]:
-    """(image paths, identity label per image, identity names) of `root/<identity>/<image>`: the order of
-    `data.scan_folder` (identities and files sorted by name, dot folders skipped), without importing torch."""
-    base = Path(root)
-    if not base.is_dir():
-        raise UserError(f"{option}: folder not found: {root} (expected {root}/<identity>/<image>)")
-    paths, labels, names = [], [], []
-    for ident in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in ident.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-        if files:
-            names.append(ident.name)
-            paths.extend(str(f) for f in files)
-            labels.extend([len(names) - 1] * len(files))
-    if not names:
-        raise UserError(f"{option}: no identity folders with images in {root} (expected {root}/<identity>/<image> "
-                        f"with one of {', '.join(IMAGE_EXTENSIONS)})")
-    return paths, np.asarray(labels, dtype=np.int64), names
 
 
 # ----------------------------------------------------------------------------------------------------------
