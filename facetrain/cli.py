@@ -106,7 +106,13 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         if "torch.distributed" in sys.modules:  # a multi-process run: every rank leaves together
             from facetrain.distributed import leave_process_group
 
-            leave_process_group()
+            if leave_process_group():
+                # and skips the interpreter's teardown, where gloo's remaining threads can still abort a rank
+                # that finished ("terminate called without an active exception": seen on 2-process Slurm runs
+                # after the group was destroyed); everything the command wrote is closed by now
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code or 0)
     except UserError as err:
         if debug:
             raise

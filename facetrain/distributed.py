@@ -113,15 +113,18 @@ def broadcast_object(obj, accelerator: Accelerator, src: int = 0):
     return box[0]
 
 
-def leave_process_group() -> None:
+def leave_process_group() -> bool:
     """Leave the process group together and destroy it before the interpreter exits (cli.run_cli calls this when
     a command succeeded). Without it a rank that finishes first (every rank but 0 after an evaluation or a
     training run) exits while gloo's threads still run, and aborts: "terminate called without an active
-    exception", seen on 2-process runs. No-op without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
-            dist.barrier()
-        dist.destroy_process_group()
+    exception", seen on 2-process runs. Returns whether there was a group of several processes."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    several = dist.get_world_size() > 1
+    if several:
+        dist.barrier()
+    dist.destroy_process_group()
+    return several
 
 
 def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
