@@ -101,7 +101,7 @@ def _cosine_factor(t: int, length: int, floor: float) -> float:
 
 
 def _lambda(fn: Callable[[OptimConfig, int], Callable[[int], float]]):
-    return lambda opt, cfg, total: torch.optim.lr_scheduler.LambdaLR(opt, fn(cfg, total))
+    return lambda opt, cfg, total, decreasing: torch.optim.lr_scheduler.LambdaLR(opt, fn(cfg, total))
 
 
 def _cosine_fn(cfg: OptimConfig, total: int) -> Callable[[int], float]:
@@ -134,11 +134,12 @@ def _exponential_fn(cfg: OptimConfig, total: int) -> Callable[[int], float]:
 SCHEDULERS: dict[str, Callable] = {
     "cosine": _lambda(_cosine_fn),
     "cosine_warmup": _lambda(_cosine_fn),
-    "plateau": lambda opt, cfg, total: torch.optim.lr_scheduler.ReduceLROnPlateau(  # Schedule sets its mode
-        opt, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience),
+    # cut the rate when the validation metric stops improving, in the metric's own direction
+    "plateau": lambda opt, cfg, total, decreasing: torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min" if decreasing else "max", factor=cfg.plateau_factor, patience=cfg.plateau_patience),
     "step": _lambda(_step_fn),
     "exponential": _lambda(_exponential_fn),
-    "constant": lambda opt, cfg, total: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0),
+    "constant": lambda opt, cfg, total, decreasing: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0),
 }
 
 
@@ -184,10 +185,12 @@ def create_optimizer(model: nn.Module, extra: nn.Module | None, cfg: OptimConfig
     return OPTIMIZERS[cfg.name](param_groups(model, extra, cfg), cfg)
 
 
-def create_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_intervals: int):
-    """`total_intervals`: optimizer steps (interval=step) or epochs (interval=epoch) in the whole run."""
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_intervals: int,
+                     decreasing: bool = False):
+    """`total_intervals`: optimizer steps (interval=step) or epochs (interval=epoch) in the whole run;
+    `decreasing`: the validation metric a plateau schedule watches is better when smaller (eer)."""
     resolve_preset(cfg)
-    return SCHEDULERS[cfg.scheduler](optimizer, cfg, total_intervals)
+    return SCHEDULERS[cfg.scheduler](optimizer, cfg, total_intervals, decreasing)
 
 
 LOWER_IS_BETTER = {"eer"}
@@ -206,12 +209,7 @@ class Schedule:
         """The run's length in scheduler intervals (epochs or optimizer steps)."""
         self.on_plateau = cfg.scheduler == "plateau"
         self.decreasing = val_metric in LOWER_IS_BETTER
-        if self.on_plateau:  # cut the rate when the metric stops improving, in the metric's own direction
-            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="min" if self.decreasing else "max", factor=cfg.plateau_factor,
-                patience=cfg.plateau_patience)
-        else:
-            self.scheduler = create_scheduler(optimizer, cfg, self.intervals)
+        self.scheduler = create_scheduler(optimizer, cfg, self.intervals, self.decreasing)
         self.optimizer = optimizer
         self.schedule_free = cfg.name.startswith("schedulefree") and hasattr(optimizer, "eval")
         self.notes = schedule_notes(cfg, self.intervals)
