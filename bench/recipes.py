@@ -1,6 +1,7 @@
-"""Small-data recipes benchmark: train on a few dozen identities, verify people of another dataset.
+"""Recipes benchmark: train on a few dozen to a few hundred identities, verify people never seen in training.
 
     python bench/recipes.py                                   # the full table: 10 min per run, 2 runs at once
+    python bench/recipes.py --direction wild --rows "$(python bench/recipes.py --list-rows wild)"   # in the wild
     python bench/recipes.py --rows imagenet_112,article,facetrain --seeds 0 1 --budget-min 10
     python bench/recipes.py --rows facetrain,facetrain_no_freeze --seeds 0 --budget-min 2.5   # quick look
     python bench/recipes.py --direction att2yale --rows imagenet_112,facetrain --seeds 0       # the reverse
@@ -13,8 +14,15 @@ Protocol (cross-dataset, never the test set for model selection):
   through a folder of symlinks under --work, nothing is copied), evaluate every pair of att_faces (40 other
   people, another capture: 1,800 genuine / 78,000 impostor pairs).
 * `att2yale` (the reverse): train on att_faces, evaluate every pair of the merged Yale folder.
+* `wild`: raw in-the-wild colour photos. ../shared/data/faces_wild/celeba_299 (299 identities, 6,300 photos) is
+  aligned once with `facetrain.align` (--align-size px, 224 by default so that 224 px rows get full-resolution
+  crops; reused on later runs), then split by identity with a fixed seed (--wild-split-seed 0) into 250
+  training and 49 held-out identities (symlink folders, nothing copied). Tested on every pair of the 49
+  held-out people (the main columns), and cross-dataset on every pair of att_faces and of the merged Yale
+  folder (gray lab crops; flip test only).
 Validation during training (which picks the exported best model) uses identities held out of the *training*
-folder (data.val_fraction 0.2, data.split_seed 0: the same held-out people for every row and seed).
+folder (data.val_fraction, 0.2 for the gray protocols and 0.1 for wild, data.split_seed 0: the same held-out
+people for every row and seed).
 The test set is only read by `facetrain.eval` after training, on the exported bundle, with --no-calibrate.
 Reported: AUC, EER, TAR@FAR=1e-2 and 1e-3, best accuracy, each with the flip test (mirror image embedding
 added; the default column) and without it.
@@ -32,6 +40,7 @@ are reported next to its steps (`train s`). Row `imagenet_*` trains nothing: its
 backbone with an identity head (1280-d pooled features, L2-normalised), evaluated exactly like trained bundles.
 
 Results: <work>/<direction>/results.json and results.md (a markdown table; the mean and both seeds).
+Cross-dataset columns (wild): AUC / TAR@FAR=1e-2 on att_faces and Yale, flip test.
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FACES = REPO.parent / "shared" / "data" / "faces"
+WILD = REPO.parent / "shared" / "data" / "faces_wild" / "celeba_299"
+WILD_TEST_IDENTITIES = 49
 WEIGHTS = REPO.parent / "shared" / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 METRICS = ("auc", "eer", "tar@far=1e-02", "tar@far=1e-03", "best_accuracy")
@@ -104,6 +115,34 @@ ROWS: dict[str, Row] = {
     "facetrain_224": Row("(c) at 224 px", SMALL, {"data": {"image_size": 224}}),
     "facetrain_emb512": Row("(c) with a 512-d embedding", SMALL, {"model": {"embedding_dim": 512}}),
 }
+WILD_YAML = "configs/wild.yaml"
+# The in-the-wild recipe (d) and its ablations: configs/wild.yaml with one choice changed.
+WILD_ROWS: dict[str, Row] = {
+    "wild": Row("(d) facetrain configs/wild.yaml (in-the-wild recipe)", WILD_YAML),
+    # ablations: the in-the-wild recipe with one choice changed
+    "wild_no_freeze_bn": Row("(d) with BatchNorm statistics updated by the training batches", WILD_YAML,
+                             {"model": {"freeze_bn": False}}),
+    "wild_arcface": Row("(d) with ArcFace (28.6 deg, scale 30) instead of multi-similarity", WILD_YAML,
+                        {"loss": {"name": "arcface", "miner": "none"}}),
+    "wild_cosface": Row("(d) with CosFace (0.35, scale 30) instead of multi-similarity", WILD_YAML,
+                        {"loss": {"name": "cosface", "miner": "none"}}),
+    "wild_subcenter": Row("(d) with sub-center ArcFace (3 centres, 28.6 deg, scale 30) instead of multi-similarity",
+                          WILD_YAML, {"loss": {"name": "subcenter_arcface", "miner": "none"}}),
+    "wild_triplet": Row("(d) with triplet loss margin 0.1 + hard miner instead of multi-similarity", WILD_YAML,
+                        {"loss": {"name": "triplet", "miner": "triplet_hard"}}),
+    "wild_gray": Row("(d) with every training image made gray (augment.grayscale 1, as small_data.yaml)",
+                     WILD_YAML, {"data": {"augment": {"grayscale": 1.0}}}),
+    "wild_224": Row("(d) at 224 px", WILD_YAML, {"data": {"image_size": 224}}),
+    "wild_freeze6": Row("(d) with the stem + 5 stages frozen (as small_data.yaml)", WILD_YAML,
+                        {"model": {"freeze_stages": 6}}),
+    "wild_freeze0": Row("(d) with no frozen stage", WILD_YAML, {"model": {"freeze_stages": 0}}),
+    "wild_backbone_lr01": Row("(d) with the backbone at 0.1x the head's lr (as small_data.yaml)", WILD_YAML,
+                              {"optim": {"backbone_lr_mult": 0.1}}),
+    "wild_emb512": Row("(d) with a 512-d embedding", WILD_YAML, {"model": {"embedding_dim": 512}}),
+    "wild_ema": Row("(d) with weight EMA (train.ema_decay 0.998)", WILD_YAML, {"train": {"ema_decay": 0.998}}),
+}
+ROWS.update(WILD_ROWS)
+DEFAULT_WILD_ROWS = "imagenet_112,imagenet_224,article,facetrain,wild"
 DEFAULT_ROWS = ("imagenet_112,imagenet_224,imagenet_112_imagenet_norm,article,facetrain,facetrain_no_freeze_bn,"
                 "facetrain_freeze3,facetrain_imagenet_norm,facetrain_triplet")
 
@@ -124,11 +163,60 @@ def merged_folder(work: Path, datasets: list[str]) -> Path:
     return out
 
 
-def protocol(direction: str, work: Path) -> tuple[Path, Path]:
-    """(training folder, test folder) of a direction."""
+def aligned_wild(work: Path, size: int) -> Path:
+    """celeba_299 through facetrain.align once (resumable: a rerun only checks what is already there)."""
+    out = work / "data" / f"celeba_299_aligned{size}"
+    if not (out / "align.json").is_file():
+        print(f"aligning {WILD} -> {out} (MTCNN, {size} px; once)", flush=True)
+        cmd = [sys.executable, "-m", "facetrain.align", "--input", str(WILD), "--output", str(out),
+               "--size", str(size), "--workers", str(os.cpu_count() or 1)]
+        done = subprocess.run(cmd, cwd=REPO)
+        if done.returncode != 0:
+            raise SystemExit(f"facetrain.align failed on {WILD} (rc {done.returncode})")
+    return out
+
+
+def identity_split(aligned: Path, work: Path, seed: int) -> tuple[Path, Path]:
+    """(training folder, held-out folder): symlinks to whole identity folders, chosen by a seeded shuffle of
+    the sorted identity names. No facetrain_align.json is linked in: the bench evaluates the crops themselves
+    (bundles then carry no alignment recipe and eval reads the crop folders as images)."""
+    import random
+
+    idents = sorted(p.name for p in aligned.iterdir() if p.is_dir() and not p.name.startswith("."))
+    random.Random(seed).shuffle(idents)
+    held_out = set(idents[:WILD_TEST_IDENTITIES])
+    folders = {}
+    for part, members in (("train", [i for i in idents if i not in held_out]), ("test", sorted(held_out))):
+        out = work / "data" / f"{aligned.name}_split{seed}_{part}{len(members)}"
+        out.mkdir(parents=True, exist_ok=True)
+        for ident in members:
+            link = out / ident
+            if not link.exists():
+                link.symlink_to((aligned / ident).resolve(), target_is_directory=True)
+        folders[part] = out
+    return folders["train"], folders["test"]
+
+
+@dataclass
+class Protocol:
+    """Where a direction trains, what it is tested on (the first test set gives the main columns)."""
+
+    name: str
+    train_root: Path
+    tests: dict[str, Path]
+    val_fraction: float
+
+
+def protocol(direction: str, work: Path, align_size: int = 224, split_seed: int = 0) -> Protocol:
     yale = merged_folder(work, ["ext_yale_b_cropped", "yalefaces"])
     att = FACES / "att_faces"
-    return (yale, att) if direction == "yale2att" else (att, yale)
+    if direction == "yale2att":
+        return Protocol(direction, yale, {"att_faces": att}, 0.2)
+    if direction == "att2yale":
+        return Protocol(direction, att, {"yale": yale}, 0.2)
+    train, test = identity_split(aligned_wild(work, align_size), work, split_seed)
+    # 0.1 of 250 = 25 validation identities (~500 photos): enough to rank checkpoints, while 225 train
+    return Protocol(direction, train, {"celeba_heldout": test, "att_faces": att, "yale": yale}, 0.1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,9 +253,10 @@ def run_logged(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def train_cmd(row: Row, train_root: Path, out: Path, seed: int, max_steps: int, val_every: int) -> list[str]:
+def train_cmd(row: Row, train_root: Path, out: Path, seed: int, max_steps: int, val_every: int,
+              val_fraction: float = 0.2) -> list[str]:
     common = {
-        "data": {"source": "folder", "root": str(train_root), "val_fraction": 0.2, "val_identities": 0,
+        "data": {"source": "folder", "root": str(train_root), "val_fraction": val_fraction, "val_identities": 0,
                  "split_seed": 0, "preflight": False},
         "model": {"pretrained": True, "pretrained_file": str(WEIGHTS)},
         "train": {"seed": seed, "max_steps": max_steps, "val_every": val_every, "log_every": 4,
@@ -238,17 +327,24 @@ def probe_seconds_per_step(name: str, row: Row, train_root: Path, work: Path, st
     return value
 
 
-def evaluate(bundle: Path, test_root: Path, out: Path) -> dict:
-    """Both flip settings on the test folder, with facetrain's evaluator (no threshold written)."""
-    result = {}
-    for flip in (True, False):
-        where = out / ("eval_flip" if flip else "eval_noflip")
+def evaluate(bundle: Path, tests: dict[str, Path], out: Path) -> dict:
+    """facetrain's evaluator (no threshold written) on every test set: the main one (first) with and without
+    the flip test, the cross-dataset ones with it. {"flip": main, "noflip": main, "cross": {name: flip}}."""
+    result: dict = {"cross": {}}
+    (main_name, main_root), *cross = tests.items()
+    runs = [("flip", main_root, True, out / "eval_flip"), ("noflip", main_root, False, out / "eval_noflip")]
+    runs += [(name, root, True, out / f"eval_{name}_flip") for name, root in cross]
+    for key, root, flip, where in runs:
         if not (where / "metrics.json").is_file():
-            cmd = [sys.executable, "-m", "facetrain.eval", "--model", str(bundle), "--data", str(test_root),
+            cmd = [sys.executable, "-m", "facetrain.eval", "--model", str(bundle), "--data", str(root),
                    "--no-calibrate", "--no-plots", "--num-workers", "0", "--output", str(where)]
             run_logged(cmd + (["--flip"] if flip else []), where.with_suffix(".log"))
         metrics = json.loads((where / "metrics.json").read_text())["metrics"]
-        result["flip" if flip else "noflip"] = {k: metrics[k] for k in METRICS}
+        values = {k: metrics[k] for k in METRICS}
+        if key in ("flip", "noflip"):
+            result[key] = values
+        else:
+            result["cross"][key] = values
     return result
 
 
@@ -295,12 +391,12 @@ def recipe_key(row: Row) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
 
-def run_job(job: Job, args, train_root: Path, test_root: Path, work: Path, steps: dict) -> dict:
+def run_job(job: Job, args, proto: Protocol, work: Path, steps: dict) -> dict:
     tag = f"seed{job.seed}-{recipe_key(job.row)}" + (f"-steps{steps[job.name]}" if job.name in steps else "")
     out = work / job.name / tag
     record = {"row": job.name, "seed": job.seed, "describe": job.row.describe}
     if job.row.features_size:
-        record["eval"] = evaluate(features_bundle(job.row, out), test_root, out)
+        record["eval"] = evaluate(features_bundle(job.row, out), proto.tests, out)
         record.update(steps=0, train_s=0.0)
         return record
     max_steps = steps[job.name]
@@ -312,7 +408,8 @@ def run_job(job: Job, args, train_root: Path, test_root: Path, work: Path, steps
 
             shutil.rmtree(run)
         val_every = max(1, math.ceil(max_steps / args.validations))
-        wall = run_logged(train_cmd(job.row, train_root, run, job.seed, max_steps, val_every), out / "train.log")
+        cmd = train_cmd(job.row, proto.train_root, run, job.seed, max_steps, val_every, proto.val_fraction)
+        wall = run_logged(cmd, out / "train.log")
         (out / "wall.json").write_text(json.dumps({"wall_s": wall}))
     summary = json.loads(done.read_text())
     train_s, _ = training_seconds(run, resolved_batch(run))
@@ -320,7 +417,7 @@ def run_job(job: Job, args, train_root: Path, test_root: Path, work: Path, steps
                   val_auc_untrained=summary["untrained"]["auc"], val_best=summary["best_metric"],
                   wall_s=json.loads((out / "wall.json").read_text())["wall_s"] if (out / "wall.json").is_file()
                   else None)
-    record["eval"] = evaluate(run / "bundle", test_root, out)
+    record["eval"] = evaluate(run / "bundle", proto.tests, out)
     return record
 
 
@@ -332,30 +429,42 @@ def fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def table(records: list[dict], rows: list[str], seeds: list[int]) -> str:
+def table(records: list[dict], rows: list[str], seeds: list[int], cross: list[str]) -> str:
     head = ("| row | seed | steps | train s | AUC | EER | TAR@1e-2 | TAR@1e-3 | best acc | AUC no-flip | "
-            "TAR@1e-2 no-flip |")
+            "TAR@1e-2 no-flip |" + "".join(f" {name} AUC / TAR@1e-2 |" for name in cross))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     by = {(r["row"], r["seed"]): r for r in records}
     for name in rows:
         group = [by[(name, s)] for s in seeds if (name, s) in by]
         for r in group:
-            f, n = r["eval"]["flip"], r["eval"]["noflip"]
+            f, n, c = r["eval"]["flip"], r["eval"]["noflip"], r["eval"].get("cross", {})
             lines.append(f"| {name} | {r['seed']} | {r['steps']} | {r['train_s']:.0f} | {fmt(f['auc'])} | "
                          f"{fmt(f['eer'])} | {fmt(f['tar@far=1e-02'])} | {fmt(f['tar@far=1e-03'])} | "
-                         f"{fmt(f['best_accuracy'])} | {fmt(n['auc'])} | {fmt(n['tar@far=1e-02'])} |")
+                         f"{fmt(f['best_accuracy'])} | {fmt(n['auc'])} | {fmt(n['tar@far=1e-02'])} |"
+                         + "".join(f" {fmt(c[x]['auc'])} / {fmt(c[x]['tar@far=1e-02'])} |" if x in c else " - |"
+                                   for x in cross))
         if len(group) > 1:
-            mean = {k: statistics.mean(r["eval"]["flip"][k] for r in group) for k in ("auc", "tar@far=1e-02")}
+            keys = ("auc", "tar@far=1e-02")
+            mean = {k: statistics.mean(r["eval"]["flip"][k] for r in group) for k in keys}
             spread = {k: max(r["eval"]["flip"][k] for r in group) - min(r["eval"]["flip"][k] for r in group)
-                      for k in ("auc", "tar@far=1e-02")}
+                      for k in keys}
+            cells = []
+            for x in cross:
+                if all(x in r["eval"].get("cross", {}) for r in group):
+                    cells.append(" / ".join(f"{statistics.mean(r['eval']['cross'][x][k] for r in group):.4f}"
+                                            for k in keys))
+                else:
+                    cells.append("-")
             lines.append(f"| {name} | mean (spread) | | | {mean['auc']:.4f} ({spread['auc']:.4f}) | | "
-                         f"{mean['tar@far=1e-02']:.4f} ({spread['tar@far=1e-02']:.4f}) | | | | |")
+                         f"{mean['tar@far=1e-02']:.4f} ({spread['tar@far=1e-02']:.4f}) | | | | |"
+                         + "".join(f" {c} |" for c in cells))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated rows of: {', '.join(ROWS)}")
+    p.add_argument("--rows", default=None, help=f"comma-separated rows of: {', '.join(ROWS)} (default: "
+                   f"{DEFAULT_ROWS} for the gray directions, {DEFAULT_WILD_ROWS} for wild)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="train.seed values (default 0 1)")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=None,
                    help="seeds for rows other than imagenet*/article/facetrain (default: --seeds)")
@@ -368,9 +477,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one CPU thread each (default 2)")
     p.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra config overrides for every trained row (exploration), e.g. model.freeze_stages=7")
-    p.add_argument("--direction", choices=("yale2att", "att2yale"), default="yale2att")
+    p.add_argument("--direction", choices=("yale2att", "att2yale", "wild"), default="yale2att")
+    p.add_argument("--align-size", type=int, default=224, help="wild: crop side of facetrain.align (default 224)")
+    p.add_argument("--wild-split-seed", type=int, default=0,
+                   help=f"wild: seed of the {WILD_TEST_IDENTITIES} held-out identities (default 0)")
+    p.add_argument("--list-rows", choices=("gray", "wild"), default=None,
+                   help="print the comma-separated names of every row for that data (for --rows) and exit")
     p.add_argument("--work", default="/tmp/facetrain_recipes", help="data links, runs and results")
     args = p.parse_args(argv)
+    if args.list_rows:
+        wild = args.list_rows == "wild"
+        print(",".join(n for n in ROWS if (n in WILD_ROWS) == wild or n in ("imagenet_112", "imagenet_224",
+                                                                             "article", "facetrain")))
+        return 0
+    if args.rows is None:
+        args.rows = DEFAULT_WILD_ROWS if args.direction == "wild" else DEFAULT_ROWS
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -389,9 +510,12 @@ def main(argv: list[str] | None = None) -> int:
                 node[leaf] = value
     if not FACES.is_dir() or not WEIGHTS.is_file():
         p.error(f"needs the shared faces ({FACES}) and weights ({WEIGHTS})")
+    if args.direction == "wild" and not WILD.is_dir():
+        p.error(f"--direction wild needs the in-the-wild photos ({WILD})")
     work = Path(args.work) / args.direction
-    train_root, test_root = protocol(args.direction, Path(args.work))
-    main_rows = {"imagenet_112", "imagenet_224", "article", "facetrain"}
+    proto = protocol(args.direction, Path(args.work), args.align_size, args.wild_split_seed)
+    train_root = proto.train_root
+    main_rows = {"imagenet_112", "imagenet_224", "article", "facetrain", "wild"}
     def seeds_of(name: str) -> list[int]:
         if ROWS[name].features_size:  # no training, nothing random: one evaluation
             return args.seeds[:1]
@@ -399,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = [Job(name, ROWS[name], seed) for name in rows for seed in seeds_of(name)]
     trained = [name for name in rows if not ROWS[name].features_size]
-    print(f"{args.direction}: train {train_root}, test {test_root}; {len(jobs)} runs, {args.jobs} at once, "
+    print(f"{args.direction}: train {train_root}, test {', '.join(map(str, proto.tests.values()))}; {len(jobs)} "
+          f"runs, {args.jobs} at once, "
           f"budget {args.budget_min} training-step minutes on 1 thread per run", flush=True)
 
     pinned = {k: int(v) for k, _, v in (item.partition("=") for item in args.steps)}
@@ -423,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                     steps[name] = pinned.get(name) or max(1, int(args.budget_min * 60 / sec))
                     print(f"  {name}: probe {measured[name]:.2f} s/step, class median {sec:.2f} -> max_steps "
                           f"{steps[name]}", flush=True)
-        futures = [pool.submit(run_job, job, args, train_root, test_root, work, steps) for job in jobs]
+        futures = [pool.submit(run_job, job, args, proto, work, steps) for job in jobs]
         records, text = [], ""
         for job, fut in zip(jobs, futures, strict=True):
             try:
@@ -435,22 +560,24 @@ def main(argv: list[str] | None = None) -> int:
             f = r["eval"]["flip"]
             print(f"  {job.name} seed {job.seed}: steps {r['steps']} train {r['train_s']:.0f}s  auc {f['auc']:.4f}  "
                   f"tar@1e-2 {fmt(f['tar@far=1e-02'])}  tar@1e-3 {fmt(f['tar@far=1e-03'])}", flush=True)
-            text = write_results(work, args, steps, records, rows, train_root, test_root)  # partial results too
+            text = write_results(work, args, steps, records, rows, proto)  # partial results too
     print(text)
     return 0
 
 
-def write_results(work: Path, args, steps: dict, records: list[dict], rows: list[str], train_root: Path,
-                  test_root: Path) -> str:
+def write_results(work: Path, args, steps: dict, records: list[dict], rows: list[str], proto: Protocol) -> str:
     budget = (f"fixed {args.max_steps} steps per run" if args.max_steps else
               f"{args.budget_min:g} min of training-step wall time per run on 1 CPU thread (OMP_NUM_THREADS=1), "
               f"{args.jobs} runs at once")
     if args.steps:
         budget += f"; steps pinned with --steps {' '.join(args.steps)} (from measured step times)"
     all_seeds = sorted(set(args.seeds) | set(args.ablation_seeds or []))
-    text = (f"direction {args.direction}: train {train_root.name}, test {test_root.name} (all pairs, flip test "
-            f"unless 'no-flip'); budget: {budget}; max_steps per row: {steps}\n\n"
-            f"{table(records, rows, all_seeds)}\n")
+    main_test, *cross = proto.tests
+    text = (f"direction {args.direction}: train {proto.train_root.name}, test {main_test} (all pairs, flip test "
+            f"unless 'no-flip'"
+            + (f"; cross-dataset: {', '.join(cross)}, all pairs, flip test" if cross else "")
+            + f"); budget: {budget}; max_steps per row: {steps}\n\n"
+            f"{table(records, rows, all_seeds, cross)}\n")
     work.mkdir(parents=True, exist_ok=True)
     (work / "results.json").write_text(json.dumps({"args": vars(args), "steps": steps, "records": records},
                                                   indent=2))

@@ -152,10 +152,13 @@ class LossConfig:
     """Metric-learning loss and miner (pytorch-metric-learning), chosen by name."""
 
     name: str = "triplet"
-    """`triplet`, `contrastive`, `bce_pair` (the article's binary cross-entropy on pairs), `multi_similarity`,
-    `arcface`."""
-    margin: float = 0.1
-    """Margin of triplet (cosine similarity units) / ArcFace (degrees when name=arcface)."""
+    """Pair/triplet losses on the batch: `triplet`, `contrastive`, `bce_pair` (the article's binary cross-entropy
+    on pairs), `multi_similarity`. Margin-softmax heads with one weight vector per training identity: `arcface`,
+    `cosface`, `subcenter_arcface` (ArcFace with `sub_centers` vectors per identity: tolerates label noise)."""
+    margin: float | None = None
+    """Margin in the loss's own unit; null = its standard value. triplet: cosine-similarity units (0.1);
+    arcface / subcenter_arcface: degrees added to the angle (28.6 = 0.5 rad); cosface: subtracted from the
+    cosine (0.35)."""
     distance: str = "cosine"
     """`cosine` (similarity) or `euclidean` (L2 distance) for triplet/contrastive."""
     pos_margin: float = 1.0
@@ -169,7 +172,9 @@ class LossConfig:
     ms_base: float = 0.5
     """Multi-similarity loss base similarity."""
     scale: float = 30.0
-    """Logit scale for ArcFace and bce_pair."""
+    """Logit scale of the margin heads (arcface, cosface, subcenter_arcface) and of bce_pair."""
+    sub_centers: int = 3
+    """subcenter_arcface: weight vectors per identity (an image is scored against its closest one)."""
     miner: str = "none"
     """`none`, `triplet_all`, `triplet_hard`, `triplet_semihard`, `multi_similarity`."""
     miner_margin: float = 0.2
@@ -548,6 +553,7 @@ _RANGE_SPECS: dict[str, str | tuple[str, str]] = {  # key: interval, or (interva
     "loss.ms_beta": "(0, inf)",
     "loss.ms_base": ("[-1, 1]", "a cosine similarity"),
     "loss.scale": "(0, inf)",
+    "loss.sub_centers": "[1, inf)",
     "loss.miner_margin": ("[0, 2]", "unit vectors: similarities and distances differ by at most 2"),
     "loss.miner_epsilon": ("[0, 2]", "unit vectors: similarities differ by at most 2"),
     "optim.lr": "(0, inf)",
@@ -693,6 +699,24 @@ def validate(cfg: Config) -> None:
 
 _USES_DISTANCE = ("triplet", "contrastive")
 """Losses built with loss.distance (facetrain/losses.py); the triplet_* miners use it too."""
+_ANGULAR = ("arcface", "subcenter_arcface")
+"""Losses whose margin is an angle in degrees (pytorch-metric-learning's unit)."""
+
+
+def _check_margin(name: str, margin: float) -> None:
+    if name == "triplet" and margin > 2:
+        raise UserError(f"loss.margin: must be in [0, 2] for triplet (unit vectors: similarities and distances "
+                        f"differ by at most 2), got {margin}")
+    if name in _ANGULAR and not 1 <= margin < 90:
+        # below 1 degree is almost surely radians (0.5 rad = 28.6 degrees), which would silently train no margin
+        raise UserError(f"loss.margin: must be in [1, 90) degrees for {name}, got {margin} (radians? "
+                        f"{margin} rad = {math.degrees(margin):.1f} degrees; null = the standard 28.6)")
+    if name == "cosface" and margin >= 1:
+        raise UserError(f"loss.margin: must be in [0, 1) for cosface (subtracted from a cosine), got {margin}")
+    if name not in ("triplet", "cosface", *_ANGULAR):
+        raise UserError(f"loss.margin: loss {name!r} has no margin (its margins are loss.pos_margin / "
+                        "loss.neg_margin / loss.ms_base); remove loss.margin")
+
 
 
 def _check_loss(lo: LossConfig) -> None:
@@ -702,11 +726,8 @@ def _check_loss(lo: LossConfig) -> None:
         raise UserError(f"loss.distance: loss {lo.name!r} ignores it (only the {' and '.join(_USES_DISTANCE)} losses "
                         f"and the triplet_* miners use a distance); remove loss.distance {lo.distance!r} or choose "
                         "one of those")
-    if lo.name == "triplet" and lo.margin > 2:
-        raise UserError(f"loss.margin: must be in [0, 2] for triplet (unit vectors: similarities and distances "
-                        f"differ by at most 2), got {lo.margin}")
-    if lo.name == "arcface" and lo.margin >= 90:
-        raise UserError(f"loss.margin: must be in [0, 90) for arcface (degrees), got {lo.margin}")
+    if lo.margin is not None:
+        _check_margin(lo.name, lo.margin)
     if lo.name == "contrastive":
         span = Range(-1.0, 1.0, note="cosine similarity") if lo.distance == "cosine" else Range(
             0.0, 2.0, note="L2 distance of unit vectors")

@@ -5,7 +5,7 @@ loss on the global batch, and back-propagates only through its own slice. DDP th
 W ranks, so each rank's slice gradient is scaled by W first (`_ScaleGrad`, the identity in the forward pass,
 bit for bit, at any W): the averaged gradient equals a single process's gradient on the same global batch, and
 the loss value (logged) is the global-batch loss, not W times it. Every rank sees bit-identical inputs to the
-loss, so miners pick the same tuples everywhere. Loss-owned parameters (ArcFace's class weights) are not in
+loss, so miners pick the same tuples everywhere. Loss-owned parameters (a margin head's class weights) are not in
 DDP's model; their gradient is the full global-batch gradient on every rank, and `average_gradients` all-reduces
 it anyway, so that non-deterministic kernels (GPU atomics) can never let the ranks' copies drift apart;
 `check_identical` verifies that they did not (at every checkpoint).

@@ -1,10 +1,12 @@
 """Losses and miners by name (registries of pytorch-metric-learning constructors).
 
-    loss.name:  triplet | contrastive | bce_pair | multi_similarity | arcface
+    loss.name:  triplet | contrastive | bce_pair | multi_similarity        (pairs / triplets of the batch)
+                arcface | cosface | subcenter_arcface                      (margin-softmax heads)
     loss.miner: none | triplet_all | triplet_hard | triplet_semihard | multi_similarity
 
 All take (embeddings, labels[, mining tuples]) on the *global* batch (see `distributed.gather_for_loss`).
-ArcFace owns a class-weight matrix (one row per training identity), trained with the model.
+The margin heads own a class-weight matrix (one column per training identity, `sub_centers` columns for
+sub-center ArcFace), trained with the model and saved in its checkpoints; they take no miner.
 """
 
 from __future__ import annotations
@@ -51,8 +53,17 @@ class BCEPairLoss(nn.Module):
         return (F.binary_cross_entropy_with_logits(logits, same, reduction="none") * weight).sum() / 2
 
 
+STANDARD_MARGINS = {"triplet": 0.1, "arcface": 28.6, "subcenter_arcface": 28.6, "cosface": 0.35}
+"""loss.margin null -> these: triplet in cosine units (the article's), ArcFace 0.5 rad in degrees (PML's unit),
+CosFace 0.35 (its paper's value)."""
+
+
+def _margin(cfg: LossConfig) -> float:
+    return STANDARD_MARGINS[cfg.name] if cfg.margin is None else cfg.margin
+
+
 def _triplet(cfg: LossConfig, num_classes: int, dim: int) -> nn.Module:
-    return losses.TripletMarginLoss(margin=cfg.margin, distance=_distance(cfg))
+    return losses.TripletMarginLoss(margin=_margin(cfg), distance=_distance(cfg))
 
 
 def _contrastive(cfg: LossConfig, num_classes: int, dim: int) -> nn.Module:
@@ -64,9 +75,16 @@ def _multi_similarity(cfg: LossConfig, num_classes: int, dim: int) -> nn.Module:
 
 
 def _arcface(cfg: LossConfig, num_classes: int, dim: int) -> nn.Module:
-    # PML's ArcFace margin is in degrees; 0.1 (the triplet default) would be meaningless, so use 28.6 (0.5 rad)
-    margin = cfg.margin if cfg.margin >= 1.0 else 28.6
-    return losses.ArcFaceLoss(num_classes=num_classes, embedding_size=dim, margin=margin, scale=cfg.scale)
+    return losses.ArcFaceLoss(num_classes=num_classes, embedding_size=dim, margin=_margin(cfg), scale=cfg.scale)
+
+
+def _cosface(cfg: LossConfig, num_classes: int, dim: int) -> nn.Module:
+    return losses.CosFaceLoss(num_classes=num_classes, embedding_size=dim, margin=_margin(cfg), scale=cfg.scale)
+
+
+def _subcenter_arcface(cfg: LossConfig, num_classes: int, dim: int) -> nn.Module:
+    return losses.SubCenterArcFaceLoss(num_classes=num_classes, embedding_size=dim, margin=_margin(cfg),
+                                       scale=cfg.scale, sub_centers=cfg.sub_centers)
 
 
 def _bce_pair(cfg: LossConfig, num_classes: int, dim: int) -> nn.Module:
@@ -79,7 +97,11 @@ LOSSES: dict[str, Callable[[LossConfig, int, int], nn.Module]] = {
     "bce_pair": _bce_pair,
     "multi_similarity": _multi_similarity,
     "arcface": _arcface,
+    "cosface": _cosface,
+    "subcenter_arcface": _subcenter_arcface,
 }
+MARGIN_HEADS = ("arcface", "cosface", "subcenter_arcface")
+"""Classification losses with their own weights: one embedding is scored against every identity, no miner."""
 
 MINERS: dict[str, Callable[[LossConfig], miners.BaseMiner | None]] = {
     "none": lambda cfg: None,
@@ -98,12 +120,13 @@ def check_names(cfg: LossConfig) -> None:
         raise UserError(f"loss.name: unknown loss {cfg.name!r} (choose one of: {', '.join(LOSSES)})")
     if cfg.miner not in MINERS:
         raise UserError(f"loss.miner: unknown miner {cfg.miner!r} (choose one of: {', '.join(MINERS)})")
-    if cfg.name == "arcface" and cfg.miner != "none":
-        raise UserError("loss.miner: ArcFace is a classification loss and takes no miner; set loss.miner: none")
+    if cfg.name in MARGIN_HEADS and cfg.miner != "none":
+        raise UserError(f"loss.miner: {cfg.name} is a classification loss (each image against every identity's "
+                        "weights) and takes no miner; set loss.miner: none")
 
 
 class MetricLoss(nn.Module):
-    """loss(miner(emb, labels)) with the chosen pieces; holds the loss's own parameters (ArcFace)."""
+    """loss(miner(emb, labels)) with the chosen pieces; holds the loss's own parameters (margin heads)."""
 
     def __init__(self, cfg: LossConfig, num_classes: int, embedding_dim: int):
         super().__init__()

@@ -169,7 +169,7 @@ def resolve_preset(cfg: OptimConfig) -> None:
 
 
 def param_groups(model: nn.Module, extra: nn.Module | None, cfg: OptimConfig) -> list[dict]:
-    """Backbone at lr x backbone_lr_mult; head and loss parameters (ArcFace weights) at lr."""
+    """Backbone at lr x backbone_lr_mult; head and loss parameters (a margin head's class weights) at lr."""
     backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
     rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
     if extra is not None:

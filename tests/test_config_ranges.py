@@ -90,7 +90,12 @@ def test_every_range_rejects_a_value_outside_it_in_one_line(key, kind, is_list):
     (["--optim.step_size", "-1"], "optim.step_size: must be >= 0 (0 = a third of the run), got -1"),
     (["--data.augment.brightness", "-1"], "data.augment.brightness: must be >= 0 (0 = off), got -1.0"),
     (["--loss.margin", "2.5"], "loss.margin: must be in [0, 2] for triplet"),
-    (["--loss.name", "arcface", "--loss.margin", "120"], "loss.margin: must be in [0, 90) for arcface"),
+    (["--loss.name", "arcface", "--loss.margin", "120"], "loss.margin: must be in [1, 90) degrees for arcface"),
+    (["--loss.name", "subcenter_arcface", "--loss.margin", "0.5"],
+     "loss.margin: must be in [1, 90) degrees for subcenter_arcface, got 0.5 (radians? 0.5 rad = 28.6 degrees"),
+    (["--loss.name", "cosface", "--loss.margin", "1.5"], "loss.margin: must be in [0, 1) for cosface"),
+    (["--loss.name", "multi_similarity", "--loss.margin", "0.2"], "loss.margin: loss 'multi_similarity' has no margin"),
+    (["--loss.name", "subcenter_arcface", "--loss.sub_centers", "0"], "loss.sub_centers: must be >= 1"),
     (["--loss.name", "contrastive", "--loss.pos_margin", "1.5"], "loss.pos_margin: must be in [-1, 1]"),
     (["--loss.name", "contrastive", "--loss.distance", "euclidean", "--loss.neg_margin", "-0.5"],
      "loss.neg_margin: must be in [0, 2]"),
@@ -115,6 +120,9 @@ def test_out_of_range_settings_from_the_issue_are_one_line_errors(overrides, nee
      "--loss.neg_margin", "1.2"],
     ["--loss.name", "multi_similarity", "--loss.miner", "triplet_hard", "--loss.distance", "euclidean"],  # miner
     ["--loss.name", "arcface", "--loss.margin", "28.6"],
+    ["--loss.name", "arcface"],  # margin unset: the standard 28.6 degrees, whatever a triplet would use
+    ["--loss.name", "cosface", "--loss.margin", "0"],
+    ["--loss.name", "subcenter_arcface", "--loss.margin", "1", "--loss.sub_centers", "1"],
     ["--data.val_fraction", "0", "--data.val_identities", "5"],
     ["--model.freeze_stages", "-1", "--train.num_workers", "-1", "--debug.stop_at_step", "-1"],
 ])

@@ -35,8 +35,10 @@ def test_building_blocks_at_three_processes():
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", [
     {"name": "arcface", "miner": "none"},  # a loss with its own weights (one row per training identity)
+    # own weights, 3 sub-centers per identity and a max over them: the argmax must agree across ranks
+    {"name": "subcenter_arcface", "miner": "none"},
     {"name": "triplet", "miner": "triplet_hard"},  # a miner: every rank must pick the same tuples
-], ids=["arcface", "triplet_hard_miner"])
+], ids=["arcface", "subcenter_arcface", "triplet_hard_miner"])
 def test_three_processes_equal_one_process_with_batchnorm(tmp_path, loss):
     cfg = tiny_train_config(tmp_path, {**EXACT, "loss": loss,
                                        "model": {"backbone": "test_efficientnet", "sync_bn": True}})
