@@ -728,6 +728,9 @@ def _check_loss(lo: LossConfig) -> None:
                         "one of those")
     if lo.margin is not None:
         _check_margin(lo.name, lo.margin)
+    if lo.sub_centers != LossConfig().sub_centers and lo.name != "subcenter_arcface":
+        raise UserError(f"loss.sub_centers: loss {lo.name!r} ignores it (only subcenter_arcface has sub-centers); "
+                        "remove loss.sub_centers or set loss.name: subcenter_arcface")
     if lo.name == "contrastive":
         span = Range(-1.0, 1.0, note="cosine similarity") if lo.distance == "cosine" else Range(
             0.0, 2.0, note="L2 distance of unit vectors")

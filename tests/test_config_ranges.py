@@ -96,6 +96,7 @@ def test_every_range_rejects_a_value_outside_it_in_one_line(key, kind, is_list):
     (["--loss.name", "cosface", "--loss.margin", "1.5"], "loss.margin: must be in [0, 1) for cosface"),
     (["--loss.name", "multi_similarity", "--loss.margin", "0.2"], "loss.margin: loss 'multi_similarity' has no margin"),
     (["--loss.name", "subcenter_arcface", "--loss.sub_centers", "0"], "loss.sub_centers: must be >= 1"),
+    (["--loss.name", "arcface", "--loss.sub_centers", "2"], "loss.sub_centers: loss 'arcface' ignores it"),
     (["--loss.name", "contrastive", "--loss.pos_margin", "1.5"], "loss.pos_margin: must be in [-1, 1]"),
     (["--loss.name", "contrastive", "--loss.distance", "euclidean", "--loss.neg_margin", "-0.5"],
      "loss.neg_margin: must be in [0, 2]"),
