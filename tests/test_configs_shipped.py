@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import REPO, run_train
+from helpers import REPO, WEIGHTS, run_train
 
 from facetrain.config import load_config
 from facetrain.losses import check_names
@@ -16,12 +16,14 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_config_loads_and_names_registered_pieces(path, tmp_path):
+    if "../shared/weights" in path.read_text() and not WEIGHTS.is_file():
+        pytest.skip(f"{path.name} names the shared weights file, not found at {WEIGHTS}")
     cfg = load_config(str(path), ["--data.root", str(tmp_path)])
     check_names(cfg.loss)
 
 
 def test_wild_recipe_is_what_docs_recipes_md_measured():
-    cfg = load_config(str(REPO / "configs" / "wild.yaml"), ["--data.root", "x"])
+    cfg = load_config(str(REPO / "configs" / "wild.yaml"), ["--data.root", "x", "--model.pretrained_file", ""])
     assert (cfg.loss.name, cfg.loss.miner) == ("multi_similarity", "multi_similarity")
     assert cfg.model.freeze_bn and cfg.model.freeze_stages == 3 and cfg.data.image_size == 112
     assert cfg.data.augment.grayscale == 0.2 and cfg.data.augment.saturation > 0  # colour kept
