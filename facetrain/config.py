@@ -699,6 +699,9 @@ def validate(cfg: Config) -> None:
 
 _USES_DISTANCE = ("triplet", "contrastive")
 """Losses built with loss.distance (facetrain/losses.py); the triplet_* miners use it too."""
+STANDARD_MARGINS = {"triplet": 0.1, "arcface": 28.6, "subcenter_arcface": 28.6, "cosface": 0.35}
+"""The losses that take loss.margin, and the value null stands for: triplet in cosine units (the article's),
+ArcFace 0.5 rad in degrees (pytorch-metric-learning's unit), CosFace 0.35 (its paper's value)."""
 _ANGULAR = ("arcface", "subcenter_arcface")
 """Losses whose margin is an angle in degrees (pytorch-metric-learning's unit)."""
 
@@ -713,10 +716,9 @@ def _check_margin(name: str, margin: float) -> None:
                         f"{margin} rad = {math.degrees(margin):.1f} degrees; null = the standard 28.6)")
     if name == "cosface" and margin >= 1:
         raise UserError(f"loss.margin: must be in [0, 1) for cosface (subtracted from a cosine), got {margin}")
-    if name not in ("triplet", "cosface", *_ANGULAR):
+    if name not in STANDARD_MARGINS:
         raise UserError(f"loss.margin: loss {name!r} has no margin (its margins are loss.pos_margin / "
                         "loss.neg_margin / loss.ms_base); remove loss.margin")
-
 
 
 def _check_loss(lo: LossConfig) -> None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners
 from torch import nn
 
-from facetrain.config import LossConfig
+from facetrain.config import STANDARD_MARGINS, LossConfig
 from facetrain.errors import UserError
 
 
@@ -51,11 +51,6 @@ class BCEPairLoss(nn.Module):
         n_neg = (1 - same).sum().clamp(min=1)
         weight = same / n_pos + (1 - same) / n_neg
         return (F.binary_cross_entropy_with_logits(logits, same, reduction="none") * weight).sum() / 2
-
-
-STANDARD_MARGINS = {"triplet": 0.1, "arcface": 28.6, "subcenter_arcface": 28.6, "cosface": 0.35}
-"""loss.margin null -> these: triplet in cosine units (the article's), ArcFace 0.5 rad in degrees (PML's unit),
-CosFace 0.35 (its paper's value)."""
 
 
 def _margin(cfg: LossConfig) -> float:
