@@ -198,9 +198,9 @@ def enrol(embedder, gallery: str, cache: bool = True, cache_dir: str = "", bad_i
 
 
 def rank_identities(gallery: Gallery, probes: torch.Tensor, top_k: int) -> list[list[dict]]:
+    """Per probe: the top_k identities by best-image cosine similarity, with that image."""
     import torch
 
-    """Per probe: the top_k identities by best-image cosine similarity, with that image."""
     scores = probes.double() @ gallery.embeddings.double().T  # (P, N) cosines
     labels = torch.as_tensor(gallery.labels)
     n_ids = len(gallery.names)
