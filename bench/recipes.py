@@ -201,7 +201,6 @@ def identity_split(aligned: Path, work: Path, seed: int) -> tuple[Path, Path]:
 class Protocol:
     """Where a direction trains, what it is tested on (the first test set gives the main columns)."""
 
-    name: str
     train_root: Path
     tests: dict[str, Path]
     val_fraction: float
@@ -211,12 +210,12 @@ def protocol(direction: str, work: Path, align_size: int = 224, split_seed: int 
     yale = merged_folder(work, ["ext_yale_b_cropped", "yalefaces"])
     att = FACES / "att_faces"
     if direction == "yale2att":
-        return Protocol(direction, yale, {"att_faces": att}, 0.2)
+        return Protocol(yale, {"att_faces": att}, 0.2)
     if direction == "att2yale":
-        return Protocol(direction, att, {"yale": yale}, 0.2)
+        return Protocol(att, {"yale": yale}, 0.2)
     train, test = identity_split(aligned_wild(work, align_size), work, split_seed)
     # 0.1 of 250 = 25 validation identities (~500 photos): enough to rank checkpoints, while 225 train
-    return Protocol(direction, train, {"celeba_heldout": test, "att_faces": att, "yale": yale}, 0.1)
+    return Protocol(train, {"celeba_heldout": test, "att_faces": att, "yale": yale}, 0.1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -331,7 +330,7 @@ def evaluate(bundle: Path, tests: dict[str, Path], out: Path) -> dict:
     """facetrain's evaluator (no threshold written) on every test set: the main one (first) with and without
     the flip test, the cross-dataset ones with it. {"flip": main, "noflip": main, "cross": {name: flip}}."""
     result: dict = {"cross": {}}
-    (main_name, main_root), *cross = tests.items()
+    (_, main_root), *cross = tests.items()
     runs = [("flip", main_root, True, out / "eval_flip"), ("noflip", main_root, False, out / "eval_noflip")]
     runs += [(name, root, True, out / f"eval_{name}_flip") for name, root in cross]
     for key, root, flip, where in runs:
