@@ -130,6 +130,10 @@ WILD_ROWS: dict[str, Row] = {
                           WILD_YAML, {"loss": {"name": "subcenter_arcface", "miner": "none"}}),
     "wild_triplet": Row("(d) with triplet loss margin 0.1 + hard miner instead of multi-similarity", WILD_YAML,
                         {"loss": {"name": "triplet", "miner": "triplet_hard"}}),
+    "wild_crop08": Row("(d) with random crops of 80-100% of the area (the first draft) instead of 40-100%",
+                       WILD_YAML, {"data": {"augment": {"crop_scale_min": 0.8}}}),
+    "wild_crop06": Row("(d) with random crops of 60-100% of the area instead of 40-100%", WILD_YAML,
+                       {"data": {"augment": {"crop_scale_min": 0.6}}}),
     "wild_gray": Row("(d) with every training image made gray (augment.grayscale 1, as small_data.yaml)",
                      WILD_YAML, {"data": {"augment": {"grayscale": 1.0}}}),
     "wild_224": Row("(d) at 224 px", WILD_YAML, {"data": {"image_size": 224}}),
@@ -298,13 +302,15 @@ def resolved_batch(run_dir: Path) -> int:
 
 
 def cost_class(row: Row, train_root: Path) -> tuple:
-    """What the compute of one training step depends on."""
+    """What the compute of one training step depends on. Not the embedding size: the head (1280 x 256 or x 512
+    weights) is a fraction of a percent of the backbone's multiply-adds, and a class of its own would hand a
+    512-d row its own single probe and so a different step count (605 vs 508 in the 2026-12-01 wild run)."""
     sys.path.insert(0, str(REPO))
     from facetrain.config import load_config
 
     cfg = load_config(str(REPO / row.config), flat_overrides(row.overrides) + ["--data.root", str(train_root)])
-    return (cfg.model.backbone, cfg.data.image_size, cfg.model.freeze_stages, cfg.model.embedding_dim,
-            cfg.train.batch_size, cfg.train.mixed_precision)
+    return (cfg.model.backbone, cfg.data.image_size, cfg.model.freeze_stages, cfg.train.batch_size,
+            cfg.train.mixed_precision)
 
 
 def probe_seconds_per_step(name: str, row: Row, train_root: Path, work: Path, steps: int) -> float:

@@ -58,3 +58,15 @@ def test_table_has_a_cross_dataset_column_per_test_set_with_the_seed_means(tmp_p
     assert "att_faces AUC / TAR@1e-2" in head and "yale AUC / TAR@1e-2" in head
     assert seed0.count("|") == head.count("|") == mean.count("|")
     assert "0.9000 / 0.5000" in seed0 and "0.7500 (0.1000)" in mean and "0.8000 / 0.5000" in mean
+
+
+def test_cost_classes_share_a_probe_across_embedding_sizes_but_not_input_sizes(tmp_path):
+    """Rows whose steps cost the same compute share one step count: the 512-d embedding is not a class of its
+    own (it got 605 steps against the recipe's 508 from its own probe), 224 px and freezing fewer stages are."""
+    recipes = _recipes()
+    root = str(tmp_path)
+    wild = recipes.cost_class(recipes.ROWS["wild"], root)
+    assert recipes.cost_class(recipes.ROWS["wild_emb512"], root) == wild
+    assert recipes.cost_class(recipes.ROWS["wild_arcface"], root) == wild
+    assert recipes.cost_class(recipes.ROWS["wild_224"], root) != wild
+    assert recipes.cost_class(recipes.ROWS["wild_freeze6"], root) != wild
