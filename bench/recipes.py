@@ -308,7 +308,9 @@ def cost_class(row: Row, train_root: Path) -> tuple:
     sys.path.insert(0, str(REPO))
     from facetrain.config import load_config
 
-    cfg = load_config(str(REPO / row.config), flat_overrides(row.overrides) + ["--data.root", str(train_root)])
+    # which weights the backbone starts from does not change its compute (and the file need not be here)
+    cfg = load_config(str(REPO / row.config), flat_overrides(row.overrides)
+                      + ["--data.root", str(train_root), "--model.pretrained", "false", "--model.pretrained_file", ""])
     return (cfg.model.backbone, cfg.data.image_size, cfg.model.freeze_stages, cfg.train.batch_size,
             cfg.train.mixed_precision)
 
