@@ -27,6 +27,7 @@ def test_wild_recipe_is_what_docs_recipes_md_measured():
     assert (cfg.loss.name, cfg.loss.miner) == ("multi_similarity", "multi_similarity")
     assert cfg.model.freeze_bn and cfg.model.freeze_stages == 3 and cfg.data.image_size == 112
     assert cfg.data.augment.grayscale == 0.2 and cfg.data.augment.saturation > 0  # colour kept
+    assert cfg.data.augment.crop_scale_min == 0.4 and cfg.model.embedding_dim == 256  # the second benchmark's
     assert (cfg.optim.lr, cfg.optim.backbone_lr_mult) == (1e-3, 0.3)
 
 
