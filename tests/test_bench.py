@@ -34,3 +34,22 @@ def test_train_throughput_pairs_facetrain_with_the_raw_step(tmp_path):
     # the report names each session's host and guests; the rounds of the guests printed as they ran
     assert "1: facetrain.train() run, facetrain fp32, hosting raw fp32, raw_guard fp32" in proc.stdout
     assert proc.stdout.count("round 2/2") == 4
+
+
+def test_warp_cost_times_the_same_warp_in_c_as_grid_sample(tmp_path):
+    """bench/warp_cost.py's comparison is like for like: its C loop computes grid_sample's warp (the device
+    path's rotation + crop + flip) to float rounding, on colour and gray batches, zeros outside included."""
+    import importlib.util
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on PATH for bench/warp_cost.py's C loop")
+    spec = importlib.util.spec_from_file_location("warp_cost", REPO / "bench" / "warp_cost.py")
+    warp_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(warp_cost)
+    fn, reason = warp_cost.compile_scalar_c(tmp_path)
+    assert fn is not None, reason
+    for channels in (1, 3):
+        row = warp_cost.measure(24, channels, rounds=1, fn_c=fn)
+        assert row["scalar_c_max_abs_diff"] < 0.05  # pixel units (0-255): the same warp
+        assert all(row[f"{k}_ns"] > 0 for k in ("device_augment", "grid_sample", "scalar_c"))
