@@ -50,6 +50,9 @@ def scan_identity_folder(root: str | Path, key: str) -> tuple[list[str], np.ndar
     from facetrain.errors import UserError
 
     base = Path(root)
+    if base.is_file() and _is_pack(base):
+        raise UserError(f"{key}: {root} is a pack file (python -m facetrain.pack), not a folder: train on it with "
+                        "data.source packed, or give the aligned folder it was packed from")
     if not base.is_dir():
         raise UserError(f"{key}: folder not found: {root} (expected {root}/<identity>/<image>)")
     names, paths, labels = [], [], []
@@ -64,6 +67,16 @@ def scan_identity_folder(root: str | Path, key: str) -> tuple[list[str], np.ndar
         raise UserError(f"{key}: no identity folders with images in {root} "
                         f"(expected {root}/<identity>/<image> with one of {', '.join(IMAGE_EXTENSIONS)})")
     return paths, np.asarray(labels, dtype=np.int64), names
+
+
+def _is_pack(path: Path) -> bool:
+    from facetrain.packed import MAGIC
+
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
 
 
 def is_image_file(path: str | Path) -> bool:

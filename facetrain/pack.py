@@ -34,7 +34,8 @@ def build_parser():
 
     p = ArgumentParser(prog="facetrain.pack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="aligned face folder: <input>/<identity>/<image>")
-    p.add_argument("--output", required=True, help="pack file to write (conventionally *.ftpack)")
+    p.add_argument("--output", required=True, help="pack file to write, one file (conventionally *.ftpack); "
+                   "its <output>.preflight.txt/.json are written beside it")
     p.add_argument("--size", type=int, default=112, help="image side in pixels; train with data.image_size equal "
                    "to it (default 112)")
     p.add_argument("--bad-images", choices=("error", "skip"), default="error",
@@ -108,18 +109,25 @@ def pack_folder(root: str | Path, output: str | Path, size: int, bad_images: str
     files = [Path(p).relative_to(root).as_posix() for p, _ in kept]
     channels = 1 if report.modes and set(report.modes) <= SINGLE_CHANNEL_MODES else 3
     header = PackHeader(count=len(kept), channels=channels, size=size, identities=identities, labels=labels,
-                        files=files, source=str(root), preflight=report.counts(), alignment=recipe_of_folder(root))
+                        files=files, source=str(root.resolve()), preflight=report.counts(),
+                        alignment=recipe_of_folder(root))  # absolute: the repack hints name it from anywhere
     writer = PackWriter(output, header)
     transform = eval_transform(Preprocess(size, [0.0] * 3, [1.0] * 3))  # validation's resize: same pixels
+
+    shape = (channels, size, size)
 
     def decode(i: int) -> int:
         path = kept[i][0]
         try:
-            image = transform(load_image(path, keep_gray=channels == 1))
+            image = transform(load_image(path, keep_gray=channels == 1)).numpy()
         except Exception as err:  # the file changed since the pre-flight
             raise UserError(f"{path}: cannot decode image ({type(err).__name__}: {err}); fix or remove it and "
                             "pack again") from None
-        writer.images[i] = image.numpy()
+        if image.shape != shape:  # e.g. a gray file replaced by a colour one after the pre-flight
+            got, want = (" x ".join(map(str, dims)) for dims in (image.shape, shape))
+            raise UserError(f"{path}: decodes to {got}, not {want} like the pre-flight found; it changed while "
+                            "packing: pack again")
+        writer.images[i] = image
         return i
 
     threads = threads or min(32, 2 * (os.cpu_count() or 1))
@@ -128,8 +136,12 @@ def pack_folder(root: str | Path, output: str | Path, size: int, bad_images: str
     try:
         with bar, ThreadPoolExecutor(threads) as pool:
             task = bar.add_task("packing", total=len(kept))
-            for _ in pool.map(decode, range(len(kept))):
-                bar.advance(task)
+            # a bounded window of pending decodes: submitting all at once holds ~2 KB per image before the
+            # first one is decoded (2 GB for a million images)
+            window = 64 * threads
+            for lo in range(0, len(kept), window):
+                for _ in pool.map(decode, range(lo, min(lo + window, len(kept)))):
+                    bar.advance(task)
         path = writer.commit()
     except BaseException:
         writer.abort()

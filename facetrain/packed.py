@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +48,18 @@ SUFFIX = ".ftpack"
 _PREFIX = struct.Struct("<8sQ")  # magic, header length
 
 
-def pack_command(path: str | Path = "<pack>", source: str = "<aligned folder>", size: int | str = "<size>") -> str:
-    return f"python -m facetrain.pack --input {source} --output {path} --size {size}"
+def pack_command(path: str | Path = "<pack>", source: str = "<aligned folder>", size: int | str = "<size>",
+                 replace: bool = False) -> str:
+    """The command that (re)makes pack `path`; `replace` adds --force (the pack exists and is to be rewritten)."""
+    return f"python -m facetrain.pack --input {source} --output {path} --size {size}" + (" --force" if replace else "")
+
+
+def sized_name(path: str | Path, size: int) -> Path:
+    """A name for a pack of `path`'s images at another size, beside it: faces_112.ftpack -> faces_224.ftpack."""
+    path = Path(path)
+    stem = re.sub(r"[_-]\d+$", "", path.stem)  # drop the old size suffix, if the name has one
+    sized = path.with_name(f"{stem}_{size}{path.suffix or SUFFIX}")
+    return sized if sized != path else path.with_name(f"{stem}_{size}px{path.suffix or SUFFIX}")
 
 
 @dataclass
@@ -140,10 +151,6 @@ class PackWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def _bad(path: Path, what: str) -> UserError:
-    return UserError(f"data.root: {path} {what}")
-
-
 def read_header(path: str | Path, key: str = "data.root") -> PackHeader:
     """The checked header of pack file `path`; one-line UserError (naming `key`) for anything wrong."""
     path = Path(path)
@@ -163,10 +170,12 @@ def read_header(path: str | Path, key: str = "data.root") -> PackHeader:
         _, length = _PREFIX.unpack(start)
         if _PREFIX.size + length > actual:
             raise UserError(f"{key}: {path} is truncated: {actual:,} bytes, shorter than its own header "
-                            f"({_PREFIX.size + length:,} bytes); repack it ({pack_command(path)})")
+                            f"({_PREFIX.size + length:,} bytes); repack it ({pack_command(path, replace=True)})")
         body = fh.read(length)
     try:
         meta = json.loads(body)
+        if not isinstance(meta, dict):
+            raise ValueError(f"the header is a JSON {type(meta).__name__}, not an object")
         if meta.get("format") != "facetrain-pack":
             raise ValueError("format is not facetrain-pack")
         version = int(meta["version"])
@@ -183,20 +192,22 @@ def read_header(path: str | Path, key: str = "data.root") -> PackHeader:
         raise
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"{key}: {path} has a damaged header ({type(err).__name__}: {str(err)[:120]}); repack "
-                        f"it ({pack_command(path)})") from None
+                        f"it ({pack_command(path, replace=True)})") from None
     if header.alignment is not None and not isinstance(header.alignment, dict):
         raise UserError(f"{key}: {path} has a damaged header (alignment is not a recipe); repack it "
-                        f"({pack_command(path)})")
-    if header.channels not in (1, 3) or header.size <= 0 or header.count < 0 or header.data_offset < _PREFIX.size:
+                        f"({pack_command(path, replace=True)})")
+    source, size = header.source or "<aligned folder>", header.size
+    if (header.channels not in (1, 3) or header.size <= 0 or header.count < 0
+            or header.data_offset < _PREFIX.size + length):  # the images start after the header
         raise UserError(f"{key}: {path} has an impossible header ({header.count} images of {header.channels} "
                         f"x {header.size} x {header.size} at byte {header.data_offset}); repack it "
-                        f"({pack_command(path)})")
+                        f"({pack_command(path, source, size, replace=True)})")
     expected = header.data_offset + header.data_bytes
     if actual != expected:
         problem = "is truncated" if actual < expected else f"has {actual - expected:,} bytes after its images"
         raise UserError(f"{key}: {path} {problem}: {actual:,} bytes, its header promises {expected:,} "
                         f"({header.count:,} images of {header.channels} x {header.size} x {header.size}); "
-                        f"repack it ({pack_command(path, header.source or '<aligned folder>', header.size)})")
+                        f"repack it ({pack_command(path, source, size, replace=True)})")
     _check_labels(path, header, key)
     return header
 
@@ -205,7 +216,7 @@ def _check_labels(path: Path, header: PackHeader, key: str) -> None:
     """Labels must match the images: one per image, each naming an identity, and that identity the folder the
     image came from (`<identity>/<file>`)."""
     source = header.source or "<aligned folder>"
-    redo = f"the pack is inconsistent: repack it ({pack_command(path, source, header.size)})"
+    redo = f"the pack is inconsistent: repack it ({pack_command(path, source, header.size, replace=True)})"
     if len(header.labels) != header.count or len(header.files) != header.count:
         raise UserError(f"{key}: {path} holds {header.count:,} images but {len(header.labels):,} labels and "
                         f"{len(header.files):,} file names; {redo}")
@@ -263,9 +274,10 @@ def packed_faceset(root: str | Path, image_size: int):
 
     header = read_header(root)
     if header.size != image_size:
+        other = pack_command(sized_name(root, image_size), header.source or "<aligned folder>", image_size)
         raise UserError(f"data.image_size: {root} holds {header.size} px images but data.image_size is "
-                        f"{image_size}: set --data.image_size {header.size}, or repack at {image_size} px "
-                        f"({pack_command(root, header.source or '<aligned folder>', image_size)})")
+                        f"{image_size}: set --data.image_size {header.size}, or pack the source at {image_size} px "
+                        f"({other}) and train on that")
     keys = [f"{root}:{name}" for name in header.files]
     return FaceSet(np.asarray(header.labels, dtype=np.int64), list(header.identities), keys,
                    PackImages(root, header))

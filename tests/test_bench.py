@@ -53,3 +53,15 @@ def test_warp_cost_times_the_same_warp_in_c_as_grid_sample(tmp_path):
         row = warp_cost.measure(24, channels, rounds=1, fn_c=fn)
         assert row["scalar_c_max_abs_diff"] < 0.05  # pixel units (0-255): the same warp
         assert all(row[f"{k}_ns"] > 0 for k in ("device_augment", "grid_sample", "scalar_c"))
+
+
+def test_gpu_check_data_path_comparison_runs_here_at_smoke_size(tmp_path):
+    """bench/gpu_check.sh's data-path part (bench/data_path.py --parts gpu) on this CPU at tiny sizes: every
+    path trains and reports a rate, so a bug shows here and not first during a scarce GPU lease."""
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(REPO / "bench" / "data_path.py"), "--parts", "gpu", "--smoke", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["gpu"]
+    assert row["device"] == "cpu"  # no GPU here: the smoke run takes what there is
+    assert all(row[path] > 0 for path in ("raw", "pil_folder", "pil_packed", "device_packed")), row

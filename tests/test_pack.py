@@ -21,7 +21,7 @@ from facetrain.packed import MAGIC, PackedBatches, _layout, packed_faceset, read
 
 
 def write_folder(root: Path, identities: int = 5, per_identity: int = 4, size: int = 20, gray: bool = False) -> None:
-    """Random-noise images (any resampling or colour change would show) of a few sizes, PNG and JPEG."""
+    """Random-noise PNGs (lossless: any resampling or colour change would show), `size` px square."""
     rng = np.random.default_rng(0)
     for k in range(identities):
         folder = root / f"id_{k:02d}"
@@ -70,6 +70,31 @@ def test_pack_round_trips_pixels_exactly(tmp_path, gray):
     assert batch[2].tolist() == [3, 17] and batch[3].tolist() == [11, 5]
 
 
+def test_pack_decodes_in_bounded_windows_and_refuses_a_file_that_changed(tmp_path, monkeypatch):
+    """More images than one window of pending decodes (64 per thread): every slot is filled, in order. A file
+    that decodes to another shape than the pre-flight found (replaced while packing) is a one-line error and
+    leaves no pack behind."""
+    import facetrain.images
+
+    src = tmp_path / "faces"
+    write_folder(src, identities=5, per_identity=14, gray=True)  # 70 images: two windows with 1 thread
+    out = pack_folder(src, tmp_path / "w.ftpack", 20, threads=1, progress=False)
+    images, folder = packed_faceset(out, 20).loader.batch(np.arange(70)), folder_faceset(str(src))
+    for i, path in enumerate(folder.paths):
+        np.testing.assert_array_equal(images[i], pixels(Path(path), True), err_msg=path)
+    real = facetrain.images.load_image
+
+    def replaced(path, keep_gray=False, **kw):  # id_03/5.png became a colour image after the pre-flight
+        image = real(path, keep_gray=keep_gray, **kw)
+        return image.convert("RGB") if str(path).endswith("id_03/5.png") else image
+
+    monkeypatch.setattr(facetrain.images, "load_image", replaced)
+    with pytest.raises(UserError, match=r"id_03/5.png: decodes to 3 x 20 x 20, not 1 x 20 x 20 like the "
+                                        r"pre-flight found; it changed while packing: pack again"):
+        pack_folder(src, tmp_path / "x.ftpack", 20, threads=2, progress=False)
+    assert not (tmp_path / "x.ftpack").exists() and not (tmp_path / "x.ftpack.tmp").exists()
+
+
 def test_pack_preflight_refuses_or_skips_bad_files(tmp_path):
     src = tmp_path / "faces"
     write_folder(src)
@@ -107,7 +132,10 @@ def test_bad_packs_are_one_line_errors(tmp_path):
     raw = good.read_bytes()
 
     (tmp_path / "cut.ftpack").write_bytes(raw[: len(raw) - 1000])
-    with pytest.raises(UserError, match=r"cut.ftpack is truncated: .* its header promises .*repack it"):
+    # the repack command rewrites the damaged pack in place (--force: it exists), from the absolute source
+    with pytest.raises(UserError, match=r"cut.ftpack is truncated: .* its header promises .*repack it \(python -m "
+                                        rf"facetrain.pack --input {src.resolve()} --output .*cut.ftpack --size 20 "
+                                        r"--force\)$"):
         read_header(tmp_path / "cut.ftpack")
     (tmp_path / "head.ftpack").write_bytes(raw[:100])
     with pytest.raises(UserError, match="is truncated: 100 bytes, shorter than its own header"):
@@ -125,8 +153,20 @@ def test_bad_packs_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="pack file not found"):
         read_header(tmp_path / "missing.ftpack")
     with pytest.raises(UserError, match=r"data.image_size: .* holds 20 px images but data.image_size is 32: set "
-                                        r"--data.image_size 20, or repack at 32 px"):
-        packed_faceset(good, 32)
+                                        r"--data.image_size 20, or pack the source at 32 px \(python -m "
+                                        r"facetrain.pack --input .*faces --output .*good_32.ftpack --size 32\)"):
+        packed_faceset(good, 32)  # a new pack beside the good one, not over it
+    # a header that is valid JSON but not an object, or whose images would start inside it
+    for name, body in (("list", b"[]"), ("null", b"null")):
+        (tmp_path / f"{name}.ftpack").write_bytes(MAGIC + len(body).to_bytes(8, "little") + body)
+        with pytest.raises(UserError, match=r"has a damaged header \(ValueError: the header is a JSON"):
+            read_header(tmp_path / f"{name}.ftpack")
+    length = int.from_bytes(raw[8:16], "little")
+    meta = json.loads(raw[16:16 + length])
+    body = json.dumps({**meta, "data_offset": 16}).encode()
+    (tmp_path / "inside.ftpack").write_bytes(MAGIC + len(body).to_bytes(8, "little") + body + raw[16 + length:])
+    with pytest.raises(UserError, match=r"has an impossible header .* at byte 16\); repack it .* --force\)$"):
+        read_header(tmp_path / "inside.ftpack")
 
     header = read_header(good)
     with pytest.raises(UserError, match="holds 20 images but 19 labels"):
@@ -146,6 +186,14 @@ def test_bad_packs_are_one_line_errors(tmp_path):
     proc = run_train(["--config", cfg, "--train.output_dir", tmp_path / "run"], check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "cut.ftpack is truncated" in lines[0], proc.stderr
+    # a pack given to the folder source (the source flag forgotten): named as a pack, not "folder not found"
+    proc = run_train(["--config", tiny_train_config(tmp_path, {"data": {"source": "folder", "root": str(good)}},
+                                                    name="folder.yaml"),
+                      "--train.output_dir", tmp_path / "run2"], check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "good.ftpack is a pack file (python -m facetrain.pack), not a folder: train on it with data.source " \
+           "packed" in lines[0], lines[0]
 
 
 def test_build_faceset_reads_packs(tmp_path):

@@ -34,24 +34,32 @@ def packed_config(tmp_path, pack, extra: dict | None = None):
 
 
 def test_packed_resume_matches_uninterrupted_run_and_same_seed_same_weights(tmp_path, pack):
+    # 144 training images in batches of 16: 9 steps per epoch. The run stops at step 10, in the second epoch,
+    # so the resumed run must rebuild epoch 1's plan (order and augmentation seeds), not only epoch 0's.
     cfg = packed_config(tmp_path, pack, {"model": {"drop_rate": 0.2},
-                                         "train": {"max_steps": 8, "val_every": 4, "ckpt_every": 100}})
+                                         "train": {"max_steps": 12, "val_every": 6, "ckpt_every": 100}})
     full, part = tmp_path / "full", tmp_path / "part"
     proc = run_train(["--config", cfg, "--train.output_dir", full])
     assert "18 train / 6 val identities, 144 / 48 images" in proc.stdout
-    run_train(["--config", cfg, "--train.output_dir", part, "--debug.stop_at_step", "5"])
+    run_train(["--config", cfg, "--train.output_dir", part, "--debug.stop_at_step", "10"])
     proc = run_train(["--config", cfg, "--train.output_dir", part, "--train.resume", "auto"])
-    assert "resumed from" in proc.stdout and "at step 5" in proc.stdout
+    assert "resumed from" in proc.stdout and "at step 10" in proc.stdout
     assert json.loads((full / "bundle" / "facetrain.json").read_text())["alignment"] == recipe_of_folder(
         pack.parent / "faces")
-    a = load_weights(full / "checkpoints" / "step_00000008")
-    b = load_weights(part / "checkpoints" / "step_00000008")
+    a = load_weights(full / "checkpoints" / "step_00000012")
+    b = load_weights(part / "checkpoints" / "step_00000012")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    # DataLoader worker processes (each maps the pack itself) load the same batches as the main process
+    workers = tmp_path / "workers"
+    run_train(["--config", cfg, "--train.output_dir", workers, "--train.num_workers", "2"])
+    w = load_weights(workers / "checkpoints" / "step_00000012")
+    for key in a:
+        torch.testing.assert_close(w[key], a[key], rtol=0, atol=1e-6, msg=key)
     # the device augmentation is on and matters: without it the weights differ
     plain = tmp_path / "plain"
     run_train(["--config", cfg, "--train.output_dir", plain, "--data.augment.enabled", "false"])
-    c = load_weights(plain / "checkpoints" / "step_00000008")
+    c = load_weights(plain / "checkpoints" / "step_00000012")
     assert max((c[k].float() - a[k].float()).abs().max().item() for k in a if a[k].is_floating_point()) > 1e-3
 
 
