@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -402,7 +403,7 @@ def main(argv=None) -> None:
         Path(args.json).write_text(json.dumps(results, indent=2))
     text = [f"Date: {started}  ", f"Machine: {results['machine']}; load average before / after "
             f"{results['load_before']} / {results['load_after']} (2-core VM shared with other workers)  ",
-            f"Command: `python bench/data_path.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
+            f"Command: `python bench/data_path.py {shlex.join(argv if argv is not None else sys.argv[1:])}`", ""]
     if "cpu" in results:
         text += ["CPU time per training image, model removed, one thread, batches of "
                  f"{args.batch} from the sampler, to the normalised "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                 for h in busy:
                     h.kill()
     lines = [f"Date: {started} UTC  ", f"Machine: {machine()}  ",
-             f"Command: `python bench/thread_policy.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+             f"Command: `python bench/thread_policy.py {shlex.join(argv if argv is not None else sys.argv[1:])}`", "",
              f"Each cell: img/s of a fresh process (median over {args.rounds} rounds, range in brackets); "
              f"`spin` = GOMP_SPINCOUNT={args.spincount}. Load = extra busy processes.", "",
              "| load | policy | " + " | ".join(variants) + " | facetrain / raw | facetrain / article |",
