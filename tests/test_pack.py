@@ -178,6 +178,8 @@ def test_bad_packs_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match=r"image 0 \(id_00/0.png\) is labelled 'id_04', not the identity of its "
                                         r"folder 'id_00'; the pack is inconsistent"):
         read_header(_rewrite(good, tmp_path / "l3.ftpack", labels=swapped))
+    with pytest.raises(UserError, match=r"identity 'id_99' has no image; the pack is inconsistent"):
+        read_header(_rewrite(good, tmp_path / "l4.ftpack", identities=header.identities + ["id_99"]))
     with pytest.raises(UserError, match="is pack format version 9; this facetrain reads version 1"):
         read_header(_rewrite(good, tmp_path / "v9.ftpack", version=9))
     # what a training run prints: one line, exit code 2, before any model is built
