@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -177,8 +178,7 @@ def main(argv=None) -> None:
     for r in rows:
         print(r, flush=True)
     body = table(rows, c_note)
-    command = "python bench/warp_cost.py" + (f" --sizes {','.join(map(str, args.sizes))}"
-                                             if args.sizes != [112, 224] else "")
+    command = f"python bench/warp_cost.py {shlex.join(argv if argv is not None else sys.argv[1:])}".rstrip()
     text = (f"Date: {time.strftime('%Y-%m-%dT%H:%M', time.gmtime())}  \nMachine: {machine()}; load average before / "
             f"after {load_before:.1f} / {os.getloadavg()[0]:.1f}  \nCommand: `{command}`\n\n{body}\n")
     print(text)

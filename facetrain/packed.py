@@ -54,6 +54,11 @@ def pack_command(path: str | Path = "<pack>", source: str = "<aligned folder>", 
     return f"python -m facetrain.pack --input {source} --output {path} --size {size}" + (" --force" if replace else "")
 
 
+def repack_command(path: str | Path, header: PackHeader) -> str:
+    """The command that rewrites damaged pack `path` in place from the source its header names."""
+    return pack_command(path, header.source or "<aligned folder>", header.size, replace=True)
+
+
 def sized_name(path: str | Path, size: int) -> Path:
     """A name for a pack of `path`'s images at another size, beside it: faces_112.ftpack -> faces_224.ftpack."""
     path = Path(path)
@@ -196,18 +201,17 @@ def read_header(path: str | Path, key: str = "data.root") -> PackHeader:
     if header.alignment is not None and not isinstance(header.alignment, dict):
         raise UserError(f"{key}: {path} has a damaged header (alignment is not a recipe); repack it "
                         f"({pack_command(path, replace=True)})")
-    source, size = header.source or "<aligned folder>", header.size
     if (header.channels not in (1, 3) or header.size <= 0 or header.count < 0
             or header.data_offset < _PREFIX.size + length):  # the images start after the header
         raise UserError(f"{key}: {path} has an impossible header ({header.count} images of {header.channels} "
                         f"x {header.size} x {header.size} at byte {header.data_offset}); repack it "
-                        f"({pack_command(path, source, size, replace=True)})")
+                        f"({repack_command(path, header)})")
     expected = header.data_offset + header.data_bytes
     if actual != expected:
         problem = "is truncated" if actual < expected else f"has {actual - expected:,} bytes after its images"
         raise UserError(f"{key}: {path} {problem}: {actual:,} bytes, its header promises {expected:,} "
                         f"({header.count:,} images of {header.channels} x {header.size} x {header.size}); "
-                        f"repack it ({pack_command(path, source, size, replace=True)})")
+                        f"repack it ({repack_command(path, header)})")
     _check_labels(path, header, key)
     return header
 
@@ -215,8 +219,7 @@ def read_header(path: str | Path, key: str = "data.root") -> PackHeader:
 def _check_labels(path: Path, header: PackHeader, key: str) -> None:
     """Labels must match the images: one per image, each naming an identity, and that identity the folder the
     image came from (`<identity>/<file>`)."""
-    source = header.source or "<aligned folder>"
-    redo = f"the pack is inconsistent: repack it ({pack_command(path, source, header.size, replace=True)})"
+    redo = f"the pack is inconsistent: repack it ({repack_command(path, header)})"
     if len(header.labels) != header.count or len(header.files) != header.count:
         raise UserError(f"{key}: {path} holds {header.count:,} images but {len(header.labels):,} labels and "
                         f"{len(header.files):,} file names; {redo}")
