@@ -13,13 +13,13 @@ Parts:
   (file decode + the PIL augmentation of data.train_transform + collate + ToModelInput: what every
   DataLoader worker and the training process do today), ``pil_packed`` (the same on a pack: decoding
   removed), ``device_packed`` (a pack's batch gathered from the memory map and augmented by
-  facetrain/device_augment.py, run on this CPU) and ``packed_gather`` (only the gather: the CPU's share per
+  facetrain/data/device_augment.py, run on this CPU) and ``packed_gather`` (only the gather: the CPU's share per
   image when the augmentation runs on a GPU). Data: att_faces from ../shared (gray 92x112 PGMs) and
   synthetic colour faces written as 160 px JPEGs; 112 and 224 px. Paths alternate within each round; the
   median of the rounds is reported, and images/s per core = 1e6 / (CPU us per image).
 * ``format``: fetching a batch from the pack's memory map vs from the same images stored as a Hugging Face
   ``datasets`` table (the issue's alternative), CPU time per image.
-* ``train``: facetrain.trainer.train() on att_faces (or synthetic faces) from the folder (PIL, the default
+* ``train``: facetrain.training.trainer.train() on att_faces (or synthetic faces) from the folder (PIL, the default
   worker count) and from its pack (device augmentation), tf_efficientnetv2_b0, 112 px, batch 32, fp32
   channels_last, alternating runs in one process; steady img/s from the trainer's own log windows.
 * ``auc``: the same short training on att_faces from the folder and from the pack, seeds 0 and 1; the final
@@ -65,8 +65,8 @@ def load_average() -> str:
 
 
 def write_synthetic_folder(root: Path, identities: int, per_identity: int, size: int) -> Path:
-    """Synthetic colour faces (facetrain.synthetic) as JPEG files: a colour set with a file decode per image."""
-    from facetrain.synthetic import render
+    """Synthetic colour faces (facetrain.data.synthetic) as JPEG files: a colour set with a file decode per image."""
+    from facetrain.data.synthetic import render
 
     for k in range(identities):
         folder = root / f"person_{k:04d}"
@@ -84,10 +84,17 @@ class DataPaths:
     """The four data paths of one (folder, pack, size), each `run(batch)` -> model input."""
 
     def __init__(self, folder: Path, pack: Path, size: int, channels_last: bool = True):
-        from facetrain.config import AugmentConfig
-        from facetrain.data import FaceDataset, Preprocess, ToModelInput, collate, folder_faceset, train_transform
-        from facetrain.device_augment import DeviceAugment
-        from facetrain.packed import PackedBatches, packed_faceset
+        from facetrain.config.schema import AugmentConfig
+        from facetrain.data.dataset import (
+            FaceDataset,
+            Preprocess,
+            ToModelInput,
+            collate,
+            folder_faceset,
+            train_transform,
+        )
+        from facetrain.data.device_augment import DeviceAugment
+        from facetrain.data.pack_format import PackedBatches, packed_faceset
 
         pre = Preprocess(size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
         aug = AugmentConfig()  # the article's augmentations, as configs/article.yaml
@@ -114,8 +121,8 @@ class DataPaths:
 
 
 def cpu_part(args, work: Path) -> list[dict]:
+    from facetrain.data.sampler import MPerClassBatchSampler
     from facetrain.pack import pack_folder
-    from facetrain.sampler import MPerClassBatchSampler
 
     torch.set_num_threads(1)  # per core: PIL is single-threaded, and the device path is measured alike
     sets = []
@@ -166,8 +173,8 @@ def _quiet_console():
 def format_part(args, work: Path) -> list[dict]:
     import datasets
 
+    from facetrain.data.pack_format import packed_faceset
     from facetrain.pack import pack_folder
-    from facetrain.packed import packed_faceset
 
     folder = ATT_FACES if ATT_FACES.is_dir() and not args.smoke else \
         write_synthetic_folder(work / "format_faces", 8, 4, 64)
@@ -197,14 +204,14 @@ def format_part(args, work: Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# train / auc: facetrain.trainer.train() from the folder and from its pack
+# train / auc: facetrain.training.trainer.train() from the folder and from its pack
 
 
 def train_run(overrides: list[str], out: Path) -> dict:
     from accelerate.state import AcceleratorState
 
-    from facetrain.config import load_config
-    from facetrain.trainer import train
+    from facetrain.config.schema import load_config
+    from facetrain.training.trainer import train
 
     AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per run in this process
     cfg = load_config(None, overrides + ["--train.output_dir", str(out)])
@@ -417,7 +424,7 @@ def main(argv=None) -> None:
                  for r in results["format"]]
         text.append("")
     if "train" in results:
-        text += ["Training step (facetrain.trainer.train, tf_efficientnetv2_b0, 112 px, batch "
+        text += ["Training step (facetrain.training.trainer.train, tf_efficientnetv2_b0, 112 px, batch "
                  f"{args.batch}, fp32 channels_last), folder vs pack runs alternating in one process:", "",
                  train_table(results["train"]), ""]
     if "auc" in results:

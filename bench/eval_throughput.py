@@ -93,8 +93,8 @@ def prepare(work: Path) -> tuple[Path, Path]:
     """(folder of 19 x 50 symlinked images, bundle of a random tf_efficientnetv2_b0)."""
     import torch
 
-    from facetrain.config import DataConfig, ModelConfig
-    from facetrain.model import create_model, resolve_preprocess, write_bundle
+    from facetrain.config.schema import DataConfig, ModelConfig
+    from facetrain.model.network import create_model, resolve_preprocess, write_bundle
 
     if not FACES.is_dir():
         sys.exit(f"benchmark: {FACES} not found (the shared face data is only present in the facetrain workplace)")
@@ -128,7 +128,7 @@ def baseline_worker(bundle: str, data: str, pair_images: int) -> None:
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
-    from facetrain.model import load_bundle
+    from facetrain.model.network import load_bundle
 
     t0 = time.perf_counter()
     model, pre, _ = load_bundle(bundle)
@@ -177,8 +177,8 @@ def forward_worker(bundle: str) -> None:
     """Per-image forward cost of the two designs on random inputs (ms/image); prints one JSON line."""
     import torch
 
-    from facetrain.model import load_bundle
-    from facetrain.precision import resolve_mixed_precision
+    from facetrain.model.network import load_bundle
+    from facetrain.runtime.precision import resolve_mixed_precision
 
     model, pre, meta = load_bundle(bundle)
     size = pre.image_size
@@ -254,7 +254,7 @@ def scoring_worker(n: int) -> None:
 
     import torch
 
-    from facetrain.metrics import all_pairs_roc, verification_metrics
+    from facetrain.evaluation.metrics import all_pairs_roc, verification_metrics
 
     gen = torch.Generator().manual_seed(n)
     emb = torch.nn.functional.normalize(torch.randn(n, 512, generator=gen), dim=1)

@@ -7,17 +7,17 @@
 #
 # Parts (each under its own time limit, so one slow part cannot eat the others' time):
 #   train    bench/train_throughput.py --data synthetic: raw step, raw step + facetrain's per-step guard sync,
-#            and facetrain.trainer.train() on the built-in synthetic faces (../shared is not on that machine),
+#            and facetrain.training.trainer.train() on the built-in synthetic faces (../shared is not on that machine),
 #            tf_efficientnetv2_b0 (random weights), 224 px, batch 64 and 256, fp32 and bf16 (channels_last,
 #            facetrain's default layout), 5 warm-up + 20 timed steps, 2 rounds; the raw steps run inside each
 #            facetrain run, between its rounds (paired); ft/raw is the median of the per-round ratios.
-#   eval     facetrain.embed.embed_dataset (the evaluator's and validation's embedding path, eval mode, bf16 +
+#   eval     facetrain.evaluation.embedding.embed_dataset (the evaluator's and validation's embedding path, eval mode, bf16 +
 #            channels_last, batch 256): on pre-made tensors (the model's ceiling) and end to end from synthetic
 #            images through DataLoader workers.
-#   scoring  facetrain.metrics.all_pairs_roc on 10^5 random 512-d embeddings on the GPU (5e9 pairs).
+#   scoring  facetrain.evaluation.metrics.all_pairs_roc on 10^5 random 512-d embeddings on the GPU (5e9 pairs).
 #   design   the article's evaluator design on the GPU (batch-1 fp32 forwards, one .item() per ordered pair),
 #            timed on samples and scaled to 950 images, against the eval rate above + all-pairs scoring.
-#   data     bench/data_path.py --parts gpu: the raw step against facetrain.trainer.train() fed by each data
+#   data     bench/data_path.py --parts gpu: the raw step against facetrain.training.trainer.train() fed by each data
 #            path (image folder + PIL augmentation in DataLoader workers, pack + PIL, pack + augmentation on
 #            the GPU), tf_efficientnetv2_b0 bf16 channels_last, batch 256, 112 and 224 px, synthetic colour faces
 #            written as 160 px JPEGs (3,264 images), 5 warm-up + 20 timed steps.
@@ -85,11 +85,11 @@ import time
 import torch
 from accelerate import Accelerator
 
-from facetrain.config import ModelConfig
-from facetrain.data import FaceDataset, Preprocess, default_num_workers, eval_transform, synthetic_faceset
-from facetrain.embed import embed_dataset
-from facetrain.metrics import all_pairs_roc
-from facetrain.model import create_model
+from facetrain.config.schema import ModelConfig
+from facetrain.data.dataset import FaceDataset, Preprocess, default_num_workers, eval_transform, synthetic_faceset
+from facetrain.evaluation.embedding import embed_dataset
+from facetrain.evaluation.metrics import all_pairs_roc
+from facetrain.model.network import create_model
 
 smoke = os.environ["SMOKE"] == "1"
 cuda = torch.cuda.is_available()

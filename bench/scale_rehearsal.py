@@ -102,7 +102,7 @@ def machine() -> dict:
 
 
 def bench_sampler(repeats: int) -> list[dict]:
-    from facetrain.sampler import MPerClassBatchSampler
+    from facetrain.data.sampler import MPerClassBatchSampler
 
     times: dict[int, list[tuple[float, float]]] = {n: [] for n in SAMPLER_IDS}
     info: dict[int, dict] = {}
@@ -138,7 +138,7 @@ def _score_once(ids: int, per_id: int, dim: int, queue) -> None:
 
     import torch
 
-    from facetrain.metrics import all_pairs_roc, verification_metrics
+    from facetrain.evaluation.metrics import all_pairs_roc, verification_metrics
 
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(ids).repeat_interleave(per_id)
@@ -347,9 +347,9 @@ def bench_loader(images: int, workdir: Path) -> dict:
     import torch
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    from facetrain import synthetic
-    from facetrain.config import load_config
-    from facetrain.data import FaceDataset, Preprocess, eval_transform, folder_faceset, train_transform
+    from facetrain.config.schema import load_config
+    from facetrain.data import synthetic
+    from facetrain.data.dataset import FaceDataset, Preprocess, eval_transform, folder_faceset, train_transform
 
     cfg = load_config(str(REPO / "configs/scale_2000.yaml"), ["--data.root", str(workdir)])
     root = workdir / "jpeg_faces"

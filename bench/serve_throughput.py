@@ -80,9 +80,9 @@ def face_files(n: int) -> list[Path]:
 def make_model(args, workdir: Path) -> tuple[Path, Path]:
     import torch
 
-    from facetrain.config import DataConfig, ModelConfig
+    from facetrain.config.schema import DataConfig, ModelConfig
     from facetrain.export import export
-    from facetrain.model import create_model, resolve_preprocess, write_bundle
+    from facetrain.model.network import create_model, resolve_preprocess, write_bundle
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=args.backbone, embedding_dim=args.embedding_dim, channels_last=False)
@@ -109,11 +109,11 @@ def bench_embedding(args, bundle: Path, onnx_file: Path) -> dict:
     import numpy as np
     import torch
 
-    from facetrain.data import ToModelInput
-    from facetrain.images import load_image
-    from facetrain.model import fold_batchnorm, load_bundle
-    from facetrain.onnx_runtime import OnnxEmbedder, to_input_array
-    from facetrain.precision import resolve_mixed_precision
+    from facetrain.data.dataset import ToModelInput
+    from facetrain.data.images import load_image
+    from facetrain.deploy.onnx_embedder import OnnxEmbedder, to_input_array
+    from facetrain.model.network import fold_batchnorm, load_bundle
+    from facetrain.runtime.precision import resolve_mixed_precision
 
     model, pre, _ = load_bundle(bundle)
     folded = fold_batchnorm(model, pre.image_size)

@@ -6,7 +6,7 @@
 
 bench/train_throughput.py runs its variants inside one process, so they all inherit one OpenMP setting and its
 ratios compare the loops. This benchmark asks the other question, which setting facetrain's commands should
-use by default (facetrain/threads.py): every (variant, policy, load) is a fresh `bench/train_throughput.py
+use by default (facetrain/runtime/threads.py): every (variant, policy, load) is a fresh `bench/train_throughput.py
 --variants V` process started with that policy in its environment, timed for --steps after --warmup steps, so
 the policy reaches the OpenMP runtime exactly as it does for `accelerate launch -m facetrain.train`.
 

@@ -13,9 +13,9 @@ Variants (same backbone, image size, batch and data; random weights; batch = bat
   step (fused, as facetrain's optim.fused default), on one pre-made batch of random tensors already on the
   device. No data, no logging: the ceiling.
 * ``raw_guard``: ``raw`` with the optimizer step taken through facetrain's non-finite-step guard
-  (facetrain/guard.py: the gradient-norm pass and the skip decision handed to the fused AdamW kernel, no host
+  (facetrain/training/guard.py: the gradient-norm pass and the skip decision handed to the fused AdamW kernel, no host
   sync). On a GPU it shows what the guard costs.
-* ``facetrain``: ``facetrain.trainer.train()`` itself on the image folder, configs/article.yaml plus overrides:
+* ``facetrain``: ``facetrain.training.trainer.train()`` itself on the image folder, configs/article.yaml plus overrides:
   file decode, augmentation, the P x m sampler, DataLoader workers, loss, the guard, optimizer, scheduler,
   TensorBoard + console logging every step (10x more often than the default). The figure is the trainer's own
   img/s (``summary["throughput"]``, one window per logged step), warm-up windows dropped, the other variants'
@@ -35,7 +35,7 @@ default on this CPU at 224 px), bf16 (NCHW).
 
 The machine is shared and its speed drifts by 10-20% within minutes, so every figure is a ratio of variants
 measured side by side in one process, round by round (`measure`). Each facetrain variant hosts a session: one
-facetrain.trainer.train() run that, at the log point that starts each round, runs the other variants of its
+facetrain.training.trainer.train() run that, at the log point that starts each round, runs the other variants of its
 size, batch and mode (and the article's loop), and takes that time out of its own windows. In a round every
 variant, facetrain included, runs ``--warmup`` untimed steps (after another model ran) and then ``--steps``
 timed ones, seconds apart from the others; a ratio is the median of the per-round ratios (their range is
@@ -62,10 +62,10 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
-# As facetrain's commands do before torch loads (facetrain/threads.py): every variant in this process runs under
+# As facetrain's commands do before torch loads (facetrain/runtime/threads.py): every variant in this process runs under
 # the same OpenMP setting, so these ratios compare the loops, not the setting; bench/thread_policy.py runs each
 # variant in its own process under each setting, as a user runs them.
-from facetrain import threads  # noqa: E402
+from facetrain.runtime import threads  # noqa: E402
 
 os.environ.update(threads.wait_policy())
 # A training run uses one input shape; this process interleaves several models, sizes and layouts, whose oneDNN
@@ -132,10 +132,10 @@ class RawStep(_TimedSteps):
     """facetrain's model and loss on a fixed tensor batch: forward, backward, AdamW (+ the guard if `guard`)."""
 
     def __init__(self, args, size: int, batch: int, mode: Mode, device: torch.device, guard: bool = False):
-        from facetrain.config import LossConfig, ModelConfig
-        from facetrain.guard import NonFiniteGuard
-        from facetrain.losses import MetricLoss
-        from facetrain.model import create_model
+        from facetrain.config.schema import LossConfig, ModelConfig
+        from facetrain.model.network import create_model
+        from facetrain.training.guard import NonFiniteGuard
+        from facetrain.training.losses import MetricLoss
 
         torch.manual_seed(0)
         self.mode, self.device, self.guard, self.batch = mode, device, guard, batch
@@ -149,7 +149,7 @@ class RawStep(_TimedSteps):
         images = torch.randn(batch, 3, size, size, device=device)
         self.images = images.contiguous(memory_format=torch.channels_last) if mode.channels_last else images
         self.labels = torch.arange(batch // M, device=device).repeat_interleave(M)
-        # facetrain's own guard (facetrain/guard.py), on a stand-in for the Accelerator it reads
+        # facetrain's own guard (facetrain/training/guard.py), on a stand-in for the Accelerator it reads
         stand_in = SimpleNamespace(scaler=None, device=device)
         self.checker = NonFiniteGuard(self.optimizer, self.model, self.params, stand_in, 0.0, 1, print) if guard \
             else None
@@ -169,7 +169,7 @@ class RawStep(_TimedSteps):
 
 
 class FacetrainStep:
-    """facetrain.trainer.train() as the host of a measurement session (see `measure`).
+    """facetrain.training.trainer.train() as the host of a measurement session (see `measure`).
 
     One train() run of warmup + rounds x (warmup + steps) optimizer steps, logging every step. After the first
     warm-up steps and then at the end of every round, at the log point (the trainer's public `on_log` hook),
@@ -205,8 +205,8 @@ class FacetrainStep:
     def run_session(self, warmup: int, steps: int, rounds: int, between) -> list[tuple[int, float]]:
         from accelerate.state import AcceleratorState
 
-        from facetrain.config import load_config
-        from facetrain.trainer import train
+        from facetrain.config.schema import load_config
+        from facetrain.training.trainer import train
 
         self.count += 1
         name = f"{self.size}_{self.batch}_{self.mode.precision}_w{self.workers}_{self.count}"
@@ -336,7 +336,7 @@ def sessions(jobs: list[Job]) -> list[tuple[Job | None, list[Job]]]:
 def measure(jobs: list[Job], args, device: torch.device) -> None:
     """Every figure is paired: the variants compared are measured in the same session, round by round.
 
-    A session with a facetrain host is one facetrain.trainer.train() run; between its rounds of `--steps` steps
+    A session with a facetrain host is one facetrain.training.trainer.train() run; between its rounds of `--steps` steps
     each guest runs `--warmup` untimed and `--steps` timed steps (FacetrainStep.run_session), so all variants see
     the same minutes of a shared machine, facetrain's DataLoader workers stay alive (idle: their prefetch queue
     is full) and facetrain pays its own start-up only once. The guests' order rotates by one each round. A
@@ -412,8 +412,8 @@ def json_ratio(num: Job, den: Job | None, jobs: list[Job]) -> float | None:
 
 
 def report(jobs: list[Job], args, device: torch.device, load: tuple, started: str, elapsed: float) -> str:
-    from facetrain.data import default_num_workers
-    from facetrain.precision import resolve_mixed_precision
+    from facetrain.data.dataset import default_num_workers
+    from facetrain.runtime.precision import resolve_mixed_precision
 
     cuda = device.type == "cuda"
     workers = args.workers if args.workers >= 0 else default_num_workers(1)

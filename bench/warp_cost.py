@@ -5,7 +5,7 @@ would be cheaper (issue 18: why pack + device augmentation at 224 px is 4-5x the
     python bench/warp_cost.py --no-write
 
 One thread, CPU time (`time.process_time`) per output pixel, the same warps (the rotation + random resized
-crop + flip of facetrain/device_augment.py's default data.augment, batches of 32) measured in alternation:
+crop + flip of facetrain/data/device_augment.py's default data.augment, batches of 32) measured in alternation:
 
 * ``device_augment``: the whole DeviceAugment.apply on uint8 batches (warp + colour jitter + clamp +
   normalisation), what bench/data_path.py's ``device_packed`` path runs per batch.
@@ -40,8 +40,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from results_md import machine, write_section  # noqa: E402
 
-from facetrain.config import AugmentConfig  # noqa: E402
-from facetrain.device_augment import DeviceAugment, affine_grid  # noqa: E402
+from facetrain.config.schema import AugmentConfig  # noqa: E402
+from facetrain.data.device_augment import DeviceAugment, affine_grid  # noqa: E402
 
 # Bilinear warp of C uint8 planes (H x W) to float32 planes (S x S); theta maps output to source in
 # grid_sample's normalised coordinates (align_corners=False); taps outside the image read 0.

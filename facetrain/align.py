@@ -14,8 +14,8 @@ exactly the pixels `verify` computes from the raw photo with the same recipe). T
     .facetrain-align/      the journal that makes a re-run skip finished files (delete it, or --redo, to redo)
 
 Re-running the same command after a crash or on a grown input folder aligns only new or changed files.
-Photos are decoded by facetrain.images (EXIF orientation applied; gray, CMYK and 16-bit converted to RGB);
-alignment itself is facetrain.alignment.align_image. Detection runs in `--workers` processes.
+Photos are decoded by facetrain.data.images (EXIF orientation applied; gray, CMYK and 16-bit converted to RGB);
+alignment itself is facetrain.alignment.recipe.align_image. Detection runs in `--workers` processes.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 
-# Before torch loads: how idle OpenMP threads wait (facetrain/threads.py; the environment's setting wins).
-from facetrain import threads
+# Before torch loads: how idle OpenMP threads wait (facetrain/runtime/threads.py; the environment's setting wins).
+from facetrain.runtime import threads
 
 os.environ.update(threads.wait_policy())
 
@@ -72,9 +72,9 @@ RECIPE_OPTIONS = {"alignment.size": "--size", "alignment.margin": "--margin", "a
 
 
 def build_parser():
-    from facetrain.alignment import FACE_CHOICES, AlignmentRecipe
+    from facetrain.alignment.detectors import DETECTORS
+    from facetrain.alignment.recipe import FACE_CHOICES, AlignmentRecipe
     from facetrain.cli import ArgumentParser
-    from facetrain.detectors import DETECTORS
 
     d = AlignmentRecipe()
     p = ArgumentParser(prog="facetrain.align", description=__doc__,
@@ -119,7 +119,7 @@ def scan_input(root: Path, output: Path) -> tuple[list[str], list[str]]:
             if name.startswith("."):
                 continue
             rel = os.path.relpath(here / name, root)
-            from facetrain.images import is_image_file
+            from facetrain.data.images import is_image_file
 
             (images if is_image_file(name) else others).append(rel)
     return images, others
@@ -154,8 +154,8 @@ def align_file(task: tuple[str, str, str, str, dict]) -> dict:
     """Align one photo; returns its journal record. Never raises for a bad file: the record says what happened."""
     from PIL import Image, UnidentifiedImageError
 
-    from facetrain.alignment import align_image
-    from facetrain.images import decode
+    from facetrain.alignment.recipe import align_image
+    from facetrain.data.images import decode
 
     rel, src, out_root, out_rel, recipe = task
     dst = os.path.join(out_root, out_rel)
@@ -226,7 +226,7 @@ def _still_valid(rec: dict | None, src: Path, output: Path) -> bool:
 
 
 def _check_marker(output: Path, recipe: dict, redo: bool) -> None:
-    from facetrain.alignment import MARKER_FILE, recipe_of_folder
+    from facetrain.alignment.recipe import MARKER_FILE, recipe_of_folder
 
     old = recipe_of_folder(output)
     if old is not None and old != recipe and not redo:
@@ -314,7 +314,7 @@ def print_report(report: dict, listed: int, console=None) -> None:
 
 
 def run(args) -> dict:
-    from facetrain.alignment import MARKER_FILE, MARKER_FORMAT, AlignmentRecipe
+    from facetrain.alignment.recipe import MARKER_FILE, MARKER_FORMAT, AlignmentRecipe
 
     started = time.perf_counter()
     root, output = Path(args.input), Path(args.output)
@@ -337,9 +337,9 @@ def run(args) -> dict:
         raise UserError(f"--list: must be >= 0, got {args.list}")
     images, others = scan_input(root, output)
     if not images:
-        raise UserError(f"--input: no image files under {root} (extensions: see facetrain.images)")
+        raise UserError(f"--input: no image files under {root} (extensions: see facetrain.data.images)")
     # Fail on a missing package now, with its one line, rather than in a worker process
-    from facetrain.detectors import require_detector
+    from facetrain.alignment.detectors import require_detector
 
     require_detector(recipe["detector"])
 

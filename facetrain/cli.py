@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facetrain.data.images import MAX_IMAGE_PIXELS
 from facetrain.errors import PEER_LOST, UserError, one_line
-from facetrain.images import MAX_IMAGE_PIXELS
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -62,9 +62,9 @@ def add_embedding_options(parser: argparse.ArgumentParser, inputs: str, recognis
 def resolve_model_path(path: str | Path, backend: str = "torch") -> Path:
     """A bundle or checkpoint directory; a training run directory means its best model, `<run>/bundle`.
     backend "onnxruntime": an exported `.onnx` file (`onnx_runtime.resolve_onnx_path`)."""
-    from facetrain.atomic_dir import recover_dir
-    from facetrain.model import META_FILE, read_bundle_meta
-    from facetrain.onnx_runtime import is_onnx_file, resolve_onnx_path
+    from facetrain.deploy.onnx_embedder import is_onnx_file, resolve_onnx_path
+    from facetrain.model.network import META_FILE, read_bundle_meta
+    from facetrain.runtime.atomic_dir import recover_dir
 
     if backend == "onnxruntime":
         return resolve_onnx_path(path)
@@ -81,7 +81,7 @@ def resolve_model_path(path: str | Path, backend: str = "torch") -> Path:
 
 def labelled_folder(root: str | Path, option: str) -> tuple[list[str], np.ndarray, list[str]]:
     """(image paths, identity label per image, identity names) of `root/<identity>/<image>`."""
-    from facetrain.images import scan_identity_folder
+    from facetrain.data.images import scan_identity_folder
 
     return scan_identity_folder(root, option)
 
@@ -104,7 +104,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     try:
         code = main(argv)
         if "torch.distributed" in sys.modules:  # a multi-process run: every rank leaves together
-            from facetrain.distributed import leave_process_group
+            from facetrain.runtime.distributed import leave_process_group
 
             if leave_process_group():
                 # and skips the interpreter's teardown, where gloo's remaining threads can still abort a rank

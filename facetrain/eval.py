@@ -1,4 +1,4 @@
-"""Evaluate a trained model on held-out identities and calibrate its threshold (logic: facetrain/evaluate.py).
+"""Evaluate a trained model on held-out identities and calibrate its threshold (logic: facetrain/evaluation/).
 
     python -m facetrain.eval --model runs/exp/bundle --data /data/heldout
     python -m facetrain.eval --model runs/exp/bundle --data /data/lfw --pairs /data/lfw/pairs.txt
@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 
-# Before torch loads: how idle OpenMP threads wait (facetrain/threads.py; the environment's setting wins).
-from facetrain import threads
+# Before torch loads: how idle OpenMP threads wait (facetrain/runtime/threads.py; the environment's setting wins).
+from facetrain.runtime import threads
 
 os.environ.update(threads.wait_policy())
 
@@ -26,7 +26,7 @@ from facetrain.cli import run_cli
 
 def build_parser():
     from facetrain.cli import RECOGNISED, ArgumentParser, add_embedding_options, add_image_check_options
-    from facetrain.protocols import DEFAULT_CALIBRATION_FAR
+    from facetrain.evaluation.protocols import DEFAULT_CALIBRATION_FAR
 
     p = ArgumentParser(prog="facetrain.eval", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,7 +69,7 @@ def build_parser():
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
 
-    from facetrain.evaluate import EvalOptions, run  # heavy imports after the arguments parse
+    from facetrain.evaluation.evaluator import EvalOptions, run  # heavy imports after the arguments parse
 
     run(EvalOptions(**vars(args), argv=list(argv)))
     return 0

@@ -24,9 +24,9 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from facetrain import threads
+from facetrain.runtime import threads
 
-os.environ.update(threads.wait_policy())  # before torch loads: facetrain/threads.py
+os.environ.update(threads.wait_policy())  # before torch loads: facetrain/runtime/threads.py
 
 from facetrain.cli import print_result, run_cli
 from facetrain.errors import UserError
@@ -110,8 +110,8 @@ def export(model_path: str | Path, output: str | Path = "", opset: int | None = 
     import torch
 
     from facetrain.cli import resolve_model_path
-    from facetrain.model import fold_batchnorm, load_bundle
-    from facetrain.onnx_runtime import INPUT_NAME, OUTPUT_NAME, encode_metadata, import_onnxruntime
+    from facetrain.deploy.onnx_embedder import INPUT_NAME, OUTPUT_NAME, encode_metadata, import_onnxruntime
+    from facetrain.model.network import fold_batchnorm, load_bundle
 
     try:
         import onnx

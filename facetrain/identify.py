@@ -27,16 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-# Before torch loads: how idle OpenMP threads wait (facetrain/threads.py; the environment's setting wins).
-from facetrain import threads
+# Before torch loads: how idle OpenMP threads wait (facetrain/runtime/threads.py; the environment's setting wins).
+from facetrain.runtime import threads
 
 os.environ.update(threads.wait_policy())
 
 import numpy as np
 
 from facetrain.cli import run_cli
+from facetrain.data.images import MAX_IMAGE_PIXELS
 from facetrain.errors import UserError
-from facetrain.images import MAX_IMAGE_PIXELS
 
 if TYPE_CHECKING:  # torch loads with the model, after the command line parsed
     import torch
@@ -81,7 +81,7 @@ def _status(message: str) -> None:
 
 def model_fingerprint(embedder) -> str:
     """sha256 of the weights file and of everything else that changes an embedding."""
-    from facetrain.model import WEIGHTS_FILE
+    from facetrain.model.network import WEIGHTS_FILE
 
     h = hashlib.sha256()
     weights = embedder.path / WEIGHTS_FILE if embedder.path.is_dir() else embedder.path  # or the exported .onnx
@@ -135,7 +135,7 @@ def usable_files(paths: list[str], labels: np.ndarray, bad_images: str, what: st
                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> tuple[list[str], np.ndarray]:
     """The training pre-flight's decode check of every gallery file: all unusable files named at once
     (`--bad-images error`), or left out and listed (`skip`)."""
-    from facetrain.preflight import check_files
+    from facetrain.data.preflight import check_files
 
     report = check_files(paths, max_image_pixels, what, progress=False)
     if not report.bad:
@@ -271,7 +271,7 @@ def _print_matches(probe: str, rows: list[dict], threshold: float | None, far, n
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from facetrain.cli import require_files
-    from facetrain.embed import load_embedder
+    from facetrain.evaluation.embedding import load_embedder
 
     if args.top_k < 1:
         raise UserError(f"--top-k: must be >= 1, got {args.top_k}")

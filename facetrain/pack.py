@@ -3,13 +3,13 @@
     python -m facetrain.pack --input /data/aligned --output /data/aligned_112.ftpack --size 112
     python -m facetrain.pack --input /data/aligned --output faces.ftpack --size 112 --bad-images skip
 
-Reads root/<identity>/<image> like `data.source: folder`: the pre-flight check (facetrain/preflight.py) runs
+Reads root/<identity>/<image> like `data.source: folder`: the pre-flight check (facetrain/data/preflight.py) runs
 first and prints its report (`<output>.preflight.txt` / `.json` keep it), refused files stop the packing or,
 with --bad-images skip, are left out. Then every usable image is decoded once, in a thread pool (PIL releases
 the GIL while decoding and resizing), and resized to --size exactly as validation resizes it
 (`data.eval_transform`). Identities and labels are those the folder source would use, so a pack trains on
 the same identity split as its folder, and the folder's alignment recipe (facetrain.align) travels in the
-pack. The format is described in facetrain/packed.py.
+pack. The format is described in facetrain/data/pack_format.py.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import os
 import time
 from pathlib import Path
 
-from facetrain import threads
+from facetrain.runtime import threads
 
-os.environ.update(threads.wait_policy())  # before torch loads: facetrain/threads.py
+os.environ.update(threads.wait_policy())  # before torch loads: facetrain/runtime/threads.py
 from facetrain.cli import run_cli  # noqa: E402
 from facetrain.errors import UserError
 
@@ -74,11 +74,11 @@ def pack_folder(root: str | Path, output: str | Path, size: int, bad_images: str
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from facetrain.alignment import recipe_of_folder
-    from facetrain.data import Preprocess, eval_transform
-    from facetrain.images import load_image
-    from facetrain.packed import PackHeader, PackWriter
-    from facetrain.preflight import enforce, scan
+    from facetrain.alignment.recipe import recipe_of_folder
+    from facetrain.data.dataset import Preprocess, eval_transform
+    from facetrain.data.images import load_image
+    from facetrain.data.pack_format import PackHeader, PackWriter
+    from facetrain.data.preflight import enforce, scan
 
     start = time.perf_counter()
     root, output = Path(root), Path(output)
@@ -95,7 +95,7 @@ def pack_folder(root: str | Path, output: str | Path, size: int, bad_images: str
     enforce(report, bad_images, policy_key="--bad-images", saved_to=saved)
 
     # usable images per identity folder, in the folder source's order (identities sorted by name, files sorted)
-    from facetrain.data import scan_folder
+    from facetrain.data.dataset import scan_folder
 
     refused = report.bad_paths
     paths, labels_all, names_all = scan_folder(str(root))

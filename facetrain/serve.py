@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from facetrain import threads
+from facetrain.runtime import threads
 
-# before torch loads (a bundle is exported through PyTorch at start): facetrain/threads.py
+# before torch loads (a bundle is exported through PyTorch at start): facetrain/runtime/threads.py
 os.environ.update(threads.wait_policy())
 from facetrain.cli import (  # noqa: E402
     ArgumentParser,  # torch-free: the service never imports torch
@@ -235,7 +235,7 @@ def prepare(embedder, raw: bytes, name: str, limits: Limits) -> np.ndarray:
     (PIL's lazy open) so an oversized image is refused before its pixels are decoded."""
     from PIL import Image
 
-    from facetrain.onnx_runtime import AlignmentFailed
+    from facetrain.deploy.onnx_embedder import AlignmentFailed
 
     try:
         header = Image.open(io.BytesIO(raw))
@@ -411,7 +411,7 @@ def check_args(args) -> None:
 
 def load_model(model: str, aligned: bool, threads: int):
     """An OnnxEmbedder for a .onnx file, or for a bundle exported to a temporary file first."""
-    from facetrain.onnx_runtime import OnnxEmbedder, is_onnx_file
+    from facetrain.deploy.onnx_embedder import OnnxEmbedder, is_onnx_file
 
     if is_onnx_file(model):
         return OnnxEmbedder.load(model, aligned=aligned, threads=threads)

@@ -6,20 +6,20 @@
     accelerate launch -m facetrain.train --config X.yaml --train.resume auto   # continue an interrupted run
 
 Options: --config FILE (YAML), then any --section.key value override (every key is listed below, with its type,
-default, valid values and meaning, from facetrain/config.py), --debug (show tracebacks).
+default, valid values and meaning, from facetrain/config/schema.py), --debug (show tracebacks).
 """
 
 from __future__ import annotations
 
 import os
 
-# Before torch loads: how idle OpenMP threads wait (facetrain/threads.py; the environment's setting wins).
-from facetrain import threads
+# Before torch loads: how idle OpenMP threads wait (facetrain/runtime/threads.py; the environment's setting wins).
+from facetrain.runtime import threads
 
 os.environ.update(threads.wait_policy())
 
 from facetrain.cli import run_cli  # noqa: E402
-from facetrain.config import describe_keys, load_config  # noqa: E402
+from facetrain.config.schema import describe_keys, load_config  # noqa: E402
 from facetrain.errors import UserError  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
         argv = argv[:i] + argv[i + 2:]
     cfg = load_config(config_file, argv)
 
-    from facetrain.trainer import train  # heavy imports only after the config is known to be valid
+    from facetrain.training.trainer import train  # heavy imports only after the config is known to be valid
 
     summary = train(cfg)
     return 0 if summary else 1

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 
-# Before torch loads: how idle OpenMP threads wait (facetrain/threads.py; the environment's setting wins).
-from facetrain import threads
+# Before torch loads: how idle OpenMP threads wait (facetrain/runtime/threads.py; the environment's setting wins).
+from facetrain.runtime import threads
 
 os.environ.update(threads.wait_policy())
 from pathlib import Path
@@ -48,7 +48,7 @@ def load_embedder(model: str | Path, flip: bool | None = None, mixed_precision: 
     """The evaluator's Embedder for a bundle; flip defaults to what the bundle's threshold was calibrated with.
     aligned=True: the images are crops already (the bundle's alignment recipe is not applied). backend
     "onnxruntime": an exported model.onnx instead (`embed.load_embedder`)."""
-    from facetrain.embed import load_embedder as load
+    from facetrain.evaluation.embedding import load_embedder as load
 
     return load(backend, model, batch_size=2, num_workers=0, flip=flip, mixed_precision=mixed_precision,
                 aligned=aligned)
@@ -63,7 +63,7 @@ def verify(model: str, image_a: str, image_b: str, threshold: float | None = Non
            mixed_precision: str = "auto", aligned: bool = False, backend: str = "torch") -> dict:
     """Similarity and decision for one pair of image files (the result `--json` prints)."""
     from facetrain.cli import require_files
-    from facetrain.metrics import pair_scores
+    from facetrain.evaluation.metrics import pair_scores
 
     require_files([image_a, image_b], "facetrain.verify")  # before the model loads: a typo fails fast
     embedder = load_embedder(model, flip, mixed_precision, aligned, backend)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from facetrain import threads  # noqa: E402
+from facetrain.runtime import threads  # noqa: E402
 
 # as facetrain's commands do, before anything imports torch: in-process tests share the CPU with subprocesses
 os.environ.update(threads.wait_policy())

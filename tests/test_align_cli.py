@@ -13,7 +13,7 @@ import pytest
 from helpers import REPO, SHARED, run_module
 from PIL import Image
 
-from facetrain.alignment import MARKER_FILE, AlignmentRecipe, recipe_of_folder
+from facetrain.alignment.recipe import MARKER_FILE, AlignmentRecipe, recipe_of_folder
 
 PHOTOS = SHARED / "data" / "photos"
 FACE_REC = PHOTOS / "face_recognition"

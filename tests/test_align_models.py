@@ -13,7 +13,7 @@ import pytest
 from helpers import FACES, REPO, SHARED, WEIGHTS, run_module, run_train, tiny_train_config
 from PIL import Image
 
-from facetrain.alignment import AlignmentRecipe, recipe_of_folder
+from facetrain.alignment.recipe import AlignmentRecipe, recipe_of_folder
 
 YALE = FACES / "yalefaces"
 DOGS = SHARED / "data" / "photos" / "dlib_faces" / "dogs.jpg"
@@ -103,8 +103,8 @@ def test_yalefaces_verify_better_through_the_bundles_alignment(tmp_path):
     resized, in AUC and in TAR@FAR=1e-2 (measured 0.911 vs 0.832 and 0.454 vs 0.439)."""
     import torch
 
-    from facetrain.config import DataConfig, ModelConfig
-    from facetrain.model import EmbeddingModel, create_backbone, resolve_preprocess, write_bundle
+    from facetrain.config.schema import DataConfig, ModelConfig
+    from facetrain.model.network import EmbeddingModel, create_backbone, resolve_preprocess, write_bundle
 
     mcfg = ModelConfig(backbone="tf_efficientnet_lite0", pretrained=True, pretrained_file=str(WEIGHTS),
                        channels_last=False)
@@ -132,9 +132,9 @@ def test_bundle_with_recipe_and_no_detector_says_what_to_do(tmp_path):
     --aligned the crops are embedded as they are."""
     import torch
 
-    from facetrain.config import ModelConfig
-    from facetrain.data import Preprocess
-    from facetrain.model import create_model, write_bundle
+    from facetrain.config.schema import ModelConfig
+    from facetrain.data.dataset import Preprocess
+    from facetrain.model.network import create_model, write_bundle
 
     torch.manual_seed(0)
     mcfg = ModelConfig(backbone="test_efficientnet", embedding_dim=16, channels_last=False)

@@ -1,4 +1,4 @@
-"""facetrain.alignment: the template, the similarity warp, the recipe, face choice; then the detector on real
+"""facetrain.alignment.recipe: the template, the similarity warp, the recipe, face choice; then the detector on real
 photos: the dlib annotations (recall, eye-centre error), re-detection on aligned crops, composed photos."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 from helpers import FACES, SHARED
 from PIL import Image, ImageDraw, ImageFilter
 
-from facetrain.alignment import (
+from facetrain.alignment.detectors import Face
+from facetrain.alignment.recipe import (
     FACE_CHOICES,
     MARKER_FILE,
     AlignmentRecipe,
@@ -21,9 +22,8 @@ from facetrain.alignment import (
     template_points,
     warp_to_template,
 )
-from facetrain.detectors import Face
+from facetrain.data.images import load_image
 from facetrain.errors import UserError
-from facetrain.images import load_image
 
 PHOTOS = SHARED / "data" / "photos"
 DLIB = PHOTOS / "dlib_faces"
@@ -160,7 +160,7 @@ def test_detection_recall_and_eye_error_on_dlib_annotations():
     """Issue 14 acceptance: recall >= 0.9 on annotated faces >= 40 px wide, mean eye-centre error <= 0.1 of the
     inter-ocular distance. A face is found when a detection's two eye points lie, on average, within half the
     inter-ocular distance of the annotation's eye centres."""
-    from facetrain.alignment import detect_faces
+    from facetrain.alignment.recipe import detect_faces
 
     recipe = AlignmentRecipe()
     detections: dict[str, list] = {}
@@ -188,7 +188,7 @@ def test_detection_recall_and_eye_error_on_dlib_annotations():
 
 def _redetected_eyes(crop: Image.Image, pad: int) -> np.ndarray | None:
     """Eye points the detector finds on an aligned crop (padded with gray so the face does not touch the edge)."""
-    from facetrain.alignment import detect_faces
+    from facetrain.alignment.recipe import detect_faces
 
     size = crop.size[0]
     canvas = Image.new("RGB", (size + 2 * pad, size + 2 * pad), (128, 128, 128))
@@ -276,7 +276,7 @@ def test_two_faces_one_kept_by_policy_and_no_face():
     largest = align_image(two, AlignmentRecipe(face_choice="largest"))
     assert largest.n_faces == 2 and "largest" in largest.choice and largest.ok
     assert largest.box[0] < 300  # the big face is on the left
-    from facetrain.alignment import detect_faces
+    from facetrain.alignment.recipe import detect_faces
 
     faces = detect_faces(two, AlignmentRecipe())  # the policies on the same detections (one detection, not two)
     central, why = FACE_CHOICES["central"](faces, *two.size)

@@ -6,12 +6,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from facetrain import checkpoint as ckpt
-from facetrain.config import LossConfig, ModelConfig, OptimConfig
-from facetrain.data import Preprocess
-from facetrain.losses import MetricLoss
-from facetrain.model import create_model, read_bundle_meta
-from facetrain.optim import Schedule, create_optimizer
+from facetrain.config.schema import LossConfig, ModelConfig, OptimConfig
+from facetrain.data.dataset import Preprocess
+from facetrain.model.network import create_model, read_bundle_meta
+from facetrain.training import checkpoint as ckpt
+from facetrain.training.losses import MetricLoss
+from facetrain.training.optim import Schedule, create_optimizer
 
 
 def parts(seed: int):

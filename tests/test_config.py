@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, run_module, run_train, subprocess_env, tiny_train_config
 
-from facetrain.config import Config, config_from_dict, load_config, save_config, to_dict
+from facetrain.config.schema import Config, config_from_dict, load_config, save_config, to_dict
 from facetrain.errors import UserError
 
 
@@ -136,8 +136,8 @@ def test_val_metric_names_are_keys_that_validation_reports():
     import numpy as np
     import torch
 
-    from facetrain.config import VAL_FARS, VAL_METRICS
-    from facetrain.metrics import DEFAULT_TARGET_FARS, all_pairs_roc, verification_metrics
+    from facetrain.config.schema import VAL_FARS, VAL_METRICS
+    from facetrain.evaluation.metrics import DEFAULT_TARGET_FARS, all_pairs_roc, verification_metrics
 
     assert VAL_FARS == DEFAULT_TARGET_FARS
     labels = np.repeat(np.arange(50), 4)  # 200 images: 19,600 impostor pairs >= 1/1e-4
@@ -169,7 +169,7 @@ def _field_docs_from_source() -> dict[str, str]:
     """{ClassName.field: first docstring line}, read straight from config.py's source (the test's own reading)."""
     import ast
 
-    import facetrain.config as config_module
+    import facetrain.config.schema as config_module
 
     tree = ast.parse(Path(config_module.__file__).read_text())
     docs = {}

@@ -10,7 +10,7 @@ import typing
 import pytest
 from helpers import run_train, tiny_train_config
 
-from facetrain.config import RANGES, Config, load_config
+from facetrain.config.schema import RANGES, Config, load_config
 from facetrain.errors import UserError
 
 

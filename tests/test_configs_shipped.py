@@ -8,8 +8,8 @@ import json
 import pytest
 from helpers import REPO, WEIGHTS, run_train
 
-from facetrain.config import load_config
-from facetrain.losses import check_names
+from facetrain.config.schema import load_config
+from facetrain.training.losses import check_names
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 

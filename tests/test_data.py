@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from facetrain.config import AugmentConfig, DataConfig
-from facetrain.data import (
+from facetrain.config.schema import AugmentConfig, DataConfig
+from facetrain.data.dataset import (
     FaceDataset,
     Preprocess,
     ToModelInput,
@@ -21,8 +21,8 @@ from facetrain.data import (
     to_rgb,
     train_transform,
 )
+from facetrain.data.synthetic import render
 from facetrain.errors import UserError
-from facetrain.synthetic import render
 
 
 def test_split_is_by_identity_seeded_and_disjoint():

@@ -1,4 +1,4 @@
-"""Batched augmentation on the device (facetrain/device_augment.py): parameter distributions, the geometry and
+"""Batched augmentation on the device (facetrain/data/device_augment.py): parameter distributions, the geometry and
 colour operations against torchvision's definitions, and reproducibility from the per-slot seeds."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from facetrain.config import AugmentConfig
-from facetrain.data import Preprocess
-from facetrain.device_augment import CROP_RATIO, DeviceAugment, affine_grid, draw_params, uniform
+from facetrain.config.schema import AugmentConfig
+from facetrain.data.dataset import Preprocess
+from facetrain.data.device_augment import CROP_RATIO, DeviceAugment, affine_grid, draw_params, uniform
 
 N = 20_000
 SEEDS = np.random.default_rng(0).integers(0, 2**31 - 1, size=N)  # like the sampler's per-slot seeds

@@ -23,13 +23,13 @@ pytest.importorskip("onnxruntime", reason='needs the serve extra: pip install -e
 from facetrain import eval as eval_cli  # noqa: E402
 from facetrain import export as export_cli  # noqa: E402
 from facetrain import identify, verify  # noqa: E402
-from facetrain.config import DataConfig, ModelConfig  # noqa: E402
-from facetrain.data import Preprocess, eval_transform  # noqa: E402
-from facetrain.embed import load_embedder  # noqa: E402
+from facetrain.config.schema import DataConfig, ModelConfig  # noqa: E402
+from facetrain.data.dataset import Preprocess, eval_transform  # noqa: E402
+from facetrain.data.images import load_image  # noqa: E402
+from facetrain.deploy.onnx_embedder import OnnxEmbedder, to_input_array  # noqa: E402
 from facetrain.errors import UserError  # noqa: E402
-from facetrain.images import load_image  # noqa: E402
-from facetrain.model import create_model, read_bundle_meta, resolve_preprocess, update_bundle_meta, write_bundle  # noqa: E402
-from facetrain.onnx_runtime import OnnxEmbedder, to_input_array  # noqa: E402
+from facetrain.evaluation.embedding import load_embedder  # noqa: E402
+from facetrain.model.network import create_model, read_bundle_meta, resolve_preprocess, update_bundle_meta, write_bundle  # noqa: E402
 
 pytestmark = [pytest.mark.faces, pytest.mark.skipif(not FACES.is_dir(), reason=NO_SHARED_REASON)]
 ATT = FACES / "att_faces"
@@ -294,7 +294,7 @@ def test_onnxruntime_path_never_imports_torch(trained_onnx):
     """A deployment embeds (and builds the service) with onnxruntime, numpy and PIL only."""
     code = f"""
 import json, sys
-from facetrain.onnx_runtime import OnnxEmbedder
+from facetrain.deploy.onnx_embedder import OnnxEmbedder
 from facetrain import serve
 embedder = OnnxEmbedder.load({str(trained_onnx)!r}, num_workers=2)
 emb = embedder.embed({att_paths(5)!r})
@@ -315,7 +315,7 @@ def test_recorded_alignment_is_applied_as_by_pytorch(trained, tmp_path):
     """A bundle with an alignment recipe: the export records it, and the onnxruntime path aligns raw photos
     exactly as the PyTorch path does (and skips it with aligned=True)."""
     pytest.importorskip("facenet_pytorch", reason='needs the align extra: pip install -e ".[align]"')
-    from facetrain.alignment import AlignmentRecipe
+    from facetrain.alignment.recipe import AlignmentRecipe
 
     bundle = tmp_path / "aligned_bundle"
     bundle.mkdir()

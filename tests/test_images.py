@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from facetrain.config import DataConfig, ModelConfig
-from facetrain.data import FaceDataset, Preprocess, eval_transform, folder_faceset, hf_faceset
-from facetrain.images import load_image
+from facetrain.config.schema import DataConfig, ModelConfig
+from facetrain.data.dataset import FaceDataset, Preprocess, eval_transform, folder_faceset, hf_faceset
+from facetrain.data.images import load_image
 
 ORIENTATION = 0x0112
 
@@ -58,7 +58,7 @@ def test_every_path_sees_the_photo_upright(sideways, tmp_path):
     hf = hf_faceset(DataConfig(source="hf", root=str(sideways)))
     got_hf = [FaceDataset(hf, np.arange(len(hf)), hf.labels, transform)[j][0] for j in range(len(hf))]
     # eval, verify and identify
-    from facetrain.embed import ImageFiles
+    from facetrain.evaluation.embedding import ImageFiles
 
     got_eval = ImageFiles([str(path)], transform)[0][0]
     assert torch.equal(got_folder, want) and torch.equal(got_eval, want)
@@ -66,7 +66,7 @@ def test_every_path_sees_the_photo_upright(sideways, tmp_path):
 
 
 def test_verify_scores_a_sideways_jpeg_as_its_upright_copy(sideways, tmp_path):
-    from facetrain.model import create_model, write_bundle
+    from facetrain.model.network import create_model, write_bundle
     from facetrain.verify import verify
 
     mcfg = ModelConfig(backbone="test_efficientnet", embedding_dim=16, channels_last=False)

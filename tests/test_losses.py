@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import distances
 
-from facetrain.config import LossConfig
-from facetrain.losses import MetricLoss
+from facetrain.config.schema import LossConfig
+from facetrain.training.losses import MetricLoss
 
 
 @pytest.mark.parametrize("name,miner", [("triplet", "triplet_hard"), ("arcface", "none"), ("contrastive", "none"),
@@ -68,7 +68,7 @@ def test_margin_heads_are_cross_entropy_on_the_margin_penalised_scaled_cosines(n
 
 def test_margin_heads_refuse_a_miner():
     from facetrain.errors import UserError
-    from facetrain.losses import check_names
+    from facetrain.training.losses import check_names
 
     for name in ("arcface", "cosface", "subcenter_arcface"):
         with pytest.raises(UserError, match=f"loss.miner: {name} is a classification loss"):

@@ -1,4 +1,4 @@
-"""Tests for facetrain.metrics: pair enumeration, exact and histogram ROCs, summary metrics, LFW protocol."""
+"""Tests for facetrain.evaluation.metrics: pair enumeration, exact and histogram ROCs, summary metrics, LFW protocol."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from facetrain.metrics import (
+from facetrain.evaluation.metrics import (
     PairSpec,
     ScoreHistogram,
     all_pair_scores,

@@ -1,4 +1,4 @@
-"""Packed face sets (facetrain/pack.py, facetrain/packed.py): exact pixels, the folder's identities, bad packs."""
+"""Packed face sets (facetrain/pack.py, facetrain/data/): exact pixels, the folder's identities, bad packs."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import torch
 from helpers import run_module, run_train, tiny_train_config
 from PIL import Image
 
-from facetrain.config import DataConfig
-from facetrain.data import FaceDataset, Preprocess, ToModelInput, build_faceset, eval_transform, folder_faceset
-from facetrain.device_augment import DeviceAugment, training_input
+from facetrain.config.schema import DataConfig
+from facetrain.data.dataset import FaceDataset, Preprocess, ToModelInput, build_faceset, eval_transform, folder_faceset
+from facetrain.data.device_augment import DeviceAugment, training_input
+from facetrain.data.pack_format import MAGIC, PackedBatches, _layout, packed_faceset, read_header
 from facetrain.errors import UserError
 from facetrain.pack import main as pack_main
 from facetrain.pack import pack_folder
-from facetrain.packed import MAGIC, PackedBatches, _layout, packed_faceset, read_header
 
 
 def write_folder(root: Path, identities: int = 5, per_identity: int = 4, size: int = 20, gray: bool = False) -> None:
@@ -74,7 +74,7 @@ def test_pack_decodes_in_bounded_windows_and_refuses_a_file_that_changed(tmp_pat
     """More images than one window of pending decodes (64 per thread): every slot is filled, in order. A file
     that decodes to another shape than the pre-flight found (replaced while packing) is a one-line error and
     leaves no pack behind."""
-    import facetrain.images
+    import facetrain.data.images
 
     src = tmp_path / "faces"
     write_folder(src, identities=5, per_identity=14, gray=True)  # 70 images: two windows with 1 thread
@@ -82,13 +82,13 @@ def test_pack_decodes_in_bounded_windows_and_refuses_a_file_that_changed(tmp_pat
     images, folder = packed_faceset(out, 20).loader.batch(np.arange(70)), folder_faceset(str(src))
     for i, path in enumerate(folder.paths):
         np.testing.assert_array_equal(images[i], pixels(Path(path), True), err_msg=path)
-    real = facetrain.images.load_image
+    real = facetrain.data.images.load_image
 
     def replaced(path, keep_gray=False, **kw):  # id_03/5.png became a colour image after the pre-flight
         image = real(path, keep_gray=keep_gray, **kw)
         return image.convert("RGB") if str(path).endswith("id_03/5.png") else image
 
-    monkeypatch.setattr(facetrain.images, "load_image", replaced)
+    monkeypatch.setattr(facetrain.data.images, "load_image", replaced)
     with pytest.raises(UserError, match=r"id_03/5.png: decodes to 3 x 20 x 20, not 1 x 20 x 20 like the "
                                         r"pre-flight found; it changed while packing: pack again"):
         pack_folder(src, tmp_path / "x.ftpack", 20, threads=2, progress=False)
@@ -199,7 +199,7 @@ def test_bad_packs_are_one_line_errors(tmp_path):
 
 
 def test_build_faceset_reads_packs(tmp_path):
-    from facetrain.alignment import MARKER_FILE, MARKER_FORMAT, recipe_of_folder
+    from facetrain.alignment.recipe import MARKER_FILE, MARKER_FORMAT, recipe_of_folder
 
     src = tmp_path / "faces"
     write_folder(src, gray=True)

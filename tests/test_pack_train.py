@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import EXACT, deep_merge, load_weights, run_train, tiny_train_config, train_one_and_many
 
-from facetrain.alignment import MARKER_FILE, MARKER_FORMAT, recipe_of_folder
+from facetrain.alignment.recipe import MARKER_FILE, MARKER_FORMAT, recipe_of_folder
+from facetrain.data.synthetic import render
 from facetrain.pack import pack_folder
-from facetrain.synthetic import render
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from helpers import FACES, REPO, WEIGHTS, run_train, subprocess_env, tiny_train_config
 
-from facetrain import precision
-from facetrain.config import AugmentConfig, ModelConfig
-from facetrain.data import (
+from facetrain.config.schema import AugmentConfig, ModelConfig
+from facetrain.data.dataset import (
     FaceDataset,
     Preprocess,
     ToModelInput,
@@ -32,8 +31,9 @@ from facetrain.data import (
     to_rgb,
     train_transform,
 )
-from facetrain.embed import embed_dataset
-from facetrain.model import create_model, resolve_preprocess
+from facetrain.evaluation.embedding import embed_dataset
+from facetrain.model.network import create_model, resolve_preprocess
+from facetrain.runtime import precision
 
 FACE_SIZE = 224  # tf_efficientnet_lite0's own input size, and the size where bf16 is used on CPUs
 
@@ -53,7 +53,7 @@ def fresh_accelerator():
 
 def face_batch(model) -> tuple[FaceDataset, Preprocess]:
     """8 fixed images, 2 of each of 4 people: real faces when ../shared exists, else built-in synthetic ones."""
-    from facetrain.config import DataConfig
+    from facetrain.config.schema import DataConfig
 
     pre = resolve_preprocess(DataConfig(image_size=FACE_SIZE), model)
     att = FACES / "att_faces"
@@ -153,7 +153,7 @@ def test_compile_without_a_compiler_fails_in_one_line(tmp_path):
 @pytest.mark.parametrize("given, expected", [({}, ("PASSIVE", "-")), ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", "-")),
                                              ({"GOMP_SPINCOUNT": "1000"}, ("-", "1000"))])
 def test_every_cli_sets_the_openmp_wait_policy_before_torch_loads(module, given, expected):
-    """OpenMP reads its wait policy once, when torch loads it: every command sets PASSIVE (facetrain/threads.py:
+    """OpenMP reads its wait policy once, when torch loads it: every command sets PASSIVE (facetrain/runtime/threads.py:
     idle threads sleep; 25-30% faster beside another busy process, 18x on a loaded CPU) before anything imports
     torch, or it would silently do nothing. A policy the user set (OMP_WAIT_POLICY or GOMP_SPINCOUNT) wins."""
     env = subprocess_env()
@@ -215,7 +215,7 @@ def _random_bn_stats(model, seed=0):
 @pytest.mark.parametrize("backbone,freeze_stages", [("test_efficientnet", 0), ("test_resnet", 0),
                                                     ("test_efficientnet", 2)])
 def test_folded_batchnorm_gives_the_same_embeddings(backbone, freeze_stages):
-    from facetrain.model import FOLD_MIN_IMAGES, fold_batchnorm, inference_model
+    from facetrain.model.network import FOLD_MIN_IMAGES, fold_batchnorm, inference_model
 
     torch.manual_seed(0)
     model = _random_bn_stats(create_model(ModelConfig(backbone=backbone, embedding_dim=32,
@@ -236,7 +236,7 @@ def test_folded_batchnorm_gives_the_same_embeddings(backbone, freeze_stages):
 
 
 def test_batchnorm_not_fed_by_the_conv_before_it_is_not_folded():
-    from facetrain.model import fold_batchnorm
+    from facetrain.model.network import fold_batchnorm
 
     class Crossed(torch.nn.Module):  # registered conv, bn; but the BatchNorm normalises the *input*
         def __init__(self):

@@ -23,11 +23,11 @@ import torch
 from helpers import FACES, run_module, run_train, tiny_train_config
 from PIL import Image
 
-from facetrain import synthetic
-from facetrain.config import DataConfig
-from facetrain.data import FaceDataset, Preprocess, eval_transform, folder_faceset
+from facetrain.config.schema import DataConfig
+from facetrain.data import synthetic
+from facetrain.data.dataset import FaceDataset, Preprocess, eval_transform, folder_faceset
+from facetrain.data.preflight import REFUSED, apply_preflight, check_image, scan
 from facetrain.errors import UserError
-from facetrain.preflight import REFUSED, apply_preflight, check_image, scan
 
 MAX_PIXELS = 50_000  # data.max_image_pixels in these tests: faces are ~10k pixels, huge.png is 90k
 
@@ -217,8 +217,8 @@ def test_skip_filters_the_faceset_and_converts_every_mode(bad_folder, tmp_path):
 
 def test_eval_and_identify_name_every_bad_file_or_skip_them(bad_folder, tmp_path):
     """One run names every unusable file (not only the first); --bad-images skip evaluates without them."""
-    from facetrain.config import ModelConfig
-    from facetrain.model import create_model, write_bundle
+    from facetrain.config.schema import ModelConfig
+    from facetrain.model.network import create_model, write_bundle
 
     root, expected = bad_folder
     bundle = tmp_path / "bundle"

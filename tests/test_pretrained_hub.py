@@ -19,9 +19,9 @@ MESSAGE = f"model.pretrained: cannot get timm's pretrained weights for '{BACKBON
 # Times create_backbone alone (not the imports) in a fresh process, whose huggingface_hub reads the environment.
 PROBE = f"""
 import json, time
-from facetrain.config import ModelConfig
+from facetrain.config.schema import ModelConfig
 from facetrain.errors import UserError
-from facetrain.model import create_backbone
+from facetrain.model.network import create_backbone
 start = time.monotonic()
 try:
     model = create_backbone(ModelConfig(backbone={BACKBONE!r}, pretrained=True))

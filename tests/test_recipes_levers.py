@@ -12,10 +12,10 @@ import pytest
 import torch
 from helpers import FACES, NO_SHARED_REASON, REPO, WEIGHTS, load_weights, run_train, tiny_train_config
 
-from facetrain.config import ModelConfig, load_config
+from facetrain.config.schema import ModelConfig, load_config
 from facetrain.errors import UserError
-from facetrain.model import create_model, load_bundle
-from facetrain.optim import param_groups
+from facetrain.model.network import create_model, load_bundle
+from facetrain.training.optim import param_groups
 
 
 def _frozen_names(model) -> set[str]:

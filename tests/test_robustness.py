@@ -20,13 +20,13 @@ import pytest
 import torch
 from helpers import FACES, REPO, launch_cmd, load_weights, run_train, subprocess_env, tiny_train_config
 
-from facetrain import checkpoint as ckpt
-from facetrain import synthetic
-from facetrain.config import Config, ModelConfig, to_dict
-from facetrain.data import Preprocess
+from facetrain.config.schema import Config, ModelConfig, to_dict
+from facetrain.data import synthetic
+from facetrain.data.dataset import Preprocess
 from facetrain.errors import UserError
-from facetrain.guard import NonFiniteGuard
-from facetrain.model import create_model, load_bundle, write_bundle
+from facetrain.model.network import create_model, load_bundle, write_bundle
+from facetrain.training import checkpoint as ckpt
+from facetrain.training.guard import NonFiniteGuard
 
 DETERMINISTIC = {"data": {"augment": {"enabled": False}}, "train": {"num_workers": 0, "mixed_precision": "no"}}
 
@@ -463,11 +463,11 @@ def test_a_kill_between_the_bundle_swap_renames_is_recovered(tmp_path, monkeypat
     place that resolves a bundle renames back."""
     import os
 
-    from facetrain.atomic_dir import replace_dir
     from facetrain.cli import resolve_model_path
-    from facetrain.config import ModelConfig
-    from facetrain.data import Preprocess
-    from facetrain.model import create_model, read_bundle_meta, write_bundle
+    from facetrain.config.schema import ModelConfig
+    from facetrain.data.dataset import Preprocess
+    from facetrain.model.network import create_model, read_bundle_meta, write_bundle
+    from facetrain.runtime.atomic_dir import replace_dir
 
     mcfg = ModelConfig(backbone="test_efficientnet", embedding_dim=8, channels_last=False)
     model = create_model(mcfg)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from facetrain.data.sampler import MPerClassBatchSampler
 from facetrain.errors import UserError
-from facetrain.sampler import MPerClassBatchSampler
 
 # 30 identities with 5..14 images each, plus two with fewer than m=4 images
 LABELS = np.concatenate([np.full(5 + k % 10, k) for k in range(30)] + [np.full(3, 30), np.full(1, 31)])

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from facetrain.sampler import MPerClassBatchSampler
+from facetrain.data.sampler import MPerClassBatchSampler
 
 IMAGES_PER_ID = 50
 # the rehearsal's layout: 2 ranks x P 8 x m 4 = global batch 64 (plan() is global, the same on every rank)

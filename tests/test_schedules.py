@@ -7,8 +7,8 @@ import json
 import pytest
 from helpers import run_train, tb_scalars, tiny_train_config
 
-from facetrain.config import OptimConfig
-from facetrain.optim import PRESETS, create_scheduler, schedule_notes
+from facetrain.config.schema import OptimConfig
+from facetrain.training.optim import PRESETS, create_scheduler, schedule_notes
 
 STEPS = 200
 LR = 3e-3
@@ -73,7 +73,7 @@ def test_step_and_exponential_follow_the_run_length_by_default():
 def _schedule(**optim):
     import torch
 
-    from facetrain.optim import Schedule
+    from facetrain.training.optim import Schedule
 
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=1.0)

@@ -24,8 +24,8 @@ httpx = pytest.importorskip("httpx", reason='needs the serve extra: pip install 
 pytest.importorskip("fastapi", reason='needs the serve extra: pip install -e ".[serve]"')
 
 from facetrain import identify, serve, verify  # noqa: E402
+from facetrain.deploy.onnx_embedder import OnnxEmbedder  # noqa: E402
 from facetrain.errors import UserError  # noqa: E402
-from facetrain.onnx_runtime import OnnxEmbedder  # noqa: E402
 
 pytestmark = [pytest.mark.faces, pytest.mark.skipif(not FACES.is_dir(), reason=NO_SHARED_REASON)]
 

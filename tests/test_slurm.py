@@ -366,7 +366,7 @@ def write_heldout_folder(root: Path, identities: int = 4, per_identity: int = 4,
     from PIL import Image
 
     try:  # the built-in synthetic faces, from a seed the training run did not use
-        from facetrain.synthetic import render
+        from facetrain.data.synthetic import render
 
         def image(identity, index):
             return render(seed=12345, identity=identity, index=index).resize((size, size))

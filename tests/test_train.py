@@ -20,7 +20,7 @@ from helpers import (
     train_one_and_many,
 )
 
-from facetrain.synthetic import render
+from facetrain.data.synthetic import render
 
 
 @pytest.mark.slow
@@ -110,9 +110,9 @@ def test_pretrained_weights_from_local_file(tmp_path):
         pytest.skip(NO_SHARED_REASON)
     from safetensors.torch import load_file
 
-    from facetrain.config import ModelConfig
+    from facetrain.config.schema import ModelConfig
     from facetrain.errors import UserError
-    from facetrain.model import create_model
+    from facetrain.model.network import create_model
 
     model = create_model(ModelConfig(backbone="tf_efficientnet_lite0", pretrained_file=str(WEIGHTS), pretrained=True,
                                      channels_last=False))

@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 from facetrain import eval as eval_cli
 from facetrain import identify, verify
 from facetrain.cli import run_cli
-from facetrain.config import DataConfig, ModelConfig
-from facetrain.model import create_model, read_bundle_meta, resolve_preprocess, write_bundle
-from facetrain.synthetic import render
+from facetrain.config.schema import DataConfig, ModelConfig
+from facetrain.data.synthetic import render
+from facetrain.model.network import create_model, read_bundle_meta, resolve_preprocess, write_bundle
 
 
 @pytest.fixture(autouse=True)
@@ -206,7 +206,8 @@ def test_identify_evaluate_reports_rank_rates(tmp_path, people, capsys):
 def test_verify_and_identify_start_without_sklearn():
     # sklearn (with scipy) takes 1-2 s to import on a small CPU; only the ROC needs it, so the 1:1 and 1:N
     # commands, which compute none, must not pay for it at every start
-    code = "import sys, facetrain.verify, facetrain.identify, facetrain.evaluate; print('sklearn' in sys.modules)"
+    code = ("import sys, facetrain.verify, facetrain.identify, facetrain.evaluation.evaluator; "
+            "print('sklearn' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
@@ -214,8 +215,8 @@ def test_verify_and_identify_start_without_sklearn():
 
 
 def test_evaluator_embeddings_are_the_same_with_batchnorm_folded(tmp_path, people):
-    from facetrain.embed import Embedder
-    from facetrain.model import FOLD_MIN_IMAGES
+    from facetrain.evaluation.embedding import Embedder
+    from facetrain.model.network import FOLD_MIN_IMAGES
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="test_efficientnet", embedding_dim=16)

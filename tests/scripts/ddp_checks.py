@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from facetrain.config import ModelConfig
-from facetrain.data import Preprocess
-from facetrain.distributed import _scale_grad, convert_to_global_batchnorm, gather_for_loss, shard_range
-from facetrain.embed import embed_dataset
-from facetrain.model import create_model
+from facetrain.config.schema import ModelConfig
+from facetrain.data.dataset import Preprocess
+from facetrain.evaluation.embedding import embed_dataset
+from facetrain.model.network import create_model
+from facetrain.runtime.distributed import _scale_grad, convert_to_global_batchnorm, gather_for_loss, shard_range
 
 
 class Images(torch.utils.data.Dataset):

@@ -29,10 +29,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from timm.utils import ModelEmaV3
 
-from facetrain import checkpoint as ckpt
-from facetrain.alignment import recipe_of_folder
-from facetrain.config import VAL_FARS, Config, save_config, to_dict, val_metric_far
-from facetrain.data import (
+from facetrain.alignment.recipe import recipe_of_folder
+from facetrain.config.schema import VAL_FARS, Config, save_config, to_dict, val_metric_far
+from facetrain.data.dataset import (
     FaceDataset,
     ToModelInput,
     build_faceset,
@@ -41,8 +40,13 @@ from facetrain.data import (
     eval_transform,
     split_identities,
 )
-from facetrain.device_augment import training_input
-from facetrain.distributed import (
+from facetrain.data.device_augment import training_input
+from facetrain.data.sampler import MPerClassBatchSampler
+from facetrain.errors import UserError
+from facetrain.evaluation.embedding import embed_dataset
+from facetrain.evaluation.metrics import all_pairs_roc, count_pairs, far_needed, verification_metrics
+from facetrain.model.network import create_model, inference_model, read_bundle_meta, resolve_preprocess
+from facetrain.runtime.distributed import (
     any_rank,
     average_gradients,
     broadcast_object,
@@ -50,16 +54,12 @@ from facetrain.distributed import (
     convert_to_global_batchnorm,
     gather_for_loss,
 )
-from facetrain.embed import embed_dataset
-from facetrain.errors import UserError
-from facetrain.guard import NonFiniteGuard
-from facetrain.losses import MetricLoss, check_names
-from facetrain.metrics import all_pairs_roc, count_pairs, far_needed, verification_metrics
-from facetrain.model import create_model, inference_model, read_bundle_meta, resolve_preprocess
-from facetrain.optim import Schedule, create_optimizer, resolve_preset
-from facetrain.precision import resolve_mixed_precision
-from facetrain.progress import TrainProgress
-from facetrain.sampler import MPerClassBatchSampler
+from facetrain.runtime.precision import resolve_mixed_precision
+from facetrain.training import checkpoint as ckpt
+from facetrain.training.guard import NonFiniteGuard
+from facetrain.training.losses import MetricLoss, check_names
+from facetrain.training.optim import Schedule, create_optimizer, resolve_preset
+from facetrain.training.progress import TrainProgress
 
 BN_RECOMPUTE_IMAGES = 512
 """Schedule-free runs: training images whose BatchNorm statistics are recomputed for the averaged weights
@@ -195,7 +195,7 @@ class Trainer:
         cfg, t = self.cfg, self.t
         faceset = build_faceset(cfg.data)
         if cfg.data.preflight and faceset.paths is not None:
-            from facetrain.preflight import apply_preflight
+            from facetrain.data.preflight import apply_preflight
 
             faceset = apply_preflight(faceset, cfg.data, self.out, self.accelerator)
         # how the training crops were aligned (a folder written by facetrain.align): eval, verify and identify
@@ -245,7 +245,7 @@ class Trainer:
         cfg, t, acc = self.cfg, self.t, self.accelerator
         self.workers = t.num_workers if t.num_workers >= 0 else default_num_workers(self.world)
         # PIL transforms per image in the workers, or (a pack with data.augment.on_device) batches gathered from
-        # the memory map and augmented on the device by to_input (facetrain/device_augment.py)
+        # the memory map and augmented on the device by to_input (facetrain/data/device_augment.py)
         train_ds, train_collate, self.to_input = training_input(self.faceset, self.train_idx, self.train_labels,
                                                                 self.pre, cfg.data, acc.device,
                                                                 cfg.model.channels_last)

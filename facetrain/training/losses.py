@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners
 from torch import nn
 
-from facetrain.config import STANDARD_MARGINS, LossConfig
+from facetrain.config.schema import STANDARD_MARGINS, LossConfig
 from facetrain.errors import UserError
 
 

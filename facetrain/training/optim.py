@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from facetrain.config import OptimConfig
+from facetrain.config.schema import OptimConfig
 from facetrain.errors import UserError
 
 # preset -> (optimizer, scheduler). Every scheduler adapts to the run's length by default (optim.t_max 0,

@@ -57,7 +57,7 @@ class AugmentConfig:
     (same augmentations, ~35% less CPU per image for 92x112 faces at 224 px); false enlarges it first."""
     on_device: bool = True
     """source=packed: augment whole uint8 batches on the training device (one affine warp + one colour matrix
-    per image, facetrain/device_augment.py) instead of per image with PIL in DataLoader workers; other sources
+    per image, facetrain/data/device_augment.py) instead of per image with PIL in DataLoader workers; other sources
     always use PIL."""
 
 
@@ -281,7 +281,7 @@ class TrainConfig:
     """Log to TensorBoard under output_dir/tb."""
     max_bad_steps: int = 5
     """Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped; with
-    a fused optimizer the count is read at the next log step, validation or checkpoint: facetrain/guard.py)."""
+    a fused optimizer the count is read at the next log step, validation or checkpoint: facetrain/training/guard.py)."""
 
 
 @dataclass
@@ -698,7 +698,7 @@ def validate(cfg: Config) -> None:
 
 
 _USES_DISTANCE = ("triplet", "contrastive")
-"""Losses built with loss.distance (facetrain/losses.py); the triplet_* miners use it too."""
+"""Losses built with loss.distance (facetrain/training/losses.py); the triplet_* miners use it too."""
 STANDARD_MARGINS = {"triplet": 0.1, "arcface": 28.6, "subcenter_arcface": 28.6, "cosface": 0.35}
 """The losses that take loss.margin, and the value null stands for: triplet in cosine units (the article's),
 ArcFace 0.5 rad in degrees (pytorch-metric-learning's unit), CosFace 0.35 (its paper's value)."""

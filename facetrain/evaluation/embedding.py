@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from facetrain.cli import resolve_model_path
-from facetrain.data import Preprocess, ToModelInput, collate, eval_transform
-from facetrain.distributed import gather_uneven, shard_range
+from facetrain.data.dataset import Preprocess, ToModelInput, collate, eval_transform
+from facetrain.data.images import load_image
 from facetrain.errors import UserError
-from facetrain.images import load_image
-from facetrain.model import inference_model, load_bundle
+from facetrain.model.network import inference_model, load_bundle
+from facetrain.runtime.distributed import gather_uneven, shard_range
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -117,7 +117,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def _align(self, img, path: str, i: int):
         from PIL import Image
 
-        from facetrain.alignment import align_image
+        from facetrain.alignment.recipe import align_image
 
         res = align_image(img, self.alignment)
         if res.ok:
@@ -165,9 +165,9 @@ class Embedder:
         alignment recipe is not applied (raw photos are aligned with it otherwise, `onnx_runtime.check_alignment`)."""
         from accelerate import Accelerator
 
-        from facetrain.data import default_num_workers
-        from facetrain.onnx_runtime import check_alignment  # torch-free: the deployment path shares it
-        from facetrain.precision import resolve_mixed_precision
+        from facetrain.data.dataset import default_num_workers
+        from facetrain.deploy.onnx_embedder import check_alignment  # torch-free: the deployment path shares it
+        from facetrain.runtime.precision import resolve_mixed_precision
 
         path = resolve_model_path(model_path)
         model, pre, meta = load_bundle(path)
@@ -198,7 +198,7 @@ class Embedder:
     def aligned_folder(self, folder: str | Path, option: str) -> bool:
         """True when `folder` holds crops that facetrain.align cut with this bundle's recipe (its marker file):
         they are embedded as they are. Crops cut with another recipe are refused with one line."""
-        from facetrain.onnx_runtime import is_aligned_folder  # torch-free: the deployment path shares it
+        from facetrain.deploy.onnx_embedder import is_aligned_folder  # torch-free: the deployment path shares it
 
         return is_aligned_folder(folder, self.alignment, option, "bundle")
 
@@ -263,7 +263,7 @@ class _TensorOutput:
 def _load_onnxruntime(model_path: str | Path, batch_size: int = 64, num_workers: int = -1,
                       flip: bool | None = None, mixed_precision: str = "auto", fold_batchnorm: bool | None = None,
                       aligned: bool = False) -> _TensorOutput:
-    from facetrain.onnx_runtime import OnnxEmbedder
+    from facetrain.deploy.onnx_embedder import OnnxEmbedder
 
     if mixed_precision not in ("auto", "no"):
         raise UserError(f"--mixed-precision {mixed_precision}: the onnxruntime backend runs the exported fp32 graph "

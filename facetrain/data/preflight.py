@@ -53,10 +53,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from facetrain.data import FaceSet
-from facetrain.distributed import broadcast_object
+from facetrain.data.dataset import FaceSet
+from facetrain.data.images import IMAGE_EXTENSIONS
 from facetrain.errors import UserError
-from facetrain.images import IMAGE_EXTENSIONS
+from facetrain.runtime.distributed import broadcast_object
 
 # Problem key -> (label in the summary table, what facetrain does). REFUSED follow data.bad_images.
 REFUSED = {

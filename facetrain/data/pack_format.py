@@ -7,7 +7,7 @@
 Why: a DataLoader worker spends ~0.7 ms of CPU per training image decoding a file and augmenting it with PIL
 (docs/performance.md), which a GPU node's cores cannot sustain for several GPUs. A 112 px crop is 37.6 KB, so
 100,000 of them are 3.7 GB: they fit in the page cache, and a batch is one gather from a memory map. With
-`data.augment.on_device` (facetrain/device_augment.py) the augmentation runs on the training device too.
+`data.augment.on_device` (facetrain/data/device_augment.py) the augmentation runs on the training device too.
 
 File layout (one file, so it copies to node-local disk in one step):
 
@@ -83,7 +83,7 @@ class PackHeader:
     """Per image, its path relative to the source folder: `<identity>/<file>`."""
     source: str = ""
     preflight: dict = field(default_factory=dict)
-    """The pre-flight counts of the source folder (facetrain/preflight.py)."""
+    """The pre-flight counts of the source folder (facetrain/data/preflight.py)."""
     alignment: dict | None = None
     """The facetrain.align recipe of the source folder (its marker file), None for other folders: a bundle
     trained on the pack records it, as one trained on the folder does."""
@@ -273,7 +273,7 @@ class PackImages:
 
 def packed_faceset(root: str | Path, image_size: int):
     """The FaceSet of pack `root` (its images at `image_size`, else a one-line error naming data.image_size)."""
-    from facetrain.data import FaceSet
+    from facetrain.data.dataset import FaceSet
 
     header = read_header(root)
     if header.size != image_size:

@@ -70,7 +70,7 @@ def scan_identity_folder(root: str | Path, key: str) -> tuple[list[str], np.ndar
 
 
 def _is_pack(path: Path) -> bool:
-    from facetrain.packed import MAGIC
+    from facetrain.data.pack_format import MAGIC
 
     try:
         with open(path, "rb") as fh:

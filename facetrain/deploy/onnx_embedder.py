@@ -2,7 +2,7 @@
 
 Only onnxruntime, numpy and PIL are imported here, never torch, so a service or batch job needs neither
 PyTorch model code nor a GPU stack to embed faces (`pip install -e ".[serve]"`). The one exception is a model
-that records a face-alignment recipe and is given raw photos: `facetrain.alignment` is imported for it, whose
+that records a face-alignment recipe and is given raw photos: `facetrain.alignment.recipe` is imported for it, whose
 MTCNN detector runs in PyTorch (facenet-pytorch); aligned crops (`aligned=True`) need none of that. `facetrain.verify`,
 `identify` and `eval` reach this through `--backend onnxruntime` (`embed.load_embedder`), the service
 (`facetrain.serve`) directly.
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from facetrain.data.images import Preprocess, load_image
 from facetrain.errors import UserError
-from facetrain.images import Preprocess, load_image
 
 ONNX_SUFFIX = ".onnx"
 INPUT_NAME = "images"  # (N, H, W, 3) uint8 RGB, N dynamic
@@ -153,7 +153,7 @@ def is_aligned_folder(folder: str | Path, alignment: dict | None, option: str, o
     refused with one line naming every difference (`owner`: "model" or "bundle", for the message)."""
     if alignment is None:
         return False
-    from facetrain.alignment import MARKER_FILE, recipe_of_folder
+    from facetrain.alignment.recipe import MARKER_FILE, recipe_of_folder
 
     recipe = recipe_of_folder(folder)
     if recipe is None:
@@ -169,13 +169,13 @@ def is_aligned_folder(folder: str | Path, alignment: dict | None, option: str, o
 
 def check_alignment(meta: dict, path: Path, aligned: bool) -> dict | None:
     """The recipe raw photos are aligned with (of an exported file here, of a bundle in `embed.Embedder.load`),
-    or None: no recipe recorded, or aligned=True. `facetrain.alignment` is imported only when there is a
+    or None: no recipe recorded, or aligned=True. `facetrain.alignment.recipe` is imported only when there is a
     recipe; a recipe whose detector is not installed is a one-line error saying what to install."""
     recipe = meta.get("alignment")
     if not recipe or aligned:
         return None
-    from facetrain.alignment import AlignmentRecipe
-    from facetrain.detectors import DetectorUnavailable, require_detector
+    from facetrain.alignment.detectors import DetectorUnavailable, require_detector
+    from facetrain.alignment.recipe import AlignmentRecipe
 
     recipe = AlignmentRecipe.from_dict(recipe)
     try:
@@ -257,7 +257,7 @@ class OnnxEmbedder:
         PIL's (the caller names the source); a photo without a usable face raises AlignmentFailed."""
         if self.alignment is None or not align:
             return to_input_array(load_image(source, keep_gray=True), self.preprocess.image_size)
-        from facetrain.alignment import align_image
+        from facetrain.alignment.recipe import align_image
 
         res = align_image(load_image(source), self.alignment)
         if not res.ok:

@@ -38,7 +38,7 @@ def resolve_mixed_precision(requested: str, image_size: int) -> str:
         if requested == "fp16" and not torch.cuda.is_available():
             raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 (or no) on CPU")
         return requested
-    from facetrain.distributed import launcher_mixed_precision, launcher_wants_cpu
+    from facetrain.runtime.distributed import launcher_mixed_precision, launcher_wants_cpu
 
     launcher = launcher_mixed_precision()
     if launcher in ("fp16", "bf16"):

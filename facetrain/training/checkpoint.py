@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from facetrain.atomic_dir import replace_dir
 from facetrain.errors import UserError
-from facetrain.model import META_FILE, WEIGHTS_FILE, read_bundle_meta, write_bundle
+from facetrain.model.network import META_FILE, WEIGHTS_FILE, read_bundle_meta, write_bundle
+from facetrain.runtime.atomic_dir import replace_dir
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
@@ -207,7 +207,7 @@ class Checkpointer:
     def save(self, state: dict) -> Path:
         """Write a full checkpoint of step state["step"] on every rank together; a failure anywhere keeps the
         previous checkpoints and stops every rank with one line. Returns the checkpoint directory."""
-        from facetrain.distributed import any_rank
+        from facetrain.runtime.distributed import any_rank
 
         step = state["step"]
         tmp = tmp_dir_for(self.out, step)

@@ -1,6 +1,6 @@
 """Face alignment: detect, pick one face, warp its 5 landmarks onto the ArcFace template.
 
-    from facetrain.alignment import AlignmentRecipe, align_image
+    from facetrain.alignment.recipe import AlignmentRecipe, align_image
     result = align_image(pil_image, AlignmentRecipe(size=112))
     result.crop        # PIL RGB image, size x size, or None (result.status / result.reason say why)
 
@@ -124,7 +124,7 @@ class AlignmentRecipe:
     template (on average) are flagged far_from_template."""
 
     def __post_init__(self):
-        from facetrain.detectors import check_detector_name
+        from facetrain.alignment.detectors import check_detector_name
 
         check_detector_name(self.detector, "alignment.detector")
         if self.template not in TEMPLATES:
@@ -211,7 +211,7 @@ class AlignResult:
 
 def detect_faces(rgb: Image.Image, recipe: AlignmentRecipe) -> list:
     """Confident faces of an RGB image, landmarks in its own pixels (detection on a bounded-size copy)."""
-    from facetrain.detectors import get_detector
+    from facetrain.alignment.detectors import get_detector
 
     detector = get_detector(recipe.detector, int(recipe.min_face_px))
     w, h = rgb.size
@@ -232,7 +232,7 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray):
     try:
         from skimage.transform import SimilarityTransform
     except ImportError as err:
-        from facetrain.detectors import INSTALL_HINT, DetectorUnavailable
+        from facetrain.alignment.detectors import INSTALL_HINT, DetectorUnavailable
 
         raise DetectorUnavailable(f"alignment needs scikit-image ({err}): {INSTALL_HINT}") from None
     tform = SimilarityTransform.from_estimate(np.asarray(src, dtype=np.float64), np.asarray(dst, dtype=np.float64))
@@ -272,7 +272,7 @@ def warp_to_template(rgb: Image.Image, points: np.ndarray, recipe: AlignmentReci
 
 def align_image(img: Image.Image, recipe: AlignmentRecipe | dict) -> AlignResult:
     """Detect, choose and align one face of `img` (any PIL mode; converted to RGB as images.to_rgb does)."""
-    from facetrain.images import to_rgb
+    from facetrain.data.images import to_rgb
 
     recipe = AlignmentRecipe.from_dict(recipe) if isinstance(recipe, dict) else recipe
     rgb = to_rgb(img)

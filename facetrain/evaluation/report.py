@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from facetrain.metrics import DEFAULT_TARGET_FARS, far_needed
+from facetrain.evaluation.metrics import DEFAULT_TARGET_FARS, far_needed
 
 if TYPE_CHECKING:
-    from facetrain.embed import Embedder
+    from facetrain.evaluation.embedding import Embedder
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

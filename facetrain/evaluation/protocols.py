@@ -30,7 +30,7 @@ import torch
 
 from facetrain.cli import labelled_folder
 from facetrain.errors import UserError
-from facetrain.metrics import (
+from facetrain.evaluation.metrics import (
     DEFAULT_TARGET_FARS,
     RocCurve,
     all_pairs_roc,
@@ -44,7 +44,7 @@ from facetrain.metrics import (
 )
 
 if TYPE_CHECKING:
-    from facetrain.evaluate import EvalOptions
+    from facetrain.evaluation.evaluator import EvalOptions
 
 #: FAR the bundle's threshold is calibrated for when --target-far is not given: a common operating point for
 #: 1:1 verification (1 false accept in 1000 impostor attempts), resolvable by any set with >= 1000
@@ -161,7 +161,7 @@ PROTOCOLS = {"all_pairs": AllPairs(), "pairs_file": PairsFile()}
 def preflight_plan(protocol, plan: Plan, opts: EvalOptions) -> tuple[Plan, list[dict]]:
     """The training pre-flight's decode check of every file the plan reads, before any model loads: every
     unusable file is named at once (`--bad-images error`), or left out with the pairs that use it (`skip`)."""
-    from facetrain.preflight import check_files
+    from facetrain.data.preflight import check_files
 
     report = check_files(plan.paths, opts.max_image_pixels, opts.data, progress=False)
     if not report.bad:

@@ -30,14 +30,14 @@ from pathlib import Path
 import torch
 
 from facetrain.cli import resolve_model_path
-from facetrain.embed import load_embedder
+from facetrain.data.images import MAX_IMAGE_PIXELS
 from facetrain.errors import UserError
-from facetrain.figures import make_figures
-from facetrain.images import MAX_IMAGE_PIXELS
-from facetrain.metrics import far_needed, verification_metrics
-from facetrain.model import META_FILE, update_bundle_meta
-from facetrain.protocols import PROTOCOLS, calibration_far, preflight_plan
-from facetrain.report import alignment_summary, default_output_dir, log_tensorboard, print_report, write_json
+from facetrain.evaluation.embedding import load_embedder
+from facetrain.evaluation.figures import make_figures
+from facetrain.evaluation.metrics import far_needed, verification_metrics
+from facetrain.evaluation.protocols import PROTOCOLS, calibration_far, preflight_plan
+from facetrain.evaluation.report import alignment_summary, default_output_dir, log_tensorboard, print_report, write_json
+from facetrain.model.network import META_FILE, update_bundle_meta
 
 
 @dataclass
@@ -81,7 +81,7 @@ class EvalOptions:
 
 def update_model_meta(path: Path, **fields) -> None:
     """Calibration fields into a bundle's metadata, or into an exported ONNX file's (same keys)."""
-    from facetrain.onnx_runtime import is_onnx_file, update_metadata
+    from facetrain.deploy.onnx_embedder import is_onnx_file, update_metadata
 
     (update_metadata if is_onnx_file(path) else update_bundle_meta)(path, **fields)
 

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facetrain.config import AugmentConfig, DataConfig
-from facetrain.data import FaceDataset, Preprocess, ToModelInput, collate, train_transform
-from facetrain.packed import PackedBatches, PackImages, collate_batch
+from facetrain.config.schema import AugmentConfig, DataConfig
+from facetrain.data.dataset import FaceDataset, Preprocess, ToModelInput, collate, train_transform
+from facetrain.data.pack_format import PackedBatches, PackImages, collate_batch
 
 CROP_RATIO = (0.75, 1.33)  # width / height range of the random resized crop (as data.train_transform)
 CROP_TRIES = 10  # torchvision's RandomResizedCrop: attempts before it falls back to the whole image

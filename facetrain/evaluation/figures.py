@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from facetrain.metrics import DEFAULT_TARGET_FARS, RocCurve
+from facetrain.evaluation.metrics import DEFAULT_TARGET_FARS, RocCurve
 
 
 def _plot_points(roc: RocCurve, points: int = 3000) -> np.ndarray:

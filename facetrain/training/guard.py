@@ -23,8 +23,8 @@ from collections.abc import Callable
 
 import torch
 
-from facetrain.checkpoint import nonfinite_tensors
 from facetrain.errors import UserError
+from facetrain.training.checkpoint import nonfinite_tensors
 
 
 class NonFiniteGuard:

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from facetrain.atomic_dir import recover_dir
-from facetrain.config import DataConfig, ModelConfig, to_dict
-from facetrain.data import Preprocess
+from facetrain.config.schema import DataConfig, ModelConfig, to_dict
+from facetrain.data.dataset import Preprocess
 from facetrain.errors import UserError
+from facetrain.runtime.atomic_dir import recover_dir
 
 BUNDLE_FORMAT = "facetrain-bundle"
 BUNDLE_VERSION = 1

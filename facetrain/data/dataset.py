@@ -18,10 +18,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from facetrain import synthetic
-from facetrain.config import AugmentConfig, DataConfig
-from facetrain.errors import UserError
-from facetrain.images import (  # noqa: F401 (re-exported)
+from facetrain.config.schema import AugmentConfig, DataConfig
+from facetrain.data import synthetic
+from facetrain.data.images import (  # noqa: F401 (re-exported)
     IMAGE_EXTENSIONS,
     Preprocess,
     decode,
@@ -29,6 +28,7 @@ from facetrain.images import (  # noqa: F401 (re-exported)
     scan_identity_folder,
     to_rgb,
 )
+from facetrain.errors import UserError
 
 
 @dataclass
@@ -142,8 +142,8 @@ def build_faceset(cfg: DataConfig) -> FaceSet:
         return synthetic_faceset(cfg.synthetic_identities, cfg.synthetic_images_per_identity, cfg.synthetic_seed)
     if cfg.source == "folder":
         return folder_faceset(cfg.root)
-    if cfg.source == "packed":  # a pack file (facetrain/packed.py): the stored images, memory-mapped
-        from facetrain.packed import packed_faceset
+    if cfg.source == "packed":  # a pack file (facetrain/data/pack_format.py): the stored images, memory-mapped
+        from facetrain.data.pack_format import packed_faceset
 
         return packed_faceset(cfg.root, cfg.image_size)
     return hf_faceset(cfg)
@@ -319,7 +319,7 @@ def default_num_workers(num_processes: int) -> int:
     """Workers per rank: this machine's cores split between the ranks *on this machine*, one kept for the rank
     itself, at most 8; 0 when no core is spare. `num_processes` is the total process count; the launcher's
     LOCAL_WORLD_SIZE (ranks on this node) takes precedence, so 2 nodes x 8 GPUs split a node's cores 8 ways."""
-    from facetrain.distributed import launcher_local_world_size
+    from facetrain.runtime.distributed import launcher_local_world_size
 
     local = launcher_local_world_size(num_processes)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from facetrain.data.images import IMAGE_EXTENSIONS  # tried in order when resolving LFW pair names to files
 from facetrain.errors import UserError
-from facetrain.images import IMAGE_EXTENSIONS  # tried in order when resolving LFW pair names to files
 
 
 class MetricsError(UserError, ValueError):
