@@ -85,16 +85,11 @@ class DataPaths:
 
     def __init__(self, folder: Path, pack: Path, size: int, channels_last: bool = True):
         from facetrain.config.schema import AugmentConfig
-        from facetrain.data.dataset import (
-            FaceDataset,
-            Preprocess,
-            ToModelInput,
-            collate,
-            folder_faceset,
-            train_transform,
-        )
+        from facetrain.data.dataset import FaceDataset, PackedBatches
         from facetrain.data.device_augment import DeviceAugment
-        from facetrain.data.pack_format import PackedBatches, packed_faceset
+        from facetrain.data.faceset import folder_faceset, packed_faceset
+        from facetrain.data.images import Preprocess
+        from facetrain.data.transforms import ToModelInput, collate, train_transform
 
         pre = Preprocess(size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
         aug = AugmentConfig()  # the article's augmentations, as configs/article.yaml
@@ -121,8 +116,8 @@ class DataPaths:
 
 
 def cpu_part(args, work: Path) -> list[dict]:
+    from facetrain.data.packer import pack_folder
     from facetrain.data.sampler import MPerClassBatchSampler
-    from facetrain.pack import pack_folder
 
     torch.set_num_threads(1)  # per core: PIL is single-threaded, and the device path is measured alike
     sets = []
@@ -173,8 +168,8 @@ def _quiet_console():
 def format_part(args, work: Path) -> list[dict]:
     import datasets
 
-    from facetrain.data.pack_format import packed_faceset
-    from facetrain.pack import pack_folder
+    from facetrain.data.faceset import packed_faceset
+    from facetrain.data.packer import pack_folder
 
     folder = ATT_FACES if ATT_FACES.is_dir() and not args.smoke else \
         write_synthetic_folder(work / "format_faces", 8, 4, 64)
@@ -229,7 +224,7 @@ def source_overrides(kind: str, folder: Path, pack: Path) -> list[str]:
 
 
 def train_part(args, work: Path) -> list[dict]:
-    from facetrain.pack import pack_folder
+    from facetrain.data.packer import pack_folder
 
     folder = ATT_FACES if ATT_FACES.is_dir() and not args.smoke else \
         write_synthetic_folder(work / "train_faces", 16, 8, 64)
@@ -256,7 +251,7 @@ def train_part(args, work: Path) -> list[dict]:
 
 
 def auc_part(args, work: Path) -> list[dict]:
-    from facetrain.pack import pack_folder
+    from facetrain.data.packer import pack_folder
 
     folder = ATT_FACES if ATT_FACES.is_dir() and not args.smoke else \
         write_synthetic_folder(work / "auc_faces", 16, 8, 64)
@@ -287,7 +282,7 @@ def auc_part(args, work: Path) -> list[dict]:
 def gpu_part(args, work: Path) -> list[dict]:
     from train_throughput import MODES, RawStep
 
-    from facetrain.pack import pack_folder
+    from facetrain.data.packer import pack_folder
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

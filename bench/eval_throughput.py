@@ -26,7 +26,7 @@ runs in a fresh process, timed from process start to its final metrics (imports,
   Each is run with torch's default threads (one per core) and with 1 thread per process (`--threads`): on a
   machine shared with other jobs, multi-threaded batch-1 forwards stall on descheduled threads, which the
   1-thread row does not.
-* `scoring`: all-pairs ROC + metrics (metrics.all_pairs_roc, auto mode = the streaming histogram at these
+* `scoring`: all-pairs ROC + metrics (scoring.all_pairs_roc, auto mode = the streaming histogram at these
   sizes, exactly what the evaluator runs) for N = 10^4 and 10^5 random L2-normalised 512-d embeddings, labels
   ~50 images per identity in random order; one subprocess per size, peak memory = its ru_maxrss.
 """
@@ -254,7 +254,8 @@ def scoring_worker(n: int) -> None:
 
     import torch
 
-    from facetrain.evaluation.metrics import all_pairs_roc, verification_metrics
+    from facetrain.evaluation.metrics import verification_metrics
+    from facetrain.evaluation.scoring import all_pairs_roc
 
     gen = torch.Generator().manual_seed(n)
     emb = torch.nn.functional.normalize(torch.randn(n, 512, generator=gen), dim=1)
@@ -340,7 +341,7 @@ def markdown(command: str, images: list[dict], scoring: list[dict]) -> str:
                   f"would be at most {ceilings[-1]:.1f}x faster end to end here; measured: {measured}. The CPUs "
                   "may be shared with other jobs (load average columns): compare rows of one run.", ""]
     if scoring:
-        lines += ["All-pairs scoring (metrics.all_pairs_roc + verification_metrics, random 512-d embeddings, ~50 "
+        lines += ["All-pairs scoring (scoring.all_pairs_roc + verification_metrics, random 512-d embeddings, ~50 "
                   "per identity, labels shuffled), one process per size, torch's default threads:", "",
                   "| embeddings | pairs | ROC mode | wall s | CPU s | peak RSS MiB | load avg before / after |",
                   "|---:|---:|---|---:|---:|---:|---|"]

@@ -14,7 +14,7 @@
 #   eval     facetrain.evaluation.embedding.embed_dataset (the evaluator's and validation's embedding path, eval mode, bf16 +
 #            channels_last, batch 256): on pre-made tensors (the model's ceiling) and end to end from synthetic
 #            images through DataLoader workers.
-#   scoring  facetrain.evaluation.metrics.all_pairs_roc on 10^5 random 512-d embeddings on the GPU (5e9 pairs).
+#   scoring  facetrain.evaluation.scoring.all_pairs_roc on 10^5 random 512-d embeddings on the GPU (5e9 pairs).
 #   design   the article's evaluator design on the GPU (batch-1 fp32 forwards, one .item() per ordered pair),
 #            timed on samples and scaled to 950 images, against the eval rate above + all-pairs scoring.
 #   data     bench/data_path.py --parts gpu: the raw step against facetrain.training.trainer.train() fed by each data

@@ -9,7 +9,7 @@ Parts (docs/scale.md reports their figures):
 * ``sampler``: MPerClassBatchSampler construction and one epoch's ``plan()`` for 100 / 2000 / 20000
   identities x 50 images (no images are read): CPU seconds and microseconds per drawn image, and a check
   that every identity is drawn in the epoch.
-* ``scoring``: ``metrics.all_pairs_roc`` + ``verification_metrics`` on random unit embeddings shaped like the
+* ``scoring``: ``scoring.all_pairs_roc`` + ``verification_metrics`` on random unit embeddings shaped like the
   held-out sets (rehearsal 100-id and 2000-id runs, and the 200 x 50 x 512-d set of configs/scale_2000.yaml),
   each in a fresh process: the mode it picks (exact / histogram), seconds, and that process's peak RSS in
   all and above its baseline (torch and the inputs loaded).
@@ -138,7 +138,8 @@ def _score_once(ids: int, per_id: int, dim: int, queue) -> None:
 
     import torch
 
-    from facetrain.evaluation.metrics import all_pairs_roc, verification_metrics
+    from facetrain.evaluation.metrics import verification_metrics
+    from facetrain.evaluation.scoring import all_pairs_roc
 
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(ids).repeat_interleave(per_id)
@@ -349,7 +350,10 @@ def bench_loader(images: int, workdir: Path) -> dict:
 
     from facetrain.config.schema import load_config
     from facetrain.data import synthetic
-    from facetrain.data.dataset import FaceDataset, Preprocess, eval_transform, folder_faceset, train_transform
+    from facetrain.data.dataset import FaceDataset
+    from facetrain.data.faceset import folder_faceset
+    from facetrain.data.images import Preprocess
+    from facetrain.data.transforms import eval_transform, train_transform
 
     cfg = load_config(str(REPO / "configs/scale_2000.yaml"), ["--data.root", str(workdir)])
     root = workdir / "jpeg_faces"

@@ -109,8 +109,8 @@ def bench_embedding(args, bundle: Path, onnx_file: Path) -> dict:
     import numpy as np
     import torch
 
-    from facetrain.data.dataset import ToModelInput
     from facetrain.data.images import load_image
+    from facetrain.data.transforms import ToModelInput
     from facetrain.deploy.onnx_embedder import OnnxEmbedder, to_input_array
     from facetrain.model.network import fold_batchnorm, load_bundle
     from facetrain.runtime.precision import resolve_mixed_precision

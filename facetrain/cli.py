@@ -4,7 +4,7 @@
 (`--debug` or FACETRAIN_DEBUG=1: the full traceback instead); it also reads the launcher's RANK / WORLD_SIZE
 to say which process failed. `ArgumentParser` turns argparse's mistakes into one-line `UserError`s;
 `resolve_model_path` turns --model (a bundle, checkpoint, run directory or exported `.onnx`) into the model's
-path; `labelled_folder` and `require_files` check the inputs before any model is built.
+path; `require_files` checks the inputs before any model is built.
 
 Nothing here imports torch at import time (the model and data helpers are imported where they are used), so
 the onnxruntime service can parse its command line with it too.
@@ -17,8 +17,6 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
 
 from facetrain.data.images import MAX_IMAGE_PIXELS
 from facetrain.errors import PEER_LOST, UserError, one_line
@@ -77,13 +75,6 @@ def resolve_model_path(path: str | Path, backend: str = "torch") -> Path:
         if (bundle / META_FILE).is_file():
             path = bundle
     return Path(read_bundle_meta(path)["path"])  # raises a one-line error for anything else
-
-
-def labelled_folder(root: str | Path, option: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """(image paths, identity label per image, identity names) of `root/<identity>/<image>`."""
-    from facetrain.data.images import scan_identity_folder
-
-    return scan_identity_folder(root, option)
 
 
 def require_files(paths: list[str], what: str) -> None:

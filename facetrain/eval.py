@@ -69,7 +69,8 @@ def build_parser():
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
 
-    from facetrain.evaluation.evaluator import EvalOptions, run  # heavy imports after the arguments parse
+    from facetrain.evaluation.evaluator import run  # heavy imports after the arguments parse
+    from facetrain.evaluation.options import EvalOptions
 
     run(EvalOptions(**vars(args), argv=list(argv)))
     return 0

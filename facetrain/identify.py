@@ -152,10 +152,10 @@ def enrol(embedder, gallery: str, cache: bool = True, cache_dir: str = "", bad_i
           max_image_pixels: int = MAX_IMAGE_PIXELS) -> Gallery:
     from safetensors.torch import load_file, save_file
 
-    from facetrain.cli import labelled_folder
+    from facetrain.data.faceset import scan_identity_folder
 
     root = Path(gallery)
-    paths, labels, names = labelled_folder(root, "--gallery")
+    paths, labels, names = scan_identity_folder(root, "--gallery")
     paths, labels = usable_files(paths, labels, bad_images, str(root), max_image_pixels)
     align = not embedder.aligned_folder(root, "--gallery")  # crops of facetrain.align with the bundle's recipe
     if not cache:
@@ -279,9 +279,9 @@ def main(argv: list[str]) -> int:
         raise UserError("facetrain.identify: give probe image(s) to identify, or --evaluate")
     require_files(args.probes, "facetrain.identify")
     if args.evaluate:  # before any embedding: a gallery that cannot be evaluated fails fast
-        from facetrain.cli import labelled_folder
+        from facetrain.data.faceset import scan_identity_folder
 
-        evaluation_split(labelled_folder(args.gallery, "--gallery")[1])
+        evaluation_split(scan_identity_folder(args.gallery, "--gallery")[1])
     embedder = load_embedder(args.backend, args.model, args.batch_size, args.num_workers, args.flip,
                              args.mixed_precision, aligned=args.aligned)
     path, meta = embedder.path, embedder.meta

@@ -175,9 +175,9 @@ class Gallery:
 
 
 def enrol(embedder, root: str) -> Gallery:
-    from facetrain.cli import labelled_folder
+    from facetrain.data.faceset import scan_identity_folder
 
-    paths, labels, names = labelled_folder(root, "--gallery")
+    paths, labels, names = scan_identity_folder(root, "--gallery")
     align = not embedder.aligned_folder(root, "--gallery")  # crops of facetrain.align with the model's recipe
     return Gallery(root, paths, labels, names, embedder.embed(paths, align=align))
 

@@ -63,7 +63,7 @@ def verify(model: str, image_a: str, image_b: str, threshold: float | None = Non
            mixed_precision: str = "auto", aligned: bool = False, backend: str = "torch") -> dict:
     """Similarity and decision for one pair of image files (the result `--json` prints)."""
     from facetrain.cli import require_files
-    from facetrain.evaluation.metrics import pair_scores
+    from facetrain.evaluation.scoring import pair_scores
 
     require_files([image_a, image_b], "facetrain.verify")  # before the model loads: a typo fails fast
     embedder = load_embedder(model, flip, mixed_precision, aligned, backend)

@@ -133,7 +133,7 @@ def test_bundle_with_recipe_and_no_detector_says_what_to_do(tmp_path):
     import torch
 
     from facetrain.config.schema import ModelConfig
-    from facetrain.data.dataset import Preprocess
+    from facetrain.data.images import Preprocess
     from facetrain.model.network import create_model, write_bundle
 
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 
 from facetrain.config.schema import LossConfig, ModelConfig, OptimConfig
-from facetrain.data.dataset import Preprocess
+from facetrain.data.images import Preprocess
 from facetrain.model.network import create_model, read_bundle_meta
 from facetrain.training import checkpoint as ckpt
 from facetrain.training.losses import MetricLoss

@@ -137,7 +137,8 @@ def test_val_metric_names_are_keys_that_validation_reports():
     import torch
 
     from facetrain.config.schema import VAL_FARS, VAL_METRICS
-    from facetrain.evaluation.metrics import DEFAULT_TARGET_FARS, all_pairs_roc, verification_metrics
+    from facetrain.evaluation.metrics import DEFAULT_TARGET_FARS, verification_metrics
+    from facetrain.evaluation.scoring import all_pairs_roc
 
     assert VAL_FARS == DEFAULT_TARGET_FARS
     labels = np.repeat(np.arange(50), 4)  # 200 images: 19,600 impostor pairs >= 1/1e-4

@@ -8,20 +8,11 @@ import torch
 from PIL import Image
 
 from facetrain.config.schema import AugmentConfig, DataConfig
-from facetrain.data.dataset import (
-    FaceDataset,
-    Preprocess,
-    ToModelInput,
-    build_faceset,
-    collate,
-    eval_transform,
-    folder_faceset,
-    split_identities,
-    synthetic_faceset,
-    to_rgb,
-    train_transform,
-)
+from facetrain.data.dataset import FaceDataset
+from facetrain.data.faceset import build_faceset, folder_faceset, split_identities, synthetic_faceset
+from facetrain.data.images import Preprocess, to_rgb
 from facetrain.data.synthetic import render
+from facetrain.data.transforms import ToModelInput, collate, eval_transform, train_transform
 from facetrain.errors import UserError
 
 

@@ -13,8 +13,8 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
 from facetrain.config.schema import AugmentConfig
-from facetrain.data.dataset import Preprocess
 from facetrain.data.device_augment import CROP_RATIO, DeviceAugment, affine_grid, draw_params, uniform
+from facetrain.data.images import Preprocess
 
 N = 20_000
 SEEDS = np.random.default_rng(0).integers(0, 2**31 - 1, size=N)  # like the sampler's per-slot seeds

@@ -25,15 +25,8 @@ from facetrain import eval as eval_cli
 from facetrain.cli import run_cli
 from facetrain.config.schema import DataConfig, ModelConfig
 from facetrain.data.synthetic import render
-from facetrain.evaluation.metrics import (
-    ScoreHistogram,
-    all_pair_scores,
-    all_pairs_roc,
-    kfold_accuracy,
-    pair_scores,
-    roc_exact,
-    verification_metrics,
-)
+from facetrain.evaluation.metrics import ScoreHistogram, kfold_accuracy, roc_exact, verification_metrics
+from facetrain.evaluation.scoring import all_pair_scores, all_pairs_roc, pair_scores
 from facetrain.model.network import create_model, load_bundle, read_bundle_meta, resolve_preprocess, write_bundle
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -90,7 +83,7 @@ def reference_embeddings(bundle: Path, files: list[str]) -> torch.Tensor:
     ToTensor and Normalize with the bundle's stored preprocessing."""
     from torchvision import transforms as T
 
-    from facetrain.data.dataset import to_rgb
+    from facetrain.data.images import to_rgb
 
     model, pre, _ = load_bundle(bundle)
     transform = T.Compose([T.Resize((pre.image_size, pre.image_size), antialias=True), T.ToTensor(),
@@ -359,7 +352,7 @@ def test_trainer_validation_metrics_equal_eval_on_the_same_identities(tmp_path, 
 
     # the run's identity split, from its saved config, and its validation images as files in the same order
     from facetrain.config.schema import config_from_dict
-    from facetrain.data.dataset import build_faceset, split_identities
+    from facetrain.data.faceset import build_faceset, split_identities
 
     cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()), "config.yaml")
     faceset = build_faceset(cfg.data)

@@ -24,8 +24,8 @@ from facetrain import eval as eval_cli  # noqa: E402
 from facetrain import export as export_cli  # noqa: E402
 from facetrain import identify, verify  # noqa: E402
 from facetrain.config.schema import DataConfig, ModelConfig  # noqa: E402
-from facetrain.data.dataset import Preprocess, eval_transform  # noqa: E402
-from facetrain.data.images import load_image  # noqa: E402
+from facetrain.data.images import Preprocess, load_image  # noqa: E402
+from facetrain.data.transforms import eval_transform  # noqa: E402
 from facetrain.deploy.onnx_embedder import OnnxEmbedder, to_input_array  # noqa: E402
 from facetrain.errors import UserError  # noqa: E402
 from facetrain.evaluation.embedding import load_embedder  # noqa: E402

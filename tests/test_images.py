@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 from facetrain.config.schema import DataConfig, ModelConfig
-from facetrain.data.dataset import FaceDataset, Preprocess, eval_transform, folder_faceset, hf_faceset
-from facetrain.data.images import load_image
+from facetrain.data.dataset import FaceDataset
+from facetrain.data.faceset import folder_faceset, hf_faceset
+from facetrain.data.images import Preprocess, load_image
+from facetrain.data.transforms import eval_transform
 
 ORIENTATION = 0x0112
 

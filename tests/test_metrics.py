@@ -11,19 +11,15 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from facetrain.evaluation.metrics import (
-    PairSpec,
     ScoreHistogram,
-    all_pair_scores,
-    all_pairs_roc,
     best_accuracy_threshold,
     count_pairs,
     kfold_accuracy,
-    pair_scores,
-    parse_lfw_pairs,
-    resolve_pair_paths,
     roc_exact,
     verification_metrics,
 )
+from facetrain.evaluation.pairfile import PairSpec, parse_lfw_pairs, resolve_pair_paths
+from facetrain.evaluation.scoring import all_pair_scores, all_pairs_roc, pair_scores
 
 
 def _scores_and_flags(genuine: list[float], impostor: list[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Packed face sets (facetrain/pack.py, facetrain/data/): exact pixels, the folder's identities, bad packs."""
+"""Packed face sets (facetrain/pack.py, data/packer.py, data/pack_format.py): exact pixels, the folder's identities,
+bad packs."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from helpers import run_module, run_train, tiny_train_config
 from PIL import Image
 
 from facetrain.config.schema import DataConfig
-from facetrain.data.dataset import FaceDataset, Preprocess, ToModelInput, build_faceset, eval_transform, folder_faceset
+from facetrain.data.dataset import FaceDataset, PackedBatches
 from facetrain.data.device_augment import DeviceAugment, training_input
-from facetrain.data.pack_format import MAGIC, PackedBatches, _layout, packed_faceset, read_header
+from facetrain.data.faceset import build_faceset, folder_faceset, packed_faceset
+from facetrain.data.images import Preprocess
+from facetrain.data.pack_format import MAGIC, _layout, read_header
+from facetrain.data.packer import pack_folder
+from facetrain.data.transforms import ToModelInput, eval_transform
 from facetrain.errors import UserError
 from facetrain.pack import main as pack_main
-from facetrain.pack import pack_folder
 
 
 def write_folder(root: Path, identities: int = 5, per_identity: int = 4, size: int = 20, gray: bool = False) -> None:
@@ -74,7 +78,7 @@ def test_pack_decodes_in_bounded_windows_and_refuses_a_file_that_changed(tmp_pat
     """More images than one window of pending decodes (64 per thread): every slot is filled, in order. A file
     that decodes to another shape than the pre-flight found (replaced while packing) is a one-line error and
     leaves no pack behind."""
-    import facetrain.data.images
+    import facetrain.data.packer
 
     src = tmp_path / "faces"
     write_folder(src, identities=5, per_identity=14, gray=True)  # 70 images: two windows with 1 thread
@@ -82,13 +86,13 @@ def test_pack_decodes_in_bounded_windows_and_refuses_a_file_that_changed(tmp_pat
     images, folder = packed_faceset(out, 20).loader.batch(np.arange(70)), folder_faceset(str(src))
     for i, path in enumerate(folder.paths):
         np.testing.assert_array_equal(images[i], pixels(Path(path), True), err_msg=path)
-    real = facetrain.data.images.load_image
+    real = facetrain.data.packer.load_image
 
     def replaced(path, keep_gray=False, **kw):  # id_03/5.png became a colour image after the pre-flight
         image = real(path, keep_gray=keep_gray, **kw)
         return image.convert("RGB") if str(path).endswith("id_03/5.png") else image
 
-    monkeypatch.setattr(facetrain.data.images, "load_image", replaced)
+    monkeypatch.setattr(facetrain.data.packer, "load_image", replaced)
     with pytest.raises(UserError, match=r"id_03/5.png: decodes to 3 x 20 x 20, not 1 x 20 x 20 like the "
                                         r"pre-flight found; it changed while packing: pack again"):
         pack_folder(src, tmp_path / "x.ftpack", 20, threads=2, progress=False)
@@ -204,7 +208,7 @@ def test_build_faceset_reads_packs(tmp_path):
     src = tmp_path / "faces"
     write_folder(src, gray=True)
     (src / MARKER_FILE).write_text(json.dumps({"format": MARKER_FORMAT, "recipe": {}}))  # made by facetrain.align
-    pack = pack_folder(src, tmp_path / "g.ftpack", 16, progress=False)
+    pack = pack_folder(src, tmp_path / "g.ftpack", 16, progress=False, alignment=recipe_of_folder(src))
     assert read_header(pack).alignment == recipe_of_folder(src) is not None  # the bundle can record it
     assert packed_faceset(pack, 16).loader.alignment == recipe_of_folder(src)
     faces = build_faceset(DataConfig(source="packed", root=str(pack), image_size=16))

@@ -9,8 +9,8 @@ import torch
 from helpers import EXACT, deep_merge, load_weights, run_train, tiny_train_config, train_one_and_many
 
 from facetrain.alignment.recipe import MARKER_FILE, MARKER_FORMAT, recipe_of_folder
+from facetrain.data.packer import pack_folder
 from facetrain.data.synthetic import render
-from facetrain.pack import pack_folder
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,8 @@ def pack(tmp_path_factory):
             render(3, k, i, 40).save(folder / f"{i}.jpg", quality=90)
     # as facetrain.align leaves it: the bundle must record the recipe whether trained on the folder or the pack
     (root / "faces" / MARKER_FILE).write_text(json.dumps({"format": MARKER_FORMAT, "recipe": {}}))
-    return pack_folder(root / "faces", root / "faces.ftpack", 32, progress=False)
+    return pack_folder(root / "faces", root / "faces.ftpack", 32, progress=False,
+                       alignment=recipe_of_folder(root / "faces"))
 
 
 def packed_config(tmp_path, pack, extra: dict | None = None):

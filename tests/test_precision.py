@@ -20,17 +20,10 @@ from accelerate.state import AcceleratorState
 from helpers import FACES, REPO, WEIGHTS, run_train, subprocess_env, tiny_train_config
 
 from facetrain.config.schema import AugmentConfig, ModelConfig
-from facetrain.data.dataset import (
-    FaceDataset,
-    Preprocess,
-    ToModelInput,
-    collate,
-    eval_transform,
-    folder_faceset,
-    synthetic_faceset,
-    to_rgb,
-    train_transform,
-)
+from facetrain.data.dataset import FaceDataset
+from facetrain.data.faceset import folder_faceset, synthetic_faceset
+from facetrain.data.images import Preprocess, to_rgb
+from facetrain.data.transforms import ToModelInput, collate, eval_transform, train_transform
 from facetrain.evaluation.embedding import embed_dataset
 from facetrain.model.network import create_model, resolve_preprocess
 from facetrain.runtime import precision

@@ -25,8 +25,11 @@ from PIL import Image
 
 from facetrain.config.schema import DataConfig
 from facetrain.data import synthetic
-from facetrain.data.dataset import FaceDataset, Preprocess, eval_transform, folder_faceset
+from facetrain.data.dataset import FaceDataset
+from facetrain.data.faceset import folder_faceset
+from facetrain.data.images import Preprocess
 from facetrain.data.preflight import REFUSED, apply_preflight, check_image, scan
+from facetrain.data.transforms import eval_transform
 from facetrain.errors import UserError
 
 MAX_PIXELS = 50_000  # data.max_image_pixels in these tests: faces are ~10k pixels, huge.png is 90k

@@ -22,7 +22,7 @@ from helpers import FACES, REPO, launch_cmd, load_weights, run_train, subprocess
 
 from facetrain.config.schema import Config, ModelConfig, to_dict
 from facetrain.data import synthetic
-from facetrain.data.dataset import Preprocess
+from facetrain.data.images import Preprocess
 from facetrain.errors import UserError
 from facetrain.model.network import create_model, load_bundle, write_bundle
 from facetrain.training import checkpoint as ckpt
@@ -465,7 +465,7 @@ def test_a_kill_between_the_bundle_swap_renames_is_recovered(tmp_path, monkeypat
 
     from facetrain.cli import resolve_model_path
     from facetrain.config.schema import ModelConfig
-    from facetrain.data.dataset import Preprocess
+    from facetrain.data.images import Preprocess
     from facetrain.model.network import create_model, read_bundle_meta, write_bundle
     from facetrain.runtime.atomic_dir import replace_dir
 

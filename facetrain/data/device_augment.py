@@ -36,10 +36,12 @@ import torch
 import torch.nn.functional as F
 
 from facetrain.config.schema import AugmentConfig, DataConfig
-from facetrain.data.dataset import FaceDataset, Preprocess, ToModelInput, collate, train_transform
-from facetrain.data.pack_format import PackedBatches, PackImages, collate_batch
+from facetrain.data.dataset import FaceDataset, PackedBatches, collate_batch
+from facetrain.data.images import Preprocess
+from facetrain.data.pack_format import PackImages
+from facetrain.data.transforms import ToModelInput, collate, train_transform
 
-CROP_RATIO = (0.75, 1.33)  # width / height range of the random resized crop (as data.train_transform)
+CROP_RATIO = (0.75, 1.33)  # width / height range of the random resized crop (as transforms.train_transform)
 CROP_TRIES = 10  # torchvision's RandomResizedCrop: attempts before it falls back to the whole image
 CPU_CHUNK_PIXELS = 200_000  # on a CPU, images per chunk = this / image pixels: intermediates stay in cache
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -242,7 +244,7 @@ def training_input(faceset, indices: np.ndarray, labels: np.ndarray, pre: Prepro
                    device: torch.device, channels_last: bool) -> tuple[torch.utils.data.Dataset, Callable, Callable]:
     """(dataset, collate_fn, to_input) of the training loader. A pack with data.augment.on_device: batches
     from the memory map, augmented on `device` (`to_input(images, seeds)`); otherwise PIL transforms per image
-    in the workers (`data.train_transform`) and `to_input(images)` normalising on the device."""
+    in the workers (`transforms.train_transform`) and `to_input(images)` normalising on the device."""
     if data_cfg.source == "packed" and data_cfg.augment.on_device and isinstance(faceset.loader, PackImages):
         return (PackedBatches(faceset.loader, indices, labels), collate_batch,
                 DeviceAugment(data_cfg.augment, pre, device, channels_last))

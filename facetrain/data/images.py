@@ -7,9 +7,11 @@ pre-flight check, alignment and export all see the same pixels for the same file
   used upright everywhere. Hugging Face `datasets` already does this when it decodes an image; applying it
   again is a no-op (the tag is removed from the transposed image), so both sources agree.
 * Gray, palette, RGBA, CMYK and 16-bit images become 8-bit RGB (`to_rgb`), or 8-bit gray with
-  `keep_gray=True` (the transforms then work on one channel; `data.ToModelInput` repeats it on the device).
+  `keep_gray=True` (the transforms then work on one channel; `transforms.ToModelInput` repeats it on the
+  device).
 
-Nothing here imports torch, so the onnxruntime deployment path can use it too.
+Nothing here imports torch, so the onnxruntime deployment path can use it too. The folder scan
+(`root/<identity>/<image>`) is `faceset.scan_identity_folder`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ MAX_IMAGE_PIXELS = 89_478_485
 class Preprocess:
     """Everything needed to turn an image into a model input (side in pixels, per-channel mean and std of
     pixels scaled to [0, 1]); stored in bundles and exported models so eval, verify and the onnxruntime path
-    match training. Here, not in data.py, because the onnxruntime path must not import torch."""
+    match training. Here, not in transforms.py, because the onnxruntime path must not import torch."""
 
     image_size: int
     mean: list[float]
@@ -41,42 +43,6 @@ class Preprocess:
 
     def to_dict(self) -> dict:
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
-
-
-def scan_identity_folder(root: str | Path, key: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """root/<identity>/<image> -> (image paths, identity label per image (int64), identity names), identities and
-    files sorted by name, dot folders skipped: the order every command (training, eval, identify, pack, serve)
-    numbers a folder in. `key` (a config key or an option) names the input in the one-line errors."""
-    from facetrain.errors import UserError
-
-    base = Path(root)
-    if base.is_file() and _is_pack(base):
-        raise UserError(f"{key}: {root} is a pack file (python -m facetrain.pack), not a folder: train on it with "
-                        "data.source packed, or give the aligned folder it was packed from")
-    if not base.is_dir():
-        raise UserError(f"{key}: folder not found: {root} (expected {root}/<identity>/<image>)")
-    names, paths, labels = [], [], []
-    for ident in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in ident.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            continue
-        names.append(ident.name)
-        paths.extend(str(f) for f in files)
-        labels.extend([len(names) - 1] * len(files))
-    if not names:
-        raise UserError(f"{key}: no identity folders with images in {root} "
-                        f"(expected {root}/<identity>/<image> with one of {', '.join(IMAGE_EXTENSIONS)})")
-    return paths, np.asarray(labels, dtype=np.int64), names
-
-
-def _is_pack(path: Path) -> bool:
-    from facetrain.data.pack_format import MAGIC
-
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
 
 
 def is_image_file(path: str | Path) -> bool:

@@ -19,11 +19,12 @@ File layout (one file, so it copies to node-local disk in one step):
     padding        zeros up to `data_offset` (a multiple of 4096: a page-aligned memory map)
     data           count x channels x size x size uint8, image-major (NCHW), C order
 
-Images are stored as `data.eval_transform` makes them from the file (EXIF applied, bilinear resize to size x
+Images are stored as `transforms.eval_transform` makes them from the file (EXIF applied, bilinear resize to size x
 size, one channel when every image of the set is gray), so validation on a pack sees exactly the pixels it sees
 on the folder. Opening a pack checks everything that can be checked without reading the pixels (magic,
 version, header, file length against the header, labels against images and file names); each problem is a
-one-line error naming the file and what to do.
+one-line error naming the file and what to do. This module is the format alone: packer.py writes packs from
+a folder, `faceset.packed_faceset` and `dataset.PackedBatches` read them for training.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from facetrain.errors import UserError
@@ -65,6 +65,15 @@ def sized_name(path: str | Path, size: int) -> Path:
     stem = re.sub(r"[_-]\d+$", "", path.stem)  # drop the old size suffix, if the name has one
     sized = path.with_name(f"{stem}_{size}{path.suffix or SUFFIX}")
     return sized if sized != path else path.with_name(f"{stem}_{size}px{path.suffix or SUFFIX}")
+
+
+def is_pack_file(path: str | Path) -> bool:
+    """Whether `path` is a file that starts with a pack's MAGIC (a folder scan names it in its error)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
 
 
 @dataclass
@@ -271,50 +280,5 @@ class PackImages:
         return self.array[np.asarray(indices, dtype=np.int64)]
 
 
-def packed_faceset(root: str | Path, image_size: int):
-    """The FaceSet of pack `root` (its images at `image_size`, else a one-line error naming data.image_size)."""
-    from facetrain.data.dataset import FaceSet
-
-    header = read_header(root)
-    if header.size != image_size:
-        other = pack_command(sized_name(root, image_size), header.source or "<aligned folder>", image_size)
-        raise UserError(f"data.image_size: {root} holds {header.size} px images but data.image_size is "
-                        f"{image_size}: set --data.image_size {header.size}, or pack the source at {image_size} px "
-                        f"({other}) and train on that")
-    keys = [f"{root}:{name}" for name in header.files]
-    return FaceSet(np.asarray(header.labels, dtype=np.int64), list(header.identities), keys,
-                   PackImages(root, header))
-
-
-class PackedBatches(torch.utils.data.Dataset):
-    """Training batches straight from a pack, for augmentation on the device: the DataLoader's batch sampler
-    hands `__getitems__` a whole batch of (position, augmentation seed) pairs and gets back one tuple
-    (uint8 images (B, C, S, S), labels (B,), positions (B,), seeds (B,)); `collate_batch` passes it through.
-    No PIL, no per-image Python beyond the index list: one gather from the memory map per batch."""
-
-    def __init__(self, images: PackImages, indices: np.ndarray, labels: np.ndarray):
-        self.images, self.indices, self.labels = images, np.asarray(indices, dtype=np.int64), np.asarray(labels)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitems__(self, items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        pairs = [item if isinstance(item, tuple) else (item, 0) for item in items]
-        pos = np.fromiter((p for p, _ in pairs), dtype=np.int64, count=len(pairs))
-        seeds = np.fromiter((s for _, s in pairs), dtype=np.int64, count=len(pairs))
-        images = torch.from_numpy(self.images.batch(self.indices[pos]))
-        return images, torch.from_numpy(self.labels[pos].astype(np.int64)), torch.from_numpy(pos), \
-            torch.from_numpy(seeds)
-
-    def __getitem__(self, item):
-        images, labels, pos, seeds = self.__getitems__([item])
-        return images[0], int(labels[0]), int(pos[0]), int(seeds[0])
-
-
-def collate_batch(batch):
-    """collate_fn for `PackedBatches`: its `__getitems__` already returns the batch."""
-    return batch
-
-
-__all__ = ["MAGIC", "VERSION", "SUFFIX", "PackHeader", "PackWriter", "read_header", "PackImages",
-           "packed_faceset", "PackedBatches", "collate_batch", "pack_command"]
+__all__ = ["MAGIC", "VERSION", "SUFFIX", "PackHeader", "PackWriter", "read_header", "is_pack_file", "PackImages",
+           "pack_command", "repack_command", "sized_name"]

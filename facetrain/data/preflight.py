@@ -53,7 +53,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from facetrain.data.dataset import FaceSet
+from facetrain.data.faceset import FaceSet
 from facetrain.data.images import IMAGE_EXTENSIONS
 from facetrain.errors import UserError
 from facetrain.runtime.distributed import broadcast_object
@@ -200,7 +200,7 @@ class PreflightReport:
 
 
 def _identity_folders(base: Path) -> tuple[list[Path], list[dict]]:
-    """Identity folders (sorted, hidden ones skipped like scan_folder) and stray entries at the root."""
+    """Identity folders (sorted, hidden ones skipped as the folder scan does) and stray entries at the root."""
     folders, stray = [], []
     for p in sorted(base.iterdir()):
         if p.name.startswith("."):

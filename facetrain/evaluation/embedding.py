@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from facetrain.cli import resolve_model_path
-from facetrain.data.dataset import Preprocess, ToModelInput, collate, eval_transform
-from facetrain.data.images import load_image
+from facetrain.data.images import Preprocess, load_image
+from facetrain.data.transforms import ToModelInput, collate, eval_transform
 from facetrain.errors import UserError
 from facetrain.model.network import inference_model, load_bundle
 from facetrain.runtime.distributed import gather_uneven, shard_range

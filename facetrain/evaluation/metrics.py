@@ -8,59 +8,29 @@ Conventions used throughout:
 * Rates are fractions in [0, 1]: TAR (true accept rate) = accepted genuine / genuine pairs,
   FAR (false accept rate) = accepted impostor / impostor pairs, FRR (false reject rate) = 1 - TAR.
 
-Two protocols are covered:
-
-* **All pairs** (:func:`all_pairs_roc`): every unordered pair ``i < j`` of a labelled embedding set is scored
-  by blocked matrix products (:func:`all_pair_scores`). The ROC is either *exact* (every score kept, so memory
-  grows with the number of pairs, i.e. quadratically with the number of images) or *histogram* (scores
-  streamed into a fixed :class:`ScoreHistogram`, so memory is constant and thresholds are quantised to the
-  bin width, 2/2**16 ~ 3.1e-5 by default).
-* **LFW pairs** (:func:`parse_lfw_pairs`, :func:`resolve_pair_paths`, :func:`pair_scores`,
-  :func:`kfold_accuracy`): a fixed list of pairs split into folds; each fold's accuracy is measured with a
-  threshold chosen on the other folds.
-
-:func:`verification_metrics` turns a :class:`RocCurve` of either mode into a flat, JSON-serialisable dict.
+Scores come from `scoring` (embeddings -> pair scores, the all-pairs ROC; torch); this module is numpy only.
+An ROC is either *exact* (:func:`roc_exact`, every score kept) or *histogram* (scores streamed into a fixed
+:class:`ScoreHistogram`, so memory is constant and thresholds are quantised to the bin width, 2/2**16 ~ 3.1e-5
+by default). :func:`verification_metrics` turns a :class:`RocCurve` of either mode into a flat,
+JSON-serialisable dict. The LFW protocol's k-fold accuracy (:func:`kfold_accuracy`) measures each fold with a
+threshold chosen on the other folds; its pairs file is read by `pairfile`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from facetrain.data.images import IMAGE_EXTENSIONS  # tried in order when resolving LFW pair names to files
 from facetrain.errors import UserError
 
 
 class MetricsError(UserError, ValueError):
     """Bad input to a metric (no impostor pairs, a malformed pairs file): shown as one line by the CLIs."""
 
-
-__all__ = [
-    "DEFAULT_BINS",
-    "DEFAULT_TARGET_FARS",
-    "IMAGE_EXTENSIONS",
-    "PairSpec",
-    "RocCurve",
-    "ScoreHistogram",
-    "all_pair_scores",
-    "all_pairs_roc",
-    "best_accuracy_threshold",
-    "count_pairs",
-    "far_needed",
-    "kfold_accuracy",
-    "pair_scores",
-    "parse_lfw_pairs",
-    "resolve_pair_paths",
-    "roc_exact",
-    "verification_metrics",
-]
 
 #: Histogram resolution: 2**16 bins over [-1, 1] are 2**-15 ~ 3.05e-5 wide. A power of two keeps the bin
 #: edges exactly representable, so histogram bins and their edge thresholds agree bit for bit.
@@ -72,11 +42,13 @@ _SCORE_LOW, _SCORE_HIGH = -1.0, 1.0  # cosine range covered by ScoreHistogram
 _HIST_CHUNK = 1 << 20  # scores binned per step in ScoreHistogram.add: bounds temporaries to ~24 MiB
 
 
-# --------------------------------------------------------------------------------------------- pair scores
+# --------------------------------------------------------------------------------------------- pair counts
 
 
-def _labels_to_numpy(labels: torch.Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
-    lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+def _labels_to_numpy(labels: np.ndarray | Sequence[int]) -> np.ndarray:
+    """Labels as a 1-D numpy array; a torch tensor (on any device) is recognised by its `detach`, since this
+    module does not import torch."""
+    lab = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
     if lab.ndim != 1:
         raise MetricsError(f"labels must be 1-D, got shape {tuple(lab.shape)}")
     return lab
@@ -85,10 +57,10 @@ def _labels_to_numpy(labels: torch.Tensor | np.ndarray | Sequence[int]) -> np.nd
 def far_needed(far: float) -> int:
     """Impostor pairs needed to resolve a false-accept rate `far`: FAR moves in steps of 1/n_impostor, so with
     fewer than 1/far impostor pairs one false accept already overshoots it."""
-    return math.ceil(1.0 / far - 1e-9)
+    return math.ceil(1.0 / far - 1e-9)  # - 1e-9: float noise just above an integer must not round up
 
 
-def count_pairs(labels: torch.Tensor | np.ndarray | Sequence[int]) -> tuple[int, int]:
+def count_pairs(labels: np.ndarray | Sequence[int]) -> tuple[int, int]:
     """Return ``(genuine, impostor)``: the numbers of unordered pairs ``i < j`` with equal / different labels.
 
     Computed from per-identity image counts (an identity with c images has c*(c-1)/2 genuine pairs; every
@@ -100,93 +72,6 @@ def count_pairs(labels: torch.Tensor | np.ndarray | Sequence[int]) -> tuple[int,
     counts = counts.astype(np.int64)
     genuine = int((counts * (counts - 1) // 2).sum())
     return genuine, n * (n - 1) // 2 - genuine
-
-
-def _score_dtype(device: torch.device) -> torch.dtype:
-    # Scores are computed in float64 where the device supports it. This is not about float32 rounding
-    # (~1e-7, far below the 3e-5 histogram bin) but about what float32 matmuls silently become: TF32 on
-    # CUDA when a global flag is on (Accelerate turns it on with dynamo; ~1e-3 error) and fp16/bf16 under
-    # autocast. float64 is exempt from both, needs no global-flag juggling, and the products are a small
-    # part of the cost next to binning or sorting the N^2/2 scores. MPS has no float64.
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _matmul_outside_autocast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # float64 is exempt from autocast, but the float32 fallback (MPS) is not: compute it as asked.
-    if torch.amp.is_autocast_available(a.device.type):
-        with torch.autocast(a.device.type, enabled=False):
-            return a @ b
-    return a @ b
-
-
-def _checked_inputs(
-    emb: torch.Tensor, labels: torch.Tensor | np.ndarray | Sequence[int], block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L2-normalised embeddings in the score dtype, labels on the same device), or a one-line MetricsError."""
-    if emb.ndim != 2:
-        raise MetricsError(f"embeddings must be 2-D (N, D), got shape {tuple(emb.shape)}")
-    n = emb.shape[0]
-    lab = labels.detach() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
-    lab = lab.to(emb.device)
-    if lab.shape != (n,):
-        raise MetricsError(f"labels must have shape ({n},) to match the embeddings, got {tuple(lab.shape)}")
-    if block_size < 1:
-        raise MetricsError(f"block_size must be >= 1, got {block_size}")
-    emb = emb.detach()
-    if not bool(torch.isfinite(emb).all()):
-        raise MetricsError("embeddings contain NaN or inf: cannot score pairs")
-    return F.normalize(emb.to(_score_dtype(emb.device)), dim=1), lab
-
-
-def all_pair_scores(
-    emb: torch.Tensor,
-    labels: torch.Tensor | np.ndarray | Sequence[int],
-    block_size: int = 4096,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(scores, genuine)`` blocks covering every unordered pair ``i < j`` of ``emb`` exactly once.
-
-    Args:
-        emb: (N, D) embeddings on any device. They are L2-normalised here (O(N*D), negligible next to the
-            O(N^2*D) products), so the dot products are cosines in [-1, 1] even if the caller forgot to.
-        labels: (N,) integer identity labels.
-        block_size: rows/columns per block. One block holds ``block_size**2`` scores (4096 -> 16.8M scores,
-            128 MiB in float64 on the device, 64 MiB as float32 on the host).
-
-    Yields:
-        ``scores`` (float32, 1-D) and ``genuine`` (bool, same length) for the pairs of one block
-        ``emb[a:b] @ emb[c:d].T`` with ``c >= a``; diagonal blocks contribute only their strict upper
-        triangle, so no self pairs and no pair twice.
-    """
-    x, lab = _checked_inputs(emb, labels, block_size)
-    n = x.shape[0]
-    for a in range(0, n, block_size):
-        b = min(a + block_size, n)
-        for c in range(a, n, block_size):
-            d = min(c + block_size, n)
-            scores = _matmul_outside_autocast(x[a:b], x[c:d].T)
-            genuine = lab[a:b, None] == lab[None, c:d]
-            if c == a:
-                # Diagonal block: keep the strict upper triangle. Its lower half mirrors pairs already in
-                # the upper half, and the diagonal holds self pairs (score 1, always "genuine").
-                upper = torch.ones(b - a, b - a, dtype=torch.bool, device=x.device).triu_(diagonal=1)
-                scores, genuine = scores[upper], genuine[upper]
-            yield (
-                scores.reshape(-1).to(torch.float32).cpu().numpy(),
-                genuine.reshape(-1).cpu().numpy(),
-            )
-
-
-def pair_scores(emb_a: torch.Tensor, emb_b: torch.Tensor) -> np.ndarray:
-    """Cosine score of each row pair ``(emb_a[k], emb_b[k])`` (LFW-style pair lists): float64, shape (K,)."""
-    if emb_a.shape != emb_b.shape or emb_a.ndim != 2:
-        raise MetricsError(
-            f"pair embeddings must be two (K, D) tensors of equal shape, got {tuple(emb_a.shape)} "
-            f"and {tuple(emb_b.shape)}"
-        )
-    dtype = _score_dtype(emb_a.device)
-    a = F.normalize(emb_a.detach().to(dtype), dim=1)
-    b = F.normalize(emb_b.detach().to(emb_a.device, dtype), dim=1)
-    return (a * b).sum(dim=1).cpu().numpy().astype(np.float64)
 
 
 # ---------------------------------------------------------------------------------------------- ROC curves
@@ -210,7 +95,8 @@ class RocCurve:
     bin_width: float = 0.0
 
 
-def _require_both_classes(n_genuine: int, n_impostor: int) -> None:
+def require_both_classes(n_genuine: int, n_impostor: int) -> None:
+    """A one-line MetricsError when TAR (no genuine pairs) or FAR (no impostor pairs) is undefined."""
     if n_genuine == 0:
         raise MetricsError(
             f"no genuine pairs (0 genuine, {n_impostor} impostor): every identity has a single image, "
@@ -229,7 +115,7 @@ def roc_exact(scores: np.ndarray, genuine: np.ndarray) -> RocCurve:
     if s.shape != g.shape:
         raise MetricsError(f"scores and genuine differ in length: {s.shape[0]} vs {g.shape[0]}")
     n_genuine = int(np.count_nonzero(g))
-    _require_both_classes(n_genuine, g.shape[0] - n_genuine)
+    require_both_classes(n_genuine, g.shape[0] - n_genuine)
     # imported here: sklearn (with scipy) takes 1-2 s to import, which verify / identify never need
     from sklearn.metrics import roc_curve
 
@@ -315,7 +201,7 @@ class ScoreHistogram:
     def roc(self) -> RocCurve:
         """ROC with thresholds at bin lower edges: TAR/FAR = fraction of genuine/impostor scores >= edge."""
         n_genuine, n_impostor = self.n_genuine, self.n_impostor
-        _require_both_classes(n_genuine, n_impostor)
+        require_both_classes(n_genuine, n_impostor)
         # Scores >= edge k are exactly those in bins k..bins-1: cumulative sums from the top bin down give
         # the accepted counts in ascending-FAR order, after the reject-everything point.
         tp = np.concatenate([[0], np.cumsum(self.genuine_counts[::-1])])
@@ -334,103 +220,6 @@ class ScoreHistogram:
             mode="histogram",
             bin_width=self.bin_width,
         )
-
-
-def all_pairs_roc(
-    emb: torch.Tensor,
-    labels: torch.Tensor | np.ndarray | Sequence[int],
-    mode: Literal["auto", "exact", "histogram"] = "auto",
-    max_exact_pairs: int = 20_000_000,
-    block_size: int = 4096,
-    bins: int = DEFAULT_BINS,
-) -> RocCurve:
-    """ROC over all unordered pairs of a labelled embedding set.
-
-    ``mode="exact"`` keeps every score (5 bytes per pair for the scores and flags; sklearn's roc_curve then sorts
-    and accumulates in int64/float64: ~70 bytes per pair at peak, measured: 0.7 GiB for 10^7 pairs);
-    ``"histogram"`` streams blocks into a
-    :class:`ScoreHistogram` (memory independent of N; thresholds quantised to ``2 / bins``); ``"auto"``
-    picks exact when the total number of pairs is at most ``max_exact_pairs``.
-    """
-    if mode not in ("auto", "exact", "histogram"):
-        raise MetricsError(f"mode must be 'auto', 'exact' or 'histogram', got {mode!r}")
-    n_genuine, n_impostor = count_pairs(labels)
-    _require_both_classes(n_genuine, n_impostor)
-    if mode == "auto":
-        mode = "exact" if n_genuine + n_impostor <= max_exact_pairs else "histogram"
-
-    if mode == "exact":
-        score_blocks, genuine_blocks = [], []
-        for scores, genuine in all_pair_scores(emb, labels, block_size):
-            score_blocks.append(scores)
-            genuine_blocks.append(genuine)
-        return roc_exact(np.concatenate(score_blocks), np.concatenate(genuine_blocks))
-
-    hist = ScoreHistogram(bins)
-    if bins >= 2 and bins & (bins - 1) == 0:
-        _stream_all_pairs_into(hist, emb, labels, block_size)
-    else:  # the fast kernel's exact binning needs a power-of-two bin count
-        for scores, genuine in all_pair_scores(emb, labels, block_size):
-            hist.add(scores, genuine)
-    return hist.roc()
-
-
-#: Rows/columns per block in the streaming histogram kernel: a 2048 x 2048 block (32 MiB of float64 scores)
-#: keeps its element-wise passes in cache; measured fastest of 512..4096 on a 2-core AVX-512 CPU.
-_STREAM_BLOCK = 2048
-
-
-def _bincount(idx: torch.Tensor, minlength: int) -> np.ndarray:
-    # numpy's bincount is ~8x faster than torch's on CPU; on an accelerator, count on the device.
-    if idx.device.type == "cpu":
-        return np.bincount(idx.numpy().reshape(-1), minlength=minlength)
-    return torch.bincount(idx.reshape(-1), minlength=minlength).cpu().numpy()
-
-
-def _stream_all_pairs_into(
-    hist: ScoreHistogram,
-    emb: torch.Tensor,
-    labels: torch.Tensor | np.ndarray | Sequence[int],
-    block_size: int,
-) -> None:
-    """Add every unordered pair's score to ``hist`` (power-of-two ``bins``): the same counts as ``hist.add``
-    over :func:`all_pair_scores`, several times faster (10^5 512-d embeddings = 5e9 pairs: ~170 CPU seconds,
-    1.7 GB peak; see bench/eval_throughput.py).
-
-    * The bin is computed on the block in torch: the float32 score times ``bins / 2`` (a power of two) is
-      exact, so ``floor`` of it is the bin offset from 0, bit for bit what ``add`` computes in float64
-      (except scores in (-6e-17, 0), which ``add``'s rounding of ``s + 1`` puts in the bin starting at 0).
-      Only the float64 sums may differ in the last bit from :func:`all_pair_scores`' larger blocks.
-    * Rows are sorted by label, so genuine pairs only occur in blocks whose label ranges touch; every other
-      block is all impostors and is counted without building a genuine mask.
-    * Blocks of at most ``_STREAM_BLOCK`` rows keep the element-wise passes in cache.
-    """
-    x, lab = _checked_inputs(emb, labels, block_size)
-    order = torch.argsort(lab, stable=True)
-    x, lab = x[order], lab[order]
-    lab_host = lab.cpu().numpy()
-    bins, half = hist.bins, hist.bins // 2
-    block = min(block_size, _STREAM_BLOCK)
-    n = x.shape[0]
-    for a in range(0, n, block):
-        b = min(a + block, n)
-        for c in range(a, n, block):
-            d = min(c + block, n)
-            # Scaling the row block by bins/2 (a power of two) scales every product and sum exactly, so this
-            # is float32(score) * bins/2 without a pass over the block; its floor + bins/2 is the bin index,
-            # out-of-range cosines clamped into the end bins.
-            scaled = _matmul_outside_autocast(x[a:b] * half, x[c:d].T).to(torch.float32)
-            idx = scaled.floor_().clamp_(-half, half - 1).add_(half).to(torch.int32)
-            if c > a and lab_host[b - 1] != lab_host[c]:
-                hist.impostor_counts += _bincount(idx, bins)
-                continue
-            # One count over 2*bins slots (impostor bins, then genuine bins), as in ScoreHistogram.add.
-            slot = idx + bins * (lab[a:b, None] == lab[None, c:d])
-            if c == a:  # diagonal block: strict upper triangle only (no self pairs, no pair twice)
-                slot = slot[torch.ones(b - a, b - a, dtype=torch.bool, device=x.device).triu_(diagonal=1)]
-            counts = _bincount(slot, 2 * bins)
-            hist.impostor_counts += counts[:bins]
-            hist.genuine_counts += counts[bins:]
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -469,7 +258,7 @@ def _tar_at_far(roc: RocCurve, far: float) -> tuple[float | None, float | None, 
         raise MetricsError(f"target FAR must be in (0, 1], got {far}")
     # FAR moves in steps of 1/n_impostor: below 1/far impostor pairs the first false accept already
     # overshoots the target, and the reported TAR would be the FAR = 0 point, not TAR at that FAR.
-    needed = math.ceil(1.0 / far - 1e-9)  # - 1e-9: float noise just above an integer must not round up
+    needed = far_needed(far)
     if roc.n_impostor < needed:
         reason = f"tar@far={far:.0e}: {roc.n_impostor} impostor pairs < 1/FAR = {needed}: FAR not resolvable"
         return None, None, reason
@@ -601,131 +390,3 @@ def kfold_accuracy(scores: np.ndarray, genuine: np.ndarray, folds: np.ndarray) -
     }
 
 
-@dataclass(frozen=True)
-class PairSpec:
-    """One line of an LFW-style pairs file. Images are ``<root>/<name>/<name>_<index:04d>.<ext>``.
-
-    ``path_a``/``path_b`` are None until :func:`resolve_pair_paths` fills them in.
-    """
-
-    name_a: str
-    index_a: int
-    name_b: str
-    index_b: int
-    genuine: bool
-    fold: int
-    line: int  # 1-based line number in ``source``
-    source: str = ""  # the pairs file, for error messages
-    path_a: Path | None = None
-    path_b: Path | None = None
-
-
-def _parse_count(token: str) -> int | None:
-    """A non-negative decimal integer, or None (ASCII digits only: str.isdigit accepts '²')."""
-    return int(token) if token.isascii() and token.isdigit() else None
-
-
-def _parse_pair_line(parts: list[str]) -> tuple[str, int, str, int, bool] | None:
-    """``(name_a, index_a, name_b, index_b, genuine)`` from a split pair line, or None if malformed."""
-    if len(parts) == 3:  # name i j: two images of one person
-        name_a, idx_a, name_b, idx_b, genuine = parts[0], parts[1], parts[0], parts[2], True
-    elif len(parts) == 4:  # name1 i name2 j: two people
-        name_a, idx_a, name_b, idx_b, genuine = parts[0], parts[1], parts[2], parts[3], False
-    else:
-        return None
-    index_a, index_b = _parse_count(idx_a), _parse_count(idx_b)
-    if index_a is None or index_b is None:
-        return None
-    return name_a, index_a, name_b, index_b, genuine
-
-
-def parse_lfw_pairs(path: str | Path) -> list[PairSpec]:
-    """Parse an LFW ``pairs.txt``.
-
-    Line 1 is ``<folds> <n>`` (e.g. ``10 300``; a lone ``<n>`` means one fold, as in ``pairsDevTest.txt``).
-    Each fold is n genuine lines ``name i j`` then n impostor lines ``name1 i name2 j``. Folds are assigned
-    by position (pair p belongs to fold ``p // (2n)``), so files that interleave genuine and impostor lines
-    differently within a fold are accepted too. Blank lines are ignored. Errors are one-line ValueErrors
-    naming ``file:line``.
-    """
-    path = Path(path)
-    lines = path.read_text().splitlines()
-    header = lines[0].split() if lines else []
-    sizes = [_parse_count(token) for token in header]
-    if len(sizes) not in (1, 2) or any(size is None or size == 0 for size in sizes):
-        shown = repr(lines[0].strip()) if lines else "(empty file)"
-        raise MetricsError(
-            f"{path}:1: malformed header {shown}: expected '<folds> <pairs per class>', e.g. '10 300'"
-        )
-    n_folds, per_class = (1, int(header[0])) if len(header) == 1 else (int(header[0]), int(header[1]))
-
-    pairs: list[PairSpec] = []
-    for line_no, text in enumerate(lines[1:], start=2):
-        parts = text.split()
-        if not parts:
-            continue
-        parsed = _parse_pair_line(parts)
-        if parsed is None:
-            raise MetricsError(
-                f"{path}:{line_no}: malformed pair line {text.strip()!r}: expected 'name i j' (genuine) or "
-                "'name1 i name2 j' (impostor) with non-negative integer indices"
-            )
-        name_a, index_a, name_b, index_b, genuine = parsed
-        pairs.append(
-            PairSpec(
-                name_a=name_a,
-                index_a=index_a,
-                name_b=name_b,
-                index_b=index_b,
-                genuine=genuine,
-                fold=len(pairs) // (2 * per_class),
-                line=line_no,
-                source=str(path),
-            )
-        )
-    expected = n_folds * 2 * per_class
-    if len(pairs) != expected:
-        raise MetricsError(
-            f"{path}:1: header {lines[0].strip()!r} promises {n_folds} folds x {2 * per_class} pairs = "
-            f"{expected} pairs, but the file has {len(pairs)}"
-        )
-    return pairs
-
-
-def resolve_pair_paths(
-    pairs: Sequence[PairSpec],
-    root: str | Path,
-    exts: Sequence[str] = IMAGE_EXTENSIONS,
-) -> list[PairSpec]:
-    """Return copies of ``pairs`` with ``path_a``/``path_b`` set to existing files under ``root``.
-
-    Each ``(name, index)`` is looked up once, trying ``exts`` in order (and their upper-case forms). A
-    missing image raises a one-line ValueError naming the pairs-file line and the expected path.
-    """
-    root = Path(root)
-    found: dict[tuple[str, int], Path] = {}
-
-    def lookup(name: str, index: int, pair: PairSpec) -> Path:
-        key = (name, index)
-        if key not in found:
-            stem = f"{name}_{index:04d}"
-            folder = root / name
-            candidates = (folder / f"{stem}{ext}" for e in exts for ext in dict.fromkeys((e, e.upper())))
-            path = next((p for p in candidates if p.is_file()), None)
-            if path is None:
-                where = f"{pair.source}:{pair.line}" if pair.source else f"line {pair.line}"
-                raise MetricsError(
-                    f"{where}: image {stem} not found: expected {folder / stem}{exts[0]} "
-                    f"(also tried {', '.join(exts[1:]) or 'no other extension'})"
-                )
-            found[key] = path
-        return found[key]
-
-    return [
-        replace(
-            pair,
-            path_a=lookup(pair.name_a, pair.index_a, pair),
-            path_b=lookup(pair.name_b, pair.index_b, pair),
-        )
-        for pair in pairs
-    ]

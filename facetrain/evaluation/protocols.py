@@ -28,23 +28,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from facetrain.cli import labelled_folder
+from facetrain.data.faceset import scan_identity_folder
 from facetrain.errors import UserError
 from facetrain.evaluation.metrics import (
     DEFAULT_TARGET_FARS,
     RocCurve,
-    all_pairs_roc,
     count_pairs,
     far_needed,
     kfold_accuracy,
-    pair_scores,
-    parse_lfw_pairs,
-    resolve_pair_paths,
     roc_exact,
 )
+from facetrain.evaluation.pairfile import parse_lfw_pairs, resolve_pair_paths
+from facetrain.evaluation.scoring import all_pairs_roc, pair_scores
 
 if TYPE_CHECKING:
-    from facetrain.evaluation.evaluator import EvalOptions
+    from facetrain.evaluation.options import EvalOptions
 
 #: FAR the bundle's threshold is calibrated for when --target-far is not given: a common operating point for
 #: 1:1 verification (1 false accept in 1000 impostor attempts), resolvable by any set with >= 1000
@@ -85,7 +83,7 @@ class AllPairs:
     name = "all_pairs"
 
     def plan(self, opts: EvalOptions) -> Plan:
-        paths, labels, names = labelled_folder(opts.data, "--data")
+        paths, labels, names = scan_identity_folder(opts.data, "--data")
         n_genuine, n_impostor = count_pairs(labels)
         if len(names) < 2:
             raise UserError(f"--data: {opts.data} has only one identity ({names[0]}, {len(paths)} images), so "

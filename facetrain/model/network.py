@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from facetrain.config.schema import DataConfig, ModelConfig, to_dict
-from facetrain.data.dataset import Preprocess
+from facetrain.data.images import Preprocess
 from facetrain.errors import UserError
 from facetrain.runtime.atomic_dir import recover_dir
 

@@ -31,20 +31,15 @@ from timm.utils import ModelEmaV3
 
 from facetrain.alignment.recipe import recipe_of_folder
 from facetrain.config.schema import VAL_FARS, Config, save_config, to_dict, val_metric_far
-from facetrain.data.dataset import (
-    FaceDataset,
-    ToModelInput,
-    build_faceset,
-    collate,
-    default_num_workers,
-    eval_transform,
-    split_identities,
-)
+from facetrain.data.dataset import FaceDataset, default_num_workers
 from facetrain.data.device_augment import training_input
+from facetrain.data.faceset import build_faceset, split_identities
 from facetrain.data.sampler import MPerClassBatchSampler
+from facetrain.data.transforms import ToModelInput, collate, eval_transform
 from facetrain.errors import UserError
 from facetrain.evaluation.embedding import embed_dataset
-from facetrain.evaluation.metrics import all_pairs_roc, count_pairs, far_needed, verification_metrics
+from facetrain.evaluation.metrics import count_pairs, far_needed, verification_metrics
+from facetrain.evaluation.scoring import all_pairs_roc
 from facetrain.model.network import create_model, inference_model, read_bundle_meta, resolve_preprocess
 from facetrain.runtime.distributed import (
     any_rank,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from facetrain.config.schema import ModelConfig
-from facetrain.data.dataset import Preprocess
+from facetrain.data.images import Preprocess
 from facetrain.evaluation.embedding import embed_dataset
 from facetrain.model.network import create_model
 from facetrain.runtime.distributed import _scale_grad, convert_to_global_batchnorm, gather_for_loss, shard_range

@@ -1,0 +1,50 @@
+"""`EvalOptions`: everything `facetrain.eval` accepts, checked before any file is read. Its own module because
+both the evaluation flow (evaluator.py) and the protocols (protocols.py) take it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from facetrain.data.images import MAX_IMAGE_PIXELS
+from facetrain.errors import UserError
+
+
+@dataclass
+class EvalOptions:
+    """Everything `facetrain.eval` accepts (facetrain/eval.py maps the command line onto this)."""
+
+    model: str
+    data: str
+    pairs: str = ""
+    output: str = ""
+    target_far: float | None = None
+    calibrate: bool = True
+    flip: bool = False
+    batch_size: int = 64
+    num_workers: int = -1
+    mixed_precision: str = "auto"
+    fold_batchnorm: bool | None = None
+    roc_mode: str = "auto"
+    max_exact_pairs: int = 20_000_000
+    tensorboard: str = ""
+    save_embeddings: bool = False
+    plots: bool = True
+    aligned: bool = False
+    backend: str = "torch"
+    bad_images: str = "error"
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    argv: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.target_far is not None and not 0.0 < self.target_far < 1.0:
+            raise UserError(f"--target-far: must be in (0, 1), e.g. 1e-3; got {self.target_far}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size: must be >= 1, got {self.batch_size}")
+        if self.max_exact_pairs < 1:
+            raise UserError(f"--max-exact-pairs: must be >= 1, got {self.max_exact_pairs}")
+        if self.pairs and not Path(self.pairs).is_file():
+            raise UserError(f"--pairs: file not found: {self.pairs}")
+        if self.bad_images not in ("error", "skip"):
+            raise UserError(f"--bad-images: choose error or skip, got {self.bad_images!r}")

@@ -1,0 +1,143 @@
+"""LFW-style pairs files: parsing ``pairs.txt`` (:func:`parse_lfw_pairs`) and finding each listed image under
+the data root (:func:`resolve_pair_paths`). Scored with `scoring.pair_scores`; the fold accuracy is
+`metrics.kfold_accuracy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from facetrain.data.images import IMAGE_EXTENSIONS  # tried in order when resolving LFW pair names to files
+from facetrain.evaluation.metrics import MetricsError
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """One line of an LFW-style pairs file. Images are ``<root>/<name>/<name>_<index:04d>.<ext>``.
+
+    ``path_a``/``path_b`` are None until :func:`resolve_pair_paths` fills them in.
+    """
+
+    name_a: str
+    index_a: int
+    name_b: str
+    index_b: int
+    genuine: bool
+    fold: int
+    line: int  # 1-based line number in ``source``
+    source: str = ""  # the pairs file, for error messages
+    path_a: Path | None = None
+    path_b: Path | None = None
+
+
+def _parse_count(token: str) -> int | None:
+    """A non-negative decimal integer, or None (ASCII digits only: str.isdigit accepts '²')."""
+    return int(token) if token.isascii() and token.isdigit() else None
+
+
+def _parse_pair_line(parts: list[str]) -> tuple[str, int, str, int, bool] | None:
+    """``(name_a, index_a, name_b, index_b, genuine)`` from a split pair line, or None if malformed."""
+    if len(parts) == 3:  # name i j: two images of one person
+        name_a, idx_a, name_b, idx_b, genuine = parts[0], parts[1], parts[0], parts[2], True
+    elif len(parts) == 4:  # name1 i name2 j: two people
+        name_a, idx_a, name_b, idx_b, genuine = parts[0], parts[1], parts[2], parts[3], False
+    else:
+        return None
+    index_a, index_b = _parse_count(idx_a), _parse_count(idx_b)
+    if index_a is None or index_b is None:
+        return None
+    return name_a, index_a, name_b, index_b, genuine
+
+
+def parse_lfw_pairs(path: str | Path) -> list[PairSpec]:
+    """Parse an LFW ``pairs.txt``.
+
+    Line 1 is ``<folds> <n>`` (e.g. ``10 300``; a lone ``<n>`` means one fold, as in ``pairsDevTest.txt``).
+    Each fold is n genuine lines ``name i j`` then n impostor lines ``name1 i name2 j``. Folds are assigned
+    by position (pair p belongs to fold ``p // (2n)``), so files that interleave genuine and impostor lines
+    differently within a fold are accepted too. Blank lines are ignored. Errors are one-line ValueErrors
+    naming ``file:line``.
+    """
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    header = lines[0].split() if lines else []
+    sizes = [_parse_count(token) for token in header]
+    if len(sizes) not in (1, 2) or any(size is None or size == 0 for size in sizes):
+        shown = repr(lines[0].strip()) if lines else "(empty file)"
+        raise MetricsError(
+            f"{path}:1: malformed header {shown}: expected '<folds> <pairs per class>', e.g. '10 300'"
+        )
+    n_folds, per_class = (1, int(header[0])) if len(header) == 1 else (int(header[0]), int(header[1]))
+
+    pairs: list[PairSpec] = []
+    for line_no, text in enumerate(lines[1:], start=2):
+        parts = text.split()
+        if not parts:
+            continue
+        parsed = _parse_pair_line(parts)
+        if parsed is None:
+            raise MetricsError(
+                f"{path}:{line_no}: malformed pair line {text.strip()!r}: expected 'name i j' (genuine) or "
+                "'name1 i name2 j' (impostor) with non-negative integer indices"
+            )
+        name_a, index_a, name_b, index_b, genuine = parsed
+        pairs.append(
+            PairSpec(
+                name_a=name_a,
+                index_a=index_a,
+                name_b=name_b,
+                index_b=index_b,
+                genuine=genuine,
+                fold=len(pairs) // (2 * per_class),
+                line=line_no,
+                source=str(path),
+            )
+        )
+    expected = n_folds * 2 * per_class
+    if len(pairs) != expected:
+        raise MetricsError(
+            f"{path}:1: header {lines[0].strip()!r} promises {n_folds} folds x {2 * per_class} pairs = "
+            f"{expected} pairs, but the file has {len(pairs)}"
+        )
+    return pairs
+
+
+def resolve_pair_paths(
+    pairs: Sequence[PairSpec],
+    root: str | Path,
+    exts: Sequence[str] = IMAGE_EXTENSIONS,
+) -> list[PairSpec]:
+    """Return copies of ``pairs`` with ``path_a``/``path_b`` set to existing files under ``root``.
+
+    Each ``(name, index)`` is looked up once, trying ``exts`` in order (and their upper-case forms). A
+    missing image raises a one-line ValueError naming the pairs-file line and the expected path.
+    """
+    root = Path(root)
+    found: dict[tuple[str, int], Path] = {}
+
+    def lookup(name: str, index: int, pair: PairSpec) -> Path:
+        key = (name, index)
+        if key not in found:
+            stem = f"{name}_{index:04d}"
+            folder = root / name
+            candidates = (folder / f"{stem}{ext}" for e in exts for ext in dict.fromkeys((e, e.upper())))
+            path = next((p for p in candidates if p.is_file()), None)
+            if path is None:
+                where = f"{pair.source}:{pair.line}" if pair.source else f"line {pair.line}"
+                raise MetricsError(
+                    f"{where}: image {stem} not found: expected {folder / stem}{exts[0]} "
+                    f"(also tried {', '.join(exts[1:]) or 'no other extension'})"
+                )
+            found[key] = path
+        return found[key]
+
+    return [
+        replace(
+            pair,
+            path_a=lookup(pair.name_a, pair.index_a, pair),
+            path_b=lookup(pair.name_b, pair.index_b, pair),
+        )
+        for pair in pairs
+    ]
