@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facetrain.data.images import MAX_IMAGE_PIXELS
+from facetrain.config.constants import MAX_IMAGE_PIXELS
 from facetrain.errors import PEER_LOST, UserError, one_line
 
 

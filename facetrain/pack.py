@@ -23,6 +23,7 @@ from facetrain.runtime import threads
 
 os.environ.update(threads.wait_policy())  # before torch loads: facetrain/runtime/threads.py
 from facetrain.cli import run_cli  # noqa: E402
+from facetrain.config.constants import MAX_IMAGE_PIXELS
 from facetrain.errors import UserError
 
 # PIL modes that `images.to_rgb(keep_gray=True)` returns as one gray channel
@@ -40,7 +41,7 @@ def build_parser():
                    "to it (default 112)")
     p.add_argument("--bad-images", choices=("error", "skip"), default="error",
                    help="refused files (pre-flight): stop (default) or pack without them")
-    p.add_argument("--max-image-pixels", type=int, default=89_478_485,
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
                    help="larger images are refused as decompression bombs (as data.max_image_pixels)")
     p.add_argument("--threads", type=int, default=0, help="decoding threads (default: 2 per core, at most 32)")
     p.add_argument("--force", action="store_true", help="replace an existing --output")
@@ -65,7 +66,7 @@ def main(argv: list[str]) -> int:
 
 
 def pack_folder(root: str | Path, output: str | Path, size: int, bad_images: str = "error",
-                max_image_pixels: int = 89_478_485, threads: int | None = None, progress: bool = True,
+                max_image_pixels: int = MAX_IMAGE_PIXELS, threads: int | None = None, progress: bool = True,
                 console=None) -> Path:
     """Pre-flight `root`, then decode every usable image once into pack `output`; returns its path."""
     import json

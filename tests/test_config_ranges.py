@@ -10,7 +10,9 @@ import typing
 import pytest
 from helpers import run_train, tiny_train_config
 
-from facetrain.config.schema import RANGES, Config, load_config
+from facetrain.config.load import load_config
+from facetrain.config.ranges import RANGES
+from facetrain.config.schema import Config
 from facetrain.errors import UserError
 
 

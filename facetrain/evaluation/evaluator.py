@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from facetrain.cli import resolve_model_path
-from facetrain.data.images import MAX_IMAGE_PIXELS
+from facetrain.config.constants import MAX_IMAGE_PIXELS
 from facetrain.errors import UserError
 from facetrain.evaluation.embedding import load_embedder
 from facetrain.evaluation.figures import make_figures

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from facetrain.cli import labelled_folder
+from facetrain.config.constants import DEFAULT_TARGET_FARS
 from facetrain.errors import UserError
 from facetrain.evaluation.metrics import (
-    DEFAULT_TARGET_FARS,
     RocCurve,
     all_pairs_roc,
     count_pairs,
