@@ -167,7 +167,7 @@ def test_val_metric_far_the_validation_set_cannot_resolve_stops_before_training(
 
 
 def _field_docs_from_source() -> dict[str, str]:
-    """{ClassName.field: first docstring line}, read straight from config.py's source (the test's own reading)."""
+    """{ClassName.field: first docstring line}, read straight from config/schema.py (the test's own reading)."""
     import ast
 
     import facetrain.config.schema as config_module
