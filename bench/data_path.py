@@ -205,7 +205,7 @@ def format_part(args, work: Path) -> list[dict]:
 def train_run(overrides: list[str], out: Path) -> dict:
     from accelerate.state import AcceleratorState
 
-    from facetrain.config.schema import load_config
+    from facetrain.config.load import load_config
     from facetrain.training.trainer import train
 
     AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per run in this process

@@ -306,7 +306,7 @@ def cost_class(row: Row, train_root: Path) -> tuple:
     weights) is a fraction of a percent of the backbone's multiply-adds, and a class of its own would hand a
     512-d row its own single probe and so a different step count (605 vs 508 in the 2026-12-01 wild run)."""
     sys.path.insert(0, str(REPO))
-    from facetrain.config.schema import load_config
+    from facetrain.config.load import load_config
 
     # which weights the backbone starts from does not change its compute (and the file need not be here)
     cfg = load_config(str(REPO / row.config), flat_overrides(row.overrides)

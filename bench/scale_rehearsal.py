@@ -348,7 +348,7 @@ def bench_loader(images: int, workdir: Path) -> dict:
     import torch
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    from facetrain.config.schema import load_config
+    from facetrain.config.load import load_config
     from facetrain.data import synthetic
     from facetrain.data.dataset import FaceDataset
     from facetrain.data.faceset import folder_faceset

@@ -205,7 +205,7 @@ class FacetrainStep:
     def run_session(self, warmup: int, steps: int, rounds: int, between) -> list[tuple[int, float]]:
         from accelerate.state import AcceleratorState
 
-        from facetrain.config.schema import load_config
+        from facetrain.config.load import load_config
         from facetrain.training.trainer import train
 
         self.count += 1

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from facetrain.data.images import MAX_IMAGE_PIXELS
+from facetrain.config.constants import MAX_IMAGE_PIXELS
 from facetrain.errors import PEER_LOST, UserError, one_line
 
 

@@ -35,7 +35,7 @@ os.environ.update(threads.wait_policy())
 import numpy as np
 
 from facetrain.cli import run_cli
-from facetrain.data.images import MAX_IMAGE_PIXELS
+from facetrain.config.constants import MAX_IMAGE_PIXELS
 from facetrain.errors import UserError
 
 if TYPE_CHECKING:  # torch loads with the model, after the command line parsed

@@ -22,7 +22,7 @@ from facetrain.runtime import threads
 
 os.environ.update(threads.wait_policy())  # before torch loads: facetrain/runtime/threads.py
 from facetrain.cli import run_cli  # noqa: E402
-from facetrain.data.images import MAX_IMAGE_PIXELS
+from facetrain.config.constants import MAX_IMAGE_PIXELS
 from facetrain.errors import UserError
 
 

@@ -19,7 +19,8 @@ from facetrain.runtime import threads
 os.environ.update(threads.wait_policy())
 
 from facetrain.cli import run_cli  # noqa: E402
-from facetrain.config.schema import describe_keys, load_config  # noqa: E402
+from facetrain.config.help import describe_keys  # noqa: E402
+from facetrain.config.load import load_config  # noqa: E402
 from facetrain.errors import UserError  # noqa: E402
 
 

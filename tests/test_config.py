@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, run_module, run_train, subprocess_env, tiny_train_config
 
-from facetrain.config.schema import Config, config_from_dict, load_config, save_config, to_dict
+from facetrain.config.load import config_from_dict, load_config, save_config, to_dict
+from facetrain.config.schema import Config
 from facetrain.errors import UserError
 
 
@@ -131,16 +132,16 @@ def test_val_metric_unknown_names_list_the_valid_ones(written):
 
 
 def test_val_metric_names_are_keys_that_validation_reports():
-    """config.VAL_METRICS (kept free of torch) against what validation computes: metrics.verification_metrics at
-    its default FARs, on enough pairs to resolve every FAR (a name missing there would be -inf forever)."""
+    """config.checks.VAL_METRICS (kept free of torch) against what validation computes:
+    metrics.verification_metrics at its default FARs, on enough pairs to resolve every FAR (a name missing there
+    would be -inf forever)."""
     import numpy as np
     import torch
 
-    from facetrain.config.schema import VAL_FARS, VAL_METRICS
-    from facetrain.evaluation.metrics import DEFAULT_TARGET_FARS, verification_metrics
+    from facetrain.config.checks import VAL_METRICS
+    from facetrain.evaluation.metrics import verification_metrics
     from facetrain.evaluation.scoring import all_pairs_roc
 
-    assert VAL_FARS == DEFAULT_TARGET_FARS
     labels = np.repeat(np.arange(50), 4)  # 200 images: 19,600 impostor pairs >= 1/1e-4
     emb = torch.nn.functional.normalize(torch.randn(200, 8, generator=torch.Generator().manual_seed(0)), dim=1)
     metrics = verification_metrics(all_pairs_roc(emb, torch.as_tensor(labels)))
@@ -167,7 +168,7 @@ def test_val_metric_far_the_validation_set_cannot_resolve_stops_before_training(
 
 
 def _field_docs_from_source() -> dict[str, str]:
-    """{ClassName.field: first docstring line}, read straight from config.py's source (the test's own reading)."""
+    """{ClassName.field: first docstring line}, read straight from config/schema.py (the test's own reading)."""
     import ast
 
     import facetrain.config.schema as config_module
@@ -221,3 +222,84 @@ def test_help_does_not_import_torch():
                           env=subprocess_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Names: one torch-free table each (facetrain/config/names.py), checked when the config loads, listed by --help
+
+
+_UNKNOWN_NAMES = [  # (what is loaded, key, bad value, the table that lists the valid names)
+    ("config", "loss.name", "hinge", "LOSS_NAMES"),
+    ("config", "loss.miner", "hardest", "MINER_NAMES"),
+    ("config", "optim.name", "lion", "OPTIMIZER_NAMES"),
+    ("config", "optim.scheduler", "onecycle", "SCHEDULER_NAMES"),
+    ("config", "optim.preset", "fast", "PRESETS"),
+    ("recipe", "alignment.detector", "haar", "DETECTOR_NAMES"),
+]
+_LOAD_IN_A_FRESH_PROCESS = """
+import json, sys
+from facetrain.alignment.recipe import AlignmentRecipe
+from facetrain.config import names
+from facetrain.config.load import load_config
+from facetrain.errors import UserError
+out = []
+for what, key, value, table in json.loads(sys.argv[1]):
+    try:
+        load_config(None, [f"--{key}", value]) if what == "config" else AlignmentRecipe.from_dict({"detector": value})
+        out.append([key, None, []])
+    except UserError as err:
+        out.append([key, str(err), list(getattr(names, table))])
+print(json.dumps({"results": out, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_unknown_names_are_rejected_at_load_without_torch():
+    """Each name key: one line naming the key, the bad value and every valid name, before torch is imported (a
+    fresh process, so nothing else has loaded torch; AlignmentRecipe.from_dict is how a bundle's recipe loads)."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", _LOAD_IN_A_FRESH_PROCESS, json.dumps(_UNKNOWN_NAMES)],
+                          capture_output=True, text=True, timeout=120, env=subprocess_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["torch"] is False
+    for (_, key, value, _), (_, message, valid) in zip(_UNKNOWN_NAMES, report["results"], strict=True):
+        assert message is not None, f"{key} {value!r} was accepted"
+        assert message.startswith(f"{key}: unknown ") and repr(value) in message and "\n" not in message, message
+        assert valid and all(name in message for name in valid), message
+
+
+def test_preset_is_applied_at_load_and_beats_name_and_scheduler():
+    from facetrain.config.names import PRESETS
+
+    for preset, (name, scheduler) in PRESETS.items():
+        cfg = load_config(None, ["--optim.preset", preset, "--optim.name", "sgd", "--optim.scheduler", "step"])
+        assert (cfg.optim.name, cfg.optim.scheduler) == (name, scheduler), preset
+
+
+def test_help_lists_the_names_of_the_tables():
+    from facetrain.config import names
+    from facetrain.config.help import describe_keys
+
+    text = describe_keys()
+    for key, table in (("loss.name", names.LOSS_NAMES), ("loss.miner", names.MINER_NAMES),
+                       ("optim.name", names.OPTIMIZER_NAMES), ("optim.scheduler", names.SCHEDULER_NAMES),
+                       ("optim.preset", tuple(names.PRESETS))):
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"--{key}: "))
+        assert line.endswith("(one of " + " | ".join(("''",) * (key == "optim.preset") + tuple(table)) + ")"), line
+
+
+def test_torch_registries_are_keyed_by_the_name_tables():
+    """One definition of each name: the registries that build the pieces have exactly the tables' keys (checked
+    when their modules import, `names.keyed_by`; this test names the pairs)."""
+    from facetrain.alignment.detectors import DETECTORS
+    from facetrain.config import names
+    from facetrain.training.losses import LOSSES, MINERS
+    from facetrain.training.optim import OPTIMIZERS, SCHEDULERS
+
+    assert tuple(LOSSES) == names.LOSS_NAMES and tuple(MINERS) == names.MINER_NAMES
+    assert tuple(OPTIMIZERS) == names.OPTIMIZER_NAMES and tuple(SCHEDULERS) == names.SCHEDULER_NAMES
+    assert tuple(DETECTORS) == names.DETECTOR_NAMES
+    assert set(names.PRESETS.values()) <= {(o, s) for o in OPTIMIZERS for s in SCHEDULERS}
+    with pytest.raises(RuntimeError, match="differ from the name table"):
+        names.keyed_by(("a", "b"), {"a": 1})

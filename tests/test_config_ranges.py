@@ -1,4 +1,4 @@
-"""Every numeric config key has a valid range (config.RANGES), checked before any data is read, one line each;
+"""Every numeric config key has a valid range (config.ranges.RANGES), checked before any data is read, one line each;
 plus the cross-field checks (eta_min vs lr, t_max vs warm-up, a loss.distance the loss ignores, ...)."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import typing
 import pytest
 from helpers import run_train, tiny_train_config
 
-from facetrain.config.schema import RANGES, Config, load_config
+from facetrain.config.load import load_config
+from facetrain.config.ranges import RANGES
+from facetrain.config.schema import Config
 from facetrain.errors import UserError
 
 
@@ -34,12 +36,12 @@ NUMERIC = list(_numeric_fields(Config))
 
 
 def test_every_numeric_field_has_a_range():
-    """A new numeric key must get its range in config.RANGES: this fails until it has one."""
+    """A new numeric key must get its range in config.ranges.RANGES: this fails until it has one."""
     assert len(NUMERIC) > 50
     missing = [key for key, _, _ in NUMERIC if key not in RANGES]
-    assert not missing, f"numeric config keys without an entry in config.RANGES: {missing}"
+    assert not missing, f"numeric config keys without an entry in config.ranges.RANGES: {missing}"
     stale = sorted(set(RANGES) - {key for key, _, _ in NUMERIC})
-    assert not stale, f"config.RANGES names keys that are not numeric fields: {stale}"
+    assert not stale, f"config.ranges.RANGES names keys that are not numeric fields: {stale}"
 
 
 def test_defaults_are_inside_their_ranges():

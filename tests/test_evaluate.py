@@ -351,7 +351,7 @@ def test_trainer_validation_metrics_equal_eval_on_the_same_identities(tmp_path, 
     logged = meta["val_metrics"]
 
     # the run's identity split, from its saved config, and its validation images as files in the same order
-    from facetrain.config.schema import config_from_dict
+    from facetrain.config.load import config_from_dict
     from facetrain.data.faceset import build_faceset, split_identities
 
     cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()), "config.yaml")

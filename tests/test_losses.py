@@ -67,9 +67,9 @@ def test_margin_heads_are_cross_entropy_on_the_margin_penalised_scaled_cosines(n
 
 
 def test_margin_heads_refuse_a_miner():
+    from facetrain.config.load import load_config
     from facetrain.errors import UserError
-    from facetrain.training.losses import check_names
 
     for name in ("arcface", "cosface", "subcenter_arcface"):
         with pytest.raises(UserError, match=f"loss.miner: {name} is a classification loss"):
-            check_names(LossConfig(name=name, miner="triplet_hard"))
+            load_config(None, ["--loss.name", name, "--loss.miner", "triplet_hard"])

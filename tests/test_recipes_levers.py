@@ -12,7 +12,8 @@ import pytest
 import torch
 from helpers import FACES, NO_SHARED_REASON, REPO, WEIGHTS, load_weights, run_train, tiny_train_config
 
-from facetrain.config.schema import ModelConfig, load_config
+from facetrain.config.load import load_config
+from facetrain.config.schema import ModelConfig
 from facetrain.errors import UserError
 from facetrain.model.network import create_model, load_bundle
 from facetrain.training.optim import param_groups

@@ -20,7 +20,8 @@ import pytest
 import torch
 from helpers import FACES, REPO, launch_cmd, load_weights, run_train, subprocess_env, tiny_train_config
 
-from facetrain.config.schema import Config, ModelConfig, to_dict
+from facetrain.config.load import to_dict
+from facetrain.config.schema import Config, ModelConfig
 from facetrain.data import synthetic
 from facetrain.data.images import Preprocess
 from facetrain.errors import UserError

@@ -7,8 +7,9 @@ import json
 import pytest
 from helpers import run_train, tb_scalars, tiny_train_config
 
+from facetrain.config.names import PRESETS
 from facetrain.config.schema import OptimConfig
-from facetrain.training.optim import PRESETS, create_scheduler, schedule_notes
+from facetrain.training.optim import create_scheduler, schedule_notes
 
 STEPS = 200
 LR = 3e-3

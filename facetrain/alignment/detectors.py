@@ -3,8 +3,9 @@
 A detector turns an 8-bit RGB image (H, W, 3 numpy array) into a list of `Face`s: a box, a confidence and five
 landmarks in the order of the ArcFace template (`alignment.TEMPLATES`): the eye on the image's left, the eye on
 the image's right, the nose tip, the mouth corner on the image's left, the mouth corner on the image's right,
-all in pixels of the image given. Adding a detector = one class with `detect` and one `DETECTORS` entry; nothing
-else in facetrain changes (`alignment.align_image` looks it up by the recipe's `detector` name).
+all in pixels of the image given. Adding a detector = one class with `detect`, one `DETECTORS` entry and its
+name in `config.names.DETECTOR_NAMES`; nothing else in facetrain changes (`alignment.align_image` looks it up by
+the recipe's `detector` name).
 
 Construction is lazy and cached per process (`get_detector`): the first photo of a process pays for loading the
 weights (~1-2 s for MTCNN on a CPU), every later one reuses them. Nothing here imports torch at import time.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from facetrain.config.names import DETECTOR_NAMES, keyed_by
 from facetrain.errors import UserError
 
 INSTALL_HINT = 'pip install -e ".[align]"'
@@ -84,21 +86,15 @@ class MTCNNDetector:
                 for b, s, p in zip(boxes, probs, points, strict=True)]
 
 
-#: name -> detector class: `require()` (raises DetectorUnavailable), `__init__(min_face_px=...)`,
-#: `detect(rgb) -> list[Face]`
-DETECTORS: dict[str, Callable[..., object]] = {
+#: name (DETECTOR_NAMES, checked when a recipe is made) -> detector class: `require()` (raises
+#: DetectorUnavailable), `__init__(min_face_px=...)`, `detect(rgb) -> list[Face]`
+DETECTORS: dict[str, Callable[..., object]] = keyed_by(DETECTOR_NAMES, {
     "mtcnn": MTCNNDetector,
-}
-
-
-def check_detector_name(name: str, key: str = "detector") -> None:
-    if name not in DETECTORS:
-        raise UserError(f"{key}: unknown face detector {name!r}; choose one of {', '.join(sorted(DETECTORS))}")
+})
 
 
 def require_detector(name: str) -> None:
-    """The detector `name` exists and its package is installed (cheap: nothing is built)."""
-    check_detector_name(name)
+    """The package of the detector `name` (a recipe's) and of the warp are installed (cheap: nothing is built)."""
     DETECTORS[name].require()
     try:
         import skimage.transform  # noqa: F401  (the warp: same extra)
@@ -109,5 +105,4 @@ def require_detector(name: str) -> None:
 @functools.lru_cache(maxsize=4)
 def get_detector(name: str, min_face_px: int):
     """The process's detector for (name, min_face_px), built on first use."""
-    check_detector_name(name)
     return DETECTORS[name](min_face_px=min_face_px)

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from facetrain.config.names import DETECTOR_NAMES, check_name
 from facetrain.errors import UserError
 
 #: Written by facetrain.align into its output folder: the recipe and the run's counts.
@@ -104,7 +105,7 @@ class AlignmentRecipe:
     """Everything that decides the crop of a photo; stored in the bundle (metadata key "alignment")."""
 
     detector: str = "mtcnn"
-    """Key of detectors.DETECTORS."""
+    """Key of detectors.DETECTORS (one of config.names.DETECTOR_NAMES)."""
     template: str = "arcface_112"
     """Key of TEMPLATES."""
     size: int = 112
@@ -124,9 +125,7 @@ class AlignmentRecipe:
     template (on average) are flagged far_from_template."""
 
     def __post_init__(self):
-        from facetrain.alignment.detectors import check_detector_name
-
-        check_detector_name(self.detector, "alignment.detector")
+        check_name("alignment.detector", self.detector, DETECTOR_NAMES, "face detector")
         if self.template not in TEMPLATES:
             raise UserError(f"alignment.template: unknown template {self.template!r}; choose one of "
                             f"{', '.join(TEMPLATES)}")

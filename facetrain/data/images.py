@@ -27,10 +27,6 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
-MAX_IMAGE_PIXELS = 89_478_485
-"""Images with more pixels are refused as decompression bombs (PIL's own default, Image.MAX_IMAGE_PIXELS)."""
-
-
 @dataclass
 class Preprocess:
     """Everything needed to turn an image into a model input (side in pixels, per-channel mean and std of

@@ -20,8 +20,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from facetrain.config.constants import MAX_IMAGE_PIXELS
 from facetrain.data.faceset import scan_identity_folder
-from facetrain.data.images import MAX_IMAGE_PIXELS, Preprocess, load_image
+from facetrain.data.images import Preprocess, load_image
 from facetrain.data.pack_format import PackHeader, PackWriter
 from facetrain.data.preflight import PreflightReport, enforce, scan
 from facetrain.data.transforms import eval_transform

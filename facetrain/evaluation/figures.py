@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from facetrain.evaluation.metrics import DEFAULT_TARGET_FARS, RocCurve
+from facetrain.config.constants import DEFAULT_TARGET_FARS
+from facetrain.evaluation.metrics import RocCurve
 
 
 def _plot_points(roc: RocCurve, points: int = 3000) -> np.ndarray:

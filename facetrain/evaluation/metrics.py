@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from facetrain.config.constants import DEFAULT_TARGET_FARS
 from facetrain.errors import UserError
 
 
@@ -35,8 +36,6 @@ class MetricsError(UserError, ValueError):
 #: Histogram resolution: 2**16 bins over [-1, 1] are 2**-15 ~ 3.05e-5 wide. A power of two keeps the bin
 #: edges exactly representable, so histogram bins and their edge thresholds agree bit for bit.
 DEFAULT_BINS = 2**16
-#: FARs at which TAR is reported by default.
-DEFAULT_TARGET_FARS: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4)
 
 _SCORE_LOW, _SCORE_HIGH = -1.0, 1.0  # cosine range covered by ScoreHistogram
 _HIST_CHUNK = 1 << 20  # scores binned per step in ScoreHistogram.add: bounds temporaries to ~24 MiB

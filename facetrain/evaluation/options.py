@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from facetrain.data.images import MAX_IMAGE_PIXELS
+from facetrain.config.constants import MAX_IMAGE_PIXELS
 from facetrain.errors import UserError
 
 

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from facetrain.config.constants import DEFAULT_TARGET_FARS
 from facetrain.data.faceset import scan_identity_folder
 from facetrain.errors import UserError
 from facetrain.evaluation.metrics import (
-    DEFAULT_TARGET_FARS,
     RocCurve,
     count_pairs,
     far_needed,

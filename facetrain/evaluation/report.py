@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from facetrain.evaluation.metrics import DEFAULT_TARGET_FARS, far_needed
+from facetrain.config.constants import DEFAULT_TARGET_FARS
+from facetrain.evaluation.metrics import far_needed
 
 if TYPE_CHECKING:
     from facetrain.evaluation.embedding import Embedder

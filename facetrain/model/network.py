@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from facetrain.config.schema import DataConfig, ModelConfig, to_dict
+from facetrain.config.load import to_dict
+from facetrain.config.schema import DataConfig, ModelConfig
 from facetrain.data.images import Preprocess
 from facetrain.errors import UserError
 from facetrain.runtime.atomic_dir import recover_dir

@@ -1,8 +1,7 @@
 """Losses and miners by name (registries of pytorch-metric-learning constructors).
 
-    loss.name:  triplet | contrastive | bce_pair | multi_similarity        (pairs / triplets of the batch)
-                arcface | cosface | subcenter_arcface                      (margin-softmax heads)
-    loss.miner: none | triplet_all | triplet_hard | triplet_semihard | multi_similarity
+    loss.name:  LOSS_NAMES of facetrain/config/names.py (pair/triplet losses of the batch, margin-softmax heads)
+    loss.miner: MINER_NAMES of facetrain/config/names.py
 
 All take (embeddings, labels[, mining tuples]) on the *global* batch (see `distributed.gather_for_loss`).
 The margin heads own a class-weight matrix (one column per training identity, `sub_centers` columns for
@@ -19,8 +18,8 @@ import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners
 from torch import nn
 
-from facetrain.config.schema import STANDARD_MARGINS, LossConfig
-from facetrain.errors import UserError
+from facetrain.config.names import LOSS_NAMES, MINER_NAMES, STANDARD_MARGINS, keyed_by
+from facetrain.config.schema import LossConfig
 
 
 def _distance(cfg: LossConfig) -> distances.BaseDistance:
@@ -86,7 +85,7 @@ def _bce_pair(cfg: LossConfig, num_classes: int, dim: int) -> nn.Module:
     return BCEPairLoss(scale=cfg.scale)
 
 
-LOSSES: dict[str, Callable[[LossConfig, int, int], nn.Module]] = {
+LOSSES: dict[str, Callable[[LossConfig, int, int], nn.Module]] = keyed_by(LOSS_NAMES, {
     "triplet": _triplet,
     "contrastive": _contrastive,
     "bce_pair": _bce_pair,
@@ -94,11 +93,9 @@ LOSSES: dict[str, Callable[[LossConfig, int, int], nn.Module]] = {
     "arcface": _arcface,
     "cosface": _cosface,
     "subcenter_arcface": _subcenter_arcface,
-}
-MARGIN_HEADS = ("arcface", "cosface", "subcenter_arcface")
-"""Classification losses with their own weights: one embedding is scored against every identity, no miner."""
+})
 
-MINERS: dict[str, Callable[[LossConfig], miners.BaseMiner | None]] = {
+MINERS: dict[str, Callable[[LossConfig], miners.BaseMiner | None]] = keyed_by(MINER_NAMES, {
     "none": lambda cfg: None,
     "triplet_all": lambda cfg: miners.TripletMarginMiner(margin=cfg.miner_margin, type_of_triplets="all",
                                                          distance=_distance(cfg)),
@@ -107,25 +104,15 @@ MINERS: dict[str, Callable[[LossConfig], miners.BaseMiner | None]] = {
     "triplet_semihard": lambda cfg: miners.TripletMarginMiner(margin=cfg.miner_margin,
                                                               type_of_triplets="semihard", distance=_distance(cfg)),
     "multi_similarity": lambda cfg: miners.MultiSimilarityMiner(epsilon=cfg.miner_epsilon),
-}
-
-
-def check_names(cfg: LossConfig) -> None:
-    if cfg.name not in LOSSES:
-        raise UserError(f"loss.name: unknown loss {cfg.name!r} (choose one of: {', '.join(LOSSES)})")
-    if cfg.miner not in MINERS:
-        raise UserError(f"loss.miner: unknown miner {cfg.miner!r} (choose one of: {', '.join(MINERS)})")
-    if cfg.name in MARGIN_HEADS and cfg.miner != "none":
-        raise UserError(f"loss.miner: {cfg.name} is a classification loss (each image against every identity's "
-                        "weights) and takes no miner; set loss.miner: none")
+})
 
 
 class MetricLoss(nn.Module):
-    """loss(miner(emb, labels)) with the chosen pieces; holds the loss's own parameters (margin heads)."""
+    """loss(miner(emb, labels)) with the chosen pieces; holds the loss's own parameters (margin heads). The names
+    and their combination were checked when the config loaded (facetrain/config/checks.py)."""
 
     def __init__(self, cfg: LossConfig, num_classes: int, embedding_dim: int):
         super().__init__()
-        check_names(cfg)
         self.loss = LOSSES[cfg.name](cfg, num_classes, embedding_dim)
         self.miner = MINERS[cfg.miner](cfg)
 

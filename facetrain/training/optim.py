@@ -1,9 +1,8 @@
 """Optimizers, learning-rate schedules and the article's presets, by name.
 
-    optim.name:      adam | adamw | sgd | ranger | schedulefree_adamw
-    optim.scheduler: cosine | cosine_warmup | plateau | step | exponential | constant
-    optim.preset:    adam_cosine | adamw_plateau | sgd_step | ranger_exponential | schedulefree_adamw |
-                     adamw_cosine_warmup   (sets name + scheduler together)
+    optim.name:      OPTIMIZER_NAMES of facetrain/config/names.py
+    optim.scheduler: SCHEDULER_NAMES of facetrain/config/names.py
+    optim.preset:    PRESETS of facetrain/config/names.py (sets name + scheduler together when the config loads)
 
 Schedules advance per optimizer step or per epoch (`optim.scheduler_interval`); `plateau` advances on each
 validation with the validation metric. The schedules are defined here as multipliers of optim.lr (LambdaLR),
@@ -22,26 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from facetrain.config.names import OPTIMIZER_NAMES, SCHEDULER_NAMES, keyed_by
 from facetrain.config.schema import OptimConfig
-from facetrain.errors import UserError
-
-# preset -> (optimizer, scheduler). Every scheduler adapts to the run's length by default (optim.t_max 0,
-# optim.step_size 0, optim.gamma 0), so each preset gives a sensible curve for any train.max_steps / epochs:
-#   adam_cosine          cosine from lr to eta_min over the run
-#   adamw_plateau        lr, multiplied by plateau_factor after plateau_patience validations without progress
-#   sgd_step             lr for the first third of the run, lr/10 for the second, lr/100 for the last
-#   ranger_exponential   lr x gamma^t with gamma chosen so that the run ends at lr/100 (never below eta_min)
-#   schedulefree_adamw   constant (schedule-free needs no schedule; its own warm-up is optim.warmup_steps)
-#   adamw_cosine_warmup  linear warm-up over optim.warmup_steps, then cosine to eta_min
-# Each stays at >= 1% of lr until the last tenth of the run (tests/test_schedules.py measures it on real runs).
-PRESETS: dict[str, tuple[str, str]] = {
-    "adam_cosine": ("adam", "cosine"),
-    "adamw_plateau": ("adamw", "plateau"),
-    "sgd_step": ("sgd", "step"),
-    "ranger_exponential": ("ranger", "exponential"),
-    "schedulefree_adamw": ("schedulefree_adamw", "constant"),
-    "adamw_cosine_warmup": ("adamw", "cosine_warmup"),
-}
 
 STEP_DROPS = 3
 """optim.step_size 0: the run is split into this many equal periods (lr, lr x gamma, lr x gamma^2)."""
@@ -85,13 +66,13 @@ def _schedulefree_adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Opt
                                           weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps)
 
 
-OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = {
+OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = keyed_by(OPTIMIZER_NAMES, {
     "adam": _adam,
     "adamw": _adamw,
     "sgd": _sgd,
     "ranger": _ranger,
     "schedulefree_adamw": _schedulefree_adamw,
-}
+})
 
 
 def _cosine_factor(t: int, length: int, floor: float) -> float:
@@ -131,7 +112,7 @@ def _exponential_fn(cfg: OptimConfig, total: int) -> Callable[[int], float]:
     return lambda t: max(floor, gamma ** t)
 
 
-SCHEDULERS: dict[str, Callable] = {
+SCHEDULERS: dict[str, Callable] = keyed_by(SCHEDULER_NAMES, {
     "cosine": _lambda(_cosine_fn),
     "cosine_warmup": _lambda(_cosine_fn),
     # cut the rate when the validation metric stops improving, in the metric's own direction
@@ -140,7 +121,7 @@ SCHEDULERS: dict[str, Callable] = {
     "step": _lambda(_step_fn),
     "exponential": _lambda(_exponential_fn),
     "constant": lambda opt, cfg, total, decreasing: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0),
-}
+})
 
 
 def schedule_notes(cfg: OptimConfig, total: int) -> list[str]:
@@ -151,21 +132,6 @@ def schedule_notes(cfg: OptimConfig, total: int) -> list[str]:
                 f"optim.eta_min {cfg.eta_min:g} after {cfg.t_max} {unit} and stays there for the last "
                 f"{total - cfg.t_max} (it does not restart); set optim.t_max 0 to span the whole run"]
     return []
-
-
-def resolve_preset(cfg: OptimConfig) -> None:
-    """Apply optim.preset (if any) to optim.name and optim.scheduler; check every name."""
-    if cfg.preset:
-        if cfg.preset not in PRESETS:
-            raise UserError(f"optim.preset: unknown preset {cfg.preset!r} (choose one of: {', '.join(PRESETS)})")
-        cfg.name, cfg.scheduler = PRESETS[cfg.preset]
-    if cfg.name not in OPTIMIZERS:
-        raise UserError(f"optim.name: unknown optimizer {cfg.name!r} (choose one of: {', '.join(OPTIMIZERS)})")
-    if cfg.scheduler not in SCHEDULERS:
-        raise UserError(f"optim.scheduler: unknown scheduler {cfg.scheduler!r} "
-                        f"(choose one of: {', '.join(SCHEDULERS)})")
-    if cfg.warmup_steps < 0 or cfg.t_max < 0:
-        raise UserError("optim.warmup_steps and optim.t_max: must be >= 0")
 
 
 def param_groups(model: nn.Module, extra: nn.Module | None, cfg: OptimConfig) -> list[dict]:
@@ -181,7 +147,7 @@ def param_groups(model: nn.Module, extra: nn.Module | None, cfg: OptimConfig) ->
 
 
 def create_optimizer(model: nn.Module, extra: nn.Module | None, cfg: OptimConfig) -> torch.optim.Optimizer:
-    resolve_preset(cfg)
+    """optim.name's optimizer (optim.preset was applied when the config loaded: facetrain/config/checks.py)."""
     return OPTIMIZERS[cfg.name](param_groups(model, extra, cfg), cfg)
 
 
@@ -189,7 +155,6 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_i
                      decreasing: bool = False):
     """`total_intervals`: optimizer steps (interval=step) or epochs (interval=epoch) in the whole run;
     `decreasing`: the validation metric a plateau schedule watches is better when smaller (eer)."""
-    resolve_preset(cfg)
     return SCHEDULERS[cfg.scheduler](optimizer, cfg, total_intervals, decreasing)
 
 

@@ -30,7 +30,10 @@ from accelerate.utils import set_seed
 from timm.utils import ModelEmaV3
 
 from facetrain.alignment.recipe import recipe_of_folder
-from facetrain.config.schema import VAL_FARS, Config, save_config, to_dict, val_metric_far
+from facetrain.config.checks import val_metric_far
+from facetrain.config.constants import DEFAULT_TARGET_FARS
+from facetrain.config.load import save_config, to_dict
+from facetrain.config.schema import Config
 from facetrain.data.dataset import FaceDataset, default_num_workers
 from facetrain.data.device_augment import training_input
 from facetrain.data.faceset import build_faceset, split_identities
@@ -52,8 +55,8 @@ from facetrain.runtime.distributed import (
 from facetrain.runtime.precision import resolve_mixed_precision
 from facetrain.training import checkpoint as ckpt
 from facetrain.training.guard import NonFiniteGuard
-from facetrain.training.losses import MetricLoss, check_names
-from facetrain.training.optim import Schedule, create_optimizer, resolve_preset
+from facetrain.training.losses import MetricLoss
+from facetrain.training.optim import Schedule, create_optimizer
 from facetrain.training.progress import TrainProgress
 
 BN_RECOMPUTE_IMAGES = 512
@@ -152,8 +155,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, on_log: Callable[[int], None] | None = None):
         self.cfg, self.t, self.on_log = cfg, cfg.train, on_log
-        resolve_preset(cfg.optim)
-        check_names(cfg.loss)
         self.out = Path(self.t.output_dir)
         # accelerator: precision, trackers, process group (created here, never at import time)
         self.precision = resolve_mixed_precision(self.t.mixed_precision, cfg.data.image_size)
@@ -516,7 +517,7 @@ def check_val_metric_resolvable(val_metric: str, val_labels: np.ndarray) -> None
     far = val_metric_far(val_metric)
     n_impostor = count_pairs(val_labels)[1]
     if far is not None and n_impostor < far_needed(far):
-        usable = [f"tar@far={f:.0e}" for f in VAL_FARS if n_impostor >= far_needed(f)] + ["auc", "eer"]
+        usable = [f"tar@far={f:.0e}" for f in DEFAULT_TARGET_FARS if n_impostor >= far_needed(f)] + ["auc", "eer"]
         raise UserError(f"train.val_metric: {val_metric} needs >= {far_needed(far):,} impostor pairs, but the "
                         f"{len(np.unique(val_labels))} validation identities ({len(val_labels)} images) give "
                         f"{n_impostor:,}; choose {', '.join(usable)}, or hold out more identities "
