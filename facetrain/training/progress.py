@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from facetrain.config.schema import Config, to_dict
+
 
 class TrainProgress:
     def __init__(self, enabled: bool, quiet: bool = False):
@@ -45,3 +47,22 @@ class TrainProgress:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def flat_hparams(cfg: Config) -> dict:
+    """The config as TensorBoard hyperparameters: one "section.key" (or "section.key.sub") per plain value."""
+    out = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                out.update({f"{section}.{key}.{k}": v for k, v in value.items()})
+            else:
+                out[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out
+
+
+def steady_img_per_s(windows: list[tuple[int, int, float]]) -> float | None:
+    """Training img/s over the (step, images, seconds) log windows but the first (DataLoader start-up)."""
+    steady = windows[1:] or windows
+    seconds = sum(w[2] for w in steady)
+    return sum(w[1] for w in steady) / seconds if seconds > 0 else None
