@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -61,8 +63,28 @@ def flat_hparams(cfg: Config) -> dict:
     return out
 
 
-def steady_img_per_s(windows: list[tuple[int, int, float]]) -> float | None:
-    """Training img/s over the (step, images, seconds) log windows but the first (DataLoader start-up)."""
-    steady = windows[1:] or windows
-    seconds = sum(w[2] for w in steady)
-    return sum(w[1] for w in steady) / seconds if seconds > 0 else None
+class Throughput:
+    """Training img/s per log window, from the images counted since the window opened. `restart()` after work
+    that is not training (logging, validation) leaves its time out."""
+
+    def __init__(self):
+        self.windows: list[tuple[int, int, float]] = []  # (step, images, seconds) per closed window
+        self.restart()
+
+    def restart(self) -> None:
+        self._start, self._images = time.perf_counter(), 0
+
+    def add(self, images: int) -> None:
+        self._images += images
+
+    def close(self, step: int) -> float:
+        """Record the window ending at `step`; its img/s."""
+        seconds = time.perf_counter() - self._start
+        self.windows.append((step, self._images, seconds))
+        return self._images / max(seconds, 1e-9)
+
+    def steady(self) -> float | None:
+        """img/s over every window but the first (DataLoader start-up), or None before any."""
+        steady = self.windows[1:] or self.windows
+        seconds = sum(w[2] for w in steady)
+        return sum(w[1] for w in steady) / seconds if seconds > 0 else None

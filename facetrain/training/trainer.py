@@ -17,7 +17,6 @@ request (SIGUSR1/SIGTERM, or a file <output_dir>/STOP) finishes the step, writes
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,7 +34,6 @@ from facetrain.data.sampler import MPerClassBatchSampler
 from facetrain.errors import UserError
 from facetrain.model.network import create_model, resolve_preprocess
 from facetrain.runtime.distributed import (
-    any_rank,
     average_gradients,
     check_identical,
     convert_to_global_batchnorm,
@@ -48,7 +46,7 @@ from facetrain.training.guard import NonFiniteGuard
 from facetrain.training.loop_state import LoopState
 from facetrain.training.losses import MetricLoss, check_names
 from facetrain.training.optim import Schedule, create_optimizer, resolve_preset
-from facetrain.training.progress import TrainProgress, flat_hparams, steady_img_per_s
+from facetrain.training.progress import Throughput, TrainProgress, flat_hparams
 from facetrain.training.resume import beyond_run_length, finished_message, finished_run, resume_point
 from facetrain.training.stateful import EmaWeights, ScalerState
 from facetrain.training.stop import StopRequest
@@ -61,6 +59,7 @@ class Trainer:
         setup_data()       the identity split and the P x m sampler (the run's length follows from them)
         setup()            model, loss, optimizer, schedule, checkpointer, loaders, guard, outputs (+ resume)
         train_step()       one optimizer step over train.grad_accum_steps micro-batches -> the loss (on device)
+        after_step()       log, validate, checkpoint and stop on their cadences
         validate()         metrics of the eval-mode model on the validation identities (rank 0 scores)
         after_validation() log, schedule on the metric, export the best bundle
         save_checkpoint()  a full checkpoint of the current step, on every rank together
@@ -83,8 +82,7 @@ class Trainer:
         self.state = LoopState()
         """The loop's own state, saved as JSON in every checkpoint."""
         self.last_metrics: dict | None = None
-        self.throughput: list[tuple[int, int, float]] = []  # (step, images, seconds) per log window
-        self._window = (time.perf_counter(), 0)
+        self.throughput = Throughput()
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -254,25 +252,14 @@ class Trainer:
 
     def log_step(self, step: int, loss: torch.Tensor) -> None:
         """Loss, learning rate and img/s of the window since the last log point (a host sync)."""
-        start, images = self._window
-        now = time.perf_counter()
-        ips = images / max(now - start, 1e-9)
-        self.throughput.append((step, images, now - start))
+        ips = self.throughput.close(step)
         value = loss.item()
         self.accelerator.log({"train/loss": value, "train/lr": self.optimizer.param_groups[0]["lr"],
                               "train/img_per_s": ips}, step=step)
         self.log.update(step, loss=value, ips=ips)
         if self.on_log is not None:
             self.on_log(step)
-        self._window = (time.perf_counter(), 0)  # logging's (and on_log's) own time is not training
-
-    def stop_agreed(self, step: int, log_now: bool) -> bool:
-        """A stop request (signal, STOP file, debug.stop_at_step) on any rank. With several processes agreeing is
-        a collective (a host sync), so it is only asked on log steps (Slurm warns minutes ahead)."""
-        at = step == self.cfg.debug.stop_at_step
-        if not (self.world == 1 or log_now or at):
-            return False
-        return any_rank(self.stop.local() or at, self.accelerator)
+        self.throughput.restart()  # logging's (and on_log's) own time is not training
 
     # ------------------------------------------------------------------------------------------------ the run
 
@@ -301,7 +288,7 @@ class Trainer:
         """Train to max_steps or a stop request; True if it stopped early (a checkpoint was written)."""
         t, state = self.t, self.state
         self.log.start(total=self.max_steps, completed=state.step)
-        self._window = (time.perf_counter(), 0)
+        self.throughput.restart()
         try:
             while state.step < self.max_steps:
                 epoch, step_in_epoch = divmod(state.step, self.steps_per_epoch)
@@ -312,34 +299,41 @@ class Trainer:
                         raise RuntimeError(f"injected failure on rank {self.rank} at step {state.step} "
                                            "(debug.fail_rank)")
                     loss = self.train_step(batches)
-                    self._window = (self._window[0], self._window[1] + t.batch_size * self.world * t.grad_accum_steps)
-                    step = state.step
-                    last = step == self.max_steps
-                    log_now = step % t.log_every == 0 or last
-                    val_now = (step % t.val_every == 0 if t.val_every else step % self.steps_per_epoch == 0) or last
-                    if log_now or val_now:  # the loop's host syncs (and save_checkpoint): report skipped steps
-                        self.guard.check()
-                    if log_now:
-                        self.log_step(step, loss)
-                    else:
-                        self.log.advance(step)
-                    if val_now:
-                        self.last_metrics = self.validate()
-                        self.after_validation(self.last_metrics)  # exports the validated weights as they are
-                        self.set_train_mode(True)
-                        self._window = (time.perf_counter(), 0)  # img/s measures training only
-                    if self.stop_agreed(step, log_now) and not last:
-                        final = self.save_checkpoint()
-                        self.log.print(f"stop requested: checkpoint {final} written at step {step}; continue "
-                                       "with --train.resume auto")
+                    self.throughput.add(t.batch_size * self.world * t.grad_accum_steps)
+                    if self.after_step(state.step, loss):
                         return True
-                    if step % t.ckpt_every == 0 or last:
-                        self.save_checkpoint()
             return False
         finally:
             self.log.stop()
             if self.sample_log is not None:
                 self.sample_log.close()
+
+    def after_step(self, step: int, loss: torch.Tensor) -> bool:
+        """Log, validate and checkpoint on their cadences; True when a stop request ended the run here (after
+        writing a checkpoint)."""
+        t = self.t
+        last = step == self.max_steps
+        log_now = step % t.log_every == 0 or last
+        val_now = (step % t.val_every == 0 if t.val_every else step % self.steps_per_epoch == 0) or last
+        if log_now or val_now:  # the loop's host syncs (and save_checkpoint): report skipped steps
+            self.guard.check()
+        if log_now:
+            self.log_step(step, loss)
+        else:
+            self.log.advance(step)
+        if val_now:
+            self.last_metrics = self.validate()
+            self.after_validation(self.last_metrics)  # exports the validated weights as they are
+            self.set_train_mode(True)
+            self.throughput.restart()  # img/s measures training only
+        if self.stop.agreed(step, log_now) and not last:
+            final = self.save_checkpoint()
+            self.log.print(f"stop requested: checkpoint {final} written at step {step}; continue with "
+                           "--train.resume auto")
+            return True
+        if step % t.ckpt_every == 0 or last:
+            self.save_checkpoint()
+        return False
 
     # ------------------------------------------------------------------------------------------------ helpers
 
@@ -361,7 +355,7 @@ class Trainer:
             (out / "done.json").unlink(missing_ok=True)
             (out / "STOP").unlink(missing_ok=True)  # a stale request from a previous (requeued) run
         self.accelerator.wait_for_everyone()
-        self.stop = StopRequest(out / "STOP")
+        self.stop = StopRequest(out / "STOP", self.accelerator, cfg.debug.stop_at_step)
         if t.tensorboard:
             self.accelerator.init_trackers("tb", config=flat_hparams(cfg))
         self.sample_log = None
@@ -384,7 +378,7 @@ class Trainer:
                    "best_step": state.best_step, "best_metric_name": self.t.val_metric,
                    "best_metric": state.best_metric, "bundle": str(out / "bundle"), "output_dir": str(out),
                    # steady-state training img/s: every log window but the first (DataLoader start-up)
-                   "img_per_s": steady_img_per_s(self.throughput), "throughput": self.throughput}
+                   "img_per_s": self.throughput.steady(), "throughput": self.throughput.windows}
         if self.main and not stopped:
             (out / "done.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "throughput"},
                                                       indent=2))
