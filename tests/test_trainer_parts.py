@@ -30,7 +30,7 @@ def trainer(tmp_path):
 def test_train_step_updates_the_weights_and_counts_the_step(trainer):
     before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
     loss = trainer.train_step(iter(trainer.loader))
-    assert trainer.state["step"] == 1 and torch.isfinite(loss) and loss.item() > 0
+    assert trainer.state.step == 1 and torch.isfinite(loss) and loss.item() > 0
     changed = [k for k, v in trainer.net.state_dict().items()
                if v.is_floating_point() and not torch.equal(v, before[k])]
     assert "head.weight" in changed and any(k.startswith("backbone.") for k in changed)
@@ -42,7 +42,7 @@ def test_a_nonfinite_step_is_skipped(trainer):
     before = {k: v.clone() for k, v in trainer.net.named_parameters()}
     trainer.train_step(iter(trainer.loader))
     trainer.guard.check()
-    assert trainer.guard.bad_steps == 1 and trainer.state["step"] == 1
+    assert trainer.guard.bad_steps == 1 and trainer.state.step == 1
     for key, value in trainer.net.named_parameters():  # (BatchNorm statistics move in any forward pass)
         assert torch.equal(value, before[key]), key
 
@@ -60,7 +60,12 @@ def test_after_validation_exports_only_what_is_better(trainer, metric, first, wo
     trainer.schedule.decreasing = metric == "eer"
     other = {"auc": 0.5, "eer": 0.5}
     for step, value, exported in ((1, first, True), (2, worse, False), (3, better, True)):
-        trainer.state["step"] = step
+        trainer.state.step = step
         assert trainer.after_validation({**other, metric: value}) is exported
         assert read_bundle_meta(trainer.out / "bundle")["step"] == (step if exported else 1)
-    assert trainer.state["best_metric"] == better and trainer.state["best_step"] == 3
+    assert trainer.state.best_metric == better and trainer.state.best_step == 3
+
+
+def test_the_checkpoint_holds_the_parts_15f7f7c_saved_in_its_order(trainer):
+    # train_state.pt's entries (model.safetensors holds "model"): other names would not resume older checkpoints
+    assert list(trainer.stateful_parts()) == ["model", "optimizer", "scheduler", "loss", "ema", "scaler"]

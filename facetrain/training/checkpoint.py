@@ -2,7 +2,8 @@
 
 Layout: <output_dir>/checkpoints/step_00001200/
     model.safetensors, facetrain.json   the model as a bundle (eval/verify accept a checkpoint directly)
-    train_state.pt                      optimizer, scheduler, grad scaler, loss parameters, counters
+    train_state.pt                      the other stateful parts by name (optimizer, scheduler, loss, ema,
+                                        scaler) and the loop state as JSON (state_json: LoopState)
     rng_<rank>.pt                       each rank's torch RNG state (dropout / stochastic depth)
     COMPLETE                            written last; a directory without it is ignored by --resume auto
 
@@ -16,12 +17,13 @@ before the rename, so a test can kill -9 the process inside a save deterministic
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
@@ -29,6 +31,13 @@ from safetensors.torch import load_file
 from facetrain.errors import UserError
 from facetrain.model.network import META_FILE, WEIGHTS_FILE, read_bundle_meta, write_bundle
 from facetrain.runtime.atomic_dir import replace_dir
+from facetrain.runtime.distributed import any_rank
+from facetrain.training.loop_state import LoopState
+from facetrain.training.stateful import Stateful
+
+if TYPE_CHECKING:  # annotations only
+    from facetrain.config.schema import ModelConfig
+    from facetrain.data.images import Preprocess
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
@@ -160,10 +169,26 @@ def restore_rng(rng: dict | None) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
-__all__ = ["CHECKPOINTS", "MARKER", "SPLIT_KEYS", "STATE_KEYS", "META_FILE", "checkpoint_dirs", "latest_checkpoint",
-           "tmp_dir_for",
-           "write_rng", "write_train_state", "nonfinite_tensors", "write_error_reason", "check_compatible",
-           "finalize", "load_train_state", "restore_rng", "Checkpointer"]
+MODEL = "model"
+"""The part saved as the bundle's model.safetensors (eval and verify read a checkpoint as a bundle)."""
+STATE_JSON = "state_json"
+"""train_state.pt's entry for the loop state (LoopState as JSON); every other part is saved under its own name."""
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """What every checkpoint's and bundle's facetrain.json describes besides the weights."""
+
+    model_cfg: ModelConfig
+    pre: Preprocess
+    run_meta: dict
+    """The resolved config, the alignment recipe: written into facetrain.json as they are."""
+
+
+__all__ = ["CHECKPOINTS", "MARKER", "MODEL", "STATE_JSON", "SPLIT_KEYS", "STATE_KEYS", "META_FILE", "BundleInfo",
+           "checkpoint_dirs", "latest_checkpoint", "tmp_dir_for", "write_rng", "write_train_state",
+           "nonfinite_tensors", "write_error_reason", "check_compatible", "finalize", "load_train_state",
+           "restore_rng", "Checkpointer"]
 
 
 class Checkpointer:
@@ -171,70 +196,51 @@ class Checkpointer:
     keep the last `keep_last`) and the best-model bundle, each written into a `.tmp` directory and swapped into
     place atomically (`atomic_dir`). Built once with the run's stateful parts.
 
-    `run_meta` goes into every checkpoint's and bundle's facetrain.json (the resolved config, the alignment
-    recipe); `schedule` is anything with state_dict/load_state_dict (optim.Schedule)."""
+    `parts`: name -> anything with state_dict/load_state_dict (training/stateful.py), None for a part this run
+    has not (saved as None). "model" (the network, not its DDP wrapper) is saved as the bundle's weights and
+    restored first; the others go into train_state.pt under their names, in the dict's order. A part may be
+    absent from an older checkpoint only if it says so (`optional = True`): it is then given None."""
 
-    def __init__(self, out: Path, accelerator, model, optimizer, schedule, loss_fn, ema, model_cfg, pre,
-                 run_meta: dict, keep_last: int, slow_save_s: float = 0.0):
-        self.out, self.accelerator = Path(out), accelerator
-        self.model, self.optimizer, self.schedule, self.loss_fn, self.ema = model, optimizer, schedule, loss_fn, ema
-        self.model_cfg, self.pre, self.run_meta = model_cfg, pre, run_meta
-        self.keep_last, self.slow_save_s = keep_last, slow_save_s
+    def __init__(self, out: Path, parts: dict[str, Stateful | None], *, accelerator, bundle: BundleInfo,
+                 keep_last: int, slow_save_s: float = 0.0):
+        if parts.get(MODEL) is None or STATE_JSON in parts:
+            raise ValueError(f"Checkpointer: parts need a {MODEL!r} and no {STATE_JSON!r}, got {list(parts)}")
+        self.out, self.parts, self.accelerator = Path(out), parts, accelerator
+        self.bundle, self.keep_last, self.slow_save_s = bundle, keep_last, slow_save_s
 
     @property
     def _main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def restore(self, path: Path) -> dict:
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.parts[MODEL]
+
+    def restore(self, path: Path) -> LoopState:
         """Load `path` into the run's parts and this rank's RNG; returns the saved loop state (step, best, ...)."""
         weights, saved, rng = load_train_state(path, self.accelerator.process_index)
         try:  # other differences (e.g. the identity count that sizes ArcFace's weights) surface here
             self.model.load_state_dict(weights)
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.schedule.load_state_dict(saved["scheduler"])
-            self.loss_fn.load_state_dict(saved["loss"])
-            if self.ema is not None:  # a checkpoint of a run without EMA starts the average at its weights
-                self.ema.module.load_state_dict(saved.get("ema") or weights)
-            if self.accelerator.scaler is not None and saved.get("scaler"):
-                self.accelerator.scaler.load_state_dict(saved["scaler"])
-        except (RuntimeError, ValueError, KeyError) as err:
+            for name, part in self.parts.items():
+                if name != MODEL and part is not None:
+                    part.load_state_dict(saved.get(name) if getattr(part, "optional", False) else saved[name])
+            state = LoopState.from_json(saved[STATE_JSON])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
             first = str(err).strip().splitlines()[-1].strip()[:200]
             raise UserError(f"train.resume: {path} does not fit this run ({first}); resume with the run's own "
                             "config (its config.yaml) or choose a new train.output_dir") from None
         restore_rng(rng)
-        return json.loads(saved["state_json"])
+        return state
 
-    def save(self, state: dict) -> Path:
-        """Write a full checkpoint of step state["step"] on every rank together; a failure anywhere keeps the
+    def save(self, state: LoopState) -> Path:
+        """Write a full checkpoint of step `state.step` on every rank together; a failure anywhere keeps the
         previous checkpoints and stops every rank with one line. Returns the checkpoint directory."""
-        from facetrain.runtime.distributed import any_rank
-
-        step = state["step"]
-        tmp = tmp_dir_for(self.out, step)
-        # never write NaN/inf into a checkpoint (the state is identical on every rank: all stop here together)
-        nonfinite = nonfinite_tensors(self.model.state_dict(), self.loss_fn.state_dict())
-        if nonfinite:
-            raise UserError(f"checkpoint: step {step}: non-finite values in {nonfinite[0]} ({len(nonfinite)} "
-                            f"tensor(s)), not written; the last good checkpoint is "
-                            f"{latest_checkpoint(self.out) or '(none)'}: rerun with --train.resume auto and a lower "
-                            "optim.lr or train.grad_clip")
-        error = None
-        try:
-            if self._main:
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                tmp.mkdir(parents=True)
-        except OSError as err:
-            error = err
+        step, tmp = state.step, tmp_dir_for(self.out, state.step)
+        self._refuse_nonfinite(step)
+        error = self._on_main(lambda: _fresh_dir(tmp))
         self.accelerator.wait_for_everyone()
-        try:
-            if error is None:
-                write_rng(tmp, self.accelerator.process_index)
-                if self._main:
-                    write_bundle(tmp, self.model, self.model_cfg, self.pre, {"step": step, **self.run_meta})
-                    write_train_state(tmp, self._train_state(state))
-        except Exception as err:  # a full disk raises SafetensorError / RuntimeError here, not OSError
-            error = err
+        if error is None:
+            error = _attempt(lambda: self._write(tmp, state))
         self.accelerator.wait_for_everyone()
         if any_rank(error is not None, self.accelerator):
             reason = write_error_reason(error, tmp) if error is not None else "failed on another rank"
@@ -252,24 +258,55 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         return final
 
-    def _train_state(self, state: dict) -> dict:
-        scaler = self.accelerator.scaler
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
-                "loss": self.loss_fn.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
-                "scaler": scaler.state_dict() if scaler is not None else None, "state_json": json.dumps(state)}
+    def _refuse_nonfinite(self, step: int) -> None:
+        """Never write NaN/inf into a checkpoint (the state is identical on every rank: all stop here together)."""
+        nonfinite = nonfinite_tensors(*(part.state_dict() for part in self.parts.values() if part is not None))
+        if nonfinite:
+            raise UserError(f"checkpoint: step {step}: non-finite values in {nonfinite[0]} ({len(nonfinite)} "
+                            f"tensor(s)), not written; the last good checkpoint is "
+                            f"{latest_checkpoint(self.out) or '(none)'}: rerun with --train.resume auto and a lower "
+                            "optim.lr or train.grad_clip")
+
+    def _on_main(self, action) -> Exception | None:
+        return _attempt(action) if self._main else None
+
+    def _write(self, tmp: Path, state: LoopState) -> None:
+        """Every rank its RNG; rank 0 the model as a bundle and the other parts with the loop state."""
+        write_rng(tmp, self.accelerator.process_index)
+        if self._main:
+            b = self.bundle
+            write_bundle(tmp, self.model, b.model_cfg, b.pre, {"step": state.step, **b.run_meta})
+            write_train_state(tmp, self._train_state(state))
+
+    def _train_state(self, state: LoopState) -> dict:
+        saved = {name: part.state_dict() if part is not None else None
+                 for name, part in self.parts.items() if name != MODEL}
+        return {**saved, STATE_JSON: state.to_json()}
 
     def export_best(self, model, step: int, metrics: dict) -> None:
         """Write `model` (the weights just validated: EMA or schedule-free averages included) as <out>/bundle."""
         if not self._main:
             return
-        tmp = self.out / "bundle.tmp"
+        tmp, b = self.out / "bundle.tmp", self.bundle
         try:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            write_bundle(tmp, model, self.model_cfg, self.pre, {"step": step, "val_metrics": metrics,
-                                                                 **self.run_meta})
+            _fresh_dir(tmp)
+            write_bundle(tmp, model, b.model_cfg, b.pre, {"step": step, "val_metrics": metrics, **b.run_meta})
             replace_dir(tmp, self.out / "bundle")
         except Exception as err:  # a full disk raises SafetensorError, not OSError
             raise UserError(f"bundle: cannot write {tmp} ({write_error_reason(err, tmp)}); the previous best "
                             "model is kept: free disk space and rerun with --train.resume auto") from err
+
+
+def _fresh_dir(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def _attempt(action) -> Exception | None:
+    """Run `action`; the exception it raised, else None (a rank's failure is agreed on before anyone raises)."""
+    try:
+        action()
+    except Exception as err:  # a full disk raises SafetensorError / RuntimeError here, not OSError
+        return err
+    return None

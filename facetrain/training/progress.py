@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from facetrain.config.load import to_dict
+from facetrain.config.schema import Config
 
 
 class TrainProgress:
@@ -45,3 +50,42 @@ class TrainProgress:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def flat_hparams(cfg: Config) -> dict:
+    """The config as TensorBoard hyperparameters: one "section.key" (or "section.key.sub") per plain value."""
+    out = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                out.update({f"{section}.{key}.{k}": v for k, v in value.items()})
+            else:
+                out[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out
+
+
+class Throughput:
+    """Training img/s per log window, from the images counted since the window opened. `restart()` after work
+    that is not training (logging, validation) leaves its time out."""
+
+    def __init__(self):
+        self.windows: list[tuple[int, int, float]] = []  # (step, images, seconds) per closed window
+        self.restart()
+
+    def restart(self) -> None:
+        self._start, self._images = time.perf_counter(), 0
+
+    def add(self, images: int) -> None:
+        self._images += images
+
+    def close(self, step: int) -> float:
+        """Record the window ending at `step`; its img/s."""
+        seconds = time.perf_counter() - self._start
+        self.windows.append((step, self._images, seconds))
+        return self._images / max(seconds, 1e-9)
+
+    def steady(self) -> float | None:
+        """img/s over every window but the first (DataLoader start-up), or None before any."""
+        steady = self.windows[1:] or self.windows
+        seconds = sum(w[2] for w in steady)
+        return sum(w[1] for w in steady) / seconds if seconds > 0 else None

@@ -17,127 +17,42 @@ request (SIGUSR1/SIGTERM, or a file <output_dir>/STOP) finishes the step, writes
 from __future__ import annotations
 
 import json
-import signal
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from timm.utils import ModelEmaV3
 
 from facetrain.alignment.recipe import recipe_of_folder
-from facetrain.config.checks import val_metric_far
-from facetrain.config.constants import DEFAULT_TARGET_FARS
 from facetrain.config.load import save_config, to_dict
 from facetrain.config.schema import Config
-from facetrain.data.dataset import FaceDataset, default_num_workers
+from facetrain.data.dataset import default_num_workers
 from facetrain.data.device_augment import training_input
 from facetrain.data.faceset import build_faceset, split_identities
 from facetrain.data.sampler import MPerClassBatchSampler
-from facetrain.data.transforms import ToModelInput, collate, eval_transform
 from facetrain.errors import UserError
-from facetrain.evaluation.embedding import embed_dataset
-from facetrain.evaluation.metrics import count_pairs, far_needed, verification_metrics
-from facetrain.evaluation.scoring import all_pairs_roc
-from facetrain.model.network import create_model, inference_model, read_bundle_meta, resolve_preprocess
+from facetrain.model.network import create_model, resolve_preprocess
 from facetrain.runtime.distributed import (
-    any_rank,
     average_gradients,
-    broadcast_object,
     check_identical,
     convert_to_global_batchnorm,
     gather_for_loss,
 )
 from facetrain.runtime.precision import resolve_mixed_precision
-from facetrain.training import checkpoint as ckpt
+from facetrain.training.checkpoint import BundleInfo, Checkpointer
+from facetrain.training.compile import compile_forward
 from facetrain.training.guard import NonFiniteGuard
+from facetrain.training.loop_state import LoopState
 from facetrain.training.losses import MetricLoss
 from facetrain.training.optim import Schedule, create_optimizer
-from facetrain.training.progress import TrainProgress
-
-BN_RECOMPUTE_IMAGES = 512
-"""Schedule-free runs: training images whose BatchNorm statistics are recomputed for the averaged weights
-before each validation (the schedule-free authors' advice; a few hundred images give stable statistics)."""
-
-
-@torch.no_grad()
-def recompute_batchnorm(model: torch.nn.Module, dataset, pre, batch_size: int, device, channels_last: bool) -> int:
-    """Replace the running statistics of `model`'s BatchNorm layers by their exact average over `dataset`
-    (every other layer in eval mode: no dropout, no RNG drawn). Returns the number of layers."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not layers:
-        return 0
-    was_training = model.training
-    momenta = [m.momentum for m in layers]
-    model.eval()
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-        m.train()
-    to_input = ToModelInput(pre, device, channels_last)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    for images, _, _ in loader:
-        model(to_input(images))
-    for m, momentum in zip(layers, momenta, strict=True):
-        m.momentum = momentum
-    model.train(was_training)
-    return len(layers)
-
-
-def compile_forward(model: torch.nn.Module):
-    """model.compile: torch.compile compiles at the first call (minutes on a CPU). Where it cannot work (no C++
-    compiler for the CPU backend, no Triton for GPUs) that call fails with one line, not a traceback wall."""
-    from torch._dynamo.exc import BackendCompilerFailed
-
-    compiled = torch.compile(model)
-
-    def forward(images: torch.Tensor) -> torch.Tensor:
-        try:
-            return compiled(images)
-        except BackendCompilerFailed as err:
-            reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-            raise UserError(f"model.compile: torch.compile failed on this machine ({reason.strip()[:200]}); set "
-                            "model.compile false, or install what it names") from None
-
-    return forward
-
-
-class StopRequest:
-    """SIGUSR1/SIGTERM (Slurm's warning before preemption / time limit) or a STOP file set a flag that the
-    loop checks once per step; the decision is agreed across ranks so all of them checkpoint together."""
-
-    def __init__(self, stop_file: Path):
-        self.stop_file = stop_file
-        self.signalled = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        self.signalled = True
-
-    def local(self) -> bool:
-        return self.signalled or self.stop_file.exists()
-
-
-def _flat_hparams(cfg: Config) -> dict:
-    out = {}
-    for section, values in to_dict(cfg).items():
-        for key, value in values.items():
-            if isinstance(value, dict):
-                out.update({f"{section}.{key}.{k}": v for k, v in value.items()})
-            else:
-                out[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
-    return out
-
-
-def _steady_img_per_s(windows: list[tuple[int, int, float]]) -> float | None:
-    steady = windows[1:] or windows
-    seconds = sum(w[2] for w in steady)
-    return sum(w[1] for w in steady) / seconds if seconds > 0 else None
+from facetrain.training.progress import Throughput, TrainProgress, flat_hparams
+from facetrain.training.resume import beyond_run_length, finished_message, finished_run, resume_point
+from facetrain.training.stateful import EmaWeights, ScalerState
+from facetrain.training.stop import StopRequest
+from facetrain.training.validation import Validator, check_val_metric_resolvable, is_better
 
 
 class Trainer:
@@ -146,6 +61,7 @@ class Trainer:
         setup_data()       the identity split and the P x m sampler (the run's length follows from them)
         setup()            model, loss, optimizer, schedule, checkpointer, loaders, guard, outputs (+ resume)
         train_step()       one optimizer step over train.grad_accum_steps micro-batches -> the loss (on device)
+        after_step()       log, validate, checkpoint and stop on their cadences
         validate()         metrics of the eval-mode model on the validation identities (rank 0 scores)
         after_validation() log, schedule on the metric, export the best bundle
         save_checkpoint()  a full checkpoint of the current step, on every rank together
@@ -163,29 +79,12 @@ class Trainer:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.main = self.accelerator.is_main_process
         self.log = TrainProgress(enabled=self.main and self.t.progress, quiet=not self.main)
-        self.state = {"step": 0, "best_metric": None, "best_step": None, "untrained": None, "bad_steps": 0}
+        self.state = LoopState()
         """The loop's own state, saved as JSON in every checkpoint."""
         self.last_metrics: dict | None = None
-        self.throughput: list[tuple[int, int, float]] = []  # (step, images, seconds) per log window
-        self._window = (time.perf_counter(), 0)
+        self.throughput = Throughput()
 
     # ------------------------------------------------------------------------------------------------ setup
-
-    def resume_point(self) -> Path | None:
-        """The checkpoint to continue from (train.resume), refused at once if it was written with other settings
-        or another identity split; before any data is read and before the output folder is touched."""
-        t, out = self.t, self.out
-        resume_from = None
-        if t.resume == "auto":
-            resume_from = ckpt.latest_checkpoint(out)
-        elif t.resume:
-            resume_from = Path(t.resume)
-        elif ckpt.latest_checkpoint(out) is not None:
-            raise UserError(f"train.output_dir: {out} already holds checkpoints; continue with --train.resume "
-                            "auto or choose another train.output_dir")
-        if resume_from is not None:
-            ckpt.check_compatible(resume_from, to_dict(self.cfg))
-        return resume_from
 
     def setup_data(self) -> None:
         cfg, t = self.cfg, self.t
@@ -232,10 +131,18 @@ class Trainer:
         self.ema = ModelEmaV3(self.net, decay=t.ema_decay, use_warmup=True) if t.ema_decay > 0 else None
         set_seed(t.seed + self.rank)  # per-rank streams for dropout / stochastic depth
         self.loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
-        self.checkpointer = ckpt.Checkpointer(self.out, acc, self.net, self.optimizer, self.schedule, self.loss_fn,
-                                              self.ema, cfg.model, self.pre,
-                                              {"config": to_dict(cfg), "alignment": self.alignment}, t.keep_last,
-                                              cfg.debug.slow_save_s)
+        self.checkpointer = Checkpointer(self.out, self.stateful_parts(), accelerator=acc, keep_last=t.keep_last,
+                                         bundle=BundleInfo(cfg.model, self.pre, {"config": to_dict(cfg),
+                                                                                 "alignment": self.alignment}),
+                                         slow_save_s=cfg.debug.slow_save_s)
+
+    def stateful_parts(self) -> dict:
+        """What a checkpoint saves and restores, by name (the names and order of train_state.pt's entries); the
+        data position follows from the loop state's step, the guard's count is in the loop state too."""
+        scaler = self.accelerator.scaler
+        return {"model": self.net, "optimizer": self.optimizer, "scheduler": self.schedule, "loss": self.loss_fn,
+                "ema": EmaWeights(self.ema, self.net) if self.ema is not None else None,
+                "scaler": ScalerState(scaler) if scaler is not None else None}
 
     def setup_loaders(self) -> None:
         cfg, t, acc = self.cfg, self.t, self.accelerator
@@ -245,12 +152,8 @@ class Trainer:
         train_ds, train_collate, self.to_input = training_input(self.faceset, self.train_idx, self.train_labels,
                                                                 self.pre, cfg.data, acc.device,
                                                                 cfg.model.channels_last)
-        self.val_ds = FaceDataset(self.faceset, self.val_idx, self.val_labels, eval_transform(self.pre),
-                                  cfg.data.bad_images)
-        # schedule-free: training images (fixed, seeded) whose statistics BatchNorm recomputes before validation
-        pick = np.sort(np.random.default_rng(t.seed).permutation(len(self.train_idx))[:BN_RECOMPUTE_IMAGES])
-        self.bn_ds = FaceDataset(self.faceset, self.train_idx[pick], self.train_labels[pick],
-                                 eval_transform(self.pre), cfg.data.bad_images)
+        self.validator = Validator(cfg, self.faceset, (self.train_idx, self.train_labels),
+                                   (self.val_idx, self.val_labels), self.pre, acc, self.workers)
         self.loader = torch.utils.data.DataLoader(
             train_ds, batch_sampler=self.sampler, num_workers=self.workers, collate_fn=train_collate,
             pin_memory=acc.device.type == "cuda", persistent_workers=self.workers > 0,
@@ -265,11 +168,11 @@ class Trainer:
         self.setup_model()
         self.setup_loaders()
         if resume_from is not None:
-            self.state.update(self.checkpointer.restore(resume_from))
-            self.log.print(f"resumed from {resume_from} at step {self.state['step']}")
+            self.state = self.checkpointer.restore(resume_from)
+            self.log.print(f"resumed from {resume_from} at step {self.state.step}")
         params = [p for p in self.model.parameters() if p.requires_grad] + self.loss_params
         self.guard = NonFiniteGuard(self.optimizer, self.net, params, self.accelerator, self.t.grad_clip,
-                                    self.t.max_bad_steps, self._warn, self.state["bad_steps"])
+                                    self.t.max_bad_steps, self._warn, self.state.bad_steps)
         self._start_outputs()
 
     # ------------------------------------------------------------------------------------------------ parts
@@ -286,7 +189,7 @@ class Trainer:
         """One optimizer step on the next train.grad_accum_steps micro-batches of `batches`; returns the
         global-batch loss (a device tensor: reading it is a host sync). The step is skipped by the guard when
         the loss or a gradient is not finite."""
-        t, acc, step = self.t, self.accelerator, self.state["step"]
+        t, acc, step = self.t, self.accelerator, self.state.step
         loss_sum = torch.zeros((), device=acc.device)
         for micro in range(t.grad_accum_steps):
             images, labels, positions, *augment_seeds = next(batches)  # seeds: device augmentation
@@ -309,50 +212,38 @@ class Trainer:
         if self.ema is not None:  # (after a skipped step the weights are unchanged: the average stays put)
             self.ema.update(self.net, step=step + 1)
         self.optimizer.zero_grad(set_to_none=True)
-        self.state["step"] = step + 1
+        self.state.step = step + 1
         self.schedule.after_step(step + 1)
         return loss_value
 
     def validate(self) -> dict:
         """Metrics of the model in eval mode; the caller exports it as it is, then calls set_train_mode(True)
         (schedule-free: the averaged weights are in the model only until then)."""
-        cfg, t, acc = self.cfg, self.t, self.accelerator
         self.set_train_mode(False)
-        if self.schedule.schedule_free and not cfg.model.freeze_bn:
-            # the running statistics were gathered with the training sequence's weights, not the average's
-            recompute_batchnorm(self.eval_model, self.bn_ds, self.pre, t.val_batch_size, acc.device,
-                                cfg.model.channels_last)
-        # BatchNorm folded into a copy of the weights (model.fold_batchnorm): faster, same embeddings
-        infer = inference_model(self.eval_model, self.pre.image_size, len(self.val_ds), cfg.model.fold_batchnorm)
-        emb = embed_dataset(infer, self.val_ds, self.pre, t.val_batch_size, acc, num_workers=self.workers,
-                            channels_last=cfg.model.channels_last)
-        metrics = None
-        if self.main:
-            metrics = verification_metrics(all_pairs_roc(emb, torch.as_tensor(self.val_labels)))
-        return broadcast_object(metrics, acc)
+        recompute_bn = self.schedule.schedule_free and not self.cfg.model.freeze_bn
+        return self.validator.metrics(self.eval_model, recompute_bn)
 
     def after_validation(self, metrics: dict) -> bool:
         """Log the metrics, give the schedule its metric, export the model if it is the best so far; True then."""
         t, state = self.t, self.state
         value = metrics.get(t.val_metric)  # None when validation could not compute it (never for auc / eer)
         self.accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
-                             step=state["step"])
+                             step=state.step)
         if value is not None:
             self.schedule.after_validation(value)
-        best = state["best_metric"]
-        better = value is not None and (best is None or (value < best if self.schedule.decreasing else value > best))
-        improved = better or state["best_step"] is None  # the first validation always gives a bundle
+        # the first validation always gives a bundle
+        improved = is_better(value, state.best_metric, self.schedule.decreasing) or state.best_step is None
         if improved:
-            state["best_metric"], state["best_step"] = value, state["step"]
-            self.checkpointer.export_best(self.eval_model, state["step"], metrics)
+            state.best_metric, state.best_step = value, state.step
+            self.checkpointer.export_best(self.eval_model, state.step, metrics)
         extra = "" if t.val_metric in ("auc", "eer") else f" {t.val_metric} {value}"
-        self.log.print(f"step {state['step']}: val auc {metrics['auc']:.4f} eer {metrics['eer']:.4f}{extra}"
+        self.log.print(f"step {state.step}: val auc {metrics['auc']:.4f} eer {metrics['eer']:.4f}{extra}"
                        + ("  \\[best]" if improved else ""))
         return improved
 
     def save_checkpoint(self) -> Path:
         self.guard.check()  # skipped steps reported (a diverged run stops here) before their count is saved
-        self.state["bad_steps"] = self.guard.bad_steps
+        self.state.bad_steps = self.guard.bad_steps
         check_identical(self.loss_fn.state_dict(), self.accelerator, "the loss's parameters")
         self.set_train_mode(False)
         final = self.checkpointer.save(self.state)
@@ -361,49 +252,34 @@ class Trainer:
 
     def log_step(self, step: int, loss: torch.Tensor) -> None:
         """Loss, learning rate and img/s of the window since the last log point (a host sync)."""
-        start, images = self._window
-        now = time.perf_counter()
-        ips = images / max(now - start, 1e-9)
-        self.throughput.append((step, images, now - start))
+        ips = self.throughput.close(step)
         value = loss.item()
         self.accelerator.log({"train/loss": value, "train/lr": self.optimizer.param_groups[0]["lr"],
                               "train/img_per_s": ips}, step=step)
         self.log.update(step, loss=value, ips=ips)
         if self.on_log is not None:
             self.on_log(step)
-        self._window = (time.perf_counter(), 0)  # logging's (and on_log's) own time is not training
-
-    def stop_agreed(self, step: int, log_now: bool) -> bool:
-        """A stop request (signal, STOP file, debug.stop_at_step) on any rank. With several processes agreeing is
-        a collective (a host sync), so it is only asked on log steps (Slurm warns minutes ahead)."""
-        at = step == self.cfg.debug.stop_at_step
-        if not (self.world == 1 or log_now or at):
-            return False
-        return any_rank(self.stop.local() or at, self.accelerator)
+        self.throughput.restart()  # logging's (and on_log's) own time is not training
 
     # ------------------------------------------------------------------------------------------------ the run
 
     def run(self) -> dict:
-        resume_from = self.resume_point()
-        if resume_from is not None:
-            finished = _finished_run(self.out, resume_from, self.cfg)
-            if finished is not None:  # nothing to train, nothing rewritten (done.json, config.yaml, bundle stay)
-                self.log.print(f"train.resume: {self.out} is complete (step {finished['step']} of "
-                               f"{finished['max_steps']}); nothing to do. To train longer, raise train.max_steps "
-                               "or train.epochs")
-                return finished
+        resume_from = resume_point(self.cfg, self.out)  # before any data is read or the output folder touched
+        finished = finished_run(self.out, resume_from, self.cfg) if resume_from is not None else None
+        if finished is not None:  # nothing to train, nothing rewritten (done.json, config.yaml, bundle stay)
+            self.log.print(finished_message(self.out, finished))
+            return finished
         self._make_output_dir()
         self.setup_data()
-        if resume_from is not None and (read_bundle_meta(resume_from).get("step") or 0) >= self.max_steps:
-            step = read_bundle_meta(resume_from)["step"]  # train.max_steps / epochs lowered to or below it
-            self.log.print(f"train.resume: {resume_from} is at step {step}, the run has {self.max_steps} steps; "
-                           "nothing to do. To train longer, raise train.max_steps or train.epochs")
-            return {"step": step, "max_steps": self.max_steps, "stopped": False, "already_complete": True}
+        beyond = beyond_run_length(resume_from, self.max_steps)
+        if beyond is not None:
+            summary, message = beyond
+            self.log.print(message)
+            return summary
         self.setup(resume_from)
-        if self.state["untrained"] is None:  # every run reports how much training added
-            self.state["untrained"] = self.validate()
-            self.log.print(f"untrained model: val auc {self.state['untrained']['auc']:.4f} eer "
-                           f"{self.state['untrained']['eer']:.4f}")
+        if self.state.untrained is None:  # every run reports how much training added
+            self.state.untrained = untrained = self.validate()
+            self.log.print(f"untrained model: val auc {untrained['auc']:.4f} eer {untrained['eer']:.4f}")
         self.set_train_mode(True)
         stopped = self.loop()
         return self.finish(stopped)
@@ -411,46 +287,53 @@ class Trainer:
     def loop(self) -> bool:
         """Train to max_steps or a stop request; True if it stopped early (a checkpoint was written)."""
         t, state = self.t, self.state
-        self.log.start(total=self.max_steps, completed=state["step"])
-        self._window = (time.perf_counter(), 0)
+        self.log.start(total=self.max_steps, completed=state.step)
+        self.throughput.restart()
         try:
-            while state["step"] < self.max_steps:
-                epoch, step_in_epoch = divmod(state["step"], self.steps_per_epoch)
+            while state.step < self.max_steps:
+                epoch, step_in_epoch = divmod(state.step, self.steps_per_epoch)
                 self.sampler.set_epoch(epoch, start=step_in_epoch * t.grad_accum_steps)
                 batches = iter(self.loader)
-                for _ in range(min(self.steps_per_epoch - step_in_epoch, self.max_steps - state["step"])):
-                    if self.rank == self.cfg.debug.fail_rank and state["step"] == self.cfg.debug.fail_step:
-                        raise RuntimeError(f"injected failure on rank {self.rank} at step {state['step']} "
+                for _ in range(min(self.steps_per_epoch - step_in_epoch, self.max_steps - state.step)):
+                    if self.rank == self.cfg.debug.fail_rank and state.step == self.cfg.debug.fail_step:
+                        raise RuntimeError(f"injected failure on rank {self.rank} at step {state.step} "
                                            "(debug.fail_rank)")
                     loss = self.train_step(batches)
-                    self._window = (self._window[0], self._window[1] + t.batch_size * self.world * t.grad_accum_steps)
-                    step = state["step"]
-                    last = step == self.max_steps
-                    log_now = step % t.log_every == 0 or last
-                    val_now = (step % t.val_every == 0 if t.val_every else step % self.steps_per_epoch == 0) or last
-                    if log_now or val_now:  # the loop's host syncs (and save_checkpoint): report skipped steps
-                        self.guard.check()
-                    if log_now:
-                        self.log_step(step, loss)
-                    else:
-                        self.log.advance(step)
-                    if val_now:
-                        self.last_metrics = self.validate()
-                        self.after_validation(self.last_metrics)  # exports the validated weights as they are
-                        self.set_train_mode(True)
-                        self._window = (time.perf_counter(), 0)  # img/s measures training only
-                    if self.stop_agreed(step, log_now) and not last:
-                        final = self.save_checkpoint()
-                        self.log.print(f"stop requested: checkpoint {final} written at step {step}; continue "
-                                       "with --train.resume auto")
+                    self.throughput.add(t.batch_size * self.world * t.grad_accum_steps)
+                    if self.after_step(state.step, loss):
                         return True
-                    if step % t.ckpt_every == 0 or last:
-                        self.save_checkpoint()
             return False
         finally:
             self.log.stop()
             if self.sample_log is not None:
                 self.sample_log.close()
+
+    def after_step(self, step: int, loss: torch.Tensor) -> bool:
+        """Log, validate and checkpoint on their cadences; True when a stop request ended the run here (after
+        writing a checkpoint)."""
+        t = self.t
+        last = step == self.max_steps
+        log_now = step % t.log_every == 0 or last
+        val_now = (step % t.val_every == 0 if t.val_every else step % self.steps_per_epoch == 0) or last
+        if log_now or val_now:  # the loop's host syncs (and save_checkpoint): report skipped steps
+            self.guard.check()
+        if log_now:
+            self.log_step(step, loss)
+        else:
+            self.log.advance(step)
+        if val_now:
+            self.last_metrics = self.validate()
+            self.after_validation(self.last_metrics)  # exports the validated weights as they are
+            self.set_train_mode(True)
+            self.throughput.restart()  # img/s measures training only
+        if self.stop.agreed(step, log_now) and not last:
+            final = self.save_checkpoint()
+            self.log.print(f"stop requested: checkpoint {final} written at step {step}; continue with "
+                           "--train.resume auto")
+            return True
+        if step % t.ckpt_every == 0 or last:
+            self.save_checkpoint()
+        return False
 
     # ------------------------------------------------------------------------------------------------ helpers
 
@@ -472,9 +355,9 @@ class Trainer:
             (out / "done.json").unlink(missing_ok=True)
             (out / "STOP").unlink(missing_ok=True)  # a stale request from a previous (requeued) run
         self.accelerator.wait_for_everyone()
-        self.stop = StopRequest(out / "STOP")
+        self.stop = StopRequest(out / "STOP", self.accelerator, cfg.debug.stop_at_step)
         if t.tensorboard:
-            self.accelerator.init_trackers("tb", config=_flat_hparams(cfg))
+            self.accelerator.init_trackers("tb", config=flat_hparams(cfg))
         self.sample_log = None
         if cfg.debug.record_samples:
             (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -490,17 +373,17 @@ class Trainer:
     def finish(self, stopped: bool) -> dict:
         """The run's summary (and done.json when it completed)."""
         state, out = self.state, self.out
-        summary = {"step": state["step"], "max_steps": self.max_steps, "stopped": stopped,
-                   "untrained": state["untrained"], "final": self.last_metrics,
-                   "best_step": state["best_step"], "best_metric_name": self.t.val_metric,
-                   "best_metric": state["best_metric"], "bundle": str(out / "bundle"), "output_dir": str(out),
+        summary = {"step": state.step, "max_steps": self.max_steps, "stopped": stopped,
+                   "untrained": state.untrained, "final": self.last_metrics,
+                   "best_step": state.best_step, "best_metric_name": self.t.val_metric,
+                   "best_metric": state.best_metric, "bundle": str(out / "bundle"), "output_dir": str(out),
                    # steady-state training img/s: every log window but the first (DataLoader start-up)
-                   "img_per_s": _steady_img_per_s(self.throughput), "throughput": self.throughput}
+                   "img_per_s": self.throughput.steady(), "throughput": self.throughput.windows}
         if self.main and not stopped:
             (out / "done.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "throughput"},
                                                       indent=2))
-            u, f = state["untrained"], self.last_metrics
-            self.log.print(f"done: {state['step']} steps. val auc untrained {u['auc']:.4f} -> trained "
+            u, f = state.untrained, self.last_metrics
+            self.log.print(f"done: {state.step} steps. val auc untrained {u['auc']:.4f} -> trained "
                            f"{f['auc']:.4f}, eer {u['eer']:.4f} -> {f['eer']:.4f}. best model: {out / 'bundle'}; "
                            f"TensorBoard: tensorboard --logdir {out / 'tb'}")
         self.accelerator.end_training()
@@ -511,30 +394,3 @@ def train(cfg: Config, on_log: Callable[[int], None] | None = None) -> dict:
     """Run one training job (see `Trainer`); returns its summary."""
     return Trainer(cfg, on_log).run()
 
-
-def check_val_metric_resolvable(val_metric: str, val_labels: np.ndarray) -> None:
-    """TAR at FAR f needs >= 1/f impostor pairs, else it is never resolved: stop before training."""
-    far = val_metric_far(val_metric)
-    n_impostor = count_pairs(val_labels)[1]
-    if far is not None and n_impostor < far_needed(far):
-        usable = [f"tar@far={f:.0e}" for f in DEFAULT_TARGET_FARS if n_impostor >= far_needed(f)] + ["auc", "eer"]
-        raise UserError(f"train.val_metric: {val_metric} needs >= {far_needed(far):,} impostor pairs, but the "
-                        f"{len(np.unique(val_labels))} validation identities ({len(val_labels)} images) give "
-                        f"{n_impostor:,}; choose {', '.join(usable)}, or hold out more identities "
-                        "(data.val_identities)")
-
-
-def _finished_run(out: Path, checkpoint: Path, cfg: Config) -> dict | None:
-    """The done.json of a run that finished at `checkpoint` under the same run length, else None."""
-    done_file = out / "done.json"
-    if not done_file.is_file():
-        return None
-    try:
-        done = json.loads(done_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    saved = (read_bundle_meta(checkpoint).get("config") or {}).get("train", {})
-    same_length = all(saved.get(k) == getattr(cfg.train, k) for k in ("max_steps", "epochs", "grad_accum_steps"))
-    if not same_length or done.get("step") != read_bundle_meta(checkpoint).get("step"):
-        return None
-    return {**done, "already_complete": True}

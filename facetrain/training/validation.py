@@ -1,0 +1,94 @@
+"""Validation during training: the held-out identities embedded on every rank and all their pairs scored on rank 0
+with the code `facetrain.eval` uses (evaluation/); the metric's feasibility, BatchNorm statistics for averaged
+weights, and the best-so-far rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from facetrain.config.checks import val_metric_far
+from facetrain.config.constants import DEFAULT_TARGET_FARS
+from facetrain.config.schema import Config
+from facetrain.data.dataset import FaceDataset
+from facetrain.data.transforms import ToModelInput, collate, eval_transform
+from facetrain.errors import UserError
+from facetrain.evaluation.embedding import embed_dataset
+from facetrain.evaluation.metrics import count_pairs, far_needed, verification_metrics
+from facetrain.evaluation.scoring import all_pairs_roc
+from facetrain.model.network import inference_model
+from facetrain.runtime.distributed import broadcast_object
+
+BN_RECOMPUTE_IMAGES = 512
+"""Schedule-free runs: training images whose BatchNorm statistics are recomputed for the averaged weights
+before each validation (the schedule-free authors' advice; a few hundred images give stable statistics)."""
+
+
+def check_val_metric_resolvable(val_metric: str, val_labels: np.ndarray) -> None:
+    """TAR at FAR f needs >= 1/f impostor pairs, else it is never resolved: stop before training."""
+    far = val_metric_far(val_metric)
+    n_impostor = count_pairs(val_labels)[1]
+    if far is not None and n_impostor < far_needed(far):
+        usable = [f"tar@far={f:.0e}" for f in DEFAULT_TARGET_FARS if n_impostor >= far_needed(f)] + ["auc", "eer"]
+        raise UserError(f"train.val_metric: {val_metric} needs >= {far_needed(far):,} impostor pairs, but the "
+                        f"{len(np.unique(val_labels))} validation identities ({len(val_labels)} images) give "
+                        f"{n_impostor:,}; choose {', '.join(usable)}, or hold out more identities "
+                        "(data.val_identities)")
+
+
+def is_better(value: float | None, best: float | None, decreasing: bool) -> bool:
+    """`value` beats `best` (None: nothing yet); a metric validation could not compute (None) never does."""
+    return value is not None and (best is None or (value < best if decreasing else value > best))
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: torch.nn.Module, dataset, pre, batch_size: int, device, channels_last: bool) -> int:
+    """Replace the running statistics of `model`'s BatchNorm layers by their exact average over `dataset`
+    (every other layer in eval mode: no dropout, no RNG drawn). Returns the number of layers."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in layers]
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+        m.train()
+    to_input = ToModelInput(pre, device, channels_last)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    for images, _, _ in loader:
+        model(to_input(images))
+    for m, momentum in zip(layers, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
+    return len(layers)
+
+
+class Validator:
+    """The validation pass of a run: its datasets are built once, `metrics(model)` scores the model as it is."""
+
+    def __init__(self, cfg: Config, faceset, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+                 pre, accelerator, workers: int):
+        """`train` / `val`: (image indices into `faceset`, labels) of the training and validation identities."""
+        self.cfg, self.pre, self.accelerator, self.workers = cfg, pre, accelerator, workers
+        self.val_labels = val[1]
+        self.val_ds = FaceDataset(faceset, *val, eval_transform(pre), cfg.data.bad_images)
+        # schedule-free: training images (fixed, seeded) whose statistics BatchNorm recomputes before validation
+        pick = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(train[0]))[:BN_RECOMPUTE_IMAGES])
+        self.bn_ds = FaceDataset(faceset, train[0][pick], train[1][pick], eval_transform(pre), cfg.data.bad_images)
+
+    def metrics(self, model: torch.nn.Module, recompute_bn: bool) -> dict:
+        """verification_metrics of `model` (in eval mode) on every rank. `recompute_bn`: first replace its BatchNorm
+        statistics (schedule-free: they were gathered with the training sequence's weights, not the average's)."""
+        cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
+        if recompute_bn:
+            recompute_batchnorm(model, self.bn_ds, self.pre, t.val_batch_size, acc.device, cfg.model.channels_last)
+        # BatchNorm folded into a copy of the weights (model.fold_batchnorm): faster, same embeddings
+        infer = inference_model(model, self.pre.image_size, len(self.val_ds), cfg.model.fold_batchnorm)
+        emb = embed_dataset(infer, self.val_ds, self.pre, t.val_batch_size, acc, num_workers=self.workers,
+                            channels_last=cfg.model.channels_last)
+        metrics = None
+        if acc.is_main_process:
+            metrics = verification_metrics(all_pairs_roc(emb, torch.as_tensor(self.val_labels)))
+        return broadcast_object(metrics, acc)
