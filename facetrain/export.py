@@ -111,7 +111,8 @@ def export(model_path: str | Path, output: str | Path = "", opset: int | None = 
 
     from facetrain.cli import resolve_model_path
     from facetrain.deploy.onnx_embedder import INPUT_NAME, OUTPUT_NAME, encode_metadata, import_onnxruntime
-    from facetrain.model.network import fold_batchnorm, load_bundle
+    from facetrain.model.bundle import load_bundle
+    from facetrain.model.network import fold_batchnorm
 
     try:
         import onnx

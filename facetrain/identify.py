@@ -81,7 +81,7 @@ def _status(message: str) -> None:
 
 def model_fingerprint(embedder) -> str:
     """sha256 of the weights file and of everything else that changes an embedding."""
-    from facetrain.model.network import WEIGHTS_FILE
+    from facetrain.model.files import WEIGHTS_FILE
 
     h = hashlib.sha256()
     weights = embedder.path / WEIGHTS_FILE if embedder.path.is_dir() else embedder.path  # or the exported .onnx

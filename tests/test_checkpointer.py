@@ -8,7 +8,8 @@ from accelerate import Accelerator
 
 from facetrain.config.schema import LossConfig, ModelConfig, OptimConfig
 from facetrain.data.dataset import Preprocess
-from facetrain.model.network import create_model, read_bundle_meta
+from facetrain.model.files import read_bundle_meta
+from facetrain.model.network import create_model
 from facetrain.training import checkpoint as ckpt
 from facetrain.training.losses import MetricLoss
 from facetrain.training.optim import Schedule, create_optimizer

@@ -34,7 +34,9 @@ from facetrain.evaluation.metrics import (
     roc_exact,
     verification_metrics,
 )
-from facetrain.model.network import create_model, load_bundle, read_bundle_meta, resolve_preprocess, write_bundle
+from facetrain.model.bundle import load_bundle, write_bundle
+from facetrain.model.files import read_bundle_meta
+from facetrain.model.network import create_model, resolve_preprocess
 
 # ------------------------------------------------------------------------------------------------ helpers
 

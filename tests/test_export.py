@@ -29,7 +29,9 @@ from facetrain.data.images import load_image  # noqa: E402
 from facetrain.deploy.onnx_embedder import OnnxEmbedder, to_input_array  # noqa: E402
 from facetrain.errors import UserError  # noqa: E402
 from facetrain.evaluation.embedding import load_embedder  # noqa: E402
-from facetrain.model.network import create_model, read_bundle_meta, resolve_preprocess, update_bundle_meta, write_bundle  # noqa: E402
+from facetrain.model.bundle import write_bundle  # noqa: E402
+from facetrain.model.files import read_bundle_meta, update_bundle_meta  # noqa: E402
+from facetrain.model.network import create_model, resolve_preprocess  # noqa: E402
 
 pytestmark = [pytest.mark.faces, pytest.mark.skipif(not FACES.is_dir(), reason=NO_SHARED_REASON)]
 ATT = FACES / "att_faces"

@@ -22,7 +22,9 @@ from facetrain import identify, verify
 from facetrain.cli import run_cli
 from facetrain.config.schema import DataConfig, ModelConfig
 from facetrain.data.synthetic import render
-from facetrain.model.network import create_model, read_bundle_meta, resolve_preprocess, write_bundle
+from facetrain.model.bundle import write_bundle
+from facetrain.model.files import read_bundle_meta
+from facetrain.model.network import create_model, resolve_preprocess
 
 
 @pytest.fixture(autouse=True)

@@ -45,7 +45,8 @@ from facetrain.data.sampler import MPerClassBatchSampler
 from facetrain.errors import UserError
 from facetrain.evaluation.embedding import embed_dataset
 from facetrain.evaluation.metrics import all_pairs_roc, count_pairs, far_needed, verification_metrics
-from facetrain.model.network import create_model, inference_model, read_bundle_meta, resolve_preprocess
+from facetrain.model.files import read_bundle_meta
+from facetrain.model.network import create_model, inference_model, resolve_preprocess
 from facetrain.runtime.distributed import (
     any_rank,
     average_gradients,
