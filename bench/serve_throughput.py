@@ -81,7 +81,7 @@ def make_model(args, workdir: Path) -> tuple[Path, Path]:
     import torch
 
     from facetrain.config.schema import DataConfig, ModelConfig
-    from facetrain.export import export
+    from facetrain.deploy.export import export
     from facetrain.model.bundle import write_bundle
     from facetrain.model.network import create_model, resolve_preprocess
 

@@ -26,6 +26,7 @@ from facetrain import identify, verify  # noqa: E402
 from facetrain.config.schema import DataConfig, ModelConfig  # noqa: E402
 from facetrain.data.dataset import Preprocess, eval_transform  # noqa: E402
 from facetrain.data.images import load_image  # noqa: E402
+from facetrain.deploy.export import export as export_bundle  # noqa: E402
 from facetrain.deploy.onnx_embedder import OnnxEmbedder, to_input_array  # noqa: E402
 from facetrain.errors import UserError  # noqa: E402
 from facetrain.evaluation.embedding import load_embedder  # noqa: E402
@@ -102,7 +103,7 @@ def vit(tmp_path_factory) -> Path:
 def export(bundle: Path, name: str = "model.onnx", **kw) -> tuple[Path, dict]:
     """facetrain.export in-process (the command line itself runs in test_export_command_line_options)."""
     out = bundle.parent / name
-    return out, export_cli.export(bundle, out, **kw)
+    return out, export_bundle(bundle, out, **kw)
 
 
 @pytest.fixture(scope="session")
@@ -298,9 +299,12 @@ def test_onnxruntime_path_never_imports_torch(trained_onnx):
 import json, sys
 from facetrain.deploy.onnx_embedder import OnnxEmbedder
 from facetrain import serve
+from facetrain.cli import labelled_folder
+from facetrain.deploy.app import build_app
+from facetrain.deploy.gallery import enrol
 embedder = OnnxEmbedder.load({str(trained_onnx)!r}, num_workers=2)
 emb = embedder.embed({att_paths(5)!r})
-serve.build_app(embedder, serve.enrol(embedder, {str(ATT)!r}))
+build_app(embedder, enrol(embedder, {str(ATT)!r}, labelled_folder({str(ATT)!r}, "--gallery")))
 print(json.dumps({{"shape": list(emb.shape), "torch": sorted(m for m in sys.modules if m.split('.')[0] == 'torch')}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
