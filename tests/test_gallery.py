@@ -130,12 +130,17 @@ def _folder(root: Path) -> tuple[list[str], np.ndarray, list[str]]:
     return paths, np.array([0, 0, 1, 1]), names
 
 
-def test_enrolment_cache_is_reused_until_the_folder_or_the_model_changes(tmp_path):
+def _model_and_gallery(tmp_path: Path) -> tuple[Path, Path, tuple]:
+    """A stand-in bundle folder (its weights file is what the fingerprint hashes) and a 2 x 2 gallery."""
     model = tmp_path / "bundle"
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"weights")
     root = tmp_path / "gallery"
-    scan = _folder(root)
+    return model, root, _folder(root)
+
+
+def test_enrolment_cache_is_reused_until_the_folder_or_the_model_changes(tmp_path):
+    model, root, scan = _model_and_gallery(tmp_path)
     embedder = StandIn(model)
     built = enrol(embedder, root, scan, cache=True)
     assert built.cache_status == "built" and built.cache_file.parent == root / CACHE_DIR
@@ -167,11 +172,7 @@ def test_a_cache_written_through_safetensors_torch_is_reused(tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
 
-    model = tmp_path / "bundle"
-    model.mkdir()
-    (model / "model.safetensors").write_bytes(b"weights")
-    root = tmp_path / "gallery"
-    scan = _folder(root)
+    model, root, scan = _model_and_gallery(tmp_path)
     embedder = StandIn(model)
     built = enrol(embedder, root, scan, cache=True)
     old = torch.from_numpy(built.embeddings[::-1].copy())  # different rows: the file really is read
@@ -182,11 +183,7 @@ def test_a_cache_written_through_safetensors_torch_is_reused(tmp_path):
 
 
 def test_an_unwritable_cache_folder_still_enrols(tmp_path):
-    model = tmp_path / "bundle"
-    model.mkdir()
-    (model / "model.safetensors").write_bytes(b"weights")
-    root = tmp_path / "gallery"
-    scan = _folder(root)
+    model, root, scan = _model_and_gallery(tmp_path)
     blocked = tmp_path / "a file"  # the cache folder cannot be created (as root too, unlike a read-only folder)
     blocked.write_text("")
     said = []
