@@ -9,8 +9,8 @@ evaluator's preprocessing, `evaluation.embedding.Embedder`) and caches the embed
 `<gallery>/.facetrain-cache/gallery-<model fingerprint>.safetensors` with a JSON manifest (file list, sizes,
 mtimes, model fingerprint; `deploy.gallery`). A later run reuses the cache only if the manifest still matches
 the folder and the model; otherwise it re-enrols. An identity's score is its best-matching image's cosine
-similarity (equal scores: gallery order); with a calibrated threshold in the bundle, the top match is reported
-as a match only at or above it (open set).
+similarity; with a calibrated threshold in the bundle, the top match is reported as a match only at or above
+it (open set).
 
 `--evaluate` measures identification: the first image (by name) of each identity is the gallery, every other
 image is a probe; rank-k rate = fraction of probes whose identity is among the k highest-scoring identities
