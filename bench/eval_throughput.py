@@ -94,7 +94,8 @@ def prepare(work: Path) -> tuple[Path, Path]:
     import torch
 
     from facetrain.config.schema import DataConfig, ModelConfig
-    from facetrain.model.network import create_model, resolve_preprocess, write_bundle
+    from facetrain.model.bundle import write_bundle
+    from facetrain.model.network import create_model, resolve_preprocess
 
     if not FACES.is_dir():
         sys.exit(f"benchmark: {FACES} not found (the shared face data is only present in the facetrain workplace)")
@@ -128,7 +129,7 @@ def baseline_worker(bundle: str, data: str, pair_images: int) -> None:
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
-    from facetrain.model.network import load_bundle
+    from facetrain.model.bundle import load_bundle
 
     t0 = time.perf_counter()
     model, pre, _ = load_bundle(bundle)
@@ -177,7 +178,7 @@ def forward_worker(bundle: str) -> None:
     """Per-image forward cost of the two designs on random inputs (ms/image); prints one JSON line."""
     import torch
 
-    from facetrain.model.network import load_bundle
+    from facetrain.model.bundle import load_bundle
     from facetrain.runtime.precision import resolve_mixed_precision
 
     model, pre, meta = load_bundle(bundle)

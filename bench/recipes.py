@@ -362,7 +362,8 @@ def features_bundle(row: Row, out: Path) -> Path:
     import torch
 
     from facetrain.config.schema import DataConfig, ModelConfig
-    from facetrain.model.network import EmbeddingModel, create_backbone, resolve_preprocess, write_bundle
+    from facetrain.model.bundle import write_bundle
+    from facetrain.model.network import EmbeddingModel, create_backbone, resolve_preprocess
 
     bundle = out / "bundle"
     if (bundle / "model.safetensors").is_file():

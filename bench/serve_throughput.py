@@ -81,8 +81,9 @@ def make_model(args, workdir: Path) -> tuple[Path, Path]:
     import torch
 
     from facetrain.config.schema import DataConfig, ModelConfig
-    from facetrain.export import export
-    from facetrain.model.network import create_model, resolve_preprocess, write_bundle
+    from facetrain.deploy.export import export
+    from facetrain.model.bundle import write_bundle
+    from facetrain.model.network import create_model, resolve_preprocess
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=args.backbone, embedding_dim=args.embedding_dim, channels_last=False)
@@ -112,7 +113,8 @@ def bench_embedding(args, bundle: Path, onnx_file: Path) -> dict:
     from facetrain.data.images import load_image
     from facetrain.data.transforms import ToModelInput
     from facetrain.deploy.onnx_embedder import OnnxEmbedder, to_input_array
-    from facetrain.model.network import fold_batchnorm, load_bundle
+    from facetrain.model.bundle import load_bundle
+    from facetrain.model.network import fold_batchnorm
     from facetrain.runtime.precision import resolve_mixed_precision
 
     model, pre, _ = load_bundle(bundle)

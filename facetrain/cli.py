@@ -3,8 +3,8 @@
 `run_cli` runs an entry point's `main`: a `UserError` becomes `facetrain: error: <one line>` and exit code 2
 (`--debug` or FACETRAIN_DEBUG=1: the full traceback instead); it also reads the launcher's RANK / WORLD_SIZE
 to say which process failed. `ArgumentParser` turns argparse's mistakes into one-line `UserError`s;
-`resolve_model_path` turns --model (a bundle, checkpoint, run directory or exported `.onnx`) into the model's
-path; `require_files` checks the inputs before any model is built.
+`require_files` checks the inputs before any model is built (what --model can name:
+`model.files.resolve_model_path`).
 
 Nothing here imports torch at import time (the model and data helpers are imported where they are used), so
 the onnxruntime service can parse its command line with it too.
@@ -57,24 +57,6 @@ def add_embedding_options(parser: argparse.ArgumentParser, inputs: str, recognis
                         "(--model FILE.onnx), same embeddings without PyTorch model code")
 
 
-def resolve_model_path(path: str | Path, backend: str = "torch") -> Path:
-    """A bundle or checkpoint directory; a training run directory means its best model, `<run>/bundle`.
-    backend "onnxruntime": an exported `.onnx` file (`onnx_runtime.resolve_onnx_path`)."""
-    from facetrain.deploy.onnx_embedder import is_onnx_file, resolve_onnx_path
-    from facetrain.model.network import META_FILE, read_bundle_meta
-    from facetrain.runtime.atomic_dir import recover_dir
-
-    if backend == "onnxruntime":
-        return resolve_onnx_path(path)
-    path = Path(path)
-    if path.is_file() and is_onnx_file(path):
-        raise UserError(f"--model: {path} is an exported ONNX file: pass --backend onnxruntime to use it, or give "
-                        "the bundle it was exported from")
-    if path.is_dir() and not (path / META_FILE).is_file():
-        bundle = recover_dir(path / "bundle")
-        if (bundle / META_FILE).is_file():
-            path = bundle
-    return Path(read_bundle_meta(path)["path"])  # raises a one-line error for anything else
 
 
 def require_files(paths: list[str], what: str) -> None:

@@ -10,6 +10,10 @@ from __future__ import annotations
 # What a rank's collective raises when another rank died (gloo). That rank's own error is the one to read.
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
 
+#: How to install an optional extra (pyproject.toml's [project.optional-dependencies]), for the messages of the
+#: code that needs it: "serve" (onnx, onnxruntime, FastAPI, uvicorn), "align" (facenet-pytorch, scikit-image).
+INSTALL = {"serve": 'pip install -e ".[serve]"', "align": 'pip install -e ".[align]"'}
+
 
 class UserError(Exception):
     """An error caused by the user's input; its message is shown without a traceback."""

@@ -98,7 +98,7 @@ def test_align_cli_report_bad_input_and_resume(tmp_path):
     assert "biden/two.jpg" in several and "largest" in several["biden/two.jpg"]["kept"]
     # every image file is in exactly one outcome: nothing silently dropped
     assert rep["images"] == 11 and rep["aligned"] == 6
-    from facetrain.align import OUTCOMES
+    from facetrain.alignment.folder import OUTCOMES
 
     assert sum(rep["counts"][k] for k in OUTCOMES) == rep["images"]
     for name in ("dogs.jpg", "zero.jpg", "notes.jpg", "bomb.png", "one.png"):  # listed by name in the table

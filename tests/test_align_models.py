@@ -104,7 +104,8 @@ def test_yalefaces_verify_better_through_the_bundles_alignment(tmp_path):
     import torch
 
     from facetrain.config.schema import DataConfig, ModelConfig
-    from facetrain.model.network import EmbeddingModel, create_backbone, resolve_preprocess, write_bundle
+    from facetrain.model.bundle import write_bundle
+    from facetrain.model.network import EmbeddingModel, create_backbone, resolve_preprocess
 
     mcfg = ModelConfig(backbone="tf_efficientnet_lite0", pretrained=True, pretrained_file=str(WEIGHTS),
                        channels_last=False)
@@ -134,7 +135,8 @@ def test_bundle_with_recipe_and_no_detector_says_what_to_do(tmp_path):
 
     from facetrain.config.schema import ModelConfig
     from facetrain.data.images import Preprocess
-    from facetrain.model.network import create_model, write_bundle
+    from facetrain.model.bundle import write_bundle
+    from facetrain.model.network import create_model
 
     torch.manual_seed(0)
     mcfg = ModelConfig(backbone="test_efficientnet", embedding_dim=16, channels_last=False)

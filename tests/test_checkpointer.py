@@ -12,7 +12,9 @@ from timm.utils import ModelEmaV3
 
 from facetrain.config.schema import LossConfig, ModelConfig, OptimConfig
 from facetrain.data.images import Preprocess
-from facetrain.model.network import create_model, read_bundle_meta, write_bundle
+from facetrain.model.bundle import write_bundle
+from facetrain.model.files import read_bundle_meta
+from facetrain.model.network import create_model
 from facetrain.training import checkpoint as ckpt
 from facetrain.training.loop_state import LoopState
 from facetrain.training.losses import MetricLoss

@@ -27,7 +27,9 @@ from facetrain.config.schema import DataConfig, ModelConfig
 from facetrain.data.synthetic import render
 from facetrain.evaluation.metrics import ScoreHistogram, kfold_accuracy, roc_exact, verification_metrics
 from facetrain.evaluation.scoring import all_pair_scores, all_pairs_roc, pair_scores
-from facetrain.model.network import create_model, load_bundle, read_bundle_meta, resolve_preprocess, write_bundle
+from facetrain.model.bundle import load_bundle, write_bundle
+from facetrain.model.files import read_bundle_meta
+from facetrain.model.network import create_model, resolve_preprocess
 
 # ------------------------------------------------------------------------------------------------ helpers
 

@@ -21,15 +21,19 @@ onnx = pytest.importorskip("onnx", reason='needs the serve extra: pip install -e
 pytest.importorskip("onnxruntime", reason='needs the serve extra: pip install -e ".[serve]"')
 
 from facetrain import eval as eval_cli  # noqa: E402
-from facetrain import export as export_cli  # noqa: E402
-from facetrain import identify, verify  # noqa: E402
+from facetrain import identify  # noqa: E402
 from facetrain.config.schema import DataConfig, ModelConfig  # noqa: E402
 from facetrain.data.images import Preprocess, load_image  # noqa: E402
 from facetrain.data.transforms import eval_transform  # noqa: E402
+from facetrain.deploy.export import export as export_bundle  # noqa: E402
+from facetrain.deploy.export import export as export_cli  # noqa: E402
 from facetrain.deploy.onnx_embedder import OnnxEmbedder, to_input_array  # noqa: E402
 from facetrain.errors import UserError  # noqa: E402
 from facetrain.evaluation.embedding import load_embedder  # noqa: E402
-from facetrain.model.network import create_model, read_bundle_meta, resolve_preprocess, update_bundle_meta, write_bundle  # noqa: E402
+from facetrain.model.bundle import write_bundle  # noqa: E402
+from facetrain.model.files import read_bundle_meta, update_bundle_meta  # noqa: E402
+from facetrain.model.network import create_model, resolve_preprocess  # noqa: E402
+from facetrain.verify import verify  # noqa: E402
 
 pytestmark = [pytest.mark.faces, pytest.mark.skipif(not FACES.is_dir(), reason=NO_SHARED_REASON)]
 ATT = FACES / "att_faces"
@@ -100,7 +104,7 @@ def vit(tmp_path_factory) -> Path:
 def export(bundle: Path, name: str = "model.onnx", **kw) -> tuple[Path, dict]:
     """facetrain.export in-process (the command line itself runs in test_export_command_line_options)."""
     out = bundle.parent / name
-    return out, export_cli.export(bundle, out, **kw)
+    return out, export_bundle(bundle, out, **kw)
 
 
 @pytest.fixture(scope="session")
@@ -296,9 +300,12 @@ def test_onnxruntime_path_never_imports_torch(trained_onnx):
 import json, sys
 from facetrain.deploy.onnx_embedder import OnnxEmbedder
 from facetrain import serve
+from facetrain.cli import labelled_folder
+from facetrain.deploy.app import build_app
+from facetrain.deploy.gallery import enrol
 embedder = OnnxEmbedder.load({str(trained_onnx)!r}, num_workers=2)
 emb = embedder.embed({att_paths(5)!r})
-serve.build_app(embedder, serve.enrol(embedder, {str(ATT)!r}))
+build_app(embedder, enrol(embedder, {str(ATT)!r}, labelled_folder({str(ATT)!r}, "--gallery")))
 print(json.dumps({{"shape": list(emb.shape), "torch": sorted(m for m in sys.modules if m.split('.')[0] == 'torch')}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,

@@ -68,7 +68,8 @@ def test_every_path_sees_the_photo_upright(sideways, tmp_path):
 
 
 def test_verify_scores_a_sideways_jpeg_as_its_upright_copy(sideways, tmp_path):
-    from facetrain.model.network import create_model, write_bundle
+    from facetrain.model.bundle import write_bundle
+    from facetrain.model.network import create_model
     from facetrain.verify import verify
 
     mcfg = ModelConfig(backbone="test_efficientnet", embedding_dim=16, channels_last=False)

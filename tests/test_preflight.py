@@ -221,7 +221,8 @@ def test_skip_filters_the_faceset_and_converts_every_mode(bad_folder, tmp_path):
 def test_eval_and_identify_name_every_bad_file_or_skip_them(bad_folder, tmp_path):
     """One run names every unusable file (not only the first); --bad-images skip evaluates without them."""
     from facetrain.config.schema import ModelConfig
-    from facetrain.model.network import create_model, write_bundle
+    from facetrain.model.bundle import write_bundle
+    from facetrain.model.network import create_model
 
     root, expected = bad_folder
     bundle = tmp_path / "bundle"

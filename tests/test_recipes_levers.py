@@ -15,7 +15,8 @@ from helpers import FACES, NO_SHARED_REASON, REPO, WEIGHTS, load_weights, run_tr
 from facetrain.config.load import load_config
 from facetrain.config.schema import ModelConfig
 from facetrain.errors import UserError
-from facetrain.model.network import create_model, load_bundle
+from facetrain.model.bundle import load_bundle
+from facetrain.model.network import create_model
 from facetrain.training.optim import param_groups
 
 

@@ -25,7 +25,8 @@ from facetrain.config.schema import Config, ModelConfig
 from facetrain.data import synthetic
 from facetrain.data.images import Preprocess
 from facetrain.errors import UserError
-from facetrain.model.network import create_model, load_bundle, write_bundle
+from facetrain.model.bundle import load_bundle, write_bundle
+from facetrain.model.network import create_model
 from facetrain.training import checkpoint as ckpt
 from facetrain.training.guard import NonFiniteGuard
 
@@ -464,10 +465,11 @@ def test_a_kill_between_the_bundle_swap_renames_is_recovered(tmp_path, monkeypat
     place that resolves a bundle renames back."""
     import os
 
-    from facetrain.cli import resolve_model_path
     from facetrain.config.schema import ModelConfig
     from facetrain.data.images import Preprocess
-    from facetrain.model.network import create_model, read_bundle_meta, write_bundle
+    from facetrain.model.bundle import write_bundle
+    from facetrain.model.files import read_bundle_meta, resolve_model_path
+    from facetrain.model.network import create_model
     from facetrain.runtime.atomic_dir import replace_dir
 
     mcfg = ModelConfig(backbone="test_efficientnet", embedding_dim=8, channels_last=False)

@@ -23,9 +23,16 @@ from test_export import ATT, _fresh_accelerate_state, att_paths, trained_bundle,
 httpx = pytest.importorskip("httpx", reason='needs the serve extra: pip install -e ".[serve]"')
 pytest.importorskip("fastapi", reason='needs the serve extra: pip install -e ".[serve]"')
 
-from facetrain import identify, serve, verify  # noqa: E402
+from facetrain import identify  # noqa: E402
+from facetrain.deploy.app import build_app  # noqa: E402
 from facetrain.deploy.onnx_embedder import OnnxEmbedder  # noqa: E402
+from facetrain.deploy.server import (  # noqa: E402
+    listen,
+    load_model,
+    serve,  # noqa: E402
+)
 from facetrain.errors import UserError  # noqa: E402
+from facetrain.verify import verify  # noqa: E402
 
 pytestmark = [pytest.mark.faces, pytest.mark.skipif(not FACES.is_dir(), reason=NO_SHARED_REASON)]
 
@@ -207,20 +214,20 @@ def test_load_8_clients_x_50_requests_all_equal_offline(client, server, offline)
 
 
 def test_a_bundle_is_served_through_its_export_and_a_busy_port_is_one_line(trained, offline):
-    embedder = serve.load_model(str(trained), aligned=False, threads=0)
+    embedder = load_model(str(trained), aligned=False, threads=0)
     files = att_paths(4, seed=9)
     assert np.abs(embedder.embed(files) - offline.embed(files)).max() < 1e-5
     assert embedder.meta["threshold"] == offline.meta["threshold"]
     from fastapi.testclient import TestClient  # in-process: a service started without --gallery
 
-    with TestClient(serve.build_app(embedder)) as c:
+    with TestClient(build_app(embedder)) as c:
         r = c.post("/identify", json={"image": b64(files[0])})
         assert r.status_code == 404 and "--gallery" in r.json()["error"]
         assert c.get("/health").json()["gallery"] is None
-    sock = serve.listen("127.0.0.1", 0)
+    sock = listen("127.0.0.1", 0)
     try:
         with pytest.raises(UserError, match="cannot listen on 127.0.0.1"):
-            serve.listen("127.0.0.1", sock.getsockname()[1])
+            listen("127.0.0.1", sock.getsockname()[1])
     finally:
         sock.close()
     with pytest.raises(UserError, match="--gallery: folder not found"):

@@ -9,7 +9,7 @@ from helpers import tiny_train_config
 
 from facetrain.config.load import load_config
 from facetrain.evaluation.metrics import count_pairs
-from facetrain.model.network import read_bundle_meta
+from facetrain.model.files import read_bundle_meta
 from facetrain.training.trainer import Trainer
 
 

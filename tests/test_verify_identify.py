@@ -18,11 +18,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from facetrain import eval as eval_cli
-from facetrain import identify, verify
+from facetrain import identify
 from facetrain.cli import run_cli
 from facetrain.config.schema import DataConfig, ModelConfig
 from facetrain.data.synthetic import render
-from facetrain.model.network import create_model, read_bundle_meta, resolve_preprocess, write_bundle
+from facetrain.deploy.gallery import CACHE_DIR
+from facetrain.model.bundle import write_bundle
+from facetrain.model.files import read_bundle_meta
+from facetrain.model.network import create_model, resolve_preprocess
+from facetrain.verify import verify
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +139,7 @@ def test_identify_top_k_and_the_gallery_cache(tmp_path, people, capsys):
 
     first = run_json(identify.main, argv, capsys)
     assert first["cache"] == "built"
-    (manifest_file,) = (gallery / identify.CACHE_DIR).glob("gallery-*.json")
+    (manifest_file,) = (gallery / CACHE_DIR).glob("gallery-*.json")
     manifest = json.loads(manifest_file.read_text())
     assert len(manifest["files"]) == 36 and manifest["names"] == [f"p{k}" for k in range(6)]
     cached = load_file(str(manifest_file.with_suffix(".safetensors")))["embeddings"]
@@ -166,7 +170,7 @@ def test_identify_top_k_and_the_gallery_cache(tmp_path, people, capsys):
     # another model: its own cache file, built from scratch
     other = make_bundle(tmp_path / "other", seed=1)
     assert run_json(identify.main, ["--model", other, *argv[2:]], capsys)["cache"] == "built"
-    assert len(list((gallery / identify.CACHE_DIR).glob("gallery-*.safetensors"))) == 2
+    assert len(list((gallery / CACHE_DIR).glob("gallery-*.safetensors"))) == 2
 
 
 def test_identify_evaluate_reports_rank_rates(tmp_path, people, capsys):
@@ -179,7 +183,7 @@ def test_identify_evaluate_reports_rank_rates(tmp_path, people, capsys):
     assert rates["n_probes"] == 30 and rates["n_enrolled_identities"] == 6
 
     # brute force from the cached embeddings: image 0 of each person enrolled, images 1-5 probe
-    (tensors,) = (gallery / identify.CACHE_DIR).glob("gallery-*.safetensors")
+    (tensors,) = (gallery / CACHE_DIR).glob("gallery-*.safetensors")
     emb = load_file(str(tensors))["embeddings"].double().reshape(6, 6, -1)
     enrolled, probes = emb[:, 0], emb[:, 1:]
     ranks = []

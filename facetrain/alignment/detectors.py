@@ -25,9 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from facetrain.config.names import DETECTOR_NAMES, keyed_by
-from facetrain.errors import UserError
-
-INSTALL_HINT = 'pip install -e ".[align]"'
+from facetrain.errors import INSTALL, UserError
 
 
 class DetectorUnavailable(UserError):
@@ -63,7 +61,7 @@ class MTCNNDetector:
             import facenet_pytorch.models.mtcnn  # noqa: F401
         except ImportError as err:
             raise DetectorUnavailable(f"face detector 'mtcnn' needs the package facenet-pytorch ({err}): "
-                                      f"{INSTALL_HINT}") from None
+                                      f"{INSTALL['align']}") from None
 
     def __init__(self, min_face_px: int = 20):
         self.require()
@@ -99,7 +97,12 @@ def require_detector(name: str) -> None:
     try:
         import skimage.transform  # noqa: F401  (the warp: same extra)
     except ImportError as err:
-        raise DetectorUnavailable(f"alignment needs scikit-image ({err}): {INSTALL_HINT}") from None
+        raise no_skimage(err) from None
+
+
+def no_skimage(err: ImportError) -> DetectorUnavailable:
+    """The one-line error for a missing scikit-image (the warp onto the template needs it)."""
+    return DetectorUnavailable(f"alignment needs scikit-image ({err}): {INSTALL['align']}")
 
 
 @functools.lru_cache(maxsize=4)

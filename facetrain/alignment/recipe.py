@@ -231,9 +231,9 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray):
     try:
         from skimage.transform import SimilarityTransform
     except ImportError as err:
-        from facetrain.alignment.detectors import INSTALL_HINT, DetectorUnavailable
+        from facetrain.alignment.detectors import no_skimage
 
-        raise DetectorUnavailable(f"alignment needs scikit-image ({err}): {INSTALL_HINT}") from None
+        raise no_skimage(err) from None
     tform = SimilarityTransform.from_estimate(np.asarray(src, dtype=np.float64), np.asarray(dst, dtype=np.float64))
     if not tform:  # FailedEstimation (degenerate points, e.g. all landmarks in one place)
         return None

@@ -1,11 +1,11 @@
 """Embedding through onnxruntime: the deployment path for a `model.onnx` from `facetrain.export`.
 
 Only onnxruntime, numpy and PIL are imported here, never torch, so a service or batch job needs neither
-PyTorch model code nor a GPU stack to embed faces (`pip install -e ".[serve]"`). The one exception is a model
-that records a face-alignment recipe and is given raw photos: `facetrain.alignment.recipe` is imported for it, whose
-MTCNN detector runs in PyTorch (facenet-pytorch); aligned crops (`aligned=True`) need none of that. `facetrain.verify`,
-`identify` and `eval` reach this through `--backend onnxruntime` (`embed.load_embedder`), the service
-(`facetrain.serve`) directly.
+PyTorch model code nor a GPU stack to embed faces (the "serve" extra, `errors.INSTALL`). The one exception is a
+model that records a face-alignment recipe and is given raw photos: the MTCNN detector of `facetrain.alignment`
+runs in PyTorch (facenet-pytorch), loaded with the first photo; aligned crops (`aligned=True`) need none of
+that. `facetrain.verify`, `identify` and `eval` reach this through `--backend onnxruntime`
+(`evaluation.embedding.load_embedder`), the service (`deploy.app`) directly.
 
 What happens to an image, identical to the PyTorch path (`embed.Embedder` with `data.eval_transform`):
   file or bytes -> `images.load_image` (EXIF orientation, 8-bit gray or RGB) -> the bundle's face alignment
@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from facetrain.alignment.check import AlignmentFailed, check_alignment, is_aligned_folder
+from facetrain.alignment.recipe import align_image
 from facetrain.data.images import Preprocess, load_image
-from facetrain.errors import UserError
+from facetrain.errors import INSTALL, UserError
+from facetrain.model.files import resolve_onnx_path
 
-ONNX_SUFFIX = ".onnx"
 INPUT_NAME = "images"  # (N, H, W, 3) uint8 RGB, N dynamic
 OUTPUT_NAME = "embeddings"  # (N, D) float32, L2-normalised
-SERVE_EXTRA = 'pip install -e ".[serve]"'
 
 # Metadata keys of an exported file (`metadata_props`, strings; JSON where the value is not a plain string).
 # The bundle's own metadata (model config, preprocessing, step, training config) travels whole under
@@ -45,29 +46,12 @@ META_FIELDS = ("facetrain_version", "backbone", "embedding_dim", "input_size", "
 CALIBRATION_FIELDS = ("threshold", "threshold_far", "threshold_calibration")
 
 
-def is_onnx_file(path: str | Path) -> bool:
-    return Path(path).suffix.lower() == ONNX_SUFFIX
-
-
 def import_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise UserError(f"the onnxruntime backend needs the onnxruntime package: {SERVE_EXTRA}") from None
+        raise UserError(f"the onnxruntime backend needs the onnxruntime package: {INSTALL['serve']}") from None
     return onnxruntime
-
-
-def resolve_onnx_path(path: str | Path, option: str = "--model") -> Path:
-    """An existing `.onnx` file; anything else is a one-line error saying how to get one."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{option}: not found: {path}")
-    if not path.is_file() or not is_onnx_file(path):
-        # a bundle's own model.onnx is never picked silently: it may predate the bundle's weights or threshold
-        exported = f" (or give its export, {path / 'model.onnx'})" if (path / "model.onnx").is_file() else ""
-        raise UserError(f"{option}: {path} is not an ONNX file; the onnxruntime backend needs one: run "
-                        f"`python -m facetrain.export --model {path}`{exported}, or use --backend torch for a bundle")
-    return path
 
 
 def decode_metadata(props: dict[str, str], path: Path) -> dict:
@@ -104,7 +88,7 @@ def update_metadata(path: str | Path, **fields) -> None:
     try:
         import onnx
     except ImportError:
-        raise UserError(f"writing the threshold into {path} needs the onnx package: {SERVE_EXTRA}") from None
+        raise UserError(f"writing the threshold into {path} needs the onnx package: {INSTALL['serve']}") from None
     path = Path(path)
     proto = onnx.load(str(path))
     props = {p.key: p.value for p in proto.metadata_props}
@@ -135,56 +119,6 @@ def to_input_array(img: Image.Image, size: int) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     return np.ascontiguousarray(arr)
-
-
-class AlignmentFailed(UserError):
-    """A raw photo without a usable face (`alignment.align_image` said why)."""
-
-    def __init__(self, name: str, status: str, reason: str):
-        super().__init__(f"{name}: {status.replace('_', ' ')} ({reason}); this model aligns raw photos as in "
-                         "training: give a photo with one clearly visible face, or pass --aligned if the images "
-                         "are already aligned crops")
-        self.status, self.reason = status, reason
-
-
-def is_aligned_folder(folder: str | Path, alignment: dict | None, option: str, owner: str) -> bool:
-    """True when `folder` holds crops facetrain.align cut with the recipe `alignment` (its marker file), which
-    are then embedded as they are; False without a recipe or a marker. Crops cut with another recipe are
-    refused with one line naming every difference (`owner`: "model" or "bundle", for the message)."""
-    if alignment is None:
-        return False
-    from facetrain.alignment.recipe import MARKER_FILE, recipe_of_folder
-
-    recipe = recipe_of_folder(folder)
-    if recipe is None:
-        return False
-    if recipe != alignment:
-        diff = ", ".join(f"{k} {v!r} ({owner} {alignment.get(k)!r})" for k, v in recipe.items()
-                         if alignment.get(k) != v)
-        raise UserError(f"{option}: {folder} holds crops aligned with another recipe than the model's ({diff}; "
-                        f"{Path(folder) / MARKER_FILE}): align the raw photos with python -m facetrain.align "
-                        f"and the {owner}'s recipe, or pass --aligned to embed these crops as they are")
-    return True
-
-
-def check_alignment(meta: dict, path: Path, aligned: bool) -> dict | None:
-    """The recipe raw photos are aligned with (of an exported file here, of a bundle in `embed.Embedder.load`),
-    or None: no recipe recorded, or aligned=True. `facetrain.alignment.recipe` is imported only when there is a
-    recipe; a recipe whose detector is not installed is a one-line error saying what to install."""
-    recipe = meta.get("alignment")
-    if not recipe or aligned:
-        return None
-    from facetrain.alignment.detectors import DetectorUnavailable, require_detector
-    from facetrain.alignment.recipe import AlignmentRecipe
-
-    recipe = AlignmentRecipe.from_dict(recipe)
-    try:
-        require_detector(recipe.detector)
-    except DetectorUnavailable as err:
-        raise UserError(f"{path}: this model was trained on crops aligned by facetrain.align ({recipe.describe()}) "
-                        f"and aligns raw photos the same way, but {err}; or pass --aligned if the images are "
-                        "already aligned crops") from None
-    return recipe.to_dict()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,8 +191,6 @@ class OnnxEmbedder:
         PIL's (the caller names the source); a photo without a usable face raises AlignmentFailed."""
         if self.alignment is None or not align:
             return to_input_array(load_image(source, keep_gray=True), self.preprocess.image_size)
-        from facetrain.alignment.recipe import align_image
-
         res = align_image(load_image(source), self.alignment)
         if not res.ok:
             raise AlignmentFailed(name, res.status, res.reason)

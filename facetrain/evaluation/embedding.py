@@ -23,11 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from facetrain.cli import resolve_model_path
+from facetrain.alignment.check import check_alignment, is_aligned_folder  # torch-free: shared with deploy
 from facetrain.data.images import Preprocess, load_image
 from facetrain.data.transforms import ToModelInput, collate, eval_transform
 from facetrain.errors import UserError
-from facetrain.model.network import inference_model, load_bundle
+from facetrain.model.bundle import load_bundle
+from facetrain.model.files import resolve_model_path
+from facetrain.model.network import inference_model
 from facetrain.runtime.distributed import gather_uneven, shard_range
 
 
@@ -162,11 +164,10 @@ class Embedder:
         was calibrated with it (verify and identify then score as the threshold expects). fold_batchnorm=None:
         the bundle's model.fold_batchnorm (BatchNorm folded into the convolutions for calls of `embed` with at
         least model.FOLD_MIN_IMAGES images). aligned=True: the images are already aligned crops, so a bundle's
-        alignment recipe is not applied (raw photos are aligned with it otherwise, `onnx_runtime.check_alignment`)."""
+        alignment recipe is not applied (raw photos are aligned with it otherwise, `check_alignment`)."""
         from accelerate import Accelerator
 
         from facetrain.data.dataset import default_num_workers
-        from facetrain.deploy.onnx_embedder import check_alignment  # torch-free: the deployment path shares it
         from facetrain.runtime.precision import resolve_mixed_precision
 
         path = resolve_model_path(model_path)
@@ -198,8 +199,6 @@ class Embedder:
     def aligned_folder(self, folder: str | Path, option: str) -> bool:
         """True when `folder` holds crops that facetrain.align cut with this bundle's recipe (its marker file):
         they are embedded as they are. Crops cut with another recipe are refused with one line."""
-        from facetrain.deploy.onnx_embedder import is_aligned_folder  # torch-free: the deployment path shares it
-
         return is_aligned_folder(folder, self.alignment, option, "bundle")
 
     def embed(self, paths: list[str], num_workers: int | None = None, align: bool = True,

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from facetrain.cli import resolve_model_path
 from facetrain.errors import UserError
 from facetrain.evaluation.embedding import load_embedder
 from facetrain.evaluation.figures import make_figures
@@ -36,12 +35,12 @@ from facetrain.evaluation.metrics import far_needed, verification_metrics
 from facetrain.evaluation.options import EvalOptions
 from facetrain.evaluation.protocols import PROTOCOLS, calibration_far, preflight_plan
 from facetrain.evaluation.report import alignment_summary, default_output_dir, log_tensorboard, print_report, write_json
-from facetrain.model.network import META_FILE, update_bundle_meta
+from facetrain.model.files import META_FILE, is_onnx_file, resolve_model_path, update_bundle_meta
 
 
 def update_model_meta(path: Path, **fields) -> None:
     """Calibration fields into a bundle's metadata, or into an exported ONNX file's (same keys)."""
-    from facetrain.deploy.onnx_embedder import is_onnx_file, update_metadata
+    from facetrain.deploy.onnx_embedder import update_metadata
 
     (update_metadata if is_onnx_file(path) else update_bundle_meta)(path, **fields)
 

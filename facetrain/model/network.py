@@ -1,35 +1,22 @@
-"""Embedding model (timm backbone + linear head, L2-normalised output) and the portable model bundle.
+"""Embedding model: timm backbone + linear head, L2-normalised output; BatchNorm folding for inference.
 
-A bundle is a directory: `model.safetensors` (weights only, nothing unpickled on load) and `facetrain.json`
-(format tag, model config, preprocessing, calibrated threshold, training config). Training writes the best
-model as `<output_dir>/bundle/`; every checkpoint directory holds the same two files, so the evaluator and
-verifier accept either.
+The model's bundle (weights + metadata on disk) is `model.bundle`; its file names and metadata `model.files`.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import json
-import os
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from facetrain.config.load import to_dict
 from facetrain.config.schema import DataConfig, ModelConfig
 from facetrain.data.images import Preprocess
 from facetrain.errors import UserError
-from facetrain.runtime.atomic_dir import recover_dir
-
-BUNDLE_FORMAT = "facetrain-bundle"
-BUNDLE_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "facetrain.json"
 
 
 class EmbeddingModel(nn.Module):
@@ -263,69 +250,3 @@ def resolve_preprocess(data: DataConfig, model: EmbeddingModel) -> Preprocess:
     mean = data.mean or list(pcfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN))
     std = data.std or list(pcfg.get("std", timm.data.IMAGENET_DEFAULT_STD))
     return Preprocess(data.image_size, [float(v) for v in mean], [float(v) for v in std])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Bundles
-
-
-def write_bundle(directory: str | Path, model: nn.Module, model_cfg: ModelConfig, pre: Preprocess,
-                 extra: dict | None = None) -> None:
-    """Write weights + metadata into `directory` (which must exist)."""
-    directory = Path(directory)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE))
-    meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "model": to_dict(model_cfg),
-            "preprocess": pre.to_dict(), "threshold": None, "threshold_far": None}
-    meta.update(extra or {})
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
-
-
-def read_bundle_meta(path: str | Path) -> dict:
-    path = Path(path)
-    if path.is_file() and path.name in (WEIGHTS_FILE, META_FILE):
-        path = path.parent
-    path = recover_dir(path)  # a kill in the middle of a bundle swap left only <path>.old
-    if not path.exists():
-        raise UserError(f"--model: not found: {path}")
-    meta_path = path / META_FILE
-    if not path.is_dir() or not meta_path.is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise UserError(f"--model: {path} is not a facetrain bundle or checkpoint (expected a directory with "
-                        f"{META_FILE} and {WEIGHTS_FILE}, e.g. <output_dir>/bundle)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{meta_path}: corrupt metadata ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
-        raise UserError(f"{meta_path}: not a facetrain bundle (format tag missing)")
-    if meta.get("version", 0) > BUNDLE_VERSION:
-        raise UserError(f"{meta_path}: bundle version {meta['version']} is newer than this facetrain; upgrade")
-    meta["path"] = str(path)
-    return meta
-
-
-def load_bundle(path: str | Path, map_location: str = "cpu") -> tuple[EmbeddingModel, Preprocess, dict]:
-    """(model in eval mode, preprocessing, metadata). Weights come from safetensors: nothing is unpickled."""
-    meta = read_bundle_meta(path)
-    mcfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in ModelConfig.__dataclass_fields__})
-    mcfg.pretrained, mcfg.pretrained_file, mcfg.compile = False, "", False
-    model = create_model(mcfg)
-    try:
-        state = load_file(str(Path(meta["path"]) / WEIGHTS_FILE), device=map_location)
-        model.load_state_dict(state)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0][:200]
-        raise UserError(f"{meta['path']}/{WEIGHTS_FILE}: cannot load weights ({first})") from None
-    pre = Preprocess(**meta["preprocess"])
-    return model.eval(), pre, meta
-
-
-def update_bundle_meta(path: str | Path, **fields) -> None:
-    """Merge fields (e.g. the calibrated threshold) into a bundle's metadata, atomically."""
-    meta = read_bundle_meta(path)
-    meta.pop("path", None)
-    meta.update(fields)
-    target = Path(path) / META_FILE
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, target)

@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import load_file
 
 from facetrain.errors import UserError
-from facetrain.model.network import META_FILE, WEIGHTS_FILE, read_bundle_meta, write_bundle
+from facetrain.model.bundle import write_bundle
+from facetrain.model.files import META_FILE, WEIGHTS_FILE, read_bundle_meta
 from facetrain.runtime.atomic_dir import replace_dir
 from facetrain.runtime.distributed import any_rank
 from facetrain.training.loop_state import LoopState

@@ -12,7 +12,7 @@ from pathlib import Path
 from facetrain.config.load import to_dict
 from facetrain.config.schema import Config
 from facetrain.errors import UserError
-from facetrain.model.network import read_bundle_meta
+from facetrain.model.files import read_bundle_meta
 from facetrain.training import checkpoint as ckpt
 
 RUN_LENGTH_KEYS = ("max_steps", "epochs", "grad_accum_steps")

@@ -1,0 +1,48 @@
+"""A bundle's weights: write a trained model as a bundle, load one back as a model in eval mode.
+
+The file names, the metadata and what `--model` can name are `model.files` (torch-free); this module adds the
+PyTorch side. Weights are safetensors: nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from facetrain.config.load import to_dict
+from facetrain.config.schema import ModelConfig
+from facetrain.data.images import Preprocess
+from facetrain.errors import UserError
+from facetrain.model.files import BUNDLE_FORMAT, BUNDLE_VERSION, META_FILE, WEIGHTS_FILE, read_bundle_meta
+from facetrain.model.network import EmbeddingModel, create_model
+
+
+def write_bundle(directory: str | Path, model: nn.Module, model_cfg: ModelConfig, pre: Preprocess,
+                 extra: dict | None = None) -> None:
+    """Write weights + metadata into `directory` (which must exist)."""
+    directory = Path(directory)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "model": to_dict(model_cfg),
+            "preprocess": pre.to_dict(), "threshold": None, "threshold_far": None}
+    meta.update(extra or {})
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def load_bundle(path: str | Path, map_location: str = "cpu") -> tuple[EmbeddingModel, Preprocess, dict]:
+    """(model in eval mode, preprocessing, metadata). Weights come from safetensors: nothing is unpickled."""
+    meta = read_bundle_meta(path)
+    mcfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in ModelConfig.__dataclass_fields__})
+    mcfg.pretrained, mcfg.pretrained_file, mcfg.compile = False, "", False
+    model = create_model(mcfg)
+    try:
+        state = load_file(str(Path(meta["path"]) / WEIGHTS_FILE), device=map_location)
+        model.load_state_dict(state)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:200]
+        raise UserError(f"{meta['path']}/{WEIGHTS_FILE}: cannot load weights ({first})") from None
+    pre = Preprocess(**meta["preprocess"])
+    return model.eval(), pre, meta
