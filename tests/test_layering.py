@@ -22,8 +22,10 @@ HEAVY = ("torch", "torchvision", "timm", "accelerate", "pytorch_metric_learning"
 # and every command (commands import their heavy machinery after the arguments parse, so --help and user errors are
 # instant)
 TORCH_FREE_PACKAGES = ("config", "deploy")
-TORCH_FREE_MODULES = ("facetrain.errors", "facetrain.evaluation.metrics", "facetrain.runtime.atomic_dir",
-                      "facetrain.runtime.threads", "facetrain.data.pack_format")
+TORCH_FREE_MODULES = ("facetrain.errors", "facetrain.runtime.atomic_dir", "facetrain.runtime.threads",
+                      "facetrain.data.images", "facetrain.data.faceset", "facetrain.data.pack_format",
+                      "facetrain.alignment.check", "facetrain.model.files", "facetrain.evaluation.metrics",
+                      "facetrain.evaluation.pairfile", "facetrain.evaluation.options")
 TORCH_NEEDING = ("facetrain.deploy.export",)  # exports a torch model; imports torch in its functions only
 
 
