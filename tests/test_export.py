@@ -300,12 +300,12 @@ def test_onnxruntime_path_never_imports_torch(trained_onnx):
 import json, sys
 from facetrain.deploy.onnx_embedder import OnnxEmbedder
 from facetrain import serve
-from facetrain.cli import labelled_folder
+from facetrain.data.faceset import scan_identity_folder
 from facetrain.deploy.app import build_app
 from facetrain.deploy.gallery import enrol
 embedder = OnnxEmbedder.load({str(trained_onnx)!r}, num_workers=2)
 emb = embedder.embed({att_paths(5)!r})
-build_app(embedder, enrol(embedder, {str(ATT)!r}, labelled_folder({str(ATT)!r}, "--gallery")))
+build_app(embedder, enrol(embedder, {str(ATT)!r}, scan_identity_folder({str(ATT)!r}, "--gallery")))
 print(json.dumps({{"shape": list(emb.shape), "torch": sorted(m for m in sys.modules if m.split('.')[0] == 'torch')}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,

@@ -33,7 +33,7 @@ from facetrain.model.files import WEIGHTS_FILE
 
 CACHE_FORMAT = "facetrain-gallery"
 CACHE_VERSION = 1
-CACHE_DIR = ".facetrain-cache"  # a dot folder: scan_folder never takes it for an identity
+CACHE_DIR = ".facetrain-cache"  # a dot folder: scan_identity_folder never takes it for an identity
 CACHE_TENSOR = "embeddings"  # the one tensor of the cache file
 FINGERPRINT_CHARS = 16  # hex characters of the model fingerprint in the cache file's name
 HASH_CHUNK_BYTES = 1 << 20  # read size while hashing the weights
@@ -203,7 +203,7 @@ def rank_identities(gallery: Gallery, probes: np.ndarray, top_k: int) -> list[li
 
 
 def evaluation_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(enrolled image per identity, probe images): the first image of each identity (scan_folder sorts them by
+    """(enrolled image per identity, probe images): the first image of each identity (scan_identity_folder sorts them by
     name) is enrolled, every other image probes. Row k of the enrolled set is identity k."""
     first = np.unique(labels, return_index=True)[1]
     probe_mask = np.ones(len(labels), dtype=bool)

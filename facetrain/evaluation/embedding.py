@@ -245,7 +245,7 @@ def _read_failures(folder: str, accelerator) -> list[dict]:
 
 
 class _TensorOutput:
-    """An embedder that returns numpy arrays (`onnx_runtime.OnnxEmbedder`, which never imports torch) as
+    """An embedder that returns numpy arrays (`deploy.onnx_embedder.OnnxEmbedder`, which never imports torch) as
     eval, verify and identify use `Embedder`: `embed` returns a float32 tensor, everything else is its own."""
 
     def __init__(self, inner):
