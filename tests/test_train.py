@@ -51,6 +51,7 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batches(two_proce
     assert d2["final"]["auc"] == pytest.approx(d1["final"]["auc"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path):
     # augmentation and dropout on: their randomness must also resume exactly
     cfg = tiny_train_config(tmp_path, {"model": {"drop_rate": 0.2},
@@ -134,6 +135,7 @@ def test_pretrained_weights_from_local_file(tmp_path):
         create_model(ModelConfig(backbone="resnet18", pretrained_file=str(WEIGHTS), pretrained=True))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (FACES / "att_faces").is_dir(), reason=NO_SHARED_REASON)
 def test_att_faces_training_beats_untrained_model(tmp_path):
     cfg = tiny_train_config(tmp_path, {
