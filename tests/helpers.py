@@ -55,12 +55,33 @@ def train_one_and_many(cfg: Path, tmp_path: Path, global_batch: int, procs: int)
     """Train `cfg` (with debug.record_samples) on 1 process and on `procs` real processes with the same global
     batch; check that the ranks drew disjoint images and together exactly the 1-process batches, every step.
     Returns the two run directories."""
-    one, many = Path(tmp_path) / "one", Path(tmp_path) / f"procs{procs}"
-    run_train(["--config", cfg, "--train.output_dir", one, "--train.batch_size", str(global_batch)], procs=1)
-    proc = run_train(["--config", cfg, "--train.output_dir", many, "--train.batch_size", str(global_batch // procs)],
-                     procs=procs)
-    assert f"{procs} process(es)" in proc.stdout
+    return train_one_and_many_runs({"run": cfg}, tmp_path, global_batch, procs)["run"]
 
+
+def train_one_and_many_runs(cfgs: dict[str, Path], tmp_path: Path, global_batch: int,
+                            procs: int) -> dict[str, tuple[Path, Path]]:
+    """train_one_and_many for several configs (by name): the 1-process runs in this process, the `procs`-process
+    runs one after the other in ONE launch (tests/scripts/train_configs.py: the ranks start and import once).
+    Returns (1-process run, multi-process run) by name."""
+    runs = {name: (Path(tmp_path) / name / "one", Path(tmp_path) / name / f"procs{procs}") for name in cfgs}
+    script_args = []
+    for name, cfg in cfgs.items():
+        one, many = runs[name]
+        run_train(["--config", cfg, "--train.output_dir", one, "--train.batch_size", str(global_batch)])
+        script_args += [cfg, many, str(global_batch // procs)]
+    script = str(REPO / "tests" / "scripts" / "train_configs.py")
+    proc = subprocess.run(launch_cmd("unused", procs)[:-2] + [script, *map(str, script_args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300 + 300 * len(cfgs),
+                          env=subprocess_env(ACCELERATE_USE_CPU="1"))
+    assert proc.returncode == 0, f"STDOUT\n{proc.stdout[-4000:]}\nSTDERR\n{proc.stderr[-6000:]}"
+    assert proc.stdout.count(f"{procs} process(es)") == len(cfgs), proc.stdout[-4000:]
+    for one, many in runs.values():
+        assert_same_samples(one, many, procs)
+    return runs
+
+
+def assert_same_samples(one: Path, many: Path, procs: int) -> None:
+    """The ranks of `many` drew disjoint images and together exactly the batches of `one`, every step."""
     def samples(run: Path, rank: int) -> list[list[int]]:
         lines = (run / "samples" / f"rank{rank}.jsonl").read_text().splitlines()
         return [json.loads(line)["positions"] for line in lines]
@@ -71,7 +92,6 @@ def train_one_and_many(cfg: Path, tmp_path: Path, global_batch: int, procs: int)
         parts = [r[step] for r in ranks]
         assert len(set().union(*parts)) == sum(len(p) for p in parts)  # disjoint
         assert sum(parts, []) == want, step
-    return one, many
 
 
 def assert_same_logged_loss(one: Path, many: Path, steps: int) -> None:
@@ -126,14 +146,69 @@ def launch_cmd(module: str, procs: int) -> list[str]:
 
 
 def run_module(module: str, args: list[str], procs: int = 1, timeout: float = 600, check: bool = True,
-               env: dict | None = None) -> subprocess.CompletedProcess:
-    extra = {"ACCELERATE_USE_CPU": "1"} if procs > 1 else {}
-    proc = subprocess.run(launch_cmd(module, procs) + [str(a) for a in args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=subprocess_env(**extra, **(env or {})))
+               env: dict | None = None, subprocess_only: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m module args`: in this process when it can (one process, no environment of its own), as
+    a real process (or `procs` DDP processes) otherwise. `subprocess_only`: the test is about the process."""
+    if procs == 1 and not env and not subprocess_only:
+        proc = run_in_process(module, args)
+    else:
+        extra = {"ACCELERATE_USE_CPU": "1"} if procs > 1 else {}
+        proc = subprocess.run(launch_cmd(module, procs) + [str(a) for a in args], cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout, env=subprocess_env(**extra, **(env or {})))
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} failed ({proc.returncode}):\nSTDOUT\n{proc.stdout[-4000:]}\n"
                              f"STDERR\n{proc.stderr[-6000:]}")
     return proc
+
+
+def _reset_accelerate() -> None:
+    """accelerate keeps its state in process-wide singletons: each in-process command starts from none."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_in_process(module: str, args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m module args` without a new interpreter (each one costs 3-6 s of imports on a 2-core CPU): the
+    command's `main` under `cli.run_cli`, with stdout/stderr captured, the exit code from its SystemExit, and
+    the working directory, environment, signal handlers and RNG state it may change put back afterwards."""
+    import contextlib
+    import importlib
+    import io
+    import signal
+    import traceback
+
+    import torch
+
+    from facetrain.cli import run_cli
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, rng = dict(os.environ), os.getcwd(), torch.get_rng_state()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    code = 0
+    try:
+        os.chdir(REPO)
+        _reset_accelerate()
+        main = importlib.import_module(module).main
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                run_cli(main, argv)
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            except Exception:  # what an uncaught error does to a real process: traceback, exit code 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        torch.set_rng_state(rng)
+        _reset_accelerate()
+    return subprocess.CompletedProcess([sys.executable, "-m", module, *argv], code, out.getvalue(), err.getvalue())
 
 
 def run_train(args: list[str], procs: int = 1, **kw) -> subprocess.CompletedProcess:

@@ -43,6 +43,7 @@ def _embeddings(folder: Path) -> dict[str, np.ndarray]:
     return {Path(p).parent.name + "/" + Path(p).stem: row for p, row in zip(files, emb, strict=True)}
 
 
+@pytest.mark.slow
 def test_train_on_aligned_folder_then_eval_verify_identify_raw_photos(tmp_path):
     """One recipe from end to end: facetrain.align -> training records the recipe -> raw photos through eval,
     verify and identify give the embeddings of the training crops (to 1e-5); a photo without a face is listed

@@ -14,7 +14,7 @@ from helpers import (
     load_weights,
     subprocess_env,
     tiny_train_config,
-    train_one_and_many,
+    train_one_and_many_runs,
 )
 
 
@@ -32,17 +32,28 @@ def test_building_blocks_at_three_processes():
         assert f"ok {check}" in proc.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("loss", [
-    {"name": "arcface", "miner": "none"},  # a loss with its own weights (one row per training identity)
+LOSSES = {
+    "arcface": {"name": "arcface", "miner": "none"},  # a loss with its own weights (one row per training identity)
     # own weights, 3 sub-centers per identity and a max over them: the argmax must agree across ranks
-    {"name": "subcenter_arcface", "miner": "none"},
-    {"name": "triplet", "miner": "triplet_hard"},  # a miner: every rank must pick the same tuples
-], ids=["arcface", "subcenter_arcface", "triplet_hard_miner"])
-def test_three_processes_equal_one_process_with_batchnorm(tmp_path, loss):
-    cfg = tiny_train_config(tmp_path, {**EXACT, "loss": loss,
-                                       "model": {"backbone": "test_efficientnet", "sync_bn": True}})
-    one, three = train_one_and_many(cfg, tmp_path, 24, 3)
+    "subcenter_arcface": {"name": "subcenter_arcface", "miner": "none"},
+    "triplet_hard_miner": {"name": "triplet", "miner": "triplet_hard"},  # a miner: every rank must pick the same tuples
+}
+
+
+@pytest.fixture(scope="module")
+def three_process_runs(tmp_path_factory):
+    """Every loss of LOSSES trained on 1 process and on 3 (the 3-process runs in one launch)."""
+    tmp = tmp_path_factory.mktemp("three")
+    cfgs = {name: tiny_train_config(tmp, {**EXACT, "loss": loss,
+                                         "model": {"backbone": "test_efficientnet", "sync_bn": True}}, f"{name}.yaml")
+            for name, loss in LOSSES.items()}
+    return train_one_and_many_runs(cfgs, tmp, 24, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_three_processes_equal_one_process_with_batchnorm(three_process_runs, loss):
+    one, three = three_process_runs[loss]
 
     # equal up to float summation order, relative to each tensor's scale (after 4 SGD steps with ArcFace's
     # scale 30: <= 2e-4 measured; per-rank BatchNorm statistics, i.e. model.sync_bn off: 1.7 on the stem)

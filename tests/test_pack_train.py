@@ -34,6 +34,7 @@ def packed_config(tmp_path, pack, extra: dict | None = None):
     return tiny_train_config(tmp_path, deep_merge(base, extra or {}))
 
 
+@pytest.mark.slow
 def test_packed_resume_matches_uninterrupted_run_and_same_seed_same_weights(tmp_path, pack):
     # 144 training images in batches of 16: 9 steps per epoch. The run stops at step 10, in the second epoch,
     # so the resumed run must rebuild epoch 1's plan (order and augmentation seeds), not only epoch 0's.

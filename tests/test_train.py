@@ -17,20 +17,31 @@ from helpers import (
     load_weights,
     run_train,
     tiny_train_config,
-    train_one_and_many,
+    train_one_and_many_runs,
 )
 
 from facetrain.data.synthetic import render
 
+DDP_MODELS = {
+    "groupnorm": {"backbone": "test_efficientnet_gn"},  # GroupNorm: per-sample statistics, nothing to synchronise
+    "batchnorm_sync_bn": {"backbone": "test_efficientnet", "sync_bn": True},  # BatchNorm over the global batch
+}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """Each model of DDP_MODELS trained on 1 process and on 2 (the 2-process runs in one launch)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    cfgs = {name: tiny_train_config(tmp, {**EXACT, "model": model}, f"{name}.yaml")
+            for name, model in DDP_MODELS.items()}
+    return train_one_and_many_runs(cfgs, tmp, 16, 2)
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", [
-    {"backbone": "test_efficientnet_gn"},  # GroupNorm: per-sample statistics, nothing to synchronise
-    {"backbone": "test_efficientnet", "sync_bn": True},  # BatchNorm over the global batch (model.sync_bn)
-], ids=["groupnorm", "batchnorm_sync_bn"])
-def test_two_process_ddp_equals_one_process_on_the_same_global_batches(tmp_path, model):
+@pytest.mark.parametrize("model", sorted(DDP_MODELS))
+def test_two_process_ddp_equals_one_process_on_the_same_global_batches(two_process_runs, model):
     # both ranks trained, on different images, and together on exactly the 1-process global batches
-    one, two = train_one_and_many(tiny_train_config(tmp_path, {**EXACT, "model": model}), tmp_path, 16, 2)
+    one, two = two_process_runs[model]
 
     w1, w2 = load_weights(one / "bundle"), load_weights(two / "bundle")
     for key in w1:
@@ -40,6 +51,7 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batches(tmp_path,
     assert d2["final"]["auc"] == pytest.approx(d1["final"]["auc"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path):
     # augmentation and dropout on: their randomness must also resume exactly
     cfg = tiny_train_config(tmp_path, {"model": {"drop_rate": 0.2},
@@ -123,6 +135,7 @@ def test_pretrained_weights_from_local_file(tmp_path):
         create_model(ModelConfig(backbone="resnet18", pretrained_file=str(WEIGHTS), pretrained=True))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (FACES / "att_faces").is_dir(), reason=NO_SHARED_REASON)
 def test_att_faces_training_beats_untrained_model(tmp_path):
     cfg = tiny_train_config(tmp_path, {

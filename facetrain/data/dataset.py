@@ -45,7 +45,8 @@ class FaceDataset(torch.utils.data.Dataset):
         if seed is None:
             return self._item(pos)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator is all the transforms draw from;
+            # torch.manual_seed would also queue a CUDA seeding on every item (~1 ms against ~0.06 ms)
             return self._item(pos)
 
     def _item(self, pos: int):

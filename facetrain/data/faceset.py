@@ -96,7 +96,7 @@ class _SyntheticLoader:
         self.seed, self.per_identity = seed, per_identity
 
     def __call__(self, i: int) -> Image.Image:
-        return synthetic.render(self.seed, i // self.per_identity, i % self.per_identity)
+        return synthetic.render_cached(self.seed, i // self.per_identity, i % self.per_identity)
 
 
 def synthetic_faceset(identities: int, per_identity: int, seed: int) -> FaceSet:
