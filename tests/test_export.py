@@ -21,19 +21,18 @@ onnx = pytest.importorskip("onnx", reason='needs the serve extra: pip install -e
 pytest.importorskip("onnxruntime", reason='needs the serve extra: pip install -e ".[serve]"')
 
 from facetrain import eval as eval_cli  # noqa: E402
-from facetrain import identify  # noqa: E402
+from facetrain import export as export_cli  # noqa: E402
+from facetrain import identify, verify  # noqa: E402
 from facetrain.config.schema import DataConfig, ModelConfig  # noqa: E402
 from facetrain.data.images import Preprocess, load_image  # noqa: E402
 from facetrain.data.transforms import eval_transform  # noqa: E402
 from facetrain.deploy.export import export as export_bundle  # noqa: E402
-from facetrain.deploy.export import export as export_cli  # noqa: E402
 from facetrain.deploy.onnx_embedder import OnnxEmbedder, to_input_array  # noqa: E402
 from facetrain.errors import UserError  # noqa: E402
 from facetrain.evaluation.embedding import load_embedder  # noqa: E402
 from facetrain.model.bundle import write_bundle  # noqa: E402
 from facetrain.model.files import read_bundle_meta, update_bundle_meta  # noqa: E402
 from facetrain.model.network import create_model, resolve_preprocess  # noqa: E402
-from facetrain.verify import verify  # noqa: E402
 
 pytestmark = [pytest.mark.faces, pytest.mark.skipif(not FACES.is_dir(), reason=NO_SHARED_REASON)]
 ATT = FACES / "att_faces"

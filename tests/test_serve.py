@@ -23,16 +23,11 @@ from test_export import ATT, _fresh_accelerate_state, att_paths, trained_bundle,
 httpx = pytest.importorskip("httpx", reason='needs the serve extra: pip install -e ".[serve]"')
 pytest.importorskip("fastapi", reason='needs the serve extra: pip install -e ".[serve]"')
 
-from facetrain import identify  # noqa: E402
+from facetrain import identify, serve, verify  # noqa: E402
 from facetrain.deploy.app import build_app  # noqa: E402
 from facetrain.deploy.onnx_embedder import OnnxEmbedder  # noqa: E402
-from facetrain.deploy.server import (  # noqa: E402
-    listen,
-    load_model,
-    serve,  # noqa: E402
-)
+from facetrain.deploy.server import listen, load_model  # noqa: E402
 from facetrain.errors import UserError  # noqa: E402
-from facetrain.verify import verify  # noqa: E402
 
 pytestmark = [pytest.mark.faces, pytest.mark.skipif(not FACES.is_dir(), reason=NO_SHARED_REASON)]
 

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from facetrain import eval as eval_cli
-from facetrain import identify
+from facetrain import identify, verify
 from facetrain.cli import run_cli
 from facetrain.config.schema import DataConfig, ModelConfig
 from facetrain.data.synthetic import render
@@ -26,7 +26,6 @@ from facetrain.deploy.gallery import CACHE_DIR
 from facetrain.model.bundle import write_bundle
 from facetrain.model.files import read_bundle_meta
 from facetrain.model.network import create_model, resolve_preprocess
-from facetrain.verify import verify
 
 
 @pytest.fixture(autouse=True)
