@@ -97,6 +97,7 @@ def test_train_on_aligned_folder_then_eval_verify_identify_raw_photos(tmp_path):
     assert top["score"] == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"pretrained weights not found at {WEIGHTS}")
 def test_yalefaces_verify_better_through_the_bundles_alignment(tmp_path):
     """Issue 14 acceptance: the same model (ImageNet features of tf_efficientnet_lite0, identity head, 112 px,
@@ -129,6 +130,7 @@ def test_yalefaces_verify_better_through_the_bundles_alignment(tmp_path):
     assert metrics["aligned"]["tar@far=1e-02"] > metrics["resized"]["tar@far=1e-02"]
 
 
+@pytest.mark.slow
 def test_bundle_with_recipe_and_no_detector_says_what_to_do(tmp_path):
     """facenet-pytorch hidden: raw photos are refused in one line (install the extra, or --aligned); with
     --aligned the crops are embedded as they are."""

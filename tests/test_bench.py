@@ -12,6 +12,7 @@ import pytest
 from helpers import REPO, subprocess_env
 
 
+@pytest.mark.slow
 def test_train_throughput_pairs_facetrain_with_the_raw_step(tmp_path):
     out = tmp_path / "train.json"
     cmd = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--smoke", "--data", "synthetic",
@@ -55,6 +56,7 @@ def test_warp_cost_times_the_same_warp_in_c_as_grid_sample(tmp_path):
         assert all(row[f"{k}_ns"] > 0 for k in ("device_augment", "grid_sample", "scalar_c"))
 
 
+@pytest.mark.slow
 def test_gpu_check_data_path_comparison_runs_here_at_smoke_size(tmp_path):
     """bench/gpu_check.sh's data-path part (bench/data_path.py --parts gpu) on this CPU at tiny sizes: every
     path trains and reports a rate, so a bug shows here and not first during a scarce GPU lease."""

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# each check starts a fresh interpreter on purpose (the files must load through the commands as users run them)
+pytestmark = pytest.mark.slow
+
 LEGACY = Path(__file__).parent / "data" / "legacy"
 REPO = Path(__file__).resolve().parents[1]
 

@@ -44,6 +44,7 @@ def _probe(env: dict) -> tuple[dict, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offline", ["unreachable", "HF_HUB_OFFLINE"])
 def test_no_cached_weights_and_no_hub_fails_fast_with_one_line(tmp_path, offline):
     env = _unreachable_env(tmp_path / "empty_cache")
@@ -58,6 +59,7 @@ def test_no_cached_weights_and_no_hub_fails_fast_with_one_line(tmp_path, offline
     assert "Retry" not in stderr, stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_training_cli_says_it_in_one_line_without_retry_warnings(tmp_path):
     proc = run_train(["--config", tiny_train_config(tmp_path), "--model.pretrained", "true",
                       "--train.output_dir", tmp_path / "run"], check=False, timeout=300,
@@ -68,6 +70,7 @@ def test_training_cli_says_it_in_one_line_without_retry_warnings(tmp_path):
     assert "Retry" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_weights_in_the_local_cache_still_load_when_the_hub_is_unreachable(tmp_path):
     """A hub cache entry holding known weights (a seeded random test_efficientnet, laid out as the hub does):
     with the hub unreachable, create_backbone loads exactly those weights."""

@@ -127,6 +127,7 @@ def _hub_cache(root, weights) -> None:
     (repo / "snapshots" / commit / "model.safetensors").symlink_to(weights)
 
 
+@pytest.mark.slow
 def test_small_data_recipe_trains_from_timm_hub_weights_with_the_same_key(tmp_path):
     """configs/small_data.yaml with `--model.pretrained_file ""` takes timm's own pretrained weights (from the HF
     hub cache, which is what a machine with internet downloads into) through the same model.pretrained key; with

@@ -112,6 +112,7 @@ def _faces_with_bad_files(root: Path) -> list[str]:
     return broken
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["error", "skip"])
 def test_bad_image_inside_a_dataloader_worker(tmp_path, policy):
     """With the pre-flight off (as if files changed after it ran), a worker meets the truncated files:
