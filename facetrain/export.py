@@ -8,7 +8,7 @@ The graph's input `images` is (N, H, W, 3) uint8 RGB (N dynamic; H = W = the bun
 mean/std normalisation, the model with BatchNorm folded into its convolutions (`model.network.fold_batchnorm`), and
 the flip test when the bundle's threshold was calibrated with it (`--flip/--no-flip` overrides). What stays
 outside, because ONNX's Resize is not PIL's: decoding, the face alignment the bundle records, and the resize
-to H x W with PIL bilinear (`deploy.onnx_embedder.to_input_array`, identical to `data.dataset.eval_transform`).
+to H x W with PIL bilinear (`deploy.onnx_embedder.to_input_array`, identical to `data.transforms.eval_transform`).
 
 The file's metadata carries the facetrain version, backbone, embedding size, input size and layout, mean/std,
 the alignment recipe, and the calibrated threshold with its FAR (`deploy.onnx_embedder.META_FIELDS`). The export goes
