@@ -216,3 +216,22 @@ def test_the_checks_see_an_upward_import_a_cycle_and_torch(tmp_path):
     assert any("config" in p for p in upward_imports(trees))
     assert ["facetrain.data.b", "facetrain.data.c"] in import_cycles(trees)
     assert "torch" in heavy_at_import(trees)["facetrain.config.x"]
+
+
+def environment_readers(trees: dict[str, ast.AST]) -> list[str]:
+    """Library modules outside runtime/ that touch os.environ or os.getenv (the commands and runtime/ may)."""
+    found = []
+    for module, tree in trees.items():
+        if layer_of(module) in ("runtime", "commands"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "putenv") and (
+                    isinstance(node.value, ast.Name) and node.value.id == "os"):
+                found.append(f"{module}:{node.lineno} uses os.{node.attr}")
+    return found
+
+
+def test_only_runtime_and_the_commands_read_the_environment():
+    assert environment_readers(TREES) == []
+    fake = {"facetrain.data.x": ast.parse("import os\nSEED = os.environ.get('SEED')\n")}
+    assert environment_readers(fake) == ["facetrain.data.x:2 uses os.environ"]
