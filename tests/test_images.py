@@ -163,6 +163,19 @@ def test_a_refused_format_is_named_with_what_to_do(name, tmp_path):
     assert check_image(str(path), 10**8).detail == message
 
 
+def test_a_file_of_a_read_format_whose_header_does_not_decode_is_corrupt_not_of_another_format(tmp_path):
+    from facetrain.data.images import DamagedImage
+    from facetrain.data.preflight import check_image
+
+    for fmt, cut in (("PNG", 40), ("TIFF", 10), ("GIF", 10)):
+        path = tmp_path / f"cut.{fmt.lower()}"
+        path.write_bytes(_encoded(upright_face(), fmt)[:cut])
+        with pytest.raises(DamagedImage, match=f"^truncated or damaged {fmt} file"):
+            load_image(path)
+        check = check_image(str(path), 10**8)
+        assert check.problem == "corrupt" and f"damaged {fmt} file" in check.detail, check
+
+
 def test_documented_formats_decode_and_the_others_are_refused():
     """JPEG (and phones' MPO), PNG, BMP, TIFF, WebP, GIF, PPM/PGM decode; formats PIL also knows do not."""
     from facetrain.data.images import UnsupportedImage

@@ -103,6 +103,9 @@ def test_eps_is_refused_without_running_ghostscript_and_other_formats_are_named(
         got = client.post("/verify", json={"image_a": base64.b64encode(_png()).decode(),
                                            "image_b": base64.b64encode(head + b"\x00" * 64).decode()})
         assert got.status_code == 415 and got.json()["error"].startswith(f"image_b: {name} file"), got.text
+    got = client.post("/embed", json={"image": base64.b64encode(_png()[:40]).decode()})
+    assert got.status_code == 415 and got.json()["error"] == ("image: truncated or damaged PNG file (its header "
+                                                              "does not decode)"), got.text
 
 
 def test_a_photo_without_a_face_tells_the_client_what_to_do_not_a_cli_flag(client):

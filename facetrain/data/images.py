@@ -40,6 +40,16 @@ SNIFF_BYTES = 64  # bytes read to name a refused format; every signature below l
 # ISO base media files (`ftyp` box) by their brands: phone photos (HEIC/HEIF, AVIF), else videos
 _AVIF_BRANDS = {b"avif", b"avis"}
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+# Signatures of the formats read: a file with one that PIL cannot open is damaged, not of another format
+_READ_SIGNATURES = (
+    (lambda h: h.startswith(b"\xff\xd8\xff"), "JPEG"),
+    (lambda h: h.startswith(b"\x89PNG\r\n\x1a\n"), "PNG"),
+    (lambda h: h.startswith((b"GIF87a", b"GIF89a")), "GIF"),
+    (lambda h: h.startswith(b"BM") and h[6:10] == bytes(4), "BMP"),  # bytes 6-9 are reserved zeros
+    (lambda h: h.startswith((b"II*\x00", b"MM\x00*")), "TIFF"),
+    (lambda h: h.startswith(b"RIFF") and h[8:12] == b"WEBP", "WebP"),
+    (lambda h: len(h) > 2 and h[:1] == b"P" and h[1:2] in b"123456" and h[2:3].isspace(), "PPM/PGM"),
+)
 # Refused formats a user may send instead of a photo -> their name, by signature (checked in order)
 _SIGNATURES = (
     (lambda h: h.startswith(b"%PDF-"), "PDF"),
@@ -54,6 +64,11 @@ _SIGNATURES = (
 class UnsupportedImage(Image.UnidentifiedImageError):
     """A file that is no image of `FORMATS`. The message is one line without the file's name or path (the
     caller names it) and, when the signature is known, names the format and says to convert it."""
+
+
+class DamagedImage(OSError):
+    """A file with the signature of a format of `FORMATS` whose header PIL cannot read (truncated, damaged): a
+    corrupt file, as one whose pixels do not decode. One line, without the file's name or path."""
 
 
 @dataclass
@@ -113,7 +128,10 @@ def format_of(head: bytes) -> str | None:
     return next((name for test, name in _SIGNATURES if test(head)), None)
 
 
-def _refusal(head: bytes) -> UnsupportedImage:
+def _refusal(head: bytes) -> UnsupportedImage | DamagedImage:
+    damaged = next((name for test, name in _READ_SIGNATURES if test(head)), None)
+    if damaged is not None:
+        return DamagedImage(f"truncated or damaged {damaged} file (its header does not decode)")
     name = format_of(head)
     if name is None:
         return UnsupportedImage(f"not an image file in a format facetrain reads ({FORMATS_READ})")
@@ -123,8 +141,9 @@ def _refusal(head: bytes) -> UnsupportedImage:
 
 def open_image(source: str | Path | bytes | BinaryIO) -> Image.Image:
     """Open (lazily: header only, as `Image.open`) a file path, the bytes of an image file or a binary file
-    object, with only the plugins of FORMATS. Raises UnsupportedImage for anything else, DecompressionBombError
-    as PIL does, OSError for unreadable files."""
+    object, with only the plugins of FORMATS. Raises UnsupportedImage for anything else, DamagedImage for a file
+    of those formats whose header does not decode, DecompressionBombError as PIL does, OSError for unreadable
+    files."""
     fp = io.BytesIO(bytes(source)) if isinstance(source, bytes | bytearray | memoryview) else source
     try:
         return Image.open(fp, formats=FORMATS)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from facetrain.alignment.check import AlignmentFailed
-from facetrain.data.images import open_image
+from facetrain.data.images import DamagedImage, open_image
 from facetrain.deploy.batching import Batcher
 from facetrain.deploy.gallery import Gallery, rank_identities
 from facetrain.errors import INSTALL, UserError
@@ -120,7 +120,7 @@ def prepare(embedder, raw: bytes, name: str, limits: Limits) -> np.ndarray:
         header = open_image(raw)  # images.FORMATS only: EPS would run Ghostscript on the client's PostScript
     except Image.DecompressionBombError as err:
         raise RequestError(413, f"{name}: {err}") from None
-    except Image.UnidentifiedImageError as err:  # images.UnsupportedImage: names the format, no path
+    except (Image.UnidentifiedImageError, DamagedImage) as err:  # images' one lines: the format named, no path
         raise RequestError(415, f"{name}: {err}") from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ... for damaged headers
         raise RequestError(415, f"{name}: not an image file PIL can read ({type(err).__name__})") from None
