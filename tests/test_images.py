@@ -163,6 +163,7 @@ def test_a_refused_format_is_named_with_what_to_do(name, tmp_path):
     assert check_image(str(path), 10**8).detail == message
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # PIL, on the cut TIFF
 def test_a_file_of_a_read_format_whose_header_does_not_decode_is_corrupt_not_of_another_format(tmp_path):
     from facetrain.data.images import DamagedImage
     from facetrain.data.preflight import check_image
