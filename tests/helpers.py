@@ -219,3 +219,27 @@ def load_weights(directory: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(Path(directory) / "model.safetensors"))
+
+
+# Formats facetrain refuses, by the name its message gives -> the first bytes of such a file (tests/test_images.py,
+# tests/test_serve_inputs.py)
+REFUSED_SIGNATURES = {
+    "HEIC/HEIF": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic",
+    "AVIF": b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf",
+    "PDF": b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n",
+    "SVG/XML": b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+}
+
+
+def fake_ghostscript(directory: Path, monkeypatch) -> Path:
+    """Put a `gs` first on PATH that logs its arguments to the returned file (Pillow's EPS plugin renders with
+    Ghostscript): a test asserts the log never appears."""
+    from PIL import EpsImagePlugin
+
+    bin_dir, log = Path(directory) / "bin", Path(directory) / "gs_called.log"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 0\n')
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow caches where it found gs
+    return log

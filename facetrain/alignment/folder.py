@@ -109,8 +109,8 @@ def align_file(task: tuple[str, str, str, str, dict]) -> dict:
         img = decode(src)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return {**rec, "status": "too_large", "reason": str(err).split(",")[0][:200]}
-    except UnidentifiedImageError:
-        return {**rec, "status": "not_an_image", "reason": "no image format recognised"}
+    except UnidentifiedImageError as err:  # images.UnsupportedImage: one line naming the format
+        return {**rec, "status": "not_an_image", "reason": str(err)}
     except (PermissionError, FileNotFoundError, IsADirectoryError) as err:
         return {**rec, "status": "unreadable", "reason": f"{type(err).__name__}: {err.strerror or err}"}
     except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...

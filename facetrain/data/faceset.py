@@ -111,7 +111,10 @@ class _HFLoader:
         self.ds, self.column = ds, column
 
     def __call__(self, i: int) -> Image.Image:
-        return decode(self.ds[int(i)][self.column])  # datasets applied EXIF already: a no-op then
+        value = self.ds[int(i)][self.column]
+        if isinstance(value, dict):  # an undecoded datasets.Image: {"bytes", "path"}, decoded here (FORMATS only)
+            value = value.get("bytes") or value.get("path")
+        return decode(value)
 
 
 def hf_faceset(cfg: DataConfig) -> FaceSet:
@@ -133,6 +136,8 @@ def hf_faceset(cfg: DataConfig) -> FaceSet:
     for key, col in (("data.image_column", cfg.image_column), ("data.label_column", cfg.label_column)):
         if col not in ds.column_names:
             raise UserError(f"{key}: column {col!r} not in dataset (columns: {', '.join(ds.column_names)})")
+    if isinstance(ds.features[cfg.image_column], datasets.Image):  # PIL in datasets would open any format
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     raw = ds[cfg.label_column]
     feature = ds.features[cfg.label_column]
     if hasattr(feature, "names"):  # ClassLabel: ints with names

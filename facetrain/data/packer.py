@@ -22,14 +22,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from facetrain.config.constants import MAX_IMAGE_PIXELS
 from facetrain.data.faceset import scan_identity_folder
-from facetrain.data.images import Preprocess, load_image
+from facetrain.data.images import SINGLE_CHANNEL_MODES, Preprocess, load_image
 from facetrain.data.pack_format import PackHeader, PackWriter
 from facetrain.data.preflight import PreflightReport, enforce, scan
 from facetrain.data.transforms import eval_transform
 from facetrain.errors import UserError
 
-# PIL modes that `images.to_rgb(keep_gray=True)` returns as one gray channel
-SINGLE_CHANNEL_MODES = {"L", "1", "I;16", "I;16B", "I;16L", "I"}
 PENDING_PER_THREAD = 64  # decodes submitted ahead per thread: bounds the pending work (~2 KB per image)
 
 

@@ -11,7 +11,8 @@ What is checked (root/<identity>/<image>), and what happens:
 
     refused (data.bad_images decides: `error` stops and lists them, `skip` trains without them)
       empty_file        zero-byte file
-      not_an_image      no image format recognised (a text file named .jpg, a macOS `._x.jpg` resource file)
+      not_an_image      no image format facetrain reads (a text file named .jpg, a macOS `._x.jpg` resource file,
+                        a HEIC/PDF/EPS/SVG file: named, to convert to JPEG or PNG)
       corrupt           header fine but the pixels do not decode (truncated download, damaged file)
       too_large         more than data.max_image_pixels pixels (decompression bombs)
     counted and reported, never refused
@@ -54,7 +55,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from facetrain.data.faceset import FaceSet
-from facetrain.data.images import IMAGE_EXTENSIONS
+from facetrain.data.images import IMAGE_EXTENSIONS, open_image
 from facetrain.errors import UserError
 from facetrain.runtime.distributed import broadcast_object
 
@@ -102,7 +103,7 @@ def check_image(path: str, max_image_pixels: int) -> FileCheck:
     try:
         if os.path.getsize(path) == 0:
             return FileCheck(path, "empty_file", "0 bytes")
-        with Image.open(path) as im:
+        with open_image(path) as im:
             (w, h), mode, fmt = im.size, im.mode, im.format or ""
             if w * h > max_image_pixels:
                 return FileCheck(path, "too_large", f"{w}x{h} = {w * h:,} pixels > data.max_image_pixels "
@@ -112,8 +113,8 @@ def check_image(path: str, max_image_pixels: int) -> FileCheck:
             im.load()
     except Image.DecompressionBombError as err:  # beyond 2x PIL's own limit: refused before decoding
         return FileCheck(path, "too_large", str(err).split(",")[0])
-    except Image.UnidentifiedImageError:
-        return FileCheck(path, "not_an_image", "no image format recognised")
+    except Image.UnidentifiedImageError as err:  # images.UnsupportedImage: one line naming the format
+        return FileCheck(path, "not_an_image", str(err))
     except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         return FileCheck(path, "corrupt", f"{type(err).__name__}: {err}"[:200])
     return FileCheck(path, None, "", mode, fmt)

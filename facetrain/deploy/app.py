@@ -11,7 +11,6 @@ together (`deploy.batching.Batcher`); /identify ranks against a `deploy.gallery.
 # runtime, and Request is imported inside build_app (FastAPI is optional).
 import base64
 import binascii
-import io
 import json
 import sys
 from contextlib import asynccontextmanager
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from facetrain.alignment.check import AlignmentFailed
+from facetrain.data.images import DamagedImage, open_image
 from facetrain.deploy.batching import Batcher
 from facetrain.deploy.gallery import Gallery, rank_identities
 from facetrain.errors import INSTALL, UserError
@@ -79,6 +79,16 @@ async def read_json(request, limits: Limits) -> dict:
     return data
 
 
+_URL_SAFE = str.maketrans("-_", "+/")  # RFC 4648 section 5's alphabet -> the standard one
+
+
+def b64decode_lenient(compact: str) -> bytes:
+    """Base64 as clients send it, once `"".join(value.split())` removed MIME's line breaks (RFC 2045: one every
+    76 characters): standard or URL-safe alphabet, padded or not. Any other character is refused."""
+    compact = compact.translate(_URL_SAFE)
+    return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+
+
 def image_bytes(data: dict, key: str, limits: Limits, value=None) -> bytes:
     """The decoded base64 of field `key` (a data: URL prefix is accepted)."""
     value = data.get(key) if value is None else value
@@ -88,12 +98,14 @@ def image_bytes(data: dict, key: str, limits: Limits, value=None) -> bytes:
         raise RequestError(422, f"field {key!r} must be a base64 string, got {type(value).__name__}")
     if value.startswith("data:") and "," in value:
         value = value.split(",", 1)[1]
+    value = "".join(value.split())
     if len(value) > limits.max_image_bytes * 4 // 3 + 4:
         raise RequestError(413, f"{key}: image over the limit of {limits.max_image_bytes:,} bytes")
     try:
-        raw = base64.b64decode(value, validate=True)
+        raw = b64decode_lenient(value)
     except (binascii.Error, ValueError) as err:
-        raise RequestError(422, f"{key}: not valid base64 ({err})") from None
+        raise RequestError(422, f"{key}: not valid base64 ({err}); send the image file's bytes in base64 (the "
+                                "standard or the URL-safe alphabet; line breaks are ignored)") from None
     if not raw:
         raise RequestError(422, f"{key}: empty image")
     if len(raw) > limits.max_image_bytes:
@@ -105,10 +117,12 @@ def prepare(embedder, raw: bytes, name: str, limits: Limits) -> np.ndarray:
     """Image file bytes -> the model input, through `images.load_image` as offline. The header is read first
     (PIL's lazy open) so an oversized image is refused before its pixels are decoded."""
     try:
-        header = Image.open(io.BytesIO(raw))
+        header = open_image(raw)  # images.FORMATS only: EPS would run Ghostscript on the client's PostScript
     except Image.DecompressionBombError as err:
         raise RequestError(413, f"{name}: {err}") from None
-    except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for non-images
+    except (Image.UnidentifiedImageError, DamagedImage) as err:  # images' one lines: the format named, no path
+        raise RequestError(415, f"{name}: {err}") from None
+    except Exception as err:  # PIL raises OSError, SyntaxError, ... for damaged headers
         raise RequestError(415, f"{name}: not an image file PIL can read ({type(err).__name__})") from None
     width, height = header.size
     if width * height > limits.max_pixels:
@@ -116,8 +130,10 @@ def prepare(embedder, raw: bytes, name: str, limits: Limits) -> np.ndarray:
                                 f"{limits.max_pixels:,}")
     try:
         return embedder.prepare(header, name=name)
-    except AlignmentFailed as err:
-        raise RequestError(422, str(err)) from None
+    except AlignmentFailed as err:  # its message is the CLI's ("pass --aligned"): a client has no flags
+        raise RequestError(422, f"{name}: {err.status.replace('_', ' ')} ({err.reason}): this service finds and "
+                                "aligns the face in each photo; send a photo with one clearly visible face, or, "
+                                "to send face crops, ask the service's operator to serve aligned crops") from None
     except Exception as err:  # truncated or corrupt pixel data
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise RequestError(415, f"{name}: cannot decode image ({type(err).__name__}: {first})") from None

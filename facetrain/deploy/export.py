@@ -32,6 +32,8 @@ MIN_COSINE = 0.9999
 SELF_CHECK_IMAGES = 3
 #: Longest excerpt of an exporter or checker message quoted in a one-line error (characters).
 QUOTE_CHARS = 240
+#: Lowest opset torch's exporter writes natively (its torchlib); a lower one is a conversion that may fail.
+NATIVE_OPSET = 18
 
 
 def facetrain_version() -> str:
@@ -105,6 +107,23 @@ def _output_path(bundle: Path, output: str | Path) -> Path:
     return out
 
 
+def _highest_opset() -> int:
+    """The newest opset the installed onnx package knows: the exporter cannot write a newer one."""
+    return int(_require_onnx().defs.onnx_opset_version())
+
+
+def _opset_advice() -> str:
+    return f"use an --opset from {NATIVE_OPSET} to {_highest_opset()}, or leave the option out"
+
+
+def _check_opset(opset: int | None) -> None:
+    """Refuse, before the export runs, an opset no ONNX release has (the exporter would fail to convert to it and
+    keep its own, and the message would blame the conversion)."""
+    if opset is not None and not 1 <= opset <= _highest_opset():
+        raise UserError(f"--opset {opset}: not an ONNX opset the installed onnx {_require_onnx().__version__} "
+                        f"knows (1 to {_highest_opset()}); {_opset_advice()}")
+
+
 def _to_onnx(graph: ExportGraph, size: int, opset: int | None, backbone: str):
     """The exported ModelProto, at exactly `opset` when one is asked for."""
     example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
@@ -119,10 +138,10 @@ def _to_onnx(graph: ExportGraph, size: int, opset: int | None, backbone: str):
                         f"{f' at opset {opset}' if opset else ''} ({type(err).__name__}: {_first_line(err)})") from None
     produced = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
     if opset is not None and produced != {opset}:
-        # the exporter writes opset >= 18 natively and tries a version conversion below that, keeping its own
-        # opset (with a warning only) when the conversion fails
+        # the exporter writes opset >= NATIVE_OPSET natively and tries a version conversion below that, keeping
+        # its own opset (with a warning only) when the conversion fails
         raise UserError(f"--opset {opset}: torch's exporter could not convert the graph of {backbone!r} to opset "
-                        f"{opset} (it produced {sorted(produced)}); use --opset 18 or higher, or leave the option out")
+                        f"{opset} (it produced {sorted(produced)}); {_opset_advice()}")
     return proto
 
 
@@ -178,8 +197,7 @@ def export(model_path: str | Path, output: str | Path = "", opset: int | None = 
     written (the summary `facetrain.export --json` prints)."""
     onnx = _require_onnx()
     ort = import_onnxruntime()
-    if opset is not None and opset < 1:
-        raise UserError(f"--opset: must be a positive ONNX opset number, e.g. 18; got {opset}")
+    _check_opset(opset)
     path = resolve_model_path(model_path)
     out = _output_path(path, output)
     model, pre, meta = load_bundle(path)
