@@ -35,7 +35,7 @@ from facetrain.deploy import app as app_module  # noqa: E402
 from facetrain.deploy.app import build_app  # noqa: E402
 from facetrain.deploy.gallery import enrol  # noqa: E402
 from facetrain.deploy.http_input import default_allowed_hosts, host_name  # noqa: E402
-from facetrain.deploy.limits import BodyBudget, Limits, RequestError  # noqa: E402
+from facetrain.deploy.limits import BodyBudget, Limits, RequestError, fit_decode  # noqa: E402
 from facetrain.deploy.onnx_embedder import OnnxEmbedder  # noqa: E402
 
 START_TIMEOUT_S = 60
@@ -125,6 +125,7 @@ def test_decoded_bytes_are_budgeted_and_large_jpegs_decode_small(app_client, emb
     Image.new("L", (8000, 6000), 128).save(big, format="JPEG", quality=50)
     r = app_client.post("/embed", json={"image": b64(big.getvalue())})
     assert r.status_code == 200, r.text
+    assert fit_decode(Image.open(big), "big", Limits()).size == (4000, 3000)
 
     limits = app_client.get("/health").json()["limits"]
     assert limits["max_pixels"] == 4096 * 4096 and limits["max_decoded_bytes"] == 4096 * 4096 * 3
@@ -236,9 +237,9 @@ def _fuzz_value(rng, depth: int = 0):
     if kind == 1:
         return bool(rng.integers(0, 2))
     if kind == 2:
-        return int(rng.integers(-(2**62), 2**62)) * int(rng.choice([1, 10**20]))
+        return int(rng.integers(-(2**62), 2**62)) * (10**20 if rng.random() < 0.5 else 1)
     if kind == 3:
-        return float(rng.normal() * 10 ** rng.integers(-5, 300))
+        return float(rng.normal()) * 10.0 ** int(rng.integers(-5, 300))
     if kind == 4:
         return "".join(chr(int(c)) for c in rng.integers(1, 0x2FF, rng.integers(0, 40)))
     if kind == 5:
@@ -258,11 +259,12 @@ def _fuzz_request(rng, good: dict) -> dict:
     form = rng.integers(0, 6)
     if form == 0:
         content = bytes(rng.integers(0, 256, rng.integers(0, 200), dtype=np.uint8))
-    elif form == 1:
-        text = json.dumps(body)
-        cut = int(rng.integers(0, len(text) + 1))
-        content = (text[:cut] + str(rng.choice(["NaN", "-Infinity", "1e400", "[" * 3000, '"\\ud800"', ""]))
-                   + text[cut:]).encode()
+    elif form == 1:  # a field's value replaced by what JSON cannot hold, or nests too deep, or a cut
+        key = str(rng.choice(["threshold", "top_k", "image", "images", "image_a"]))
+        raw = str(rng.choice(["NaN", "-Infinity", "Infinity", "1e400", "[" * 3000 + "]" * 3000, '"\\ud800"']))
+        content = json.dumps({**body, key: "@RAW@"}).replace('"@RAW@"', raw).encode()
+        if rng.random() < 0.2:
+            content = content[:int(rng.integers(0, len(content) + 1))]
     else:
         content = json.dumps(body).encode()
     ctype = str(rng.choice(["application/json", "application/json; charset=utf-8", "text/plain", ""]))

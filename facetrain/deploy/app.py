@@ -1,10 +1,13 @@
 """The HTTP/JSON verification service as an ASGI app (FastAPI): POST /verify, /embed, /identify, GET /health.
 
-`build_app(embedder, gallery, limits, max_batch, window_ms)`: an `OnnxEmbedder` answers every request, through
-the same path as offline embedding (`OnnxEmbedder.prepare`), with requests of concurrent callers batched
-together (`deploy.batching.Batcher`); /identify ranks against a `deploy.gallery.Gallery`. Bad requests get a
-4xx and {"error": one line}, never a traceback. FastAPI is optional (the "serve" extra) and imported by
-`build_app` only; nothing here imports torch. `deploy.server` runs the app; `facetrain.serve` is the command.
+`build_app(embedder, gallery, limits, max_batch, window_ms, allowed_hosts)`: an `OnnxEmbedder` answers every
+request, through the same path as offline embedding (`OnnxEmbedder.prepare`), with requests of concurrent callers
+batched together (`deploy.batching.Batcher`); /identify ranks against a `deploy.gallery.Gallery`. What a client
+may send and cost is `deploy.limits` (body per endpoint, decode budget, deadlines); its body, JSON and Host
+header are read by `deploy.http_input`; parsing and decoding run on a pool of `limits.decode_workers` threads.
+Bad requests get a 4xx and {"error": one line}, never a traceback. FastAPI is optional (the "serve" extra) and
+imported by `build_app` only; nothing here imports torch. `deploy.server` runs the app; `facetrain.serve` is the
+command.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' `request: Request` annotations at
