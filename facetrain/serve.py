@@ -123,6 +123,7 @@ def _describe_threshold(meta: dict) -> str:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    limits, hosts = limits_of(args), allowed_hosts_of(args)
     require_uvicorn()
     embedder = load_model(args.model, args.aligned, args.threads)
     gallery = None
@@ -132,7 +133,6 @@ def main(argv: list[str]) -> int:
         gallery = enrol(embedder, args.gallery, scan_identity_folder(args.gallery, "--gallery"))
         print(f"facetrain.serve: gallery {args.gallery}: {len(gallery.paths)} images of {len(gallery.names)} "
               "identities", file=sys.stderr, flush=True)
-    limits, hosts = limits_of(args), allowed_hosts_of(args)
     app = build_app(embedder, gallery, limits, args.max_batch, args.batch_window_ms, hosts)
     sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]

@@ -37,6 +37,7 @@ from facetrain.deploy.gallery import enrol  # noqa: E402
 from facetrain.deploy.http_input import default_allowed_hosts, host_name  # noqa: E402
 from facetrain.deploy.limits import BodyBudget, Limits, RequestError, fit_decode  # noqa: E402
 from facetrain.deploy.onnx_embedder import OnnxEmbedder  # noqa: E402
+from facetrain.errors import UserError  # noqa: E402
 
 START_TIMEOUT_S = 60
 HEADER_TIMEOUT_S = 1.0  # the test server's deadlines, short so the slow-client tests take seconds
@@ -184,6 +185,15 @@ def test_body_limit_is_per_endpoint_and_json_is_parsed_off_the_loop(embedder, ga
         r = c.post("/embed", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 200, r.text
     assert threads and all(name.startswith("facetrain-decode") for name in threads)
+
+
+def test_limit_options_are_checked_before_the_model_loads(tiny):
+    from facetrain import serve
+
+    with pytest.raises(UserError, match="--max-inflight-bytes: 10 is less than the largest request body"):
+        serve.main(["--model", str(tiny), "--max-inflight-bytes", "10"])
+    with pytest.raises(UserError, match="--header-timeout: must be >= 0.1, got 0"):
+        serve.main(["--model", str(tiny), "--header-timeout", "0"])
 
 
 def test_bodies_held_at_once_are_budgeted():
