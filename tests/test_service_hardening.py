@@ -439,6 +439,9 @@ def test_connection_cap_and_host_header_on_the_real_server(server):
     try:
         time.sleep(0.2)
         assert httpx.get(url + "/health").status_code == 503  # over the cap: refused, not queued
+        held += [_connect(port) for _ in range(MAX_CONNECTIONS)]  # twice the cap: the next one is closed at once
+        extra, t0 = _connect(port), time.monotonic()
+        assert _read_all(extra) == b"" and time.monotonic() - t0 < HEADER_TIMEOUT_S / 2
     finally:
         for sock in held:
             sock.close()

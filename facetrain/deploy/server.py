@@ -18,6 +18,10 @@ from facetrain.model.files import EXPORT_FILE, is_onnx_file
 LISTEN_BACKLOG = 2048
 #: Seconds an idle keep-alive connection stays open after an answer (uvicorn's timeout_keep_alive).
 KEEP_ALIVE_S = 5
+#: Connections over this many times --max-connections are closed as they open, without a 503 (uvicorn answers
+#: 503 only once a request's headers are complete, so a flood of silent connections would hold a file
+#: descriptor each until the header deadline).
+CLOSE_OVER_CAP_FACTOR = 2
 #: What a connection whose request headers are late gets before it is closed (when it sent any byte of them).
 _TIMEOUT_BODY = b'{"error": "request headers not received in time"}'
 REQUEST_TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -72,7 +76,8 @@ def header_deadline_protocol(header_timeout_s: float):
     """uvicorn's h11 protocol with a deadline for request headers, which uvicorn lacks (its keep-alive timeout
     starts only after an answer, and any byte resets it): a connection that has not sent a request's complete
     headers `header_timeout_s` seconds after it opened, or after its previous answer, is closed (with a 408 if
-    it had sent part of them). Slow bodies are the app's: `http_input.read_body`."""
+    it had sent part of them). Connections over CLOSE_OVER_CAP_FACTOR x the connection cap are closed at once.
+    Slow bodies are the app's: `http_input.read_body`."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -97,6 +102,10 @@ def header_deadline_protocol(header_timeout_s: float):
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            cap = self.limit_concurrency
+            if cap is not None and len(self.connections) > CLOSE_OVER_CAP_FACTOR * cap:
+                transport.close()
+                return
             self._arm()
 
         def data_received(self, data: bytes) -> None:
