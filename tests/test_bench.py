@@ -67,3 +67,19 @@ def test_gpu_check_data_path_comparison_runs_here_at_smoke_size(tmp_path):
     (row,) = json.loads(out.read_text())["gpu"]
     assert row["device"] == "cpu"  # no GPU here: the smoke run takes what there is
     assert all(row[path] > 0 for path in ("raw", "pil_folder", "pil_packed", "device_packed")), row
+
+
+def test_serve_hostile_load_runs_at_smoke_size(tmp_path):
+    """bench/serve_hostile.py (issue 26's load test) at smoke size: the good callers are answered, every kind of
+    attack gets its answer, no 5xx, and the server's peak memory is measured."""
+    out = tmp_path / "hostile.json"
+    cmd = [sys.executable, str(REPO / "bench" / "serve_hostile.py"), "--smoke", "--no-write", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    status = result["status"]
+    assert set(status["good /verify"]) == {"200"} and status["good /verify"]["200"] > 5, status
+    assert set(status["6300x6300 RGBA PNG"]) == {"413"}, status  # refused on its header
+    assert set(status.get("1 GB Content-Length", {"413": 1})) == {"413"}, status
+    assert not [(kind, s) for kind, counts in status.items() for s in counts if s.startswith("5")], status
+    assert result["vm_hwm"] > result["rss_idle"] > 0 and result["log_tracebacks"] == 0

@@ -1,20 +1,26 @@
 """The HTTP/JSON verification service as an ASGI app (FastAPI): POST /verify, /embed, /identify, GET /health.
 
-`build_app(embedder, gallery, limits, max_batch, window_ms)`: an `OnnxEmbedder` answers every request, through
-the same path as offline embedding (`OnnxEmbedder.prepare`), with requests of concurrent callers batched
-together (`deploy.batching.Batcher`); /identify ranks against a `deploy.gallery.Gallery`. Bad requests get a
-4xx and {"error": one line}, never a traceback. FastAPI is optional (the "serve" extra) and imported by
-`build_app` only; nothing here imports torch. `deploy.server` runs the app; `facetrain.serve` is the command.
+`build_app(embedder, gallery, limits, max_batch, window_ms, allowed_hosts)`: an `OnnxEmbedder` answers every
+request, through the same path as offline embedding (`OnnxEmbedder.prepare`), with requests of concurrent callers
+batched together (`deploy.batching.Batcher`); /identify ranks against a `deploy.gallery.Gallery`. What a client
+may send and cost is `deploy.limits` (body per endpoint, decode budget, deadlines); its body, JSON and Host
+header are read by `deploy.http_input`; parsing and decoding run on a pool of `limits.decode_workers` threads.
+Bad requests get a 4xx and {"error": one line}, never a traceback. FastAPI is optional (the "serve" extra) and
+imported by `build_app` only; nothing here imports torch. `deploy.server` runs the app; `facetrain.serve` is the
+command.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' `request: Request` annotations at
 # runtime, and Request is imported inside build_app (FastAPI is optional).
+import asyncio
 import base64
 import binascii
-import json
+import os
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -23,60 +29,31 @@ from facetrain.alignment.check import AlignmentFailed
 from facetrain.data.images import DamagedImage, open_image
 from facetrain.deploy.batching import Batcher
 from facetrain.deploy.gallery import Gallery, rank_identities
+from facetrain.deploy.http_input import HostAllowList, int_field, number_field, parse_json, read_body, require_json
+from facetrain.deploy.limits import BodyBudget, ClientGone, Limits, RequestError, fit_decode
 from facetrain.errors import INSTALL, UserError
+
+__all__ = ["Limits", "RequestError", "build_app"]  # Limits and RequestError live in deploy.limits
+
+#: Aborted uploads are logged at most once per this many seconds (the others counted in /health), s.
+ABORT_LOG_EVERY_S = 10.0
 
 
 def serve_extra_missing() -> UserError:
     return UserError(f"facetrain.serve needs FastAPI and uvicorn: {INSTALL['serve']}")
 
 
-class RequestError(Exception):
-    """A bad request: answered with `status` and {"error": message}, never a traceback."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-@dataclass
-class Limits:
-    max_image_bytes: int = 10_000_000
-    """Largest image file accepted (bytes, after base64 decoding)."""
-    max_pixels: int = 40_000_000
-    """Largest image accepted (width x height, read from the header before any pixel is decoded)."""
-    max_images: int = 16
-    """Most images in one /embed request."""
-
-    @property
-    def max_body(self) -> int:
-        """Largest request body: the biggest request is max_images images, base64 (4/3) plus JSON framing."""
-        return (self.max_image_bytes * 4 // 3 + 1024) * max(2, self.max_images) + 4096
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Requests
 
 
-async def read_json(request, limits: Limits) -> dict:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/json":
-        raise RequestError(415, f"send JSON (Content-Type: application/json, got {ctype or 'none'!r}) with "
-                                "base64-encoded image files")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limits.max_body:
-        raise RequestError(413, f"request body of {int(length):,} bytes is over the limit of {limits.max_body:,}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limits.max_body:
-            raise RequestError(413, f"request body is over the limit of {limits.max_body:,} bytes")
-    try:
-        data = json.loads(bytes(body))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise RequestError(422, f"malformed JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise RequestError(422, f"expected a JSON object, got {type(data).__name__}")
-    return data
+async def read_json(request, limits: Limits, images: int, pool: ThreadPoolExecutor | None = None,
+                    held=None) -> dict:
+    """The JSON object of a request that carries at most `images` images: its body within that endpoint's
+    limit, `limits.body_timeout_s` and the service's body budget (`held`), parsed on `pool` (off the loop)."""
+    require_json(request)
+    body = await read_body(request, limits.body_limit(images), limits.body_timeout_s, held)
+    return await asyncio.get_running_loop().run_in_executor(pool, parse_json, body)
 
 
 _URL_SAFE = str.maketrans("-_", "+/")  # RFC 4648 section 5's alphabet -> the standard one
@@ -115,7 +92,8 @@ def image_bytes(data: dict, key: str, limits: Limits, value=None) -> bytes:
 
 def prepare(embedder, raw: bytes, name: str, limits: Limits) -> np.ndarray:
     """Image file bytes -> the model input, through `images.load_image` as offline. The header is read first
-    (PIL's lazy open) so an oversized image is refused before its pixels are decoded."""
+    (PIL's lazy open) so an image over the decode budget is refused, or a large JPEG set to decode small
+    (`limits.fit_decode`), before its pixels are decoded."""
     try:
         header = open_image(raw)  # images.FORMATS only: EPS would run Ghostscript on the client's PostScript
     except Image.DecompressionBombError as err:
@@ -124,10 +102,7 @@ def prepare(embedder, raw: bytes, name: str, limits: Limits) -> np.ndarray:
         raise RequestError(415, f"{name}: {err}") from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ... for damaged headers
         raise RequestError(415, f"{name}: not an image file PIL can read ({type(err).__name__})") from None
-    width, height = header.size
-    if width * height > limits.max_pixels:
-        raise RequestError(413, f"{name}: {width}x{height} = {width * height:,} pixels is over the limit of "
-                                f"{limits.max_pixels:,}")
+    header = fit_decode(header, name, limits)
     try:
         return embedder.prepare(header, name=name)
     except AlignmentFailed as err:  # its message is the CLI's ("pass --aligned"): a client has no flags
@@ -139,12 +114,19 @@ def prepare(embedder, raw: bytes, name: str, limits: Limits) -> np.ndarray:
         raise RequestError(415, f"{name}: cannot decode image ({type(err).__name__}: {first})") from None
 
 
+def decode_field(embedder, data: dict, key: str, limits: Limits, value) -> np.ndarray:
+    """One image field of a request -> the model input: base64, then the decode budget, then the offline path.
+    Runs on the decode pool (base64 of 10 MB and a decode are CPU work that must not hold the event loop)."""
+    return prepare(embedder, image_bytes(data, key, limits, value), key, limits)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The answers
 
 
 def threshold_info(meta: dict) -> dict:
     return {"threshold": meta.get("threshold"), "threshold_far": meta.get("threshold_far")}
+
 
 
 @dataclass
@@ -156,35 +138,54 @@ class Service:
     limits: Limits
     batcher: Batcher
     window_ms: float
+    pool: ThreadPoolExecutor
+    """`limits.decode_workers` threads: JSON parsing, base64 and image decoding, off the event loop."""
+    bodies: BodyBudget
+    """The request bodies held, all requests together."""
+    rejected: dict = field(default_factory=dict)
+    """Requests answered with an error, by status ("aborted": uploads the client gave up), for /health."""
+    _log_after: float = 0.0  # monotonic time before which aborted uploads are counted, not logged
+    _unlogged: int = 0
+
+    def count(self, what) -> None:
+        self.rejected[str(what)] = self.rejected.get(str(what), 0) + 1
+
+    def log_abort(self, message: str) -> None:
+        """One line per aborted upload, at most one every ABORT_LOG_EVERY_S (a client controls how many)."""
+        now = time.monotonic()
+        if now < self._log_after:
+            self._unlogged += 1
+            return
+        more = f" (and {self._unlogged} more since the last such line)" if self._unlogged else ""
+        _stderr(f"aborted upload: {message}{more}")
+        self._log_after, self._unlogged = now + ABORT_LOG_EVERY_S, 0
 
     async def embed_fields(self, data: dict, keys: list[str], values: list | None = None) -> np.ndarray:
-        from starlette.concurrency import run_in_threadpool
-
-        raws = [image_bytes(data, key, self.limits, None if values is None else values[k])
-                for k, key in enumerate(keys)]
-        arrays = [await run_in_threadpool(prepare, self.embedder, raw, key, self.limits)
-                  for raw, key in zip(raws, keys, strict=True)]
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(self.pool, decode_field, self.embedder, data, key, self.limits,
+                                     None if values is None else values[k]) for k, key in enumerate(keys)]
+        arrays = await asyncio.gather(*jobs, return_exceptions=True)
+        for result in arrays:  # the first bad image in request order names the error
+            if isinstance(result, BaseException):
+                raise result
         return await self.batcher.embed(arrays)
 
     def health(self) -> dict:
-        embedder, gallery, batcher, limits = self.embedder, self.gallery, self.batcher, self.limits
+        """The service's state; no server path (model file name only, no gallery folder)."""
+        embedder, gallery, batcher = self.embedder, self.gallery, self.batcher
         return {
-            "status": "ok", "model": str(embedder.path), "backbone": embedder.meta["model"]["backbone"],
+            "status": "ok", "model": embedder.path.name, "backbone": embedder.meta["model"]["backbone"],
             "embedding_dim": embedder.embedding_dim, "input_size": embedder.preprocess.image_size,
             "flip": embedder.flip, "alignment": embedder.alignment, **threshold_info(embedder.meta),
-            "gallery": None if gallery is None else {"root": gallery.root, "images": len(gallery.paths),
-                                                     "identities": len(gallery.names)},
+            "gallery": None if gallery is None else {"images": len(gallery.paths), "identities": len(gallery.names)},
             "batching": {"max_batch": batcher.max_batch, "window_ms": self.window_ms, "batches": batcher.batches,
                          "images": batcher.images, "largest": batcher.largest},
-            "limits": {"max_image_bytes": limits.max_image_bytes, "max_pixels": limits.max_pixels,
-                       "max_images": limits.max_images},
+            "limits": self.limits.report(), "rejected": dict(self.rejected), "body_bytes_held": self.bodies.used,
         }
 
     async def verify(self, data: dict) -> dict:
         meta = self.embedder.meta
-        threshold, source, far = data.get("threshold"), "request", None
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
-            raise RequestError(422, f"field 'threshold' must be a number, got {type(threshold).__name__}")
+        threshold, source, far = number_field(data, "threshold"), "request", None
         emb = await self.embed_fields(data, ["image_a", "image_b"])
         similarity = float(np.dot(emb[0].astype(np.float64), emb[1].astype(np.float64)))
         if threshold is None:
@@ -210,11 +211,11 @@ class Service:
         if self.gallery is None:
             raise RequestError(404, "no gallery enrolled: start the service with --gallery DIR "
                                     "(DIR/<identity>/<image>)")
-        top_k = data.get("top_k", 5)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise RequestError(422, f"field 'top_k' must be an integer >= 1, got {top_k!r}")
+        top_k = min(int_field(data, "top_k", 5, 1), len(self.gallery.names))
         emb = await self.embed_fields(data, ["image"])
         rows = rank_identities(self.gallery, emb[:1], top_k)[0]
+        for row in rows:  # the gallery's file names, never the server's path to them
+            row["image"] = os.path.relpath(row["image"], self.gallery.root)
         threshold = self.embedder.meta.get("threshold")
         return {"matches": rows, "match": None if threshold is None else bool(rows[0]["score"] >= threshold),
                 **threshold_info(self.embedder.meta)}
@@ -224,25 +225,38 @@ class Service:
 # The application
 
 
-def _add_error_handlers(app, JSONResponse, HTTPException) -> None:
+def _stderr(message: str) -> None:
+    print(f"facetrain.serve: {message}", file=sys.stderr, flush=True)
+
+
+def _add_error_handlers(app, service: Service, respond, HTTPException) -> None:
     @app.exception_handler(RequestError)
     async def _request_error(request, err: RequestError):
-        return JSONResponse({"error": err.message}, status_code=err.status)
+        service.count(err.status)
+        return respond(err.status, err.message, err.close)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request, err: ClientGone):  # nobody reads the answer: a quiet line, no traceback
+        service.count("aborted")
+        service.log_abort(str(err))
+        return respond(400, str(err), True)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, err: HTTPException):
-        return JSONResponse({"error": f"{request.method} {request.url.path}: {err.detail}"},
-                            status_code=err.status_code)
+        service.count(err.status_code)
+        return respond(err.status_code, f"{request.method} {request.url.path}: {err.detail}", False)
 
     @app.exception_handler(Exception)
     async def _internal(request, err: Exception):  # a bug, never a user's mistake: one line, no traceback
-        print(f"facetrain.serve: error: {request.url.path}: {type(err).__name__}: {err}", file=sys.stderr,
-              flush=True)
-        return JSONResponse({"error": f"internal error ({type(err).__name__})"}, status_code=500)
+        service.count(500)
+        _stderr(f"error: {request.url.path}: {type(err).__name__}: {err}")
+        return respond(500, f"internal error ({type(err).__name__})", False)
 
 
 def build_app(embedder, gallery: Gallery | None = None, limits: Limits | None = None, max_batch: int = 32,
-              window_ms: float = 5.0):
+              window_ms: float = 5.0, allowed_hosts: list[str] | None = None):
+    """The service's ASGI app. allowed_hosts: the Host header names it answers (None: any; "*" in the list:
+    any); `facetrain.serve` passes its --allowed-hosts or the loopback names when bound to loopback."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import JSONResponse
@@ -250,36 +264,40 @@ def build_app(embedder, gallery: Gallery | None = None, limits: Limits | None = 
     except ImportError:
         raise serve_extra_missing() from None
 
+    def respond(status: int, message: str, close: bool):
+        return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
+
     limits = limits or Limits()
     embedder.batch_size = max_batch
     batcher = Batcher(embedder.run, max_batch, window_ms / 1000.0)
-    service = Service(embedder, gallery, limits, batcher, window_ms)
+    pool = ThreadPoolExecutor(max_workers=limits.decode_workers, thread_name_prefix="facetrain-decode")
+    service = Service(embedder, gallery, limits, batcher, window_ms, pool, BodyBudget(limits.max_inflight_bytes))
 
     @asynccontextmanager
     async def lifespan(app):
         await batcher.start()
         yield
         await batcher.stop()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="facetrain verification service", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.state.batcher = batcher
-    _add_error_handlers(app, JSONResponse, HTTPException)
+    app.state.batcher, app.state.service = batcher, service
+    _add_error_handlers(app, service, respond, HTTPException)
+    if allowed_hosts is not None:
+        app.add_middleware(HostAllowList, hosts=allowed_hosts, respond=respond)
 
     @app.get("/health")
     async def health():
         return service.health()
 
-    @app.post("/verify")
-    async def verify(request: Request):
-        return await service.verify(await read_json(request, limits))
+    def endpoint(answer, images: int):
+        async def handle(request: Request):
+            with service.bodies.hold() as held:  # the body's bytes count until the answer
+                return await answer(await read_json(request, limits, images, pool, held))
+        return handle
 
-    @app.post("/embed")
-    async def embed(request: Request):
-        return await service.embed(await read_json(request, limits))
-
-    @app.post("/identify")
-    async def identify(request: Request):
-        return await service.identify(await read_json(request, limits))
-
+    answers = {"/verify": service.verify, "/embed": service.embed, "/identify": service.identify}
+    for path, images in limits.endpoint_images().items():  # each body limit sized to its endpoint's images
+        app.add_api_route(path, endpoint(answers[path], images), methods=["POST"])
     return app

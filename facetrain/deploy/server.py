@@ -1,4 +1,5 @@
-"""Running the service: the model it answers with, the listening socket, and uvicorn serving the app on it."""
+"""Running the service: the model it answers with, the listening socket, and uvicorn serving the app on it,
+with a deadline for every request's headers and a cap on connections (`deploy.limits.Limits`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,23 @@ import tempfile
 from pathlib import Path
 
 from facetrain.deploy.app import serve_extra_missing
+from facetrain.deploy.limits import Limits
 from facetrain.deploy.onnx_embedder import OnnxEmbedder
 from facetrain.errors import UserError
 from facetrain.model.files import EXPORT_FILE, is_onnx_file
 
 #: Connections the listening socket queues before the server accepts them (listen(2) backlog).
 LISTEN_BACKLOG = 2048
+#: Seconds an idle keep-alive connection stays open after an answer (uvicorn's timeout_keep_alive).
+KEEP_ALIVE_S = 5
+#: Connections over this many times --max-connections are closed as they open, without a 503 (uvicorn answers
+#: 503 only once a request's headers are complete, so a flood of silent connections would hold a file
+#: descriptor each until the header deadline).
+CLOSE_OVER_CAP_FACTOR = 2
+#: What a connection whose request headers are late gets before it is closed (when it sent any byte of them).
+_TIMEOUT_BODY = b'{"error": "request headers not received in time"}'
+REQUEST_TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                          b"content-length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
 
 
 def require_uvicorn():
@@ -60,8 +72,64 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app, sock: socket.socket) -> None:
-    """Serve `app` on `sock` until the process is stopped."""
+def header_deadline_protocol(header_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for request headers, which uvicorn lacks (its keep-alive timeout
+    starts only after an answer, and any byte resets it): a connection that has not sent a request's complete
+    headers `header_timeout_s` seconds after it opened, or after its previous answer, is closed (with a 408 if
+    it had sent part of them). Connections over CLOSE_OVER_CAP_FACTOR x the connection cap are closed at once.
+    Slow bodies are the app's: `http_input.read_body`."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        _deadline = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(header_timeout_s, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            if self.conn.trailing_data[0]:  # part of a request arrived: say why it ends
+                self.transport.write(REQUEST_TIMEOUT_ANSWER)
+            self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            cap = self.limit_concurrency
+            if cap is not None and len(self.connections) > CLOSE_OVER_CAP_FACTOR * cap:
+                transport.close()
+                return
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the headers are complete: the app times the body
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request's headers, on a kept-alive connection
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadlineProtocol
+
+
+def serve(app, sock: socket.socket, limits: Limits | None = None) -> None:
+    """Serve `app` on `sock` until the process is stopped, within `limits` (header deadline, connections)."""
     uvicorn = require_uvicorn()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    server.run(sockets=[sock])
+    limits = limits or Limits()
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            http=header_deadline_protocol(limits.header_timeout_s),
+                            limit_concurrency=limits.max_connections, timeout_keep_alive=KEEP_ALIVE_S)
+    uvicorn.Server(config).run(sockets=[sock])
