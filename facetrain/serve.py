@@ -8,7 +8,8 @@ Endpoints (JSON in and out; images are the bytes of an image file, base64-encode
                     calibrated threshold ("same"), the threshold and the FAR it was calibrated at
     POST /embed     {"image": b64} or {"images": [b64, ...]} -> L2-normalised embeddings
     POST /identify  {"image": b64[, "top_k": k]} -> the best-matching identities of the gallery (--gallery DIR,
-                    <DIR>/<identity>/<image>, enrolled at start through the same embedding path)
+                    <DIR>/<identity>/<image>, enrolled at start as facetrain.identify enrols it: every bad or
+                    faceless photo named, or left out with --bad-images skip; cached in --cache-dir)
     GET  /health    model, threshold, gallery, batching counters
 
 Every image goes through the offline path (`deploy.onnx_embedder.OnnxEmbedder.prepare`: `images.load_image`, the
@@ -17,7 +18,8 @@ onnxruntime` on the same files. The model runs on one thread of its own; request
 --batch-window-ms of each other (or while a batch runs) are embedded together, up to --max-batch images,
 so throughput grows with the number of concurrent callers. Bad requests get a 4xx and {"error": one line}:
 413 body, image bytes or pixels over the limits, 415 not JSON or not an image, 422 malformed JSON, fields or
-base64, or a photo without a usable face, 404 unknown path or /identify without a gallery.
+base64, or a photo without a usable face, 404 unknown path or /identify without a gallery. When the model
+aligns raw photos, every answer says which face of each image it used ("faces": count, box, why).
 """
 
 from __future__ import annotations
@@ -58,7 +60,18 @@ def build_parser():
     p.add_argument("--max-images", type=int, default=Limits.max_images,
                    help=f"most images in one /embed request (default {Limits.max_images})")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default 0: one per core)")
+    _add_gallery_options(p)
     return p
+
+
+def _add_gallery_options(p) -> None:
+    """How --gallery is enrolled: as facetrain.identify enrols it (pre-flight, faceless photos, cache)."""
+    p.add_argument("--bad-images", default="error", choices=("error", "skip"), help="gallery photos that cannot "
+                   "be decoded or have no usable face: error = name every one and refuse to start (default), skip "
+                   "= enrol without them (counted in the log and /health)")
+    p.add_argument("--cache-dir", default="", help="where the gallery's enrolment cache goes (default "
+                   "$XDG_CACHE_HOME/facetrain, else ~/.cache/facetrain; shared with facetrain.identify)")
+    p.add_argument("--no-cache", dest="cache", action="store_false", help="always re-embed the gallery at start")
 
 
 def check_args(args) -> None:
@@ -88,10 +101,14 @@ def main(argv: list[str]) -> int:
     gallery = None
     if args.gallery:
         from facetrain.data.faceset import scan_identity_folder
+        from facetrain.deploy.gallery_cache import default_cache_dir
 
-        gallery = enrol(embedder, args.gallery, scan_identity_folder(args.gallery, "--gallery"))
+        cache_dir = (args.cache_dir or default_cache_dir(os.environ)) if args.cache else None
+        gallery = enrol(embedder, args.gallery, scan_identity_folder(args.gallery, "--gallery"), cache_dir,
+                        args.bad_images)
         print(f"facetrain.serve: gallery {args.gallery}: {len(gallery.paths)} images of {len(gallery.names)} "
-              "identities", file=sys.stderr, flush=True)
+              f"identities ({len(gallery.skipped)} left out; cache: {gallery.cache_status})", file=sys.stderr,
+              flush=True)
     limits = Limits(args.max_image_bytes, args.max_pixels, args.max_images)
     app = build_app(embedder, gallery, limits, args.max_batch, args.batch_window_ms)
     sock = listen(args.host, args.port)

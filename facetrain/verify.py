@@ -81,11 +81,26 @@ def verify(model: str, image_a: str, image_b: str, threshold: float | None = Non
         "threshold": threshold, "threshold_source": source, "threshold_far": far,
         "same": None if threshold is None else bool(similarity >= threshold),
         "model": str(embedder.path), "flip": embedder.flip, "alignment": embedder.alignment,
+        "faces": faces_used(embedder, [image_a, image_b]),
     }
+
+
+def faces_used(embedder, images: list[str]) -> list[dict] | None:
+    """Which face of each photo was embedded: {"faces": N} for one face, plus "box" ([x0, y0, x1, y1] in the
+    photo's pixels) and "choice" (why) when it had several; None when the images are embedded as they are."""
+    if embedder.alignment is None:
+        return None
+    several = {r["index"]: r for r in embedder.last_faces}
+    return [{k: several[i][k] for k in ("faces", "box", "choice")} if i in several else {"faces": 1}
+            for i in range(len(images))]
 
 
 def describe(result: dict) -> str:
     lines = [f"similarity  {result['similarity']:.4f}  (cosine of the two embeddings, -1..1)"]
+    for image, face in zip((result["image_a"], result["image_b"]), result.get("faces") or [], strict=False):
+        if face["faces"] > 1:
+            lines.append(f"face        {image}: {face['faces']} faces; used the one at {face['box']} "
+                         f"({face['choice']})")
     if result["threshold"] is None:
         lines.append(f"decision    none: {result['model']} has no calibrated threshold; run "
                      f"`python -m facetrain.eval --model {result['model']} --data <held-out folder>` to calibrate "

@@ -101,7 +101,7 @@ def image_bytes(data: dict, key: str, limits: Limits, value=None) -> bytes:
     return raw
 
 
-def prepare(embedder, raw: bytes, name: str, limits: Limits) -> np.ndarray:
+def prepare(embedder, raw: bytes, name: str, limits: Limits, face: dict | None = None) -> np.ndarray:
     """Image file bytes -> the model input, through `images.load_image` as offline. The header is read first
     (PIL's lazy open) so an oversized image is refused before its pixels are decoded."""
     try:
@@ -115,7 +115,7 @@ def prepare(embedder, raw: bytes, name: str, limits: Limits) -> np.ndarray:
         raise RequestError(413, f"{name}: {width}x{height} = {width * height:,} pixels is over the limit of "
                                 f"{limits.max_pixels:,}")
     try:
-        return embedder.prepare(header, name=name)
+        return embedder.prepare(header, name=name, face=face)  # face: which one was used, when aligned
     except AlignmentFailed as err:
         raise RequestError(422, str(err)) from None
     except Exception as err:  # truncated or corrupt pixel data
@@ -141,13 +141,19 @@ class Service:
     batcher: Batcher
     window_ms: float
 
-    async def embed_fields(self, data: dict, keys: list[str], values: list | None = None) -> np.ndarray:
+    async def embed_fields(self, data: dict, keys: list[str], values: list | None = None,
+                           faces: list | None = None) -> np.ndarray:
+        """Embeddings of the images in fields `keys`; `faces` gets, per image, which face was used (or None
+        when images are embedded as they are)."""
         from starlette.concurrency import run_in_threadpool
 
         raws = [image_bytes(data, key, self.limits, None if values is None else values[k])
                 for k, key in enumerate(keys)]
-        arrays = [await run_in_threadpool(prepare, self.embedder, raw, key, self.limits)
-                  for raw, key in zip(raws, keys, strict=True)]
+        found = [{} for _ in raws]
+        arrays = [await run_in_threadpool(prepare, self.embedder, raw, key, self.limits, face)
+                  for raw, key, face in zip(raws, keys, found, strict=True)]
+        if faces is not None:
+            faces.extend(face or None for face in found)
         return await self.batcher.embed(arrays)
 
     def health(self) -> dict:
@@ -157,7 +163,8 @@ class Service:
             "embedding_dim": embedder.embedding_dim, "input_size": embedder.preprocess.image_size,
             "flip": embedder.flip, "alignment": embedder.alignment, **threshold_info(embedder.meta),
             "gallery": None if gallery is None else {"root": gallery.root, "images": len(gallery.paths),
-                                                     "identities": len(gallery.names)},
+                                                     "identities": len(gallery.names),
+                                                     "left_out": len(gallery.skipped)},
             "batching": {"max_batch": batcher.max_batch, "window_ms": self.window_ms, "batches": batcher.batches,
                          "images": batcher.images, "largest": batcher.largest},
             "limits": {"max_image_bytes": limits.max_image_bytes, "max_pixels": limits.max_pixels,
@@ -169,15 +176,18 @@ class Service:
         threshold, source, far = data.get("threshold"), "request", None
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
             raise RequestError(422, f"field 'threshold' must be a number, got {type(threshold).__name__}")
-        emb = await self.embed_fields(data, ["image_a", "image_b"])
+        faces: list = []
+        emb = await self.embed_fields(data, ["image_a", "image_b"], faces=faces)
         similarity = float(np.dot(emb[0].astype(np.float64), emb[1].astype(np.float64)))
         if threshold is None:
             threshold, far = meta.get("threshold"), meta.get("threshold_far")
             source = "model" if threshold is not None else None
         return {"similarity": similarity, "same": None if threshold is None else bool(similarity >= threshold),
-                "threshold": threshold, "threshold_source": source, "threshold_far": far, "flip": self.embedder.flip}
+                "threshold": threshold, "threshold_source": source, "threshold_far": far, "flip": self.embedder.flip,
+                "faces": faces}
 
     async def embed(self, data: dict) -> dict:
+        faces: list = []
         if "images" in data:
             values = data["images"]
             if not isinstance(values, list) or not values:
@@ -185,10 +195,10 @@ class Service:
             if len(values) > self.limits.max_images:
                 raise RequestError(413, f"{len(values)} images in one request, over the limit of "
                                         f"{self.limits.max_images}")
-            emb = await self.embed_fields(data, [f"images[{k}]" for k in range(len(values))], values)
+            emb = await self.embed_fields(data, [f"images[{k}]" for k in range(len(values))], values, faces)
         else:
-            emb = await self.embed_fields(data, ["image"])
-        return {"embeddings": emb.tolist(), "dim": int(emb.shape[1]), "flip": self.embedder.flip}
+            emb = await self.embed_fields(data, ["image"], faces=faces)
+        return {"embeddings": emb.tolist(), "dim": int(emb.shape[1]), "flip": self.embedder.flip, "faces": faces}
 
     async def identify(self, data: dict) -> dict:
         if self.gallery is None:
@@ -197,11 +207,12 @@ class Service:
         top_k = data.get("top_k", 5)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise RequestError(422, f"field 'top_k' must be an integer >= 1, got {top_k!r}")
-        emb = await self.embed_fields(data, ["image"])
+        faces: list = []
+        emb = await self.embed_fields(data, ["image"], faces=faces)
         rows = rank_identities(self.gallery, emb[:1], top_k)[0]
         threshold = self.embedder.meta.get("threshold")
         return {"matches": rows, "match": None if threshold is None else bool(rows[0]["score"] >= threshold),
-                **threshold_info(self.embedder.meta)}
+                **threshold_info(self.embedder.meta), "faces": faces}
 
 
 # ----------------------------------------------------------------------------------------------------------
