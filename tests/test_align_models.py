@@ -269,3 +269,28 @@ def test_a_half_aligned_folder_is_said_by_train_pack_and_eval(tmp_path):
     proc = run_module("facetrain.pack", ["--input", crops, "--output", tmp_path / "d.ftpack", "--size", 32,
                                          "--no-progress"])
     assert "partly aligned" not in proc.stdout + proc.stderr
+
+
+def test_size_centre_is_the_default_and_an_old_folder_keeps_its_choice(tmp_path):
+    """Issue 26 item 14: the default face choice, measured in docs/align.md (bench/face_choice.py)."""
+    from argparse import Namespace
+
+    from facetrain.align import build_parser, build_recipe
+    from facetrain.alignment.detectors import Face
+    from facetrain.alignment.recipe import FACE_CHOICES, MARKER_FILE
+
+    def face(x0, y0, w):
+        return Face(np.array([x0, y0, x0 + w, y0 + w], dtype=float), np.zeros((5, 2)), 0.99)
+
+    rule = FACE_CHOICES[AlignmentRecipe().face_choice]
+    assert AlignmentRecipe().face_choice == "size_centre"
+    # a web photo: the subject in the middle, a larger neighbour at the edge -> the subject (largest: the edge)
+    assert rule([face(0, 60, 130), face(140, 100, 100)], 380, 300)[0] == 1
+    # a portrait: a big face off-centre, a small one in the middle of the background -> the big one
+    assert rule([face(20, 40, 160), face(185, 140, 20)], 400, 300)[0] == 0
+    args: Namespace = build_parser().parse_args(["--input", str(tmp_path / "raw"), "--output", str(tmp_path / "out")])
+    assert build_recipe(args)["face_choice"] == "size_centre"
+    (tmp_path / "out").mkdir()
+    old = {**AlignmentRecipe().to_dict(), "face_choice": "largest"}  # aligned with the earlier default
+    (tmp_path / "out" / MARKER_FILE).write_text(json.dumps({"format": "facetrain-align", "recipe": old}))
+    assert build_recipe(args)["face_choice"] == "largest"  # a re-run resumes instead of asking for --redo

@@ -12,7 +12,8 @@ One recipe, one function, so a photo is cut the same way at training and at infe
 Steps (all in `align_image`):
 1. detection on a copy whose longer side is at most `recipe.detect_max_side` px (landmarks are scaled back);
 2. faces with confidence < `min_confidence` are ignored; among the rest `FACE_CHOICES[recipe.face_choice]`
-   keeps one (largest box, most central box) or skips photos with several faces;
+   keeps one (largest box, most central box, best by size and centrality together) or skips photos with
+   several faces;
 3. a similarity transform (rotation + uniform scale + translation, 4 degrees of freedom) fitted by scikit-image
    (`SimilarityTransform.from_estimate`, Umeyama's least squares) maps the 5 landmarks onto the template scaled
    to `size` px; when that transform shrinks by more than 2x the photo is first box-filtered by an integer
@@ -131,8 +132,10 @@ class AlignmentRecipe:
     """Crop side in pixels (the template is scaled by size / 112)."""
     margin: float = 0.0
     """Extra context: the template shrinks by 1 / (1 + margin) about the centre (0 = the ArcFace crop)."""
-    face_choice: str = "largest"
-    """Photos with several faces: largest | central | skip (key of FACE_CHOICES)."""
+    face_choice: str = "size_centre"
+    """Photos with several faces: largest | central | size_centre | skip (key of FACE_CHOICES). size_centre
+    (size and centrality together) since issue 26: on subject-centred crops of annotated group photos it keeps
+    the intended face in 122 of 124 cases, largest in 45 (docs/align.md)."""
     min_confidence: float = 0.9
     """Detections below this confidence (0..1) are ignored."""
     min_face_px: int = 20
