@@ -10,9 +10,9 @@ the photos left out (`--bad-images skip`). A later enrolment reuses the cache on
 matches; otherwise it embeds again and rewrites it.
 
 Why content hashes: size + mtime (version 1) missed a swapped file that kept both, and answered with the wrong
-identity. Hashing reads every file once per enrolment: measured 0.1-0.3 s for 1,000 photos of 23 KB (250 px
-JPEGs, in the page cache) on this project's 2-core CPU, against 0.01-0.03 s for size + mtime and seconds to
-minutes for embedding them (docs/evaluation.md). The path hash in the
+identity. Hashing reads every file once per enrolment: measured 0.1-0.35 s for 1,000 photos of 23 KB (250 px
+JPEGs, in the page cache) on this project's 2-core CPU, against 0.01-0.03 s for size + mtime and 2.7 s for
+enrolling them without the cache even with timm's tiny test network (docs/evaluation.md). The path hash in the
 name keeps one cache per gallery when several galleries share a `--cache-dir`. The fingerprint is the sha256 of
 the weights file and of everything else that changes an embedding. Version-1 caches (in
 `<gallery>/.facetrain-cache`) are never read: the gallery is embedded again into the new place.
