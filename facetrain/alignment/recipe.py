@@ -210,8 +210,11 @@ def recipe_of_folder(root: str | Path) -> dict | None:
 def incomplete_alignment(root: str | Path) -> str | None:
     """A one-line warning when facetrain.align has not finished `root` (its marker says "complete": false: the
     run was stopped or is still going, so photos are missing), else None. Markers written before the key
-    existed count as complete."""
-    data = _marker(root)
+    existed count as complete; an unreadable one is left to the readers of the recipe, which name it."""
+    try:
+        data = _marker(root)
+    except UserError:
+        return None
     if data is None or data.get("complete", True) is not False:
         return None
     source = data.get("input") or "<the raw photos>"
