@@ -86,13 +86,18 @@ def _print_matches(probe: str, rows: list[dict], threshold: float | None, far, n
 
 def _identify(embedder, gallery, probes: list[str], top_k: int, threshold, far, as_json: bool) -> list[dict]:
     """Per probe: its top_k matches and the open-set decision at the threshold (tables unless --json)."""
+    from facetrain.alignment.check import faces_used
+
     emb = embedder.embed(probes, num_workers=0)
+    faces = faces_used(embedder, len(probes)) or [None] * len(probes)  # which face of each probe was used
     out = []
-    for probe, rows in zip(probes, rank_identities(gallery, np.asarray(emb), top_k), strict=True):
+    for probe, rows, face in zip(probes, rank_identities(gallery, np.asarray(emb), top_k), faces, strict=True):
         match = None if threshold is None else bool(rows[0]["score"] >= threshold)
-        out.append({"probe": probe, "matches": rows, "match": match})
+        out.append({"probe": probe, "matches": rows, "match": match, "faces": face})
         if not as_json:
             _print_matches(probe, rows, threshold, far, len(gallery.names))
+            if face and face["faces"] > 1:
+                print(f"{probe}: {face['faces']} faces; used the one at {face['box']} ({face['choice']})", flush=True)
     return out
 
 

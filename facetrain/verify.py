@@ -62,6 +62,7 @@ def embed_pair(embedder, image_a: str, image_b: str):
 def verify(model: str, image_a: str, image_b: str, threshold: float | None = None, flip: bool | None = None,
            mixed_precision: str = "auto", aligned: bool = False, backend: str = "torch") -> dict:
     """Similarity and decision for one pair of image files (the result `--json` prints)."""
+    from facetrain.alignment.check import faces_used
     from facetrain.cli import require_files
     from facetrain.evaluation.scoring import pair_scores
 
@@ -81,18 +82,8 @@ def verify(model: str, image_a: str, image_b: str, threshold: float | None = Non
         "threshold": threshold, "threshold_source": source, "threshold_far": far,
         "same": None if threshold is None else bool(similarity >= threshold),
         "model": str(embedder.path), "flip": embedder.flip, "alignment": embedder.alignment,
-        "faces": faces_used(embedder, [image_a, image_b]),
+        "faces": faces_used(embedder, 2),
     }
-
-
-def faces_used(embedder, images: list[str]) -> list[dict] | None:
-    """Which face of each photo was embedded: {"faces": N} for one face, plus "box" ([x0, y0, x1, y1] in the
-    photo's pixels) and "choice" (why) when it had several; None when the images are embedded as they are."""
-    if embedder.alignment is None:
-        return None
-    several = {r["index"]: r for r in embedder.last_faces}
-    return [{k: several[i][k] for k in ("faces", "box", "choice")} if i in several else {"faces": 1}
-            for i in range(len(images))]
 
 
 def describe(result: dict) -> str:

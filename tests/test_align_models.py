@@ -211,7 +211,7 @@ def test_faceless_gallery_photos_are_all_named_or_skipped(tmp_path):
     assert all(f"{f} (no_face)" in err[0] for f in faceless) and "--bad-images skip" in err[0]
     result = json.loads(run_module("facetrain.identify", [*argv, "--bad-images", "skip"]).stdout)
     assert [(b["path"], b["problem"]) for b in result["skipped_images"]] == [(str(f), "no_face") for f in faceless]
-    assert result["probes"][0]["matches"][0]["identity"] == "subject02"
+    assert result["probes"][0]["matches"][0]["identity"] == "subject02" and result["probes"][0]["faces"] == {"faces": 1}
 
 
 def test_verify_and_eval_say_which_face_they_used(tmp_path):
@@ -235,6 +235,9 @@ def test_verify_and_eval_say_which_face_they_used(tmp_path):
     report = json.loads((tmp_path / "ev" / "metrics.json").read_text())["alignment"]
     assert report["n_several_faces"] == 1 and report["several_faces"][0]["path"] == str(group)
     assert report["several_faces"][0]["box"] == first["box"]
+    found = json.loads(run_module("facetrain.identify", ["--model", bundle, "--gallery", data, group, "--json",
+                                                         "--no-cache"]).stdout)["probes"][0]
+    assert found["faces"] == first and found["matches"][0]["identity"] == "subject03"
 
 
 def test_a_half_aligned_folder_is_said_by_train_pack_and_eval(tmp_path):
