@@ -298,6 +298,8 @@ def test_bad_images_skip_enrols_the_rest_and_counts_what_it_left_out(tmp_path):
     np.testing.assert_array_equal(again.embeddings, got.embeddings)
     with pytest.raises(UserError, match="5 image\\(s\\) cannot be used"):
         enrol(embedder, root, scan, tmp_path / "cache")
+    larger = enrol(embedder, root, scan, tmp_path / "cache", "skip", max_image_pixels=10**9, log=said.append)
+    assert larger.cache_status.startswith("stale: --max-image-pixels changed")  # it decides what is refused
 
 
 def test_a_half_aligned_gallery_is_said_in_one_line(tmp_path):

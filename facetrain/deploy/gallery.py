@@ -129,7 +129,7 @@ class _Enrolment:
         """(embeddings, photos left out, cache file or None when not saved, cache status)."""
         fingerprint = gallery_cache.model_fingerprint(self.embedder)
         files = gallery_cache.CacheFiles.of(cache_dir, self.root, fingerprint)
-        key = (fingerprint, self.root, self.embedder.path, not self.align, scan[2],
+        key = (fingerprint, self.root, self.embedder.path, not self.align, self.max_image_pixels, scan[2],
                gallery_cache.file_entries(self.root, scan[0]))
         found, reason = gallery_cache.read(files, gallery_cache.manifest(*key, []), self.root)
         status = gallery_cache.status(reason)

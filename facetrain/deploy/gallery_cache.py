@@ -5,9 +5,9 @@ outside the user's data; `--cache-dir` overrides) holds per (model, gallery fold
 `gallery-<model fingerprint[:16]>-<gallery path hash[:16]>.safetensors` (one tensor, "embeddings", (N, D)
 float32, the usable photos in scan order) and a JSON manifest next to it: format, version, model fingerprint,
 the gallery's resolved path, whether its photos were embedded as facetrain.align crops (the alignment
-decision), identity names, per file its path relative to the gallery, size and the sha256 of its content, and
-the photos left out (`--bad-images skip`). A later enrolment reuses the cache only if every one of these still
-matches; otherwise it embeds again and rewrites it.
+decision), the pre-flight's pixel limit, identity names, per file its path relative to the gallery, size and
+the sha256 of its content, and the photos left out (`--bad-images skip`). A later enrolment reuses the cache
+only if every one of these still matches; otherwise it embeds again and rewrites it.
 
 Why content hashes: size + mtime (version 1) missed a swapped file that kept both, and answered with the wrong
 identity. Hashing reads every file once per enrolment: measured 0.1-0.35 s for 1,000 photos of 23 KB (250 px
@@ -97,12 +97,13 @@ class CacheFiles:
         return cls(tensors, tensors.with_suffix(".json"))
 
 
-def manifest(fingerprint: str, root: Path, model: Path, aligned_crops: bool, names: list[str], files: list[list],
-             skipped: list[dict]) -> dict:
+def manifest(fingerprint: str, root: Path, model: Path, aligned_crops: bool, max_image_pixels: int,
+             names: list[str], files: list[list], skipped: list[dict]) -> dict:
     """The manifest of a gallery's cache; `skipped` paths are stored relative to the gallery."""
     return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "model_fingerprint": fingerprint,
-            "gallery": str(root.resolve()), "model": str(model), "aligned_crops": aligned_crops, "names": names,
-            "files": files, "skipped": [{**b, "path": os.path.relpath(b["path"], root)} for b in skipped]}
+            "gallery": str(root.resolve()), "model": str(model), "aligned_crops": aligned_crops,
+            "max_image_pixels": max_image_pixels, "names": names, "files": files,
+            "skipped": [{**b, "path": os.path.relpath(b["path"], root)} for b in skipped]}
 
 
 def stale_reason(cached: dict | None, want: dict) -> str | None:
@@ -116,6 +117,8 @@ def stale_reason(cached: dict | None, want: dict) -> str | None:
     if cached.get("aligned_crops") != want["aligned_crops"]:
         now = "facetrain.align crops, embedded as they are" if want["aligned_crops"] else "raw photos, aligned"
         return f"alignment decision changed (now: {now})"
+    if cached.get("max_image_pixels") != want["max_image_pixels"]:  # decides which photos the pre-flight refuses
+        return f"--max-image-pixels changed ({cached.get('max_image_pixels')} -> {want['max_image_pixels']})"
     if cached.get("files") != want["files"] or cached.get("names") != want["names"]:
         old = {tuple(f) for f in cached.get("files") or []}
         new = {tuple(f) for f in want["files"]}
