@@ -34,7 +34,7 @@ from pathlib import Path  # noqa: E402
 
 from facetrain.alignment.detectors import DETECTORS  # noqa: E402  (torch-free: the detector loads with a photo)
 from facetrain.alignment.folder import NOTES, OUTCOMES, REPORT_FILE, align_folder  # noqa: E402
-from facetrain.alignment.recipe import FACE_CHOICES, AlignmentRecipe  # noqa: E402
+from facetrain.alignment.recipe import FACE_CHOICES, AlignmentRecipe, recipe_of_folder  # noqa: E402
 from facetrain.cli import ArgumentParser, run_cli  # noqa: E402
 from facetrain.errors import UserError  # noqa: E402
 
@@ -55,9 +55,10 @@ def build_parser():
     p.add_argument("--margin", type=float, default=d.margin, help="extra context around the face: the template "
                    f"shrinks by 1/(1+margin) (default {d.margin:g})")
     p.add_argument("--detector", default=d.detector, choices=sorted(DETECTORS))
-    p.add_argument("--face-choice", default=d.face_choice, choices=sorted(FACE_CHOICES),
-                   help=f"photos with several faces: keep the largest, the most central, or skip them "
-                   f"(default {d.face_choice})")
+    p.add_argument("--face-choice", default=None, choices=sorted(FACE_CHOICES),
+                   help=f"photos with several faces: keep the largest, the most central, the best by size and "
+                   f"centrality together (size_centre), or skip them (default: the choice --output was aligned "
+                   f"with, else {d.face_choice}; docs/align.md has the measurement)")
     p.add_argument("--min-confidence", type=float, default=d.min_confidence,
                    help=f"ignore detections below this confidence (default {d.min_confidence:g})")
     p.add_argument("--min-face", type=int, default=d.min_face_px, help=f"smallest face searched for, px "
@@ -105,9 +106,12 @@ def print_report(report: dict, listed: int, console=None) -> None:
 
 def build_recipe(args) -> dict:
     """The recipe dict of the command line's options; a value out of range names the option that set it."""
+    # a folder aligned with an earlier default resumes with its own choice instead of asking for --redo
+    face_choice = args.face_choice or (recipe_of_folder(args.output) or {}).get("face_choice") \
+        or AlignmentRecipe.face_choice
     try:
         return AlignmentRecipe(detector=args.detector, size=args.size, margin=args.margin,
-                               face_choice=args.face_choice, min_confidence=args.min_confidence,
+                               face_choice=face_choice, min_confidence=args.min_confidence,
                                min_face_px=args.min_face, max_template_error=args.max_template_error).to_dict()
     except UserError as err:  # the recipe speaks in its own keys; name the option that set the value
         message = str(err)

@@ -4,11 +4,12 @@
     python -m facetrain.identify --model runs/exp/bundle --gallery /data/staff probe.jpg --json
     python -m facetrain.identify --model runs/exp/bundle --gallery /data/heldout --evaluate     # rank-1 / rank-5
 
-The gallery is a folder `<gallery>/<identity>/<image>`; enrolling it embeds every image once (through the
-evaluator's preprocessing, `evaluation.embedding.Embedder`) and caches the embeddings in
-`<gallery>/.facetrain-cache/gallery-<model fingerprint>.safetensors` with a JSON manifest (file list, sizes,
-mtimes, model fingerprint; `deploy.gallery`). A later run reuses the cache only if the manifest still matches
-the folder and the model; otherwise it re-enrols. An identity's score is its best-matching image's cosine
+The gallery is a folder `<gallery>/<identity>/<image>`; enrolling it checks every file (as eval does: all
+undecodable or faceless photos named at once, or left out and counted with --bad-images skip), embeds every
+image once (through the evaluator's preprocessing, `evaluation.embedding.Embedder`) and caches the embeddings
+outside the gallery, in --cache-dir (default $XDG_CACHE_HOME/facetrain or ~/.cache/facetrain), one cache per
+model and gallery folder, keyed by the content of every file (`deploy.gallery_cache`). A later run reuses the
+cache only if nothing changed; otherwise it re-enrols. An identity's score is its best-matching image's cosine
 similarity; with a calibrated threshold in the bundle, the top match is reported as a match only at or above
 it (open set).
 
@@ -23,7 +24,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 # Before torch loads: how idle OpenMP threads wait (facetrain/runtime/threads.py; the environment's setting wins).
 from facetrain.runtime import threads
@@ -33,14 +33,8 @@ os.environ.update(threads.wait_policy())
 import numpy as np  # noqa: E402
 
 from facetrain.cli import run_cli  # noqa: E402
-from facetrain.deploy.gallery import (  # noqa: E402
-    CACHE_DIR,
-    enrol,
-    evaluation_split,
-    identification_rates,
-    rank_identities,
-    usable_files,
-)
+from facetrain.deploy.gallery import enrol, evaluation_split, identification_rates, rank_identities  # noqa: E402
+from facetrain.deploy.gallery_cache import default_cache_dir  # noqa: E402
 from facetrain.errors import UserError  # noqa: E402
 
 
@@ -55,7 +49,8 @@ def build_parser():
     p.add_argument("--top-k", type=int, default=5, help="identities listed per probe (default 5)")
     p.add_argument("--evaluate", action="store_true", help="report rank-1/rank-5 identification rates on the "
                    "gallery itself (first image per identity enrolled, the rest as probes)")
-    p.add_argument("--cache-dir", default="", help=f"where enrolment caches go (default <gallery>/{CACHE_DIR})")
+    p.add_argument("--cache-dir", default="", help="where enrolment caches go (default $XDG_CACHE_HOME/facetrain, "
+                   "else ~/.cache/facetrain; one cache per model and gallery folder)")
     p.add_argument("--no-cache", dest="cache", action="store_false", help="always re-embed the gallery")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="flip test (default: as used when the bundle's threshold was calibrated)")
@@ -91,13 +86,18 @@ def _print_matches(probe: str, rows: list[dict], threshold: float | None, far, n
 
 def _identify(embedder, gallery, probes: list[str], top_k: int, threshold, far, as_json: bool) -> list[dict]:
     """Per probe: its top_k matches and the open-set decision at the threshold (tables unless --json)."""
+    from facetrain.alignment.check import faces_used
+
     emb = embedder.embed(probes, num_workers=0)
+    faces = faces_used(embedder, len(probes)) or [None] * len(probes)  # which face of each probe was used
     out = []
-    for probe, rows in zip(probes, rank_identities(gallery, np.asarray(emb), top_k), strict=True):
+    for probe, rows, face in zip(probes, rank_identities(gallery, np.asarray(emb), top_k), faces, strict=True):
         match = None if threshold is None else bool(rows[0]["score"] >= threshold)
-        out.append({"probe": probe, "matches": rows, "match": match})
+        out.append({"probe": probe, "matches": rows, "match": match, "faces": face})
         if not as_json:
             _print_matches(probe, rows, threshold, far, len(gallery.names))
+            if face and face["faces"] > 1:
+                print(f"{probe}: {face['faces']} faces; used the one at {face['box']} ({face['choice']})", flush=True)
     return out
 
 
@@ -126,14 +126,14 @@ def main(argv: list[str]) -> int:
         evaluation_split(labels)
     embedder = load_embedder(args.backend, args.model, args.batch_size, args.num_workers, args.flip,
                              args.mixed_precision, aligned=args.aligned)
-    paths, labels = usable_files(paths, labels, args.bad_images, str(Path(args.gallery)), args.max_image_pixels,
-                                 log=_status)
-    gallery = enrol(embedder, args.gallery, (paths, labels, names), args.cache, args.cache_dir, log=_status)
+    cache_dir = (args.cache_dir or default_cache_dir(os.environ)) if args.cache else None
+    gallery = enrol(embedder, args.gallery, (paths, labels, names), cache_dir, args.bad_images,
+                    args.max_image_pixels, log=_status)
     _status(f"gallery {args.gallery}: {len(gallery.paths)} images of {len(gallery.names)} identities "
             f"(cache: {gallery.cache_status})")
     threshold, far = embedder.meta.get("threshold"), embedder.meta.get("threshold_far")
     result: dict = {"model": str(embedder.path), "gallery": args.gallery, "cache": gallery.cache_status,
-                    "threshold": threshold, "threshold_far": far}
+                    "threshold": threshold, "threshold_far": far, "skipped_images": gallery.skipped}
     if args.probes:
         result["probes"] = _identify(embedder, gallery, args.probes, args.top_k, threshold, far, args.json)
     if args.evaluate:

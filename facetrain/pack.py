@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from facetrain.runtime import threads
@@ -56,8 +57,12 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--output: {output} is a folder; give a file name, e.g. {output / 'faces.ftpack'}")
     if output.exists() and not args.force:
         raise UserError(f"--output: {output} exists; add --force to replace it or choose another --output")
-    from facetrain.alignment.recipe import recipe_of_folder  # heavy imports after the arguments parse
+    from facetrain.alignment.recipe import incomplete_alignment, recipe_of_folder  # heavy: after the parse
     from facetrain.data.packer import pack_folder
+
+    half_aligned = incomplete_alignment(args.input)
+    if half_aligned:
+        print(f"facetrain.pack: {half_aligned}", file=sys.stderr, flush=True)
 
     pack_folder(args.input, output, args.size, bad_images=args.bad_images, max_image_pixels=args.max_image_pixels,
                 threads=args.threads or None, progress=not args.no_progress, alignment=recipe_of_folder(args.input))

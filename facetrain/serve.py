@@ -8,8 +8,9 @@ Endpoints (JSON in and out; images are the bytes of an image file, base64-encode
                     calibrated threshold ("same"), the threshold and the FAR it was calibrated at
     POST /embed     {"image": b64} or {"images": [b64, ...]} -> L2-normalised embeddings
     POST /identify  {"image": b64[, "top_k": k]} -> the best-matching identities of the gallery (--gallery DIR,
-                    <DIR>/<identity>/<image>, enrolled at start through the same embedding path)
-    GET  /health    model, threshold, gallery size, batching counters, limits, rejected requests
+                    <DIR>/<identity>/<image>, enrolled at start as facetrain.identify enrols it: every bad or
+                    faceless photo named, or left out with --bad-images skip; cached in --cache-dir)
+    GET  /health    model, threshold, gallery, batching counters, limits, rejected requests
 
 Every image goes through the offline path (`deploy.onnx_embedder.OnnxEmbedder.prepare`: `images.load_image`, the
 model's face alignment unless --aligned, PIL resize), so an answer equals `facetrain.verify --backend
@@ -18,7 +19,8 @@ onnxruntime` on the same files. The model runs on one thread of its own; request
 so throughput grows with the number of concurrent callers. Bad requests get a 4xx and {"error": one line}:
 413 body, image bytes, pixels or decoded bytes over the limits, 415 not JSON or not an image, 422 malformed JSON,
 fields or base64, or a photo without a usable face, 408 a body or headers sent too slowly, 400 a Host header
-not allowed, 404 unknown path or /identify without a gallery. Running it on a network: docs/deploy.md.
+not allowed, 404 unknown path or /identify without a gallery. When the model aligns raw photos, every answer
+says which face of each image it used ("faces": count, box, why). Running it on a network: docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def build_parser():
     p.add_argument("--allowed-hosts", default="", help="comma-separated Host header names answered, '*' for any "
                    "(default: the loopback names when --host is loopback, else any)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default 0: one per core)")
+    _add_gallery_options(p)
     return p
 
 
@@ -84,6 +87,16 @@ def build_parser():
 MINIMUM = {"max_batch": 1, "max_image_bytes": 1, "max_pixels": 1, "max_decoded_bytes": 1, "max_images": 1,
            "decode_workers": 0, "max_connections": 1, "max_inflight_bytes": 1, "batch_window_ms": 0,
            "header_timeout": 0.1, "body_timeout": 0.1}
+
+
+def _add_gallery_options(p) -> None:
+    """How --gallery is enrolled: as facetrain.identify enrols it (pre-flight, faceless photos, cache)."""
+    p.add_argument("--bad-images", default="error", choices=("error", "skip"), help="gallery photos that cannot "
+                   "be decoded or have no usable face: error = name every one and refuse to start (default), skip "
+                   "= enrol without them (counted in the log and /health)")
+    p.add_argument("--cache-dir", default="", help="where the gallery's enrolment cache goes (default "
+                   "$XDG_CACHE_HOME/facetrain, else ~/.cache/facetrain; shared with facetrain.identify)")
+    p.add_argument("--no-cache", dest="cache", action="store_false", help="always re-embed the gallery at start")
 
 
 def check_args(args) -> None:
@@ -129,10 +142,14 @@ def main(argv: list[str]) -> int:
     gallery = None
     if args.gallery:
         from facetrain.data.faceset import scan_identity_folder
+        from facetrain.deploy.gallery_cache import default_cache_dir
 
-        gallery = enrol(embedder, args.gallery, scan_identity_folder(args.gallery, "--gallery"))
+        cache_dir = (args.cache_dir or default_cache_dir(os.environ)) if args.cache else None
+        gallery = enrol(embedder, args.gallery, scan_identity_folder(args.gallery, "--gallery"), cache_dir,
+                        args.bad_images)
         print(f"facetrain.serve: gallery {args.gallery}: {len(gallery.paths)} images of {len(gallery.names)} "
-              "identities", file=sys.stderr, flush=True)
+              f"identities ({len(gallery.skipped)} left out; cache: {gallery.cache_status})", file=sys.stderr,
+              flush=True)
     app = build_app(embedder, gallery, limits, args.max_batch, args.batch_window_ms, hosts)
     sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]

@@ -62,6 +62,7 @@ def embed_pair(embedder, image_a: str, image_b: str):
 def verify(model: str, image_a: str, image_b: str, threshold: float | None = None, flip: bool | None = None,
            mixed_precision: str = "auto", aligned: bool = False, backend: str = "torch") -> dict:
     """Similarity and decision for one pair of image files (the result `--json` prints)."""
+    from facetrain.alignment.check import faces_used
     from facetrain.cli import require_files
     from facetrain.evaluation.scoring import pair_scores
 
@@ -81,11 +82,16 @@ def verify(model: str, image_a: str, image_b: str, threshold: float | None = Non
         "threshold": threshold, "threshold_source": source, "threshold_far": far,
         "same": None if threshold is None else bool(similarity >= threshold),
         "model": str(embedder.path), "flip": embedder.flip, "alignment": embedder.alignment,
+        "faces": faces_used(embedder, 2),
     }
 
 
 def describe(result: dict) -> str:
     lines = [f"similarity  {result['similarity']:.4f}  (cosine of the two embeddings, -1..1)"]
+    for image, face in zip((result["image_a"], result["image_b"]), result.get("faces") or [], strict=False):
+        if face["faces"] > 1:
+            lines.append(f"face        {image}: {face['faces']} faces; used the one at {face['box']} "
+                         f"({face['choice']})")
     if result["threshold"] is None:
         lines.append(f"decision    none: {result['model']} has no calibrated threshold; run "
                      f"`python -m facetrain.eval --model {result['model']} --data <held-out folder>` to calibrate "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -13,3 +16,6 @@ from facetrain.runtime import threads  # noqa: E402
 os.environ.update(threads.wait_policy())
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# identify and serve cache galleries in $XDG_CACHE_HOME/facetrain by default: never in the user's own cache
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="facetrain-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)

@@ -95,7 +95,7 @@ def test_align_cli_report_bad_input_and_resume(tmp_path):
     assert _paths(rep, "ignored") == {odd + "readme.txt"}
     assert {"odd/cmyk.jpg", "odd/deep16.png"} <= _paths(rep, "converted")
     several = {e["path"]: e for e in rep["lists"]["several_faces"]}
-    assert "biden/two.jpg" in several and "largest" in several["biden/two.jpg"]["kept"]
+    assert "biden/two.jpg" in several and "size and centrality" in several["biden/two.jpg"]["kept"]
     # every image file is in exactly one outcome: nothing silently dropped
     assert rep["images"] == 11 and rep["aligned"] == 6
     from facetrain.alignment.folder import OUTCOMES

@@ -158,3 +158,144 @@ def test_bundle_with_recipe_and_no_detector_says_what_to_do(tmp_path):
     assert len(lines) == 1 and 'pip install -e ".[align]"' in lines[0] and "--aligned" in lines[0]
     proc = run_module("facetrain.verify", ["--model", bundle, a, b, "--aligned", "--json"], env=env)
     assert json.loads(proc.stdout)["alignment"] is None
+
+
+# ------------------------------------------------------------------------------- issue 26: galleries and faces
+
+
+def _bundle_with_recipe(directory: Path) -> Path:
+    """timm's test_efficientnet (random weights, 32 px) with the default alignment recipe: raw photos are
+    aligned, and a photo without a face is noticed, as with a trained model."""
+    import torch
+
+    from facetrain.config.schema import ModelConfig
+    from facetrain.data.images import Preprocess
+    from facetrain.model.bundle import write_bundle
+    from facetrain.model.network import create_model
+
+    torch.manual_seed(0)
+    mcfg = ModelConfig(backbone="test_efficientnet", embedding_dim=16, channels_last=False)
+    directory.mkdir(parents=True)
+    write_bundle(directory, create_model(mcfg).eval(), mcfg, Preprocess(32, [0.5] * 3, [0.5] * 3),
+                 {"alignment": AlignmentRecipe().to_dict()})
+    return directory
+
+
+def _two_faces(path: Path) -> Path:
+    """Two Yale people side by side, the one on the right smaller: a photo with several faces."""
+    left = Image.open(sorted((YALE / "subject03").iterdir())[0]).convert("RGB")
+    right = Image.open(sorted((YALE / "subject04").iterdir())[0]).convert("RGB").resize((224, 170))
+    canvas = Image.new("RGB", (640, 243))
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (400, 40))
+    canvas.save(path)
+    return path
+
+
+def test_faceless_gallery_photos_are_all_named_or_skipped(tmp_path):
+    """Issue 26 item 11: one photo without a face stopped identify (even with --bad-images skip), naming only
+    the first; now every one is named in one line, or left out and counted."""
+    raw = tmp_path / "raw"
+    for subject in ("subject01", "subject02"):
+        (raw / subject).mkdir(parents=True)
+        for f in sorted((YALE / subject).iterdir())[:2]:
+            shutil.copy(f, raw / subject / f.name)
+    dogs = Image.open(DOGS).convert("RGB").resize((320, 240))
+    faceless = [raw / "subject01" / "zz_dogs.png", raw / "subject02" / "zz_dogs.png"]
+    for f in faceless:
+        dogs.save(f)
+    bundle = _bundle_with_recipe(tmp_path / "bundle")
+    probe = sorted((YALE / "subject02").iterdir())[0]
+    argv = ["--model", bundle, "--gallery", raw, probe, "--json", "--cache-dir", tmp_path / "cache"]
+    proc = run_module("facetrain.identify", argv, check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert all(f"{f} (no_face)" in err[0] for f in faceless) and "--bad-images skip" in err[0]
+    result = json.loads(run_module("facetrain.identify", [*argv, "--bad-images", "skip"]).stdout)
+    assert [(b["path"], b["problem"]) for b in result["skipped_images"]] == [(str(f), "no_face") for f in faceless]
+    assert result["probes"][0]["matches"][0]["identity"] == "subject02" and result["probes"][0]["faces"] == {"faces": 1}
+
+
+def test_verify_and_eval_say_which_face_they_used(tmp_path):
+    """Issue 26 items 13/14: a photo with several faces was verified on one of them with nothing saying so."""
+    bundle = _bundle_with_recipe(tmp_path / "bundle")
+    data = tmp_path / "data"
+    for subject in ("subject03", "subject04"):
+        (data / subject).mkdir(parents=True)
+        for f in sorted((YALE / subject).iterdir())[1:3]:
+            shutil.copy(f, data / subject / f.name)
+    group = _two_faces(data / "subject03" / "zz_group.png")
+    single = data / "subject03" / sorted(p.name for p in (data / "subject03").iterdir())[0]
+    result = json.loads(run_module("facetrain.verify", ["--model", bundle, group, single, "--json"]).stdout)
+    first, second = result["faces"]
+    assert first["faces"] == 2 and len(first["box"]) == 4 and first["choice"] and second == {"faces": 1}
+    assert first["box"][2] <= 330  # the face kept is the large one on the left (largest and size_centre agree)
+    text = run_module("facetrain.verify", ["--model", bundle, group, single]).stdout
+    assert f"{group}: 2 faces; used the one at {first['box']}" in text
+    run_module("facetrain.eval", ["--model", bundle, "--data", data, "--no-calibrate", "--no-plots",
+                                  "--output", tmp_path / "ev"])
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())["alignment"]
+    assert report["n_several_faces"] == 1 and report["several_faces"][0]["path"] == str(group)
+    assert report["several_faces"][0]["box"] == first["box"]
+    found = json.loads(run_module("facetrain.identify", ["--model", bundle, "--gallery", data, group, "--json",
+                                                         "--no-cache"]).stdout)["probes"][0]
+    assert found["faces"] == first and found["matches"][0]["identity"] == "subject03"
+
+
+def test_a_half_aligned_folder_is_said_by_train_pack_and_eval(tmp_path):
+    """Issue 26 item 13: align's "complete": false marker was never read."""
+    from facetrain.data.synthetic import render
+
+    crops = tmp_path / "crops"
+    for ident in range(8):
+        (crops / f"p{ident}").mkdir(parents=True)
+        for index in range(4):
+            render(2, ident, index).resize((32, 32)).save(crops / f"p{ident}" / f"{index}.png")
+    marker = {"format": "facetrain-align", "version": 1, "recipe": AlignmentRecipe(size=32).to_dict(),
+              "input": str(tmp_path / "raw"), "complete": False}
+    (crops / "facetrain_align.json").write_text(json.dumps(marker))
+    said = f"{crops} is only partly aligned"
+    finish = f"re-run python -m facetrain.align --input {tmp_path / 'raw'} --output {crops}"
+
+    def one_line(proc) -> str:
+        lines = [line for line in (proc.stdout + proc.stderr).splitlines() if said in line]
+        assert len(lines) == 1 and finish in lines[0], proc.stdout + proc.stderr
+        return lines[0]
+
+    one_line(run_module("facetrain.pack", ["--input", crops, "--output", tmp_path / "c.ftpack", "--size", 32,
+                                           "--no-progress"]))
+    cfg = tiny_train_config(tmp_path, {"data": {"source": "folder", "root": str(crops), "val_identities": 2},
+                                       "train": {"max_steps": 1, "val_every": 1, "ckpt_every": 1}})
+    one_line(run_train(["--config", cfg, "--train.output_dir", tmp_path / "run"]))
+    one_line(run_module("facetrain.eval", ["--model", tmp_path / "run" / "bundle", "--data", crops, "--aligned",
+                                           "--no-calibrate", "--no-plots", "--output", tmp_path / "ev"]))
+    marker["complete"] = True  # a finished folder: not a word
+    (crops / "facetrain_align.json").write_text(json.dumps(marker))
+    proc = run_module("facetrain.pack", ["--input", crops, "--output", tmp_path / "d.ftpack", "--size", 32,
+                                         "--no-progress"])
+    assert "partly aligned" not in proc.stdout + proc.stderr
+
+
+def test_size_centre_is_the_default_and_an_old_folder_keeps_its_choice(tmp_path):
+    """Issue 26 item 14: the default face choice, measured in docs/align.md (bench/face_choice.py)."""
+    from argparse import Namespace
+
+    from facetrain.align import build_parser, build_recipe
+    from facetrain.alignment.detectors import Face
+    from facetrain.alignment.recipe import FACE_CHOICES, MARKER_FILE
+
+    def face(x0, y0, w):
+        return Face(np.array([x0, y0, x0 + w, y0 + w], dtype=float), np.zeros((5, 2)), 0.99)
+
+    rule = FACE_CHOICES[AlignmentRecipe().face_choice]
+    assert AlignmentRecipe().face_choice == "size_centre"
+    # a web photo: the subject in the middle, a larger neighbour at the edge -> the subject (largest: the edge)
+    assert rule([face(0, 60, 130), face(140, 100, 100)], 380, 300)[0] == 1
+    # a portrait: a big face off-centre, a small one in the middle of the background -> the big one
+    assert rule([face(20, 40, 160), face(185, 140, 20)], 400, 300)[0] == 0
+    args: Namespace = build_parser().parse_args(["--input", str(tmp_path / "raw"), "--output", str(tmp_path / "out")])
+    assert build_recipe(args)["face_choice"] == "size_centre"
+    (tmp_path / "out").mkdir()
+    old = {**AlignmentRecipe().to_dict(), "face_choice": "largest"}  # aligned with the earlier default
+    (tmp_path / "out" / MARKER_FILE).write_text(json.dumps({"format": "facetrain-align", "recipe": old}))
+    assert build_recipe(args)["face_choice"] == "largest"  # a re-run resumes instead of asking for --redo

@@ -1,6 +1,7 @@
 """Files written by facetrain commit 1c7a548 (2026-12-07) still load: a mid-run checkpoint resumes, the bundle
-evaluates and verifies, the exported ONNX file verifies, a pack trains, and the gallery's enrolment caches are
-reused ('hit').
+evaluates and verifies, the exported ONNX file verifies, a pack trains. The gallery's version-1 enrolment caches
+(size + mtime keys, inside the gallery) are no longer trusted (issue 26 item 12): identify embeds the gallery again
+into its new cache and answers the same, leaving the old files where they are.
 
 Only the command-line entry points are used (`python -m facetrain.<cmd>` in a subprocess), never facetrain's
 modules: their import paths may change, the commands and the files on disk must not. The files and how they were
@@ -121,7 +122,7 @@ def test_pack_trains(legacy: Path, tmp_path: Path):
 
 
 @pytest.mark.parametrize("backend", ["bundle", "onnx"])
-def test_identify_reuses_the_gallery_cache(legacy: Path, tmp_path: Path, backend: str):
+def test_identify_rebuilds_over_a_legacy_gallery_cache(legacy: Path, tmp_path: Path, backend: str):
     if backend == "onnx":
         pytest.importorskip("onnxruntime", reason="needs the serve extras (pip install -e '.[serve]')")
         model_args = ["--backend", "onnxruntime", "--model", legacy / "model.onnx"]
@@ -132,10 +133,11 @@ def test_identify_reuses_the_gallery_cache(legacy: Path, tmp_path: Path, backend
     before = cache.read_bytes()
     probe = gallery / "person_02" / "img_1.png"
     proc = facetrain("identify", *model_args, "--gallery", gallery, probe, "--top-k", "3", "--num-workers", "0",
-                     "--json", cwd=tmp_path)
+                     "--json", "--cache-dir", tmp_path / "cache", cwd=tmp_path)
     result = last_json(proc)
-    assert result["cache"] == "hit", proc.stderr[-2000:]
-    assert cache.read_bytes() == before
+    assert result["cache"] == "built", proc.stderr[-2000:]  # the legacy cache is not read, not trusted
+    assert cache.read_bytes() == before  # ... and not removed either
+    assert len(list((tmp_path / "cache").glob("gallery-*.safetensors"))) == 1
     top = result["probes"][0]["matches"][0]
     assert top["identity"] == "person_02" and top["score"] == pytest.approx(1.0, abs=1e-4)  # the probe is enrolled
     assert result["probes"][0]["match"] is True and result["threshold"] == pytest.approx(THRESHOLD, abs=1e-6)

@@ -101,7 +101,7 @@ def test_answers_equal_the_offline_ones(client, offline, trained_onnx, capsys):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["model"] == trained_onnx.name and health["flip"] is True
     assert health["threshold"] == offline.meta["threshold"] and health["threshold_far"] == offline.meta["threshold_far"]
-    assert health["gallery"] == {"images": 400, "identities": 40}  # no server path (issue 26, item 7)
+    assert health["gallery"] == {"images": 400, "identities": 40, "left_out": 0}  # no server path (issue 26, item 7)
 
     a, b, c = att_paths(3, seed=11)
     same_person = next(str(p) for p in sorted(Path(a).parent.glob("*.png")) if str(p) != a)
@@ -113,6 +113,7 @@ def test_answers_equal_the_offline_ones(client, offline, trained_onnx, capsys):
         assert abs(got["similarity"] - want["similarity"]) < 1e-5
         assert got["same"] == want["same"] and got["threshold"] == want["threshold"]
         assert got["threshold_far"] == want["threshold_far"] and got["threshold_source"] == "model"
+        assert got["faces"] == [None, None] and want["faces"] is None  # no alignment recipe: embedded as they are
     forced = client.post("/verify", json={"image_a": b64(a), "image_b": b64(b), "threshold": -1.0}).json()
     assert forced["same"] is True and forced["threshold"] == -1.0 and forced["threshold_far"] is None
 

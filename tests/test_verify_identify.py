@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from facetrain import identify, verify
 from facetrain.cli import run_cli
 from facetrain.config.schema import DataConfig, ModelConfig
 from facetrain.data.synthetic import render
-from facetrain.deploy.gallery import CACHE_DIR
+from facetrain.errors import UserError
 from facetrain.model.bundle import write_bundle
 from facetrain.model.files import read_bundle_meta
 from facetrain.model.network import create_model, resolve_preprocess
@@ -128,17 +129,20 @@ def test_verify_without_a_threshold_says_so_and_errors_are_one_line(tmp_path, pe
 # ----------------------------------------------------------------------------------------------- identify
 
 
-def test_identify_top_k_and_the_gallery_cache(tmp_path, people, capsys):
+def test_identify_top_k_and_the_gallery_cache(tmp_path, people, capsys, monkeypatch):
     gallery = tmp_path / "gallery"
     shutil.copytree(people, gallery)
     bundle = make_bundle(tmp_path / "bundle")
     probe = tmp_path / "probe.png"
     shutil.copy(people / "p3" / "4.png", probe)  # an exact copy of a gallery image
     argv = ["--model", bundle, "--gallery", gallery, str(probe), "--top-k", 3, "--num-workers", 0, "--json"]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cache = tmp_path / "xdg" / "facetrain"  # the default: outside the gallery
 
     first = run_json(identify.main, argv, capsys)
-    assert first["cache"] == "built"
-    (manifest_file,) = (gallery / CACHE_DIR).glob("gallery-*.json")
+    assert first["cache"] == "built" and first["skipped_images"] == []
+    assert sorted(p.name for p in gallery.iterdir()) == [f"p{k}" for k in range(6)]  # nothing written into it
+    (manifest_file,) = cache.glob("gallery-*.json")
     manifest = json.loads(manifest_file.read_text())
     assert len(manifest["files"]) == 36 and manifest["names"] == [f"p{k}" for k in range(6)]
     cached = load_file(str(manifest_file.with_suffix(".safetensors")))["embeddings"]
@@ -157,10 +161,12 @@ def test_identify_top_k_and_the_gallery_cache(tmp_path, people, capsys):
     assert [r["score"] for r in rows] == pytest.approx([best[n] for n in ranking], abs=1e-5)
     assert answer["match"] is None  # no calibrated threshold yet
 
-    # unchanged gallery and model: the cache is used
+    # unchanged gallery and model (a new mtime alone changes nothing): the cache is used
     assert run_json(identify.main, argv, capsys)["cache"] == "hit"
-    # a modified file (new mtime) or an added one: re-enrolled
     os.utime(gallery / "p0" / "1.png", ns=(1, 1))
+    assert run_json(identify.main, argv, capsys)["cache"] == "hit"
+    # a modified file or an added one: re-enrolled
+    shutil.copy(people / "p0" / "2.png", gallery / "p0" / "1.png")
     assert run_json(identify.main, argv, capsys)["cache"].startswith("stale: gallery changed")
     render(1, 0, 9).resize((40, 40)).save(gallery / "p0" / "9.png")
     again = run_json(identify.main, argv, capsys)
@@ -169,7 +175,10 @@ def test_identify_top_k_and_the_gallery_cache(tmp_path, people, capsys):
     # another model: its own cache file, built from scratch
     other = make_bundle(tmp_path / "other", seed=1)
     assert run_json(identify.main, ["--model", other, *argv[2:]], capsys)["cache"] == "built"
-    assert len(list((gallery / CACHE_DIR).glob("gallery-*.safetensors"))) == 2
+    assert len(list(cache.glob("gallery-*.safetensors"))) == 2
+    # --cache-dir overrides the default
+    moved = run_json(identify.main, [*argv, "--cache-dir", tmp_path / "mine"], capsys)
+    assert moved["cache"] == "built" and len(list((tmp_path / "mine").glob("gallery-*.safetensors"))) == 1
 
 
 def test_identify_evaluate_reports_rank_rates(tmp_path, people, capsys):
@@ -177,12 +186,12 @@ def test_identify_evaluate_reports_rank_rates(tmp_path, people, capsys):
     gallery = tmp_path / "gallery"
     shutil.copytree(people, gallery)
     result = run_json(identify.main, ["--model", bundle, "--gallery", gallery, "--evaluate", "--num-workers", 0,
-                                      "--json"], capsys)
+                                      "--json", "--cache-dir", tmp_path / "cache"], capsys)
     rates = result["evaluation"]
     assert rates["n_probes"] == 30 and rates["n_enrolled_identities"] == 6
 
     # brute force from the cached embeddings: image 0 of each person enrolled, images 1-5 probe
-    (tensors,) = (gallery / CACHE_DIR).glob("gallery-*.safetensors")
+    (tensors,) = (tmp_path / "cache").glob("gallery-*.safetensors")
     emb = load_file(str(tensors))["embeddings"].double().reshape(6, 6, -1)
     enrolled, probes = emb[:, 0], emb[:, 1:]
     ranks = []
@@ -204,6 +213,51 @@ def test_identify_evaluate_reports_rank_rates(tmp_path, people, capsys):
         run_cli(identify.main, ["--model", str(bundle), "--gallery", str(lonely), "--evaluate", "--num-workers", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "no probes" in err[0]
+
+
+def _gallery_with_bad_files(tmp_path: Path, people: Path) -> tuple[Path, list[str]]:
+    gallery = tmp_path / "gallery"
+    shutil.copytree(people, gallery)
+    bad = [gallery / "p1" / "empty.png", gallery / "p4" / "cut.png"]
+    bad[0].write_bytes(b"")
+    bad[1].write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return gallery, [str(p) for p in bad]
+
+
+def test_identify_names_every_unusable_gallery_photo_or_skips_them(tmp_path, people, capsys):
+    """Issue 26 item 11 (the decode half; faceless photos: test_align_models): all named in one line, or left
+    out and counted with --bad-images skip, also in the JSON answer."""
+    gallery, bad = _gallery_with_bad_files(tmp_path, people)
+    bundle = make_bundle(tmp_path / "bundle")
+    argv = ["--model", str(bundle), "--gallery", str(gallery), "--evaluate", "--num-workers", "0",
+            "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(identify.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "2 image(s) cannot be used" in err[0]
+    assert all(p in err[0] for p in bad) and "--bad-images skip" in err[0]
+    result = run_json(identify.main, [*argv, "--bad-images", "skip", "--json"], capsys)
+    assert sorted(b["path"] for b in result["skipped_images"]) == sorted(bad)
+    assert result["evaluation"]["n_probes"] == 30
+
+
+def test_serve_enrols_its_gallery_as_identify_does(tmp_path, people, monkeypatch):
+    """Issue 26 item 11: serve had no --bad-images (one bad photo stopped it) and no gallery cache."""
+    from facetrain import serve
+
+    gallery, bad = _gallery_with_bad_files(tmp_path, people)
+    bundle = make_bundle(tmp_path / "bundle")
+    served = {}
+    monkeypatch.setattr(serve, "build_app", lambda embedder, gallery, *a: served.setdefault("gallery", gallery))
+    monkeypatch.setattr(serve, "listen", lambda host, port: SimpleNamespace(getsockname=lambda: (host, port)))
+    monkeypatch.setattr(serve, "serve", lambda app, sock: None)
+    monkeypatch.setattr(serve, "_describe_threshold", lambda meta: "")
+    argv = ["--model", str(bundle), "--gallery", str(gallery), "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(UserError, match="2 image\\(s\\) cannot be used"):
+        serve.main(argv)
+    assert serve.main([*argv, "--bad-images", "skip"]) == 0
+    assert sorted(b["path"] for b in served["gallery"].skipped) == sorted(bad)
+    assert served["gallery"].cache_status == "built" and len(served["gallery"].paths) == 36
 
 
 def test_verify_and_identify_start_without_sklearn():

@@ -58,3 +58,14 @@ def check_alignment(meta: dict, path: Path, aligned: bool) -> dict | None:
                         f"and aligns raw photos the same way, but {err}; or pass --aligned if the images are "
                         "already aligned crops") from None
     return recipe.to_dict()
+
+
+def faces_used(embedder, count: int) -> list[dict] | None:
+    """Which face of each of the `count` photos of the embedder's last `embed` was used: {"faces": 1}, or for a
+    photo with several {"faces": N, "box": [x0, y0, x1, y1] (photo pixels), "choice": why}; None when the photos
+    were embedded as they are (no alignment recipe, or --aligned)."""
+    if embedder.alignment is None:
+        return None
+    several = {r["index"]: r for r in embedder.last_faces}
+    return [{k: several[i][k] for k in ("faces", "box", "choice")} if i in several else {"faces": 1}
+            for i in range(count)]

@@ -57,7 +57,6 @@ from rich.table import Table
 from facetrain.data.faceset import FaceSet
 from facetrain.data.images import IMAGE_EXTENSIONS, open_image
 from facetrain.errors import UserError
-from facetrain.runtime.distributed import broadcast_object
 
 # Problem key -> (label in the summary table, what facetrain does). REFUSED follow data.bad_images.
 REFUSED = {
@@ -346,6 +345,8 @@ def without_files(faceset: FaceSet, drop: set[str]) -> FaceSet:
 def apply_preflight(faceset: FaceSet, data_cfg, out_dir: str | Path, accelerator=None) -> FaceSet:
     """Scan data_cfg.root on the main process, share the result with every rank, write the report into
     `out_dir`, then stop (bad_images=error) or return `faceset` without the refused files (skip)."""
+    from facetrain.runtime.distributed import broadcast_object  # torch: training only (serve checks galleries)
+
     main = accelerator is None or accelerator.is_main_process
     out = Path(out_dir)
     result: PreflightReport | str | None = None

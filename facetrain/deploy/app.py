@@ -90,7 +90,7 @@ def image_bytes(data: dict, key: str, limits: Limits, value=None) -> bytes:
     return raw
 
 
-def prepare(embedder, raw: bytes, name: str, limits: Limits) -> np.ndarray:
+def prepare(embedder, raw: bytes, name: str, limits: Limits, face: dict | None = None) -> np.ndarray:
     """Image file bytes -> the model input, through `images.load_image` as offline. The header is read first
     (PIL's lazy open) so an image over the decode budget is refused, or a large JPEG set to decode small
     (`limits.fit_decode`), before its pixels are decoded."""
@@ -104,7 +104,7 @@ def prepare(embedder, raw: bytes, name: str, limits: Limits) -> np.ndarray:
         raise RequestError(415, f"{name}: not an image file PIL can read ({type(err).__name__})") from None
     header = fit_decode(header, name, limits)
     try:
-        return embedder.prepare(header, name=name)
+        return embedder.prepare(header, name=name, face=face)  # face: which one was used, when aligned
     except AlignmentFailed as err:  # its message is the CLI's ("pass --aligned"): a client has no flags
         raise RequestError(422, f"{name}: {err.status.replace('_', ' ')} ({err.reason}): this service finds and "
                                 "aligns the face in each photo; send a photo with one clearly visible face, or, "
@@ -114,10 +114,11 @@ def prepare(embedder, raw: bytes, name: str, limits: Limits) -> np.ndarray:
         raise RequestError(415, f"{name}: cannot decode image ({type(err).__name__}: {first})") from None
 
 
-def decode_field(embedder, data: dict, key: str, limits: Limits, value) -> np.ndarray:
-    """One image field of a request -> the model input: base64, then the decode budget, then the offline path.
-    Runs on the decode pool (base64 of 10 MB and a decode are CPU work that must not hold the event loop)."""
-    return prepare(embedder, image_bytes(data, key, limits, value), key, limits)
+def decode_field(embedder, data: dict, key: str, limits: Limits, value, face: dict | None = None) -> np.ndarray:
+    """One image field of a request -> the model input: base64, then the decode budget, then the offline path
+    (`face` gets which face was used). Runs on the decode pool (base64 of 10 MB and a decode are CPU work that
+    must not hold the event loop)."""
+    return prepare(embedder, image_bytes(data, key, limits, value), key, limits, face)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,14 +161,20 @@ class Service:
         _stderr(f"aborted upload: {message}{more}")
         self._log_after, self._unlogged = now + ABORT_LOG_EVERY_S, 0
 
-    async def embed_fields(self, data: dict, keys: list[str], values: list | None = None) -> np.ndarray:
+    async def embed_fields(self, data: dict, keys: list[str], values: list | None = None,
+                           faces: list | None = None) -> np.ndarray:
+        """Embeddings of the images in fields `keys`; `faces` gets, per image, which face was used (or None
+        when images are embedded as they are)."""
         loop = asyncio.get_running_loop()
+        found = [{} for _ in keys]
         jobs = [loop.run_in_executor(self.pool, decode_field, self.embedder, data, key, self.limits,
-                                     None if values is None else values[k]) for k, key in enumerate(keys)]
+                                     None if values is None else values[k], found[k]) for k, key in enumerate(keys)]
         arrays = await asyncio.gather(*jobs, return_exceptions=True)
         for result in arrays:  # the first bad image in request order names the error
             if isinstance(result, BaseException):
                 raise result
+        if faces is not None:
+            faces.extend(face or None for face in found)
         return await self.batcher.embed(arrays)
 
     def health(self) -> dict:
@@ -177,7 +184,8 @@ class Service:
             "status": "ok", "model": embedder.path.name, "backbone": embedder.meta["model"]["backbone"],
             "embedding_dim": embedder.embedding_dim, "input_size": embedder.preprocess.image_size,
             "flip": embedder.flip, "alignment": embedder.alignment, **threshold_info(embedder.meta),
-            "gallery": None if gallery is None else {"images": len(gallery.paths), "identities": len(gallery.names)},
+            "gallery": None if gallery is None else {"images": len(gallery.paths), "identities": len(gallery.names),
+                                                     "left_out": len(gallery.skipped)},
             "batching": {"max_batch": batcher.max_batch, "window_ms": self.window_ms, "batches": batcher.batches,
                          "images": batcher.images, "largest": batcher.largest},
             "limits": self.limits.report(), "rejected": dict(self.rejected), "body_bytes_held": self.bodies.used,
@@ -186,15 +194,18 @@ class Service:
     async def verify(self, data: dict) -> dict:
         meta = self.embedder.meta
         threshold, source, far = number_field(data, "threshold"), "request", None
-        emb = await self.embed_fields(data, ["image_a", "image_b"])
+        faces: list = []
+        emb = await self.embed_fields(data, ["image_a", "image_b"], faces=faces)
         similarity = float(np.dot(emb[0].astype(np.float64), emb[1].astype(np.float64)))
         if threshold is None:
             threshold, far = meta.get("threshold"), meta.get("threshold_far")
             source = "model" if threshold is not None else None
         return {"similarity": similarity, "same": None if threshold is None else bool(similarity >= threshold),
-                "threshold": threshold, "threshold_source": source, "threshold_far": far, "flip": self.embedder.flip}
+                "threshold": threshold, "threshold_source": source, "threshold_far": far, "flip": self.embedder.flip,
+                "faces": faces}
 
     async def embed(self, data: dict) -> dict:
+        faces: list = []
         if "images" in data:
             values = data["images"]
             if not isinstance(values, list) or not values:
@@ -202,23 +213,24 @@ class Service:
             if len(values) > self.limits.max_images:
                 raise RequestError(413, f"{len(values)} images in one request, over the limit of "
                                         f"{self.limits.max_images}")
-            emb = await self.embed_fields(data, [f"images[{k}]" for k in range(len(values))], values)
+            emb = await self.embed_fields(data, [f"images[{k}]" for k in range(len(values))], values, faces)
         else:
-            emb = await self.embed_fields(data, ["image"])
-        return {"embeddings": emb.tolist(), "dim": int(emb.shape[1]), "flip": self.embedder.flip}
+            emb = await self.embed_fields(data, ["image"], faces=faces)
+        return {"embeddings": emb.tolist(), "dim": int(emb.shape[1]), "flip": self.embedder.flip, "faces": faces}
 
     async def identify(self, data: dict) -> dict:
         if self.gallery is None:
             raise RequestError(404, "no gallery enrolled: start the service with --gallery DIR "
                                     "(DIR/<identity>/<image>)")
         top_k = min(int_field(data, "top_k", 5, 1), len(self.gallery.names))
-        emb = await self.embed_fields(data, ["image"])
+        faces: list = []
+        emb = await self.embed_fields(data, ["image"], faces=faces)
         rows = rank_identities(self.gallery, emb[:1], top_k)[0]
         for row in rows:  # the gallery's file names, never the server's path to them
             row["image"] = os.path.relpath(row["image"], self.gallery.root)
         threshold = self.embedder.meta.get("threshold")
         return {"matches": rows, "match": None if threshold is None else bool(rows[0]["score"] >= threshold),
-                **threshold_info(self.embedder.meta)}
+                **threshold_info(self.embedder.meta), "faces": faces}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,14 +1,13 @@
-"""A gallery of known people: enrolment (with its cache on disk), identity ranking and rank-k rates.
+"""A gallery of known people: enrolment (through its cache on disk, `deploy.gallery_cache`), identity ranking
+and rank-k rates.
 
 One implementation for `facetrain.identify` and the service's POST /identify, in numpy (never torch): an
 embedder from either backend (`evaluation.embedding.Embedder`, `deploy.onnx_embedder.OnnxEmbedder`) embeds
 the images, and the gallery keeps them as a (N, D) float32 array.
 
-The cache: `<gallery>/.facetrain-cache/gallery-<model fingerprint[:16]>.safetensors` (one tensor,
-"embeddings", (N, D) float32) with a JSON manifest next to it (format, version, model fingerprint, model path,
-identity names, and per file its path relative to the gallery, size and mtime in ns). A later enrolment
-reuses it only if the manifest still matches the folder and the model; otherwise it embeds again and rewrites
-it. The fingerprint is the sha256 of the weights file and of everything else that changes an embedding.
+Enrolment runs eval's pre-flight on every file (`data.preflight.check_files`: zero-byte, not an image,
+truncated, too large) and records every photo without a usable face while embedding; all of them are named in
+one line (`bad_images` "error"), or left out and counted in one line (`skip`, listed in `Gallery.skipped`).
 
 Ranking: an identity's score is its best-matching image's cosine similarity. Identities with equal scores
 keep the gallery's order (identity index, i.e. folder names sorted), and within an identity the first of
@@ -17,27 +16,23 @@ equally scoring images is reported, so equal scores always rank the same way.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import sys
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from facetrain.alignment.recipe import incomplete_alignment
 from facetrain.config.constants import MAX_IMAGE_PIXELS
+from facetrain.deploy import gallery_cache
 from facetrain.errors import UserError
-from facetrain.model.files import WEIGHTS_FILE
 
-CACHE_FORMAT = "facetrain-gallery"
-CACHE_VERSION = 1
-CACHE_DIR = ".facetrain-cache"  # a dot folder: scan_identity_folder never takes it for an identity
-CACHE_TENSOR = "embeddings"  # the one tensor of the cache file
-FINGERPRINT_CHARS = 16  # hex characters of the model fingerprint in the cache file's name
-HASH_CHUNK_BYTES = 1 << 20  # read size while hashing the weights
+LIST_IN_LOG = 20  # photos named in the one-line "left out" message (all of them are in Gallery.skipped)
 RATE_BLOCK = 4096  # probes scored at a time by identification_rates: (block x identities) float64 in memory
+
+Scan = tuple[list[str], np.ndarray, list[str]]  # image paths, identity index per image, identity names
 
 
 def _stderr(message: str) -> None:
@@ -52,129 +47,128 @@ class Gallery:
     names: list[str]  # identity index -> name
     embeddings: np.ndarray  # (N, D) float32, L2-normalised
     cache_file: Path | None = None
-    cache_status: str = "off"  # "hit", "built", "stale: <why>, rebuilt", "off"
+    cache_status: str = "off"  # "hit", "built", "stale: <why>, rebuilt", "off"; "(not saved)" appended
+    skipped: list[dict] = field(default_factory=list)
+    """Photos left out under bad_images "skip": {"path", "problem", "detail"} (undecodable or faceless)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Enrolment
 
 
-def usable_files(paths: list[str], labels: np.ndarray, bad_images: str, what: str,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, log: Callable[[str], None] = _stderr
-                 ) -> tuple[list[str], np.ndarray]:
-    """The training pre-flight's decode check of every gallery file: all unusable files named at once
-    (`bad_images` "error"), or left out and listed (`skip`)."""
-    from facetrain.data.preflight import check_files  # loads torch: only identify checks its gallery this way
+def _preflight(paths: list[str], max_image_pixels: int, what: str) -> list[dict]:
+    """eval's decode check of every gallery file: the refused ones, {"path", "problem", "detail"}."""
+    from facetrain.data.preflight import check_files
 
-    report = check_files(paths, max_image_pixels, what, progress=False)
-    if not report.bad:
-        return paths, labels
-    if bad_images == "error":
-        raise UserError(report.error_message(remedy="pass --bad-images skip to enrol the gallery without them"))
-    for bad in report.bad:
-        log(f"skipped (--bad-images skip): {bad['path']} ({bad['problem']}: {bad['detail']})")
-    keep = np.array([p not in report.bad_paths for p in paths], dtype=bool)
-    return [p for p, k in zip(paths, keep, strict=True) if k], labels[keep]
+    return check_files(paths, max_image_pixels, what, progress=False).bad
 
 
-def model_fingerprint(embedder) -> str:
-    """sha256 of the weights file and of everything else that changes an embedding."""
-    h = hashlib.sha256()
-    weights = embedder.path / WEIGHTS_FILE if embedder.path.is_dir() else embedder.path  # or the exported .onnx
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
-            h.update(chunk)
-    extra = {"model": embedder.meta["model"], "preprocess": embedder.preprocess.to_dict(), "flip": embedder.flip,
-             "precision": embedder.precision, "alignment": embedder.alignment}
-    h.update(json.dumps(extra, sort_keys=True).encode())
-    return h.hexdigest()
+def _embed(embedder, paths: list[str], align: bool) -> tuple[np.ndarray, list[dict]]:
+    """(embeddings of the photos with a usable face, the photos without one as {"path", "problem", "detail"})."""
+    if not paths:  # every file refused by the pre-flight: nothing to embed (enrol then says so)
+        return np.zeros((0, 0), dtype=np.float32), []
+    emb = np.asarray(embedder.embed(paths, align=align, record_failures=True), dtype=np.float32)  # torch: a tensor
+    failed = embedder.last_failures
+    keep = np.ones(len(paths), dtype=bool)
+    keep[[r["index"] for r in failed]] = False
+    return emb[keep], [{"path": r["path"], "problem": r["status"], "detail": r["reason"]} for r in failed]
 
 
-def _file_list(root: Path, paths: list[str]) -> list[list]:
-    out = []
-    for p in paths:
-        st = os.stat(p)
-        out.append([os.path.relpath(p, root), st.st_size, st.st_mtime_ns])
-    return out
+def _refuse(root: str, skipped: list[dict], max_image_pixels: int) -> UserError:
+    from facetrain.data.preflight import PreflightReport
+
+    report = PreflightReport(root, max_image_pixels, bad=sorted(skipped, key=lambda b: b["path"]))
+    return UserError(report.error_message(remedy="pass --bad-images skip to enrol the gallery without them"))
 
 
-def _stale_reason(manifest_file: Path, fingerprint: str, files: list[list]) -> str | None:
-    """Why the cache cannot be used, or None if it can."""
-    if not manifest_file.is_file():
-        return "no cache"
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return "unreadable manifest"
-    if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:
-        return "other cache format"
-    if manifest.get("model_fingerprint") != fingerprint:
-        return "model changed"
-    if manifest.get("files") != files:
-        old = {tuple(f) for f in manifest.get("files", [])}
-        new = {tuple(f) for f in files}
-        return f"gallery changed ({len(new - old)} new or modified, {len(old - new)} removed or modified files)"
-    return None
+def _left_out(root: str, skipped: list[dict], total: int) -> str:
+    """The one-line count of photos left out under --bad-images skip, by problem, naming the first ones."""
+    counts = ", ".join(f"{n} {problem}" for problem, n in sorted(Counter(b["problem"] for b in skipped).items()))
+    names = ", ".join(b["path"] for b in skipped[:LIST_IN_LOG])
+    more = f" and {len(skipped) - LIST_IN_LOG} more" if len(skipped) > LIST_IN_LOG else ""
+    return f"gallery {root}: left out {len(skipped)} of {total} photos (--bad-images skip: {counts}): {names}{more}"
 
 
-def _read_cache(tensors_file: Path, rows: int) -> tuple[np.ndarray | None, str | None]:
-    """(embeddings, None) from a cache file of `rows` rows, or (None, why not)."""
-    from safetensors.numpy import load_file
-
-    try:
-        emb = load_file(str(tensors_file))[CACHE_TENSOR]
-    except Exception as err:  # a truncated or foreign file: rebuild rather than fail
-        return None, f"unreadable embeddings ({type(err).__name__})"
-    return (emb, None) if emb.shape[0] == rows else (None, "row count differs")
-
-
-def _write_cache(tensors_file: Path, manifest_file: Path, emb: np.ndarray, manifest: dict) -> None:
-    from safetensors.numpy import save_file
-
-    tensors_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tensors_file.with_suffix(".tmp")
-    save_file({CACHE_TENSOR: np.ascontiguousarray(emb)}, str(tmp))
-    os.replace(tmp, tensors_file)
-    tmp = manifest_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, manifest_file)  # written last: a manifest always describes a complete embeddings file
-
-
-def _embed(embedder, paths: list[str], align: bool) -> np.ndarray:
-    return np.asarray(embedder.embed(paths, align=align), dtype=np.float32)  # a torch tensor from the torch path
-
-
-def enrol(embedder, root: str | Path, scan: tuple[list[str], np.ndarray, list[str]], cache: bool = False,
-          cache_dir: str = "", log: Callable[[str], None] = _stderr) -> Gallery:
-    """The gallery `root` (`scan`: its image paths, identity index per image, identity names) embedded by
-    `embedder`; with `cache`, through the cache in `cache_dir` (default `<root>/.facetrain-cache`)."""
-    name, root = str(root), Path(root)  # the folder as given names it in answers (serve's /health)
+def _without(scan: Scan, drop: set[str]) -> Scan:
+    """`scan` minus the paths in `drop`; identities left without a photo disappear, labels renumbered in order."""
     paths, labels, names = scan
+    keep = np.array([p not in drop for p in paths], dtype=bool)
+    used = np.unique(labels[keep])
+    remap = np.full(len(names), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return [p for p, k in zip(paths, keep, strict=True) if k], remap[labels[keep]], [names[i] for i in used]
+
+
+@dataclass
+class _Enrolment:
+    """How to enrol one gallery (the options of identify and serve)."""
+
+    embedder: object
+    root: Path
+    align: bool
+    """False: the folder holds facetrain.align crops cut with the model's recipe, embedded as they are."""
+    bad_images: str
+    max_image_pixels: int
+    log: Callable[[str], None]
+
+    def embed(self, paths: list[str]) -> tuple[np.ndarray, list[dict]]:
+        """Check every file, embed the decodable ones; stop with every unusable photo named (error) or return
+        (embeddings of the usable ones, the photos left out) (skip)."""
+        bad = _preflight(paths, self.max_image_pixels, str(self.root))
+        refused = {b["path"] for b in bad}
+        emb, faceless = _embed(self.embedder, [p for p in paths if p not in refused], self.align)
+        skipped = sorted(bad + faceless, key=lambda b: b["path"])
+        self.refuse(skipped)
+        return emb, skipped
+
+    def refuse(self, skipped: list[dict]) -> None:
+        if skipped and self.bad_images == "error":
+            raise _refuse(str(self.root), skipped, self.max_image_pixels)
+
+    def through_cache(self, scan: Scan, cache_dir: str | Path) -> tuple[np.ndarray, list[dict], Path | None, str]:
+        """(embeddings, photos left out, cache file or None when not saved, cache status)."""
+        fingerprint = gallery_cache.model_fingerprint(self.embedder)
+        files = gallery_cache.CacheFiles.of(cache_dir, self.root, fingerprint)
+        key = (fingerprint, self.root, self.embedder.path, not self.align, self.max_image_pixels, scan[2],
+               gallery_cache.file_entries(self.root, scan[0]))
+        found, reason = gallery_cache.read(files, gallery_cache.manifest(*key, []), self.root)
+        status = gallery_cache.status(reason)
+        if found is not None:
+            self.refuse(found[1])
+            return *found, files.tensors, status
+        emb, skipped = self.embed(scan[0])
+        try:
+            gallery_cache.write(files, emb, gallery_cache.manifest(*key, skipped))
+        except OSError as err:  # the cache is lost, never the enrolment
+            self.log(f"warning: cannot write the gallery cache in {files.tensors.parent} ({err.strerror or err}); "
+                     "set --cache-dir to a writable folder")
+            return emb, skipped, None, status + " (not saved)"
+        return emb, skipped, files.tensors, status
+
+
+def enrol(embedder, root: str | Path, scan: Scan, cache_dir: str | Path | None = None, bad_images: str = "error",
+          max_image_pixels: int = MAX_IMAGE_PIXELS, log: Callable[[str], None] = _stderr) -> Gallery:
+    """The gallery `root` (`scan`: its image paths, identity index per image, identity names) embedded by
+    `embedder`, every unusable photo named at once (`bad_images` "error") or left out and counted ("skip");
+    through the cache in `cache_dir` when one is given (None: no cache)."""
+    name, root = str(root), Path(root)  # the folder as given names it in answers
+    warning = incomplete_alignment(root)
+    if warning:
+        log(warning)
     # before the cache: crops cut with another recipe than the model's are refused even when cached
     align = not embedder.aligned_folder(root, "--gallery")  # crops of facetrain.align with the model's recipe
-    if not cache:
-        return Gallery(name, paths, labels, names, _embed(embedder, paths, align))
-    fingerprint = model_fingerprint(embedder)
-    folder = Path(cache_dir) if cache_dir else root / CACHE_DIR
-    tensors_file = folder / f"gallery-{fingerprint[:FINGERPRINT_CHARS]}.safetensors"
-    manifest_file = tensors_file.with_suffix(".json")
-    files = _file_list(root, paths)
-    reason = _stale_reason(manifest_file, fingerprint, files)
-    if reason is None and tensors_file.is_file():
-        emb, reason = _read_cache(tensors_file, len(paths))
-        if emb is not None:
-            return Gallery(name, paths, labels, names, emb, tensors_file, "hit")
-    emb = _embed(embedder, paths, align)
-    status = "built" if reason in ("no cache", None) else f"stale: {reason}, rebuilt"
-    manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "model_fingerprint": fingerprint,
-                "model": str(embedder.path), "names": names, "files": files}
-    try:
-        _write_cache(tensors_file, manifest_file, emb, manifest)
-    except OSError as err:
-        log(f"warning: cannot write the gallery cache in {folder} ({err.strerror or err}); "
-            "set --cache-dir to a writable folder")
-        return Gallery(name, paths, labels, names, emb, None, status + " (not saved)")
-    return Gallery(name, paths, labels, names, emb, tensors_file, status)
+    job = _Enrolment(embedder, root, align, bad_images, max_image_pixels, log)
+    if cache_dir is None:
+        (emb, skipped), cache_file, status = job.embed(scan[0]), None, "off"
+    else:
+        emb, skipped, cache_file, status = job.through_cache(scan, cache_dir)
+    if skipped:
+        log(_left_out(name, skipped, len(scan[0])))
+    kept = _without(scan, {b["path"] for b in skipped})
+    if not kept[0]:
+        raise UserError(f"--gallery: no usable photo in {name} (all {len(scan[0])} left out): add photos with "
+                        "one clearly visible face")
+    return Gallery(name, *kept, emb, cache_file, status, skipped)
 
 
 # ----------------------------------------------------------------------------------------------------------

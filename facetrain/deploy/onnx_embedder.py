@@ -145,6 +145,11 @@ class OnnxEmbedder:
     num_processes: int = 1
     last_failures: list[dict] = field(default_factory=list, repr=False)
     """Photos of the last `embed(..., record_failures=True)` without a usable face (index, path, reason)."""
+    last_faces: list[dict] = field(default_factory=list, repr=False)
+    """Photos of the last `embed` with several faces: index, path, faces, box used, why (`AlignResult.face_record`)."""
+    weights_sha256: str = ""
+    """sha256 of the graph file, set where the file does not outlive the session (a bundle served through a
+    temporary export); "" = hash `path` when needed (`deploy.gallery_cache.model_fingerprint`)."""
 
     @classmethod
     def load(cls, model_path: str | Path, batch_size: int = 64, num_workers: int = -1, flip: bool | None = None,
@@ -186,19 +191,27 @@ class OnnxEmbedder:
         are embedded as they are. Crops cut with another recipe are refused with one line."""
         return is_aligned_folder(folder, self.alignment, option, "model")
 
-    def prepare(self, source: str | Path | bytes | Image.Image, name: str = "image", align: bool = True) -> np.ndarray:
+    def prepare(self, source: str | Path | bytes | Image.Image, name: str = "image", align: bool = True,
+                face: dict | None = None) -> np.ndarray:
         """One image (path, file bytes or PIL image) -> the (H, W, 3) uint8 model input. Decoding errors are
-        PIL's (the caller names the source); a photo without a usable face raises AlignmentFailed."""
+        PIL's (the caller names the source); a photo without a usable face raises AlignmentFailed. `face`, when
+        given, receives which face was used (`AlignResult.face_record`) if the photo was aligned."""
         if self.alignment is None or not align:
             return to_input_array(load_image(source, keep_gray=True), self.preprocess.image_size)
         res = align_image(load_image(source), self.alignment)
         if not res.ok:
             raise AlignmentFailed(name, res.status, res.reason)
+        if face is not None:
+            face.update(res.face_record())
         return to_input_array(res.crop, self.preprocess.image_size)
 
-    def _prepare_file(self, path: str, index: int, align: bool, failures: list | None) -> np.ndarray:
+    def _prepare_file(self, path: str, index: int, align: bool, failures: list | None, faces: list) -> np.ndarray:
+        face: dict = {}
         try:
-            return self.prepare(path, name=path, align=align)
+            arr = self.prepare(path, name=path, align=align, face=face)
+            if face.get("faces", 0) > 1:  # list.append is atomic: the decoding threads share the list
+                faces.append({"index": index, "path": path, "status": "ok", **face})
+            return arr
         except AlignmentFailed as err:
             if failures is None:
                 raise
@@ -228,11 +241,13 @@ class OnnxEmbedder:
         or with record_failures=True a black row to drop, listed in `self.last_failures`."""
         paths = [str(p) for p in paths]
         failures: list | None = [] if record_failures else None
+        faces: list = []
         workers = self.num_workers if num_workers is None else num_workers
         starts = range(0, len(paths), self.batch_size)
 
         def batch(start: int, submit=None):
-            items = [(p, start + k, align, failures) for k, p in enumerate(paths[start:start + self.batch_size])]
+            items = [(p, start + k, align, failures, faces)
+                     for k, p in enumerate(paths[start:start + self.batch_size])]
             return [submit(self._prepare_file, *item) if submit else self._prepare_file(*item) for item in items]
 
         out = []
@@ -246,4 +261,5 @@ class OnnxEmbedder:
                         ahead.append(batch(starts[k + 1], pool.submit))
                     out.append(self.run(np.stack([f.result() for f in ahead.popleft()])))
         self.last_failures = sorted(failures, key=lambda r: r["index"]) if failures is not None else []
+        self.last_faces = sorted(faces, key=lambda r: r["index"])
         return np.concatenate(out) if out else np.zeros((0, self.embedding_dim), dtype=np.float32)

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from facetrain.deploy.app import serve_extra_missing
+from facetrain.deploy.gallery_cache import file_sha256
 from facetrain.deploy.limits import Limits
 from facetrain.deploy.onnx_embedder import OnnxEmbedder
 from facetrain.errors import UserError
@@ -48,7 +49,9 @@ def load_model(model: str, aligned: bool, threads: int) -> OnnxEmbedder:
         print(f"facetrain.serve: exported {result['model']} for onnxruntime (flip test "
               f"{'on' if result['flip_test'] else 'off'}); `python -m facetrain.export` writes it once for good",
               file=sys.stderr, flush=True)
-        return OnnxEmbedder.load(result["output"], aligned=aligned, threads=threads)  # the session keeps the graph
+        embedder = OnnxEmbedder.load(result["output"], aligned=aligned, threads=threads)  # the session keeps the graph
+        embedder.weights_sha256 = file_sha256(result["output"])  # the gallery cache's key, before the file goes
+        return embedder
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from facetrain.alignment.check import check_alignment, is_aligned_folder  # torch-free: shared with deploy
+from facetrain.alignment.check import AlignmentFailed, check_alignment, is_aligned_folder  # torch-free: shared
 from facetrain.data.images import Preprocess, load_image
 from facetrain.data.transforms import ToModelInput, collate, eval_transform
 from facetrain.errors import UserError
@@ -96,11 +96,13 @@ class ImageFiles(torch.utils.data.Dataset):
     alignment (a recipe dict, `alignment.AlignmentRecipe`): the files are raw photos, each cut to the face crop
     exactly as facetrain.align cut the training photos. A photo without a usable face is a one-line error
     naming it, or, with `failures` (a folder), a black crop whose position and reason are appended to
-    `<failures>/<pid>.jsonl` (DataLoader workers cannot return anything else; the caller drops those rows)."""
+    `<failures>/<pid>.jsonl` (DataLoader workers cannot return anything else; the caller drops those rows).
+    `faces` (a folder): photos with several faces get a record there too, saying which face was used."""
 
-    def __init__(self, paths: list[str], transform, alignment: dict | None = None, failures: str | None = None):
+    def __init__(self, paths: list[str], transform, alignment: dict | None = None, failures: str | None = None,
+                 faces: str | None = None):
         self.paths, self.transform = list(paths), transform
-        self.alignment, self.failures = alignment, failures
+        self.alignment, self.failures, self.faces = alignment, failures, faces or failures
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -123,15 +125,21 @@ class ImageFiles(torch.utils.data.Dataset):
 
         res = align_image(img, self.alignment)
         if res.ok:
+            if res.n_faces > 1 and self.faces:
+                _append_record(self.faces, {"index": i, "path": path, "status": "ok", **res.face_record()})
             return res.crop
         if self.failures is None:
-            raise UserError(f"{path}: {res.status.replace('_', ' ')} ({res.reason}); this model aligns raw photos "
-                            "as in training: give a photo with one clearly visible face, or pass --aligned if the "
-                            "images are already aligned crops")
-        with open(Path(self.failures) / f"{os.getpid()}.jsonl", "a") as f:
-            f.write(json.dumps({"index": i, "path": path, "status": res.status, "reason": res.reason}) + "\n")
+            # a plain UserError: DataLoader workers re-raise an exception type from its message alone
+            raise UserError(str(AlignmentFailed(path, res.status, res.reason)))
+        _append_record(self.failures, {"index": i, "path": path, "status": res.status, "reason": res.reason})
         size = int(self.alignment["size"])
         return Image.new("RGB", (size, size))
+
+
+def _append_record(folder: str, record: dict) -> None:
+    """One alignment record into this process's file of `folder` (DataLoader workers cannot return it)."""
+    with open(Path(folder) / f"{os.getpid()}.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 @dataclass
@@ -154,6 +162,8 @@ class Embedder:
     _folded: torch.nn.Module | None = field(default=None, repr=False)
     last_failures: list[dict] = field(default_factory=list, repr=False)
     """Photos of the last `embed(..., record_failures=True)` without a usable face (index, path, reason)."""
+    last_faces: list[dict] = field(default_factory=list, repr=False)
+    """Photos of the last `embed` with several faces: index, path, faces, box used, why (`AlignResult.face_record`)."""
 
     @classmethod
     def load(cls, model_path: str | Path, batch_size: int = 64, num_workers: int = -1, flip: bool | None = False,
@@ -212,13 +222,17 @@ class Embedder:
         import tempfile
 
         alignment = self.alignment if align else None
-        failures = tempfile.mkdtemp(prefix="facetrain-align-") if alignment is not None and record_failures else None
+        records = tempfile.mkdtemp(prefix="facetrain-align-") if alignment is not None else None
+        failures = records if record_failures else None
         try:
-            emb = self._embed(ImageFiles(paths, eval_transform(self.preprocess), alignment, failures), num_workers)
-            self.last_failures = _read_failures(failures, self.accelerator) if failures else []
+            emb = self._embed(ImageFiles(paths, eval_transform(self.preprocess), alignment, failures, records),
+                              num_workers)
+            found = _read_failures(records, self.accelerator) if records else []
         finally:
-            if failures:
-                shutil.rmtree(failures, ignore_errors=True)
+            if records:
+                shutil.rmtree(records, ignore_errors=True)
+        self.last_failures = [r for r in found if r["status"] != "ok"]
+        self.last_faces = [r for r in found if r["status"] == "ok"]
         return emb
 
     def _embed(self, dataset: ImageFiles, num_workers: int | None) -> torch.Tensor:

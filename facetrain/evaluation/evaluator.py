@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from facetrain.alignment.recipe import incomplete_alignment
 from facetrain.errors import UserError
 from facetrain.evaluation.embedding import load_embedder
 from facetrain.evaluation.figures import make_figures
@@ -63,6 +64,9 @@ def run(opts: EvalOptions) -> dict | None:
     embedder = load_embedder(opts.backend, model_path, opts.batch_size, opts.num_workers, flip,
                              opts.mixed_precision, opts.fold_batchnorm, aligned=opts.aligned)
     align = not embedder.aligned_folder(opts.data, "--data")  # crops of facetrain.align with the bundle's recipe
+    half_aligned = incomplete_alignment(opts.data) if embedder.is_main else None
+    if half_aligned:
+        print(f"facetrain.eval: {half_aligned}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     emb = embedder.embed(plan.paths, align=align, record_failures=True)
     embed_s = time.perf_counter() - t0

@@ -64,6 +64,10 @@ def print_report(report: dict, console=None) -> None:
                                                              else "")
         console.print(f"[yellow]alignment:[/] {len(failures)} of {report['alignment']['n_photos']} photos have no "
                       f"usable face and were left out (listed in metrics.json): {names}")
+    several = (report.get("alignment") or {}).get("several_faces") or []
+    if several:
+        console.print(f"[yellow]alignment:[/] {len(several)} photos show several faces; the face used in each "
+                      f"({report['alignment']['recipe']['face_choice']}) is listed in metrics.json")
     console.print(f"wrote {report['output']}/metrics.json" + (", roc.png, far_frr.png, scores.png"
                                                                if report["plots"] else ""))
 
@@ -75,8 +79,10 @@ def alignment_summary(embedder: Embedder, align: bool, paths: list[str]) -> dict
         inputs = "aligned crops (--aligned)" if embedder.meta.get("alignment") else "as they are (no recipe in bundle)"
     else:
         inputs = "raw photos, aligned with the bundle's recipe" if align else "crops of facetrain.align (same recipe)"
+    several = [{k: r[k] for k in ("path", "faces", "box", "choice")} for r in getattr(embedder, "last_faces", [])]
     return {"inputs": inputs, "recipe": embedder.alignment if align else None, "n_photos": len(paths),
-            "n_without_face": len(failures), "without_face": failures}
+            "n_without_face": len(failures), "without_face": failures,
+            "n_several_faces": len(several), "several_faces": several}
 
 
 def default_output_dir(model_path: Path, data: str) -> Path:

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from rich.markup import escape
 from timm.utils import ModelEmaV3
 
-from facetrain.alignment.recipe import recipe_of_folder
+from facetrain.alignment.recipe import incomplete_alignment, recipe_of_folder
 from facetrain.config.load import save_config, to_dict
 from facetrain.config.schema import Config
 from facetrain.data.dataset import default_num_workers
@@ -97,6 +98,9 @@ class Trainer:
         # align raw photos the same way, from the bundle's "alignment" entry
         folder = cfg.data.source in ("folder", "hf") and cfg.data.root
         self.alignment = recipe_of_folder(cfg.data.root) if folder else None
+        half_aligned = incomplete_alignment(cfg.data.root) if folder and self.main else None
+        if half_aligned:  # soft_wrap: one line, however long
+            self.log.console.print(f"[yellow]{escape(half_aligned)}[/]", soft_wrap=True)
         if cfg.data.source == "packed":  # a pack carries the recipe of the folder it was made from
             self.alignment = faceset.loader.alignment
         self.train_ids, self.val_ids = split_identities(faceset, cfg.data)
