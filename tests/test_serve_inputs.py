@@ -37,7 +37,7 @@ class StandIn:
     meta = {"threshold": None, "threshold_far": None, "model": {"backbone": "stand-in"}}
     preprocess = Preprocess(SIZE, [0.5] * 3, [0.5] * 3)
 
-    def prepare(self, source, name: str = "image") -> np.ndarray:
+    def prepare(self, source, name: str = "image", face: dict | None = None) -> np.ndarray:
         img = load_image(source, keep_gray=True)
         if img.width == FACELESS_WIDTH:
             raise AlignmentFailed(name, "no_face", "no face with confidence >= 0.9")

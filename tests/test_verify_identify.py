@@ -250,7 +250,7 @@ def test_serve_enrols_its_gallery_as_identify_does(tmp_path, people, monkeypatch
     served = {}
     monkeypatch.setattr(serve, "build_app", lambda embedder, gallery, *a: served.setdefault("gallery", gallery))
     monkeypatch.setattr(serve, "listen", lambda host, port: SimpleNamespace(getsockname=lambda: (host, port)))
-    monkeypatch.setattr(serve, "serve", lambda app, sock: None)
+    monkeypatch.setattr(serve, "serve", lambda app, sock, limits=None: None)
     monkeypatch.setattr(serve, "_describe_threshold", lambda meta: "")
     argv = ["--model", str(bundle), "--gallery", str(gallery), "--cache-dir", str(tmp_path / "cache")]
     with pytest.raises(UserError, match="2 image\\(s\\) cannot be used"):
