@@ -203,16 +203,19 @@ def test_a_dead_worker_is_one_line_not_a_hang(tmp_path):
 
     from helpers import subprocess_env
 
-    raw, out = photo_folder(tmp_path / "raw", 12), tmp_path / "aligned"
+    raw, out = photo_folder(tmp_path / "raw", 16), tmp_path / "aligned"
+    journal = out / ".facetrain-align" / "journal.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "facetrain.align", "--input", str(raw), "--output", str(out),
                              "--workers", "2", "--no-progress"], cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline, victim = time.monotonic() + 120, None
+        # once photos come back, each worker holds photos of its own: killing it loses them
         while victim is None and time.monotonic() < deadline and proc.poll() is None:
             workers = worker_pids(proc.pid)
-            victim = workers[0] if len(workers) == 2 else None
-            time.sleep(0.2)
+            started = journal.is_file() and journal.read_text().count("\n") >= 1
+            victim = workers[0] if len(workers) == 2 and started else None
+            time.sleep(0.1)
         assert victim is not None, "the align workers never started"
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=120)
