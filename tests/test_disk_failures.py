@@ -254,3 +254,17 @@ def test_align_crop_names_never_collide():
     names = output_names(["x/a.jpg", "x/a.png", "x/a.jpg.png", "y/a.jpg"])
     assert len(set(names.values())) == 4, names
     assert names["x/a.jpg.png"] == "x/a.jpg.png" and names["x/a.png"] == "x/a.png.png" and names["y/a.jpg"] == "y/a.png"
+
+
+# ----------------------------------------------------------------------------------------------- any command
+
+
+def test_a_refused_write_no_command_expected_is_one_line(tmp_path):
+    """train into an existing folder on a read-only disk: its first write (config.yaml) was a traceback;
+    `cli.run_cli` turns any write the disk refuses into one line naming the file."""
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = tiny_train_config(tmp_path, {"train": {"output_dir": str(out), "max_steps": 2}})
+    with read_only(out):
+        proc = run_train(["--config", cfg], check=False)
+        one_line_error(proc, str(out / "config.yaml"), "Read-only file system", "--debug")
