@@ -20,6 +20,7 @@ from pathlib import Path
 
 from facetrain.config.constants import MAX_IMAGE_PIXELS
 from facetrain.errors import PEER_LOST, UserError, one_line
+from facetrain.runtime.atomic_dir import REFUSED_ERRNOS
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -99,6 +100,12 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         print(f"facetrain: error: [rank {os.environ.get('RANK', '?')}] lost contact with another process, which "
               "failed or was stopped (read that process's own error)", file=sys.stderr, flush=True)
         sys.exit(1)
+    except OSError as err:  # a disk that is full or read-only where no command expected it: still one line
+        if debug or err.errno not in REFUSED_ERRNOS:
+            raise
+        print(f"facetrain: error: {err.filename or 'a file'}: {err.strerror}; free disk space or check the "
+              "permissions, then run again (--debug shows where)", file=sys.stderr, flush=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("facetrain: interrupted", file=sys.stderr)
         sys.exit(130)

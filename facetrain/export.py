@@ -11,7 +11,9 @@ outside, because ONNX's Resize is not PIL's: decoding, the face alignment the bu
 to H x W with PIL bilinear (`deploy.onnx_embedder.to_input_array`, identical to `data.transforms.eval_transform`).
 
 The file's metadata carries the facetrain version, backbone, embedding size, input size and layout, mean/std,
-the alignment recipe, and the calibrated threshold with its FAR (`deploy.onnx_embedder.META_FIELDS`). The export goes
+the alignment recipe, and the calibrated threshold with its FAR (`deploy.onnx_embedder.META_FIELDS`), and the
+bundle's provenance (training config, calibration) with local paths cut to their last component unless
+--keep-paths. The export goes
 through torch's exporter (`torch.onnx.export`, dynamo), is checked with `onnx.checker`, and is run once with
 onnxruntime against the PyTorch model before the file is written (cosine >= 0.9999 on a random batch).
 """
@@ -39,6 +41,9 @@ def build_parser():
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="put the flip test in the graph (default: as used when the bundle's threshold was "
                    "calibrated)")
+    p.add_argument("--keep-paths", action="store_true", help="keep the local paths of the training config and "
+                   "the calibration (data folders, run and weight files) in the file's metadata; by default only "
+                   "their last component is kept, so a shipped file does not say where the data lives")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
@@ -59,7 +64,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from facetrain.deploy.export import export  # imports torch: after the command line parsed (--help is quick)
 
-    print_result(export(args.model, args.output, args.opset, args.flip), args.json, describe)
+    print_result(export(args.model, args.output, args.opset, args.flip, args.keep_paths), args.json, describe)
     return 0
 
 

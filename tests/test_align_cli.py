@@ -164,3 +164,87 @@ def test_align_option_errors_name_the_option(tmp_path, argv, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
         run(args)
     assert not (tmp_path / "out").exists()  # nothing written before the options are checked
+
+
+def photo_folder(root: Path, copies: int) -> Path:
+    """<root>/<identity>/<photo>: `copies` small real one-face photos per identity, two identities."""
+    for name, src in (("obama", FACE_REC / "obama-480p.jpg"), ("biden", FACE_REC / "biden.jpg")):
+        (root / name).mkdir(parents=True)
+        img = small(src, 240)
+        for k in range(copies):
+            img.save(root / name / f"{k:02d}.jpg")
+    return root
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The multiprocessing workers among `parent`'s children, from /proc (Linux)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, IndexError, ValueError):  # gone, or still being created
+            continue
+        if ppid == parent and b"spawn_main" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@needs_detector
+@pytest.mark.slow
+def test_a_dead_worker_is_one_line_not_a_hang(tmp_path):
+    """A detection process killed (as the out-of-memory killer does) while the run goes on: today the parent
+    waits forever at 0 % CPU (multiprocessing.Pool never returns the dead worker's photos). Now the run stops
+    within a bounded time with one line saying that a re-run resumes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import subprocess_env
+
+    raw, out = photo_folder(tmp_path / "raw", 16), tmp_path / "aligned"
+    journal = out / ".facetrain-align" / "journal.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "facetrain.align", "--input", str(raw), "--output", str(out),
+                             "--workers", "2", "--no-progress"], cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, victim = time.monotonic() + 120, None
+        # once photos come back, each worker holds photos of its own: killing it loses them
+        while victim is None and time.monotonic() < deadline and proc.poll() is None:
+            workers = worker_pids(proc.pid)
+            started = journal.is_file() and journal.read_text().count("\n") >= 1
+            victim = workers[0] if len(workers) == 2 and started else None
+            time.sleep(0.1)
+        assert victim is not None, "the align workers never started"
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("facetrain.align still waits 120 s after a worker died")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, stderr[-3000:]
+    assert "a detection process died" in lines[0] and "run the same command again to resume" in lines[0]
+
+
+@needs_detector
+@pytest.mark.parametrize("disk", ["read_only", "full"])
+def test_align_onto_a_read_only_or_full_disk_is_one_line(tmp_path, disk):
+    """Today: a traceback (and on a full disk a .tmp crop left behind). The journal keeps what was done."""
+    from disks import read_only, small_disk
+
+    raw, out = photo_folder(tmp_path / "raw", 4), tmp_path / "aligned"
+    out.mkdir()
+    mount, reason = (read_only(out), "Read-only file system") if disk == "read_only" else \
+        (small_disk(out, 48), "No space left on device")  # 8 crops of ~20 KB do not fit in 48 KiB
+    with mount:
+        proc = run_module("facetrain.align", ["--input", raw, "--output", out, "--workers", "1", "--size", "112",
+                                              "--no-progress"], check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert reason in lines[0] and "a re-run of the same command resumes" in lines[0], lines[0]
+        assert not list(out.rglob("*.tmp"))

@@ -154,6 +154,24 @@ def test_export_metadata_checker_and_folded_batchnorm(trained, trained_onnx):
     assert [o.name for o in proto.graph.output] == ["embeddings"]
 
 
+def test_export_keeps_provenance_without_local_paths(trained, trained_onnx, tmp_path):
+    """The bundle's training config and calibration name local folders; the shipped file keeps their names
+    only (issue 26, item 7), unless --keep-paths."""
+    meta = read_bundle_meta(trained)
+    local = (str(ATT), str(trained.parent))
+    assert all(path in json.dumps(meta) for path in local)
+    props = {p.key: p.value for p in onnx.load(str(trained_onnx)).metadata_props}
+    assert not [path for path in local if path in json.dumps(props)]
+    bundle = json.loads(props["facetrain_bundle"])
+    assert bundle["config"]["data"]["root"] == ATT.name and bundle["config"]["train"]["output_dir"] == "run"
+    calibration = json.loads(props["threshold_calibration"])
+    assert calibration["data"] == ATT.name and calibration["tar"] == meta["threshold_calibration"]["tar"]
+    kept = tmp_path / "kept.onnx"
+    assert export_cli.main(["--model", str(trained), "--output", str(kept), "--keep-paths"]) == 0
+    props = {p.key: p.value for p in onnx.load(str(kept)).metadata_props}
+    assert json.loads(props["facetrain_bundle"])["config"]["data"]["root"] == str(ATT)
+
+
 def test_export_command_line_options_and_errors(trained, tmp_path, capsys):
     out = tmp_path / "no_flip.onnx"
     capsys.readouterr()

@@ -15,6 +15,7 @@ import os
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -22,12 +23,17 @@ from PIL import Image, UnidentifiedImageError
 
 from facetrain.alignment.detectors import require_detector
 from facetrain.alignment.recipe import MARKER_FILE, MARKER_FORMAT, align_image, recipe_of_folder
+from facetrain.data.faceset import check_utf8_names
 from facetrain.data.images import decode, is_image_file
 from facetrain.errors import UserError
+from facetrain.runtime.atomic_dir import DISK_ERRNOS, disk_error, write_atomic
 
 JOURNAL_DIR = ".facetrain-align"
 JOURNAL_FILE = "journal.jsonl"
 REPORT_FILE = "align.json"
+#: what to do when the output disk refuses a write (full, read-only): the journal keeps every finished photo
+WRITE_TODO = "free disk space or choose another --output; a re-run of the same command resumes"
+CHUNK = 4  # photos per task sent to a worker: few round trips, and a dead worker loses at most these
 
 # Report category -> (label in the table, what happened). A photo is in exactly one of the first group; the
 # second group annotates photos that were written (several_faces, far_from_template, converted) or other files.
@@ -56,12 +62,21 @@ NOTES = {
 
 
 def scan_input(root: Path, output: Path) -> tuple[list[str], list[str]]:
-    """(image files, other files) under root as sorted relative paths; dot folders and `output` are skipped."""
+    """(image files, other files) under root as sorted relative paths; dot folders and `output` are skipped.
+    Folders that are symbolic links are followed, as training's folder scan follows them (an identity linked
+    in from elsewhere is not left out), each real folder once (a link to an ancestor is no loop)."""
     images, others = [], []
     output = output.resolve()
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen = {Path(root).resolve()}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() != output)
+        keep = []
+        for d in sorted(dirnames):
+            real = (here / d).resolve()
+            if not d.startswith(".") and real != output and real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
@@ -72,13 +87,19 @@ def scan_input(root: Path, output: Path) -> tuple[list[str], list[str]]:
 
 def output_names(images: list[str]) -> dict[str, str]:
     """Source relative path -> crop relative path: `<stem>.png`, or `<name>.png` where two files of a folder
-    share a stem (a.jpg and a.png), so no crop overwrites another."""
+    share a stem (a.jpg and a.png); a name still taken (a.jpg.png beside a.jpg and a.png) gets `.<k>` before
+    `.png`. No crop overwrites another: each source has its own."""
     stems = Counter(str(Path(p).with_suffix("")) for p in images)
-    out = {}
-    for p in images:
+    out, taken = {}, set()
+    for p in sorted(images, key=lambda q: (stems[str(Path(q).with_suffix(""))] > 1, q)):  # plain stems first
         q = Path(p)
-        out[p] = str(q.with_suffix(".png")) if stems[str(q.with_suffix(""))] == 1 else str(q) + ".png"
-    return out
+        name = str(q.with_suffix(".png")) if stems[str(q.with_suffix(""))] == 1 else str(q) + ".png"
+        k = 1
+        while name in taken:
+            name, k = f"{q}.{k}.png", k + 1
+        taken.add(name)
+        out[p] = name
+    return {p: out[p] for p in images}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,12 +147,15 @@ def align_file(task: tuple[str, str, str, str, dict]) -> dict:
                template_error=None if res.template_error is None else round(res.template_error, 4),
                score=None if res.score is None else round(res.score, 4))
     if res.crop is not None:
-        Path(dst).parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst + ".tmp"
-        res.crop.save(tmp, format="PNG")
-        os.replace(tmp, dst)  # atomic: a crash never leaves a half-written crop that a re-run would skip
+        # atomic: a crash never leaves a half-written crop that a re-run would skip
+        write_atomic(dst, lambda tmp: _save_png(res.crop, tmp), WRITE_TODO)
         rec["out"] = out_rel
     return rec
+
+
+def _save_png(crop: Image.Image, tmp: Path) -> None:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    crop.save(tmp, format="PNG")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,15 +196,13 @@ def _check_marker(output: Path, recipe: dict, redo: bool) -> None:
 
 
 def _write_json_lines(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    write_atomic(path, lambda tmp: tmp.write_text(text), WRITE_TODO)
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2)
+    write_atomic(path, lambda tmp: tmp.write_text(text), WRITE_TODO)
 
 
 def build_report(records: dict[str, dict], others: list[str], recipe: dict, where: tuple[str, str], workers: int,
@@ -253,14 +275,21 @@ def align_folder(input: str | Path, output: str | Path, recipe: dict, workers: i
     root, out = Path(input), Path(output)
     _check_folders(root, out)
     images, others = scan_input(root, out)
+    # training would refuse the crops' names: say so before aligning anything
+    check_utf8_names([str(root / p) for p in images + others], root, "--input")
     if not images:
         raise UserError(f"--input: no image files under {root} (extensions: see facetrain.data.images)")
     require_detector(recipe["detector"])  # a missing package: its one line now, not in a worker process
 
-    out.mkdir(parents=True, exist_ok=True)
-    _check_marker(out, recipe, redo)
-    (out / JOURNAL_DIR).mkdir(exist_ok=True)
     journal = out / JOURNAL_DIR / JOURNAL_FILE
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_marker(out, recipe, redo)
+        journal.parent.mkdir(exist_ok=True)
+    except OSError as err:
+        if err.errno not in DISK_ERRNOS:
+            raise
+        raise disk_error(err, Path(err.filename or out), WRITE_TODO) from None
     previous = _read_journal(journal)
     written_before = {r["out"] for r in previous.values() if r.get("out")}
     if redo:
@@ -298,13 +327,24 @@ def _align_all(todo: list, records: dict, journal: Path, workers: int, threads: 
     console = Console(highlight=False, stderr=True)
     bar = Progress(TextColumn("[bold]align"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=console, transient=True, disable=not (progress and console.is_terminal))
-    with bar, open(journal, "a") as log:
+    try:
+        log = open(journal, "a")
+    except OSError as err:
+        if err.errno not in DISK_ERRNOS:
+            raise
+        raise disk_error(err, journal, WRITE_TODO) from None
+    with bar, log:
         task = bar.add_task("align", total=len(todo))
 
         def done(rec: dict) -> None:
             records[rec["src"]] = rec
-            log.write(json.dumps(rec) + "\n")
-            log.flush()  # each finished file is on disk at once: a crash loses at most the files in flight
+            try:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()  # each finished file is on disk at once: a crash loses at most the files in flight
+            except OSError as err:
+                if err.errno not in DISK_ERRNOS:
+                    raise
+                raise disk_error(err, journal, WRITE_TODO) from None
             bar.advance(task)
 
         if not todo:
@@ -315,10 +355,48 @@ def _align_all(todo: list, records: dict, journal: Path, workers: int, threads: 
                 for t in todo:
                     done(align_file(t))
             return
-        import multiprocessing as mp
+        _align_in_workers(todo, workers, threads, done)
 
-        # spawn: torch's thread pools do not survive fork safely; chunks of 4 keep the workers busy while
-        # the progress bar still moves
-        with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
-            for rec in pool.imap_unordered(align_file, todo, chunksize=4):
-                done(rec)
+
+def align_chunk(tasks: list[tuple]) -> list[dict]:
+    """`align_file` over a few photos (runs in a worker process)."""
+    return [align_file(t) for t in tasks]
+
+
+def _align_in_workers(todo: list, workers: int, threads: int, done: Callable[[dict], None]) -> None:
+    """Align `todo` in `workers` processes, `done(record)` for each photo as it finishes. A worker that dies
+    (the kernel's out-of-memory killer, a crash in native code) breaks the pool: one line, and the journal
+    keeps every photo finished before it, so a re-run resumes (a `multiprocessing.Pool` would wait forever
+    for the dead worker's photos)."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
+    # spawn: torch's thread pools do not survive fork safely
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                               initargs=(threads,))
+    finished_photos = 0
+    try:
+        pending, queued = set(), iter(chunks)
+        while True:
+            # two chunks per worker in flight: the workers stay busy, the finished ones are journaled at once
+            pending |= {pool.submit(align_chunk, c) for c in _take(queued, 2 * workers - len(pending))}
+            if not pending:
+                return
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                for rec in future.result():
+                    done(rec)
+                    finished_photos += 1
+    except BrokenProcessPool:
+        raise UserError(f"--workers: a detection process died (killed by the system, e.g. out of memory, or "
+                        f"crashed) with {len(todo) - finished_photos} of {len(todo)} photos left; the finished "
+                        "ones are in the journal: run the same command again to resume (fewer --workers use "
+                        "less memory)") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _take(items, n: int) -> list:
+    return [item for _, item in zip(range(max(0, n)), items, strict=False)]

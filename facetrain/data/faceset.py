@@ -10,6 +10,7 @@ with it. Nothing here imports torch (serve's gallery scan runs on the onnxruntim
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,27 @@ def scan_identity_folder(root: str | Path, key: str) -> tuple[list[str], np.ndar
     if not names:
         raise UserError(f"{key}: no identity folders with images in {root} "
                         f"(expected {root}/<identity>/<image> with one of {', '.join(IMAGE_EXTENSIONS)})")
+    check_utf8_names(paths, base, key)
     return paths, np.asarray(labels, dtype=np.int64), names
+
+
+def check_utf8_names(paths: list[str], root: Path, key: str) -> None:
+    """Every identity and file name under `root` is text: names the file system holds as other bytes (a
+    Latin-1 `é` on Linux) could not be written into reports, packs or bundles, nor printed. One line names each
+    such folder or file (as bytes) and says what to do."""
+    bad: dict[bytes, None] = {}  # ordered, without repeats: one entry per bad folder, not per file in it
+    for p in paths:
+        for part in Path(os.path.relpath(p, root)).parts:
+            try:
+                part.encode("utf-8")
+            except UnicodeEncodeError:
+                bad[os.fsencode(part)] = None
+                break
+    if bad:
+        names = [repr(b)[2:-1] for b in bad]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise UserError(f"{key}: {len(names)} folder or file name(s) under {root} are not valid UTF-8 ({shown}): "
+                        "rename them to UTF-8, e.g. with convmv -f latin1 -t utf-8 -r --notest")
 
 
 def folder_faceset(root: str) -> FaceSet:

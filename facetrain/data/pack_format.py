@@ -29,6 +29,7 @@ a folder, `faceset.packed_faceset` and `dataset.PackedBatches` read them for tra
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -132,7 +133,9 @@ def _layout(header: PackHeader) -> bytes:
 class PackWriter:
     """Writes a pack to `<path>.tmp` and renames it into place on `commit()` (a crash leaves no half pack).
 
-    `images` is a writable memory map (count, channels, size, size) uint8; slots may be filled from threads."""
+    `images` is a writable memory map (count, channels, size, size) uint8; slots may be filled from threads.
+    The file's whole size is reserved on disk first (`reserve`): a memory map over blocks the disk cannot
+    give kills the process with SIGBUS when a page is written, with no message and the `.tmp` left behind."""
 
     def __init__(self, path: str | Path, header: PackHeader):
         self.path = Path(path)
@@ -143,26 +146,45 @@ class PackWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.tmp, "wb") as fh:
                 fh.write(prefix)
-                fh.truncate(header.data_offset + header.data_bytes)
+                reserve(fh.fileno(), header.data_offset + header.data_bytes)
         except OSError as err:
-            raise UserError(f"--output: cannot write {self.tmp} ({err.strerror or err}); choose another --output "
-                            "or free disk space") from None
+            self.abort()  # no reserved-but-empty .tmp the size of the pack left behind
+            need = f", {(header.data_offset + header.data_bytes) / 2**20:,.1f} MiB needed" \
+                if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
+            raise UserError(f"--output: cannot write {self.tmp} ({err.strerror or err}{need}); choose another "
+                            "--output or free disk space") from None
         shape = (header.count, header.channels, header.size, header.size)
         self.images = np.memmap(self.tmp, dtype=np.uint8, mode="r+", offset=header.data_offset, shape=shape) \
             if header.count else np.zeros(shape, dtype=np.uint8)
 
     def commit(self) -> Path:
-        if isinstance(self.images, np.memmap):
-            self.images.flush()
-        del self.images
-        with open(self.tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self.tmp, self.path)
+        try:
+            if isinstance(self.images, np.memmap):
+                self.images.flush()
+            del self.images
+            with open(self.tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self.tmp, self.path)
+        except OSError as err:  # the caller's abort() removes the .tmp
+            raise UserError(f"--output: cannot write {self.path} ({err.strerror or err}); choose another --output "
+                            "or free disk space") from None
         return self.path
 
     def abort(self) -> None:
-        self.images = None
-        self.tmp.unlink(missing_ok=True)
+        self.images = None  # unmaps the file (the last reference)
+        try:
+            self.tmp.unlink(missing_ok=True)
+        except OSError:  # a disk that went read-only: nothing more can be done about the leftover
+            pass
+
+
+def reserve(fd: int, size: int) -> None:
+    """Extend the open file `fd` to `size` bytes with its blocks allocated now, so that a full disk is an
+    OSError(ENOSPC) here, not a SIGBUS inside a memory map later. Where the system has no posix_fallocate
+    (macOS, Windows) the file is only extended."""
+    if hasattr(os, "posix_fallocate") and size > 0:
+        os.posix_fallocate(fd, 0, size)
+    os.ftruncate(fd, size)
 
 
 def read_header(path: str | Path, key: str = "data.root") -> PackHeader:

@@ -54,7 +54,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from facetrain.data.faceset import FaceSet
+from facetrain.data.faceset import FaceSet, check_utf8_names
 from facetrain.data.images import IMAGE_EXTENSIONS, open_image
 from facetrain.errors import UserError
 
@@ -271,6 +271,7 @@ def scan(root: str | Path, max_image_pixels: int, console: Console | None = None
             else:
                 others.append(str(f))
     todo = [p for files in images.values() for p in files] + others
+    check_utf8_names(todo, base, "data.root")  # before any report holds a name it could not write
     results = _check_all(todo, max_image_pixels, console, progress, threads)
 
     report = PreflightReport(str(root), max_image_pixels)

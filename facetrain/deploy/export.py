@@ -11,7 +11,6 @@ imports it only to serve a bundle, which it exports first.
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,8 +22,9 @@ import torch.nn.functional as F
 from facetrain.deploy.onnx_embedder import INPUT_NAME, OUTPUT_NAME, encode_metadata, import_onnxruntime
 from facetrain.errors import INSTALL, UserError
 from facetrain.model.bundle import load_bundle
-from facetrain.model.files import EXPORT_FILE, resolve_model_path
+from facetrain.model.files import EXPORT_FILE, resolve_model_path, without_local_paths
 from facetrain.model.network import fold_batchnorm
+from facetrain.runtime.atomic_dir import write_atomic
 
 #: Smallest cosine between the PyTorch and onnxruntime embeddings of the export's self-check.
 MIN_COSINE = 0.9999
@@ -104,6 +104,8 @@ def _output_path(bundle: Path, output: str | Path) -> Path:
         raise UserError(f"--output: {out} must end in .onnx")
     if not out.parent.is_dir():
         raise UserError(f"--output: folder not found: {out.parent}")
+    if out.is_dir():
+        raise UserError(f"--output: {out} is a folder; give the file to write, e.g. {out / EXPORT_FILE}")
     return out
 
 
@@ -192,15 +194,20 @@ def _self_check(ort, data: bytes, reference: ExportGraph, size: int, backbone: s
 
 
 def export(model_path: str | Path, output: str | Path = "", opset: int | None = None,
-           flip: bool | None = None) -> dict:
+           flip: bool | None = None, keep_paths: bool = False) -> dict:
     """Export a bundle (flip None: the flip test as the bundle's threshold was calibrated); returns what was
-    written (the summary `facetrain.export --json` prints)."""
+    written (the summary `facetrain.export --json` prints). keep_paths: the metadata keeps the local paths of
+    the training config and the calibration (data folders, output and weight files); by default they are cut
+    to their last component (`model.files.without_local_paths`), so a shipped file does not tell where the
+    data lives."""
     onnx = _require_onnx()
     ort = import_onnxruntime()
     _check_opset(opset)
     path = resolve_model_path(model_path)
     out = _output_path(path, output)
     model, pre, meta = load_bundle(path)
+    if not keep_paths:
+        meta = without_local_paths(meta)
     if flip is None:
         flip = bool((meta.get("threshold_calibration") or {}).get("flip", False))
     folded = fold_batchnorm(model, pre.image_size)
@@ -210,9 +217,7 @@ def export(model_path: str | Path, output: str | Path = "", opset: int | None = 
     _annotate_and_check(onnx, proto, meta, fields)
     data = proto.SerializeToString()
     cosine = _self_check(ort, data, export_graph(model, pre, flip), pre.image_size, backbone)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    write_atomic(out, lambda tmp: tmp.write_bytes(data), "free disk space or choose another --output")
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
     return {"output": str(out), "model": str(path), "opset": opsets.get("ai.onnx"), "bytes": len(data),
             "self_check_min_cosine": cosine, **{k: fields[k] for k in ("backbone", "embedding_dim", "input_size",

@@ -32,7 +32,8 @@ from facetrain.alignment.check import AlignmentFailed, check_alignment, is_align
 from facetrain.alignment.recipe import align_image
 from facetrain.data.images import Preprocess, load_image
 from facetrain.errors import INSTALL, UserError
-from facetrain.model.files import resolve_onnx_path
+from facetrain.model.files import check_meta, resolve_onnx_path, without_local_paths
+from facetrain.runtime.atomic_dir import write_atomic
 
 INPUT_NAME = "images"  # (N, H, W, 3) uint8 RGB, N dynamic
 OUTPUT_NAME = "embeddings"  # (N, D) float32, L2-normalised
@@ -44,6 +45,8 @@ META_BUNDLE = "facetrain_bundle"
 META_FIELDS = ("facetrain_version", "backbone", "embedding_dim", "input_size", "input_layout", "mean", "std",
                "flip_test", "batchnorm_folded", "alignment", "threshold", "threshold_far", "threshold_calibration")
 CALIBRATION_FIELDS = ("threshold", "threshold_far", "threshold_calibration")
+TOP_FIELDS = (*CALIBRATION_FIELDS, "alignment")  # decoded to the top of the metadata, as in a bundle
+EXPORT_AGAIN = "export the bundle again (python -m facetrain.export) instead of editing the file"
 
 
 def import_onnxruntime():
@@ -54,26 +57,73 @@ def import_onnxruntime():
     return onnxruntime
 
 
+def _props_key(keys: tuple[str, ...]) -> str:
+    """How an exported file stores a metadata key: the deployment fields at the top, the rest in META_BUNDLE."""
+    return keys[0] if keys[0] in TOP_FIELDS else ".".join((META_BUNDLE, *keys))
+
+
+def _json_prop(props: dict[str, str], key: str, path: Path):
+    try:
+        return json.loads(props[key])
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: metadata {key} is not valid JSON ({err}); {EXPORT_AGAIN}") from None
+
+
 def decode_metadata(props: dict[str, str], path: Path) -> dict:
     """Metadata strings of an exported file -> a dict shaped like a bundle's `facetrain.json` (model,
-    preprocess, threshold, threshold_far, threshold_calibration, alignment, ...)."""
+    preprocess, threshold, threshold_far, threshold_calibration, alignment, ...), its types and ranges checked
+    (`model.files.check_meta`): a hand-edited or damaged file is one line naming the key."""
     if META_BUNDLE not in props:
         raise UserError(f"{path}: not exported by facetrain.export (metadata key {META_BUNDLE!r} missing); "
                         "export the bundle with `python -m facetrain.export --model <bundle>`")
-    try:
-        meta = json.loads(props[META_BUNDLE])
-        fields = {k: json.loads(props[k]) for k in META_FIELDS if k in props}
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: corrupt facetrain metadata ({err}); export the bundle again") from None
-    meta.update({k: v for k, v in fields.items() if k in CALIBRATION_FIELDS or k == "alignment"})
-    meta["export"] = {k: v for k, v in fields.items() if k not in CALIBRATION_FIELDS and k != "alignment"}
+    meta = _json_prop(props, META_BUNDLE, path)
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: metadata {META_BUNDLE} is a JSON {type(meta).__name__}, not an object; "
+                        f"{EXPORT_AGAIN}")
+    fields = {k: _json_prop(props, k, path) for k in META_FIELDS if k in props}
+    meta.update({k: v for k, v in fields.items() if k in TOP_FIELDS})
+    meta["export"] = {k: v for k, v in fields.items() if k not in TOP_FIELDS}
+    check_meta(meta, path, _props_key, EXPORT_AGAIN)
+    if not isinstance(meta["export"].get("flip_test", False), bool):
+        raise UserError(f"{path}: metadata flip_test is {meta['export']['flip_test']!r}, expected true or false; "
+                        f"{EXPORT_AGAIN}")
     meta["path"] = str(path)
     return meta
 
 
+def check_graph(session, meta: dict, path: Path) -> None:
+    """The graph's input and output agree with the metadata: N x S x S x 3 uint8 in, S the image size the
+    images are resized to; N x D out, D the embedding size. A disagreement would fail on every request."""
+    size, dim = meta["preprocess"]["image_size"], meta["model"]["embedding_dim"]
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+        raise UserError(f"{path}: the graph has inputs {sorted(inputs)} and outputs {sorted(outputs)}, not "
+                        f"{INPUT_NAME!r} and {OUTPUT_NAME!r}; {EXPORT_AGAIN}")
+    shape, kind = list(inputs[INPUT_NAME].shape), inputs[INPUT_NAME].type
+    if kind != "tensor(uint8)" or not _dims_match(shape, [None, size, size, 3]):
+        raise UserError(f"{path}: the graph's input {INPUT_NAME} is {kind} {shape}, but the metadata "
+                        f"{_props_key(('preprocess', 'image_size'))} says N x {size} x {size} x 3 uint8; "
+                        f"{EXPORT_AGAIN}")
+    stated = meta["export"].get("input_size", size)
+    if stated != size:
+        raise UserError(f"{path}: metadata input_size is {stated!r} but "
+                        f"{_props_key(('preprocess', 'image_size'))} is {size}; {EXPORT_AGAIN}")
+    out = list(outputs[OUTPUT_NAME].shape)
+    if not _dims_match(out, [None, dim]):
+        raise UserError(f"{path}: the graph's output {OUTPUT_NAME} is {out}, but the metadata "
+                        f"{_props_key(('model', 'embedding_dim'))} says N x {dim}; {EXPORT_AGAIN}")
+
+
+def _dims_match(shape: list, want: list) -> bool:
+    """Static dims equal `want`'s (None: any); symbolic dims (strings, None) match anything."""
+    return len(shape) == len(want) and all(w is None or not isinstance(d, int) or d == w
+                                           for d, w in zip(shape, want, strict=True))
+
+
 def encode_metadata(meta: dict, fields: dict) -> dict[str, str]:
     """The inverse of `decode_metadata`: bundle metadata (without the deployment fields) + those fields."""
-    bundle = {k: v for k, v in meta.items() if k not in (*CALIBRATION_FIELDS, "alignment", "path", "export")}
+    bundle = {k: v for k, v in meta.items() if k not in (*TOP_FIELDS, "path", "export")}
     props = {META_BUNDLE: json.dumps(bundle)}
     props.update({k: json.dumps(fields[k]) for k in META_FIELDS if k in fields})
     return props
@@ -92,13 +142,11 @@ def update_metadata(path: str | Path, **fields) -> None:
     path = Path(path)
     proto = onnx.load(str(path))
     props = {p.key: p.value for p in proto.metadata_props}
-    props.update({k: json.dumps(v) for k, v in fields.items()})
+    props.update({k: json.dumps(v) for k, v in without_local_paths(fields).items()})  # a file that travels
     del proto.metadata_props[:]
     for key, value in props.items():
         proto.metadata_props.add(key=key, value=value)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: onnx.save(proto, str(tmp)), "make the model file's folder writable")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,6 +220,7 @@ class OnnxEmbedder:
             raise UserError(f"{path}: onnxruntime cannot load this file ({type(err).__name__}: {first}); export "
                             "the bundle again") from None
         meta = decode_metadata(session.get_modelmeta().custom_metadata_map, path)
+        check_graph(session, meta, path)
         graph_flip = bool(meta["export"].get("flip_test", False))
         if flip is not None and bool(flip) != graph_flip:
             have = "with" if graph_flip else "without"

@@ -35,8 +35,16 @@ from facetrain.evaluation.figures import make_figures
 from facetrain.evaluation.metrics import far_needed, verification_metrics
 from facetrain.evaluation.options import EvalOptions
 from facetrain.evaluation.protocols import PROTOCOLS, calibration_far, preflight_plan
-from facetrain.evaluation.report import alignment_summary, default_output_dir, log_tensorboard, print_report, write_json
+from facetrain.evaluation.report import (
+    WRITE_TODO,
+    alignment_summary,
+    default_output_dir,
+    log_tensorboard,
+    print_report,
+    write_json,
+)
 from facetrain.model.files import META_FILE, is_onnx_file, resolve_model_path, update_bundle_meta
+from facetrain.runtime.atomic_dir import write_atomic
 
 
 def update_model_meta(path: Path, **fields) -> None:
@@ -63,6 +71,8 @@ def run(opts: EvalOptions) -> dict | None:
     flip = opts.flip if opts.backend == "torch" else (opts.flip or None)
     embedder = load_embedder(opts.backend, model_path, opts.batch_size, opts.num_workers, flip,
                              opts.mixed_precision, opts.fold_batchnorm, aligned=opts.aligned)
+    # rank 0 writes the report: its folder must take files before the (long) evaluation, not after it
+    out = _start_output(opts, model_path) if embedder.is_main else None
     align = not embedder.aligned_folder(opts.data, "--data")  # crops of facetrain.align with the bundle's recipe
     half_aligned = incomplete_alignment(opts.data) if embedder.is_main else None
     if half_aligned:
@@ -83,8 +93,6 @@ def run(opts: EvalOptions) -> dict | None:
     score_s = time.perf_counter() - t0
     threshold = metrics.get("threshold_at_target_far")
 
-    out = Path(opts.output) if opts.output else default_output_dir(model_path, opts.data)
-    out.mkdir(parents=True, exist_ok=True)
     if far is None:
         note = f"no threshold written: {far_source}"
     elif threshold is None:
@@ -119,31 +127,71 @@ def run(opts: EvalOptions) -> dict | None:
         "skipped_images": skipped,  # refused by the pre-flight check under --bad-images skip
     }
 
+    report["timing_s"]["total"] = round(time.perf_counter() - started, 3)
+    # the results first, then the model's metadata: a model that cannot take the threshold loses nothing else;
+    # until it took it, metrics.json says it did not (a kill in between leaves no false claim)
+    calibrate, report["calibration"]["written_to_bundle"] = report["calibration"]["written_to_bundle"], False
+    _write_results(out, report, opts, (roc, metrics, threshold, far), emb, plan, embedder)
+    if calibrate:
+        _calibrate(model_path, report, out, {
+            "far_source": far_source, "tar": metrics.get("tar_at_target_far"), "protocol": protocol.name,
+            "data": str(Path(opts.data).resolve()), "n_impostor": roc.n_impostor, "n_genuine": roc.n_genuine,
+            "flip": embedder.flip, "eval_dir": str(out.resolve()), "date": datetime.now().isoformat(timespec="seconds"),
+        })
+    print_report(report)
+    return report
+
+
+def _start_output(opts: EvalOptions, model_path: Path) -> Path:
+    """The report's folder, created with the command line in it (`args.json`) before anything is embedded:
+    a folder that takes no files (read-only, full) is one line now, not after the whole evaluation."""
+    out = Path(opts.output) if opts.output else default_output_dir(model_path, opts.data)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--output: cannot create {out} ({err.strerror or err}); {WRITE_TODO}") from None
+    write_json(out / "args.json", {**dataclasses.asdict(opts), "command": [sys.executable, "-m", "facetrain.eval",
+                                                                         *opts.argv]})
+    return out
+
+
+def _write_results(out: Path, report: dict, opts: EvalOptions, scored: tuple, emb, plan, embedder) -> None:
+    """metrics.json, then the plots, the embeddings and the TensorBoard scalars (`scored`: roc, metrics,
+    threshold, far)."""
+    roc, metrics, threshold, far = scored
+    write_json(out / "metrics.json", report)
     roc_fig = None
     if opts.plots or opts.tensorboard:
         figures = make_figures(roc, metrics, threshold, far)
         roc_fig = figures["roc.png"]
         if opts.plots:
             for name, fig in figures.items():
-                fig.savefig(out / name)
+                write_atomic(out / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png"), WRITE_TODO)
     if opts.save_embeddings:
         from safetensors.torch import save_file
 
         tensors = {"embeddings": emb.contiguous()}
         if plan.labels is not None:
             tensors["labels"] = torch.as_tensor(plan.labels)
-        save_file(tensors, str(out / "embeddings.safetensors"), metadata={"files": json.dumps(plan.paths)})
+        write_atomic(out / "embeddings.safetensors", lambda tmp: save_file(
+            tensors, str(tmp), metadata={"files": json.dumps(plan.paths)}), WRITE_TODO)
     if opts.tensorboard:
         log_tensorboard(opts.tensorboard, report, roc_fig, int(embedder.meta.get("step") or 0))
-    if report["calibration"]["written_to_bundle"]:
-        update_model_meta(model_path, threshold=threshold, threshold_far=far, threshold_calibration={
-            "far_source": far_source, "tar": metrics.get("tar_at_target_far"), "protocol": protocol.name,
-            "data": str(Path(opts.data).resolve()), "n_impostor": roc.n_impostor, "n_genuine": roc.n_genuine,
-            "flip": embedder.flip, "eval_dir": str(out.resolve()), "date": datetime.now().isoformat(timespec="seconds"),
-        })
-    report["timing_s"]["total"] = round(time.perf_counter() - started, 3)
+
+
+def _calibrate(model_path: Path, report: dict, out: Path, calibration: dict) -> None:
+    """The threshold into the model's metadata. Refused (a read-only model): metrics.json says so, and one
+    line says where the figures are."""
+    cal = report["calibration"]
+    try:
+        update_model_meta(model_path, threshold=cal["threshold"], threshold_far=cal["far"],
+                          threshold_calibration=calibration)
+    except UserError as err:
+        cal.update(written_to_bundle=False, note=f"threshold NOT written: {err}")
+        write_json(out / "metrics.json", report)
+        print_report(report)
+        raise UserError(f"{err}; the evaluation's figures were written to {out / 'metrics.json'}, the threshold "
+                        f"{cal['threshold']:.6f} (FAR {cal['far']:.0e}) was not: make the model writable and run "
+                        "again, or pass --no-calibrate") from None
+    cal["written_to_bundle"] = True
     write_json(out / "metrics.json", report)
-    write_json(out / "args.json", {**dataclasses.asdict(opts), "command": [sys.executable, "-m", "facetrain.eval",
-                                                                         *opts.argv]})
-    print_report(report)
-    return report

@@ -5,7 +5,6 @@ output folder, the alignment summary and the TensorBoard scalars and figure.
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +13,9 @@ import numpy as np
 
 from facetrain.config.constants import DEFAULT_TARGET_FARS
 from facetrain.evaluation.metrics import far_needed
+from facetrain.runtime.atomic_dir import write_atomic
+
+WRITE_TODO = "free disk space, or pass --output DIR on a writable disk"
 
 if TYPE_CHECKING:
     from facetrain.evaluation.embedding import Embedder
@@ -104,9 +106,9 @@ def _json_default(value: Any):
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
+    """`data` as JSON into `path`, atomically; a refused write is one line naming the file."""
+    text = json.dumps(data, indent=2, default=_json_default)
+    write_atomic(path, lambda tmp: tmp.write_text(text), WRITE_TODO)
 
 
 def log_tensorboard(log_dir: str, report: dict, roc_fig, step: int) -> None:

@@ -9,16 +9,21 @@ verifier accept either. `facetrain.export` turns a bundle into one `.onnx` file 
 training run directory (its best model, `<run>/bundle`), or with backend "onnxruntime" an exported `.onnx`
 file. The weights themselves are read and written by `model.bundle` (PyTorch); the service and the command
 line use this module without it.
+
+`check_meta` validates the metadata a model is used with (types, ranges, required keys): a hand-edited or
+damaged `facetrain.json` or ONNX metadata is one line naming the file and the key, before anything is served
+or computed with it. `without_local_paths` is what an export keeps of the training provenance.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 from facetrain.errors import UserError
-from facetrain.runtime.atomic_dir import recover_dir
+from facetrain.runtime.atomic_dir import recover_dir, write_atomic
 
 BUNDLE_FORMAT = "facetrain-bundle"
 BUNDLE_VERSION = 1
@@ -83,16 +88,104 @@ def read_bundle_meta(path: str | Path) -> dict:
         raise UserError(f"{meta_path}: not a facetrain bundle (format tag missing)")
     if meta.get("version", 0) > BUNDLE_VERSION:
         raise UserError(f"{meta_path}: bundle version {meta['version']} is newer than this facetrain; upgrade")
+    check_meta(meta, meta_path, ".".join, "restore the file the run wrote (python -m facetrain.eval writes the "
+               "threshold)")
     meta["path"] = str(path)
     return meta
 
 
 def update_bundle_meta(path: str | Path, **fields) -> None:
-    """Merge fields (e.g. the calibrated threshold) into a bundle's metadata, atomically."""
+    """Merge fields (e.g. the calibrated threshold) into a bundle's metadata, atomically (a refused write is
+    one line; the bundle keeps its old metadata)."""
     meta = read_bundle_meta(path)
     meta.pop("path", None)
     meta.update(fields)
-    target = Path(path) / META_FILE
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, target)
+    text = json.dumps(meta, indent=2)
+    write_atomic(Path(path) / META_FILE, lambda tmp: tmp.write_text(text), "make the model folder writable")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking metadata before it is used
+
+_MISSING = object()
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _channel_list(positive: bool) -> Callable[[object], bool]:
+    """Per-channel mean or std: 1 or 3 finite numbers (std > 0: the graph divides by it)."""
+    return lambda v: (isinstance(v, list) and len(v) in (1, 3) and all(_number(x) for x in v)
+                      and (not positive or all(x > 0 for x in v)))
+
+
+def _optional(test: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda v: v is None or v is _MISSING or test(v)
+
+
+# (keys from the top of the metadata, test, what the value must be). The decision threshold is a cosine
+# similarity, so it lies in [-1, 1]; a FAR is a rate in (0, 1]. A NaN threshold would answer "different
+# people" to every pair, silently: refused here.
+META_CHECKS: tuple[tuple[tuple[str, ...], Callable[[object], bool], str], ...] = (
+    (("model", "backbone"), lambda v: isinstance(v, str) and bool(v), "a backbone name"),
+    (("model", "embedding_dim"), _positive_int, "a positive integer"),
+    (("preprocess", "image_size"), _positive_int, "a positive integer (pixels)"),
+    (("preprocess", "mean"), _channel_list(False), "a list of 1 or 3 finite numbers"),
+    (("preprocess", "std"), _channel_list(True), "a list of 1 or 3 finite numbers > 0"),
+    (("threshold",), _optional(lambda v: _number(v) and -1 <= v <= 1), "null or a number in [-1, 1]"),
+    (("threshold_far",), _optional(lambda v: _number(v) and 0 < v <= 1), "null or a number in (0, 1]"),
+    (("threshold_calibration",), _optional(lambda v: isinstance(v, dict)), "null or a JSON object"),
+    (("alignment",), _optional(lambda v: isinstance(v, dict)), "null or a JSON object (a facetrain.align recipe)"),
+)
+
+
+def _lookup(meta: dict, keys: tuple[str, ...]):
+    value = meta
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return _MISSING
+        value = value[key]
+    return value
+
+
+def _shown(value) -> str:
+    if value is _MISSING:
+        return "missing"
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_meta(meta: dict, path: str | Path, key_name: Callable[[tuple[str, ...]], str], fix: str) -> None:
+    """Every `META_CHECKS` entry of a model's metadata, or a one-line error naming the file and the key
+    (`key_name` spells a key as the file stores it) and `fix` (what to do)."""
+    for keys, test, expected in META_CHECKS:
+        value = _lookup(meta, keys)
+        if not test(value):
+            raise UserError(f"{path}: metadata {key_name(keys)} is {_shown(value)}, expected {expected}; {fix}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Provenance without local paths
+
+# Metadata values that are paths on the machine that trained or calibrated the model. An export keeps their
+# last component (the data set's folder name, the run's name), not where they lived.
+LOCAL_PATH_KEYS = (("config", "data", "root"), ("config", "model", "pretrained_file"),
+                   ("config", "train", "output_dir"), ("config", "train", "resume"),
+                   ("threshold_calibration", "data"), ("threshold_calibration", "eval_dir"))
+
+
+def without_local_paths(meta: dict) -> dict:
+    """A copy of a bundle's metadata with every `LOCAL_PATH_KEYS` value cut to its last path component."""
+    meta = json.loads(json.dumps(meta))
+    meta.pop("path", None)
+    for keys in LOCAL_PATH_KEYS:
+        parent = _lookup(meta, keys[:-1])
+        value = parent.get(keys[-1]) if isinstance(parent, dict) else None
+        if isinstance(value, str) and ("/" in value or "\\" in value):
+            parent[keys[-1]] = Path(value.replace("\\", "/")).name
+    return meta
