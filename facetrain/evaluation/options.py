@@ -16,8 +16,9 @@ class EvalOptions:
     """Everything `facetrain.eval` accepts (facetrain/eval.py maps the command line onto this)."""
 
     model: str
-    data: str
+    data: str = ""
     pairs: str = ""
+    benchmarks: str = ""
     output: str = ""
     target_far: float | None = None
     calibrate: bool = True
@@ -38,6 +39,11 @@ class EvalOptions:
     argv: list[str] = field(default_factory=list)
 
     def check(self) -> None:
+        if bool(self.data) == bool(self.benchmarks):
+            raise UserError("--data or --benchmarks: give exactly one (a held-out folder, or the folder of "
+                            "insightface's lfw.bin, cfp_fp.bin, ... files)")
+        if self.benchmarks and self.pairs:
+            raise UserError("--pairs: goes with --data (the images it lists), not with --benchmarks")
         if self.target_far is not None and not 0.0 < self.target_far < 1.0:
             raise UserError(f"--target-far: must be in (0, 1), e.g. 1e-3; got {self.target_far}")
         if self.batch_size < 1:

@@ -1,0 +1,168 @@
+"""insightface `.bin` verification files: the safe reader and `facetrain.eval --benchmarks` end to end.
+
+The files are written here (two tiny sets of synthetic faces, JPEG-encoded as insightface stores them); the model
+is a random-weight `test_efficientnet` bundle (tests/test_evaluate.py's `make_bundle`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_evaluate import _fresh_accelerate_state, cli_error, eval_main, make_bundle  # noqa: F401 (fixture)
+
+from facetrain.data.synthetic import render
+from facetrain.errors import UserError
+from facetrain.evaluation.benchmarks import read_bin, standard_folds, write_bin
+from facetrain.evaluation.metrics import kfold_accuracy
+
+
+def jpeg(ident: int, index: int, size: int = 112) -> bytes:
+    buf = io.BytesIO()
+    render(0, ident, index).resize((size, size)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def tiny_set(n_pairs: int = 20, seed: int = 0) -> tuple[list[bytes], list[bool]]:
+    """Alternating genuine / impostor pairs of 6 synthetic people (every fold of 10 gets both kinds)."""
+    images, issame = [], []
+    for k in range(n_pairs):
+        same = k % 2 == 0
+        a = (k + seed) % 6
+        b = a if same else (a + 1 + k % 5) % 6
+        images += [jpeg(a, 2 * k), jpeg(b, 2 * k + 1)]
+        issame.append(same)
+    return images, issame
+
+
+def python2_pickle(images: list[bytes], issame: list[bool]) -> bytes:
+    """(images, issame) as Python 2's pickle (protocol 2) wrote insightface's files: images as BINSTRING."""
+    out = [b"\x80\x02", b"("]
+    out += [b"T" + struct.pack("<i", len(x)) + x for x in images]
+    out += [b"l", b"("]
+    out += [b"\x88" if s else b"\x89" for s in issame]
+    out += [b"l", b"\x86", b"."]
+    return b"".join(out)
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+# -------------------------------------------------------------------------------------------- the reader
+
+
+@pytest.mark.parametrize("writer", ["write_bin", "protocol4", "python2"])
+def test_bin_round_trips(tmp_path, writer):
+    images, issame = tiny_set(6)
+    path = tmp_path / "lfw.bin"
+    if writer == "write_bin":  # protocol 2 from Python 3: bytes go through _codecs.encode
+        write_bin(path, images, issame)
+    elif writer == "protocol4":
+        path.write_bytes(pickle.dumps((images, issame), protocol=4))
+    else:
+        path.write_bytes(python2_pickle(images, issame))
+        assert pickle.loads(path.read_bytes(), encoding="bytes") == (images, issame)  # the hand-made stream is valid
+    bench = read_bin(path, "LFW")
+    assert bench.images == images and bench.issame.tolist() == issame and bench.n_pairs == 6
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "lfw.bin"
+    path.write_bytes(pickle.dumps(([b"x", b"y"], [True], _RunsCode(marker)), protocol=2))
+    pickle.loads(path.read_bytes())  # the file really runs code when loaded with pickle...
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(UserError, match=r"lfw\.bin: not an insightface verification file .*(posix|os)\.system"):
+        read_bin(path)  # ...and not with read_bin
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload, why", [
+    ((["not bytes", b"y"], [True]), "not a list of encoded image bytes"),
+    (([b"x", b"y"], [1]), "issame is not a list of booleans"),
+    (([b"x", b"y", b"z"], [True]), "3 images for 1 pairs"),
+    ({"bins": []}, "expected a pair"),
+])
+def test_wrong_shapes_are_one_line_errors(tmp_path, payload, why):
+    path = tmp_path / "calfw.bin"
+    path.write_bytes(pickle.dumps(payload, protocol=4))
+    with pytest.raises(UserError, match=why):
+        read_bin(path)
+
+
+def test_protocol2_bytes_constructor_only_for_latin1(tmp_path):
+    path = tmp_path / "x.bin"  # _codecs.encode with another codec: refused (only the exact call pickle writes)
+    path.write_bytes(b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00utf_8\x86R.")
+    with pytest.raises(UserError, match="_codecs.encode"):
+        read_bin(path)
+
+
+def test_standard_folds_are_ten_consecutive_blocks():
+    folds = standard_folds(6000)
+    assert folds[0] == 0 and folds[599] == 0 and folds[600] == 1 and folds[-1] == 9
+    assert np.bincount(folds).tolist() == [600] * 10
+
+
+# ------------------------------------------------------------------------------------ facetrain.eval
+
+
+def test_eval_benchmarks_table_and_metrics_json(tmp_path, capsys):
+    bundle = make_bundle(tmp_path / "run" / "bundle")
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    for name, seed in (("lfw.bin", 0), ("cplfw.bin", 3)):
+        write_bin(bins / name, *tiny_set(20, seed))
+    before = (bundle / "facetrain.json").read_text()
+    out = tmp_path / "eval"
+    assert eval_main("--model", bundle, "--benchmarks", bins, "--output", out, "--num-workers", 0) == 0
+    printed = capsys.readouterr().out
+    assert "LFW" in printed and "CPLFW" in printed and "CFP-FP" not in printed and " ± " in printed
+    report = json.loads((out / "metrics.json").read_text())
+    assert list(report["sets"]) == ["LFW", "CPLFW"]
+    lfw = report["sets"]["LFW"]
+    assert lfw["n_pairs"] == 20 and lfw["n_genuine"] == 10 and len(lfw["kfold"]["fold_accuracies"]) == 10
+    # the same figures from the decoded images written as files and embedded on their own: pairs (2i, 2i+1),
+    # ten consecutive folds
+    from facetrain.evaluation.embedding import Embedder
+    from facetrain.evaluation.scoring import pair_scores
+
+    images, issame = tiny_set(20, 0)
+    files = [str(tmp_path / f"{i}.png") for i in range(len(images))]
+    for data, file in zip(images, files, strict=True):
+        Image.open(io.BytesIO(data)).save(file)
+    emb = Embedder.load(bundle, num_workers=0).embed(files, align=False)
+    expected = kfold_accuracy(pair_scores(emb[0::2], emb[1::2]), np.array(issame), standard_folds(20))
+    assert lfw["kfold"]["fold_accuracies"] == pytest.approx(expected["fold_accuracies"])
+    assert lfw["kfold"]["fold_thresholds"] == pytest.approx(expected["fold_thresholds"], abs=1e-6)
+    assert (bundle / "facetrain.json").read_text() == before  # never calibrated on a benchmark
+
+
+def test_eval_benchmarks_errors(tmp_path, capsys):
+    bundle = make_bundle(tmp_path / "run" / "bundle")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "holds none of lfw.bin" in cli_error(eval_main_cli, ["--model", bundle, "--benchmarks", empty], capsys)
+    assert "give exactly one" in cli_error(eval_main_cli, ["--model", bundle], capsys)
+    marker = tmp_path / "pwned"
+    (empty / "agedb_30.bin").write_bytes(pickle.dumps(_RunsCode(marker)))
+    err = cli_error(eval_main_cli, ["--model", bundle, "--benchmarks", empty], capsys)
+    assert "agedb_30.bin: not an insightface verification file" in err and not marker.exists()
+
+
+def eval_main_cli(argv: list[str]) -> int:
+    from facetrain import eval as eval_cli
+
+    return eval_cli.main(argv)
