@@ -166,3 +166,51 @@ def eval_main_cli(argv: list[str]) -> int:
     from facetrain import eval as eval_cli
 
     return eval_cli.main(argv)
+
+
+# ----------------------------------------------------------------------------- CALFW / CPLFW pairs lists
+
+
+def calfw_folder(tmp_path: Path, n_pairs: int = 20) -> tuple[Path, Path]:
+    """A flat folder of aligned images and its pairs list: lines 2i and 2i+1 are pair i, label 0 = impostor."""
+    images = tmp_path / "aligned images"
+    images.mkdir()
+    lines = []
+    data, issame = tiny_set(n_pairs)
+    for k, same in enumerate(issame):
+        for j in range(2):
+            name = f"Person_{k:02d}_{j + 1:04d}.jpg"
+            (images / name).write_bytes(data[2 * k + j])
+            lines.append(f"{name} {k + 1 if same else 0}")
+    pairs = tmp_path / "pairs_CALFW.txt"
+    pairs.write_text("\n".join(lines) + "\n")
+    return images, pairs
+
+
+def test_calfw_pairs_list_parses_and_evaluates(tmp_path, capsys):
+    from facetrain.evaluation.pairfile import read_pairs
+
+    images, pairs = calfw_folder(tmp_path)
+    specs = read_pairs(pairs, images)
+    assert len(specs) == 20 and [s.genuine for s in specs] == [k % 2 == 0 for k in range(20)]
+    assert [s.fold for s in specs] == standard_folds(20).tolist() and specs[3].line == 7
+    assert specs[0].path_a == images / "Person_00_0001.jpg" and specs[0].name_a == "Person_00"
+
+    bundle = make_bundle(tmp_path / "run" / "bundle")
+    out = tmp_path / "eval"
+    assert eval_main("--model", bundle, "--data", images, "--pairs", pairs, "--output", out, "--num-workers", 0,
+                     "--no-calibrate") == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["metrics"]["n_genuine"] == 10 and len(report["kfold"]["fold_accuracies"]) == 10
+
+
+def test_calfw_pairs_list_errors(tmp_path):
+    from facetrain.evaluation.pairfile import read_pairs
+
+    images, pairs = calfw_folder(tmp_path, 2)
+    (images / "Person_01_0002.jpg").unlink()
+    with pytest.raises(UserError, match=r"pairs_CALFW.txt:4: image Person_01_0002.jpg not found"):
+        read_pairs(pairs, images)
+    pairs.write_text("Person_00_0001.jpg 1\nPerson_00_0002.jpg one\n")
+    with pytest.raises(UserError, match=r"pairs_CALFW.txt:2: malformed line 'Person_00_0002.jpg one'"):
+        read_pairs(pairs, images)

@@ -1,6 +1,7 @@
-"""LFW-style pairs files: parsing ``pairs.txt`` (:func:`parse_lfw_pairs`) and finding each listed image under
-the data root (:func:`resolve_pair_paths`). Scored with `scoring.pair_scores`; the fold accuracy is
-`metrics.kfold_accuracy`.
+"""Pairs files: LFW's ``pairs.txt`` (:func:`parse_lfw_pairs`, each listed image found under the data root by
+:func:`resolve_pair_paths`) and CALFW's / CPLFW's ``pairs_CALFW.txt`` / ``pairs_CPLFW.txt``
+(:func:`parse_two_line_pairs`); :func:`read_pairs` tells them apart. Scored with `scoring.pair_scores`; the fold
+accuracy is `metrics.kfold_accuracy`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from facetrain.data.images import IMAGE_EXTENSIONS  # tried in order when resolving LFW pair names to files
+from facetrain.data.images import IMAGE_EXTENSIONS, is_image_file  # tried in order for LFW pair names
+from facetrain.evaluation.benchmarks import standard_folds
 from facetrain.evaluation.metrics import MetricsError
 
 
@@ -141,3 +143,44 @@ def resolve_pair_paths(
         )
         for pair in pairs
     ]
+
+
+def parse_two_line_pairs(path: str | Path, root: str | Path) -> list[PairSpec]:
+    """Parse CALFW's / CPLFW's pairs list: one ``<image file> <label>`` per line, lines 2i and 2i+1 forming pair
+    i, genuine when the first line's label is not 0; the images lie in ``root`` itself (their "aligned images"
+    folder). The 10 folds are consecutive blocks (600 pairs each in the published 6,000). A malformed line or a
+    missing image is a one-line error naming ``file:line``."""
+    path, root = Path(path), Path(root)
+    rows = []
+    for line_no, text in enumerate(path.read_text().splitlines(), start=1):
+        parts = text.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not is_image_file(parts[0]) or _parse_count(parts[1]) is None:
+            raise MetricsError(f"{path}:{line_no}: malformed line {text.strip()!r}: expected '<image file> <label>' "
+                               "(CALFW / CPLFW pairs list, label 0 = different people)")
+        if not (root / parts[0]).is_file():
+            raise MetricsError(f"{path}:{line_no}: image {parts[0]} not found: expected {root / parts[0]}")
+        rows.append((parts[0], _parse_count(parts[1]), line_no))
+    if not rows or len(rows) % 2:
+        raise MetricsError(f"{path}: {len(rows)} image lines: a pairs list needs an even number (2 per pair)")
+    folds = standard_folds(len(rows) // 2)
+    return [PairSpec(name_a=_person(a[0]), index_a=0, name_b=_person(b[0]), index_b=0, genuine=a[1] != 0,
+                     fold=int(folds[k]), line=a[2], source=str(path), path_a=root / a[0], path_b=root / b[0])
+            for k, (a, b) in enumerate(zip(rows[0::2], rows[1::2], strict=True))]
+
+
+def _person(file: str) -> str:
+    """``Abel_Pacheco_0004.jpg`` -> ``Abel_Pacheco`` (the identity, for counting people)."""
+    stem = Path(file).stem
+    head, _, tail = stem.rpartition("_")
+    return head if head and tail.isdigit() else stem
+
+
+def read_pairs(path: str | Path, root: str | Path) -> list[PairSpec]:
+    """The pairs of an LFW ``pairs.txt`` or a CALFW / CPLFW pairs list (told apart by the first line: LFW's is
+    a header of counts, theirs names an image file), with every image path resolved under ``root``."""
+    first = next((line.split() for line in Path(path).read_text().splitlines() if line.strip()), [])
+    if first and is_image_file(first[0]):
+        return parse_two_line_pairs(path, root)
+    return resolve_pair_paths(parse_lfw_pairs(path), root)
