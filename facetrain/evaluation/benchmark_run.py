@@ -51,6 +51,8 @@ def print_benchmarks(report: dict, console=None) -> None:
         table.add_row(name, f"{s['n_pairs']:,}", f"{k['accuracy_mean']:.4f} ± {k['accuracy_std']:.4f}",
                       f"{m['auc']:.4f}", f"{m['eer']:.4f}", *("n/a" if t is None else f"{t:.4f}" for t in tars))
     console.print(table)
+    if any(s["metrics"][f"tar@far={f:.0e}"] is None for s in report["sets"].values() for f in TABLE_FARS):
+        console.print("n/a: a set with fewer than 1/FAR impostor pairs cannot resolve that FAR")
     console.print(f"wrote {report['output']}/metrics.json (every FAR point, fold accuracies and thresholds)")
 
 
