@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from facetrain.config.constants import DEFAULT_TARGET_FARS
+from facetrain.errors import UserError
 from facetrain.evaluation.benchmarks import Benchmark, find_benchmarks, read_bin, standard_folds
 from facetrain.evaluation.embedding import load_embedder
 from facetrain.evaluation.metrics import kfold_accuracy, roc_exact, verification_metrics
@@ -67,7 +68,10 @@ def run_benchmarks(opts: EvalOptions) -> dict | None:
                              opts.mixed_precision, opts.fold_batchnorm, aligned=True)
     results = {}
     for bench in sets:  # every rank embeds its share of each set; rank 0 scores
-        emb = embedder.embed(bench.images, align=False)
+        try:
+            emb = embedder.embed(bench.images, align=False)
+        except UserError as err:  # an undecodable image: say which set holds it
+            raise UserError(f"{bench.path}: {err}") from None
         if embedder.is_main:
             results[bench.name] = score_benchmark(bench, emb)
     if not embedder.is_main:
