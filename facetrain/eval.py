@@ -37,8 +37,9 @@ def build_parser():
     p.add_argument("--benchmarks", default="", metavar="DIR", help="instead of --data: the folder of insightface's "
                    "verification files (lfw.bin, cfp_fp.bin, agedb_30.bin, calfw.bin, cplfw.bin; those present are "
                    "evaluated: 10-fold accuracy and TAR@FAR per set, no calibration)")
-    p.add_argument("--pairs", default="", help="LFW pairs.txt, or CALFW's / CPLFW's pairs list over the images "
-                   "in --data itself: evaluate the listed pairs (10-fold protocol) instead of all pairs of --data")
+    p.add_argument("--pairs", default="", help="LFW pairs.txt, CALFW's / CPLFW's pairs list (images in --data "
+                   "itself) or CFP's Protocol folder (CFP-FP; --data: the CFP folder holding Data/): evaluate the "
+                   "listed pairs (10-fold protocol) instead of all pairs of --data")
     p.add_argument("--output", default="", help="run directory for metrics.json, plots and args "
                    "(default <model>/../eval-<timestamp>-<data name>)")
     p.add_argument("--target-far", type=float, default=None, help="FAR the bundle's threshold is calibrated "

@@ -218,3 +218,55 @@ def test_calfw_pairs_list_errors(tmp_path):
     pairs.write_text("Person_00_0001.jpg 1\nPerson_00_0002.jpg one\n")
     with pytest.raises(UserError, match=r"pairs_CALFW.txt:2: malformed line 'Person_00_0002.jpg one'"):
         read_pairs(pairs, images)
+
+
+# ------------------------------------------------------------------------------- CFP-FP's Protocol folder
+
+
+def cfp_folder(tmp_path: Path, folds: int = 10) -> tuple[Path, Path]:
+    """A CFP layout: Data/Images/<id>/{frontal,profile}/NN.jpg, Protocol/Pair_list_{F,P}.txt and
+    Protocol/Split/FP/<fold>/{same,diff}.txt with one genuine and one impostor pair per fold."""
+    root = tmp_path / "cfp-dataset"
+    lists = {"F": [], "P": []}
+    for person in range(1, 4):
+        for view, key in (("frontal", "F"), ("profile", "P")):
+            folder = root / "Data" / "Images" / f"{person:03d}" / view
+            folder.mkdir(parents=True)
+            for k in (1, 2):
+                (folder / f"{k:02d}.jpg").write_bytes(jpeg(person, k + (10 if key == "P" else 0)))
+                lists[key].append(f"{len(lists[key]) + 1} ../Data/Images/{person:03d}/{view}/{k:02d}.jpg")
+    protocol = root / "Protocol"
+    protocol.mkdir()
+    for key, lines in lists.items():
+        (protocol / f"Pair_list_{key}.txt").write_text("\n".join(lines) + "\n")
+    for fold in range(1, folds + 1):
+        split = protocol / "Split" / "FP" / f"{fold:02d}"
+        split.mkdir(parents=True)
+        person = fold % 3  # frontal image 2p+1 and profile image 2p+2 show person p+1
+        (split / "same.txt").write_text(f"{2 * person + 1},{2 * person + 2}\n")
+        (split / "diff.txt").write_text(f"{2 * person + 1},{(2 * person + 2) % 6 + 1}\n")
+    return root, protocol
+
+
+def test_cfp_fp_protocol_folder_parses_and_evaluates(tmp_path):
+    from facetrain.evaluation.pairfile import read_pairs
+
+    root, protocol = cfp_folder(tmp_path)
+    specs = read_pairs(protocol, root)
+    assert [s.fold for s in specs] == [k // 2 for k in range(20)]
+    assert [s.genuine for s in specs] == [True, False] * 10
+    first = specs[2]  # folder 02: frontal image 5 and profile image 6, both of person 003
+    assert first.path_a == root / "Data/Images/003/frontal/01.jpg"
+    assert first.path_b == root / "Data/Images/003/profile/02.jpg"
+    assert first.name_a == first.name_b == "003" and specs[3].name_a != specs[3].name_b
+
+    bundle = make_bundle(tmp_path / "run" / "bundle")
+    out = tmp_path / "eval"
+    assert eval_main("--model", bundle, "--data", root, "--pairs", protocol, "--output", out, "--num-workers", 0,
+                     "--no-calibrate") == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["metrics"]["n_genuine"] == 10 and len(report["kfold"]["fold_accuracies"]) == 10
+
+    (protocol / "Split" / "FP" / "03" / "diff.txt").write_text("1,99\n")
+    with pytest.raises(UserError, match=r"03/diff.txt:1: '1,99' is not '<frontal number>,<profile number>'"):
+        read_pairs(protocol, root)

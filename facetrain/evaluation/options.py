@@ -50,7 +50,7 @@ class EvalOptions:
             raise UserError(f"--batch-size: must be >= 1, got {self.batch_size}")
         if self.max_exact_pairs < 1:
             raise UserError(f"--max-exact-pairs: must be >= 1, got {self.max_exact_pairs}")
-        if self.pairs and not Path(self.pairs).is_file():
-            raise UserError(f"--pairs: file not found: {self.pairs}")
+        if self.pairs and not Path(self.pairs).exists():
+            raise UserError(f"--pairs: not found: {self.pairs} (a pairs file, or CFP's Protocol folder)")
         if self.bad_images not in ("error", "skip"):
             raise UserError(f"--bad-images: choose error or skip, got {self.bad_images!r}")
