@@ -16,7 +16,7 @@ from accelerate.tracking import MLflowTracker, TensorBoardTracker, get_available
 
 from facetrain.config.names import ALL_TRACKERS, TRACKERS
 from facetrain.config.schema import TrainConfig
-from facetrain.errors import UserError
+from facetrain.errors import INSTALL, UserError
 
 PROJECT = "facetrain"
 """The project / experiment name of the trackers that group runs (MLflow's experiment, W&B's project, ...)."""
@@ -52,8 +52,9 @@ def tracker_names(t: TrainConfig) -> list[str]:
         names = [n for n in TRACKERS if n in t.log_with]
         for name in names:
             if name not in installed:
+                extra = f" (or {INSTALL['track']})" if name == "mlflow" else ""
                 raise UserError(f"train.log_with: tracker {name!r} is not installed: pip install {TRACKERS[name]}"
-                                f"{' (or facetrain[track])' if name == 'mlflow' else ''}, or remove it")
+                                f"{extra}, or remove it")
     return [n for n in names if t.tensorboard or n != "tensorboard"]
 
 
