@@ -11,8 +11,9 @@ from __future__ import annotations
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
 
 #: How to install an optional extra (pyproject.toml's [project.optional-dependencies]), for the messages of the
-#: code that needs it: "serve" (onnx, onnxruntime, FastAPI, uvicorn), "align" (facenet-pytorch, scikit-image).
-INSTALL = {"serve": 'pip install -e ".[serve]"', "align": 'pip install -e ".[align]"'}
+#: code that needs it: "serve" (onnx, onnxruntime, FastAPI, uvicorn), "align" (facenet-pytorch, scikit-image),
+#: "track" (MLflow, for train.log_with).
+INSTALL = {extra: f'pip install -e ".[{extra}]"' for extra in ("serve", "align", "track")}
 
 
 class UserError(Exception):

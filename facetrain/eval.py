@@ -2,6 +2,7 @@
 
     python -m facetrain.eval --model runs/exp/bundle --data /data/heldout
     python -m facetrain.eval --model runs/exp/bundle --data /data/lfw --pairs /data/lfw/pairs.txt
+    python -m facetrain.eval --model runs/exp/bundle --benchmarks /data/insightface_bins   # LFW, CFP-FP, AgeDB-30, ...
     python -m facetrain.eval --model runs/exp/checkpoints/step_00001200 --data /data/heldout --no-calibrate
     accelerate launch --multi_gpu --num_processes 8 -m facetrain.eval --model ... --data ...
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
@@ -31,10 +32,14 @@ def build_parser():
     p = ArgumentParser(prog="facetrain.eval", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="bundle or checkpoint directory (or a run directory: its bundle/)")
-    p.add_argument("--data", required=True, help="held-out folder <data>/<identity>/<image> (with --pairs: the "
+    p.add_argument("--data", default="", help="held-out folder <data>/<identity>/<image> (with --pairs: the "
                    "LFW root <data>/<name>/<name>_0001.jpg)")
-    p.add_argument("--pairs", default="", help="LFW pairs.txt: evaluate the listed pairs (10-fold protocol) "
-                   "instead of all pairs of --data")
+    p.add_argument("--benchmarks", default="", metavar="DIR", help="instead of --data: the folder of insightface's "
+                   "verification files (lfw.bin, cfp_fp.bin, agedb_30.bin, calfw.bin, cplfw.bin; those present are "
+                   "evaluated: 10-fold accuracy and TAR@FAR per set, no calibration)")
+    p.add_argument("--pairs", default="", help="LFW pairs.txt, CALFW's / CPLFW's pairs list (images in --data "
+                   "itself) or CFP's Protocol folder (CFP-FP; --data: the CFP folder holding Data/): evaluate the "
+                   "listed pairs (10-fold protocol) instead of all pairs of --data")
     p.add_argument("--output", default="", help="run directory for metrics.json, plots and args "
                    "(default <model>/../eval-<timestamp>-<data name>)")
     p.add_argument("--target-far", type=float, default=None, help="FAR the bundle's threshold is calibrated "

@@ -26,7 +26,8 @@ TORCH_FREE_MODULES = ("facetrain.errors", "facetrain.runtime.atomic_dir", "facet
                       "facetrain.data.images", "facetrain.data.faceset", "facetrain.data.pack_format",
                       "facetrain.data.preflight",
                       "facetrain.alignment.check", "facetrain.model.files", "facetrain.evaluation.metrics",
-                      "facetrain.evaluation.pairfile", "facetrain.evaluation.options")
+                      "facetrain.evaluation.pairfile", "facetrain.evaluation.options",
+                      "facetrain.evaluation.benchmarks")
 TORCH_NEEDING = ("facetrain.deploy.export",)  # exports a torch model; imports torch in its functions only
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from facetrain.config.constants import DEFAULT_TARGET_FARS
 from facetrain.config.names import (
+    ALL_TRACKERS,
     LOSS_NAMES,
     MARGIN_HEADS,
     MINER_NAMES,
@@ -18,6 +19,7 @@ from facetrain.config.names import (
     PRESETS,
     SCHEDULER_NAMES,
     STANDARD_MARGINS,
+    TRACKERS,
     check_name,
 )
 from facetrain.config.ranges import Range, check_ranges
@@ -96,6 +98,8 @@ def validate(cfg: Config) -> None:
     if t.resume not in ("", "auto") and not Path(t.resume).is_dir():
         raise UserError(f"train.resume: {t.resume!r} is neither 'auto' nor a checkpoint directory")
     t.val_metric = normalise_val_metric(t.val_metric)
+    for name in t.log_with:
+        check_name("train.log_with", name, (*TRACKERS, ALL_TRACKERS), "tracker")
 
 
 def _check_batch(t: TrainConfig) -> None:

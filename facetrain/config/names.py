@@ -51,6 +51,15 @@ PRESETS: dict[str, tuple[str, str]] = {
 }
 """optim.preset: a named (optimizer, scheduler) pair, applied when the config loads."""
 
+TRACKERS: dict[str, str] = {
+    "tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio", "aim": "aim",
+    "comet_ml": "comet-ml", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+}
+"""train.log_with: accelerate's experiment trackers (its `LoggerType`, tests/test_trackers.py keeps them equal)
+-> the pip package that provides each."""
+ALL_TRACKERS = "all"
+"""train.log_with: every tracker of `TRACKERS` that is installed (accelerate's `all`)."""
+
 DETECTOR_NAMES: tuple[str, ...] = ("mtcnn",)
 """alignment.detector (facetrain.align --detector): the face detectors of alignment/detectors.py."""
 

@@ -267,8 +267,13 @@ class TrainConfig:
     """Batches each DataLoader worker prepares ahead of the step (only with num_workers > 0)."""
     progress: bool = True
     """Rich progress bar on the main process."""
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers (accelerate's): `tensorboard` (output_dir/tb), `mlflow`, `wandb`, `trackio`, `aim`,
+    `comet_ml`, `clearml`, `dvclive`, `swanlab`, several as a list (`mlflow,tensorboard` on the command line),
+    `all` (every one installed) or `[]` / `""` (none); where each stores its data is set its own way (MLflow:
+    MLFLOW_TRACKING_URI)."""
     tensorboard: bool = True
-    """Log to TensorBoard under output_dir/tb."""
+    """false: leave TensorBoard out of log_with (the older switch; with the default log_with, no tracker)."""
     max_bad_steps: int = 5
     """Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped; with
     a fused optimizer the count is read at the next log step, validation or checkpoint: facetrain/training/guard.py)."""

@@ -112,7 +112,8 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             img = load_image(path, keep_gray=self.alignment is None)
         except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-            raise UserError(f"{path}: cannot decode image ({type(err).__name__}: {err}); remove or replace "
+            name = f"image {i} (encoded bytes)" if isinstance(path, bytes) else path  # .bin sets hold bytes
+            raise UserError(f"{name}: cannot decode image ({type(err).__name__}: {err}); remove or replace "
                             "the file") from None
         if self.alignment is not None:
             img = self._align(img, path, i)

@@ -58,6 +58,10 @@ def run(opts: EvalOptions) -> dict | None:
     """Evaluate; returns the report on rank 0 (None on other ranks)."""
     started = time.perf_counter()
     opts.check()
+    if opts.benchmarks:  # the standard verification sets: their own flow and table
+        from facetrain.evaluation.benchmark_run import run_benchmarks
+
+        return run_benchmarks(opts)
     model_path = resolve_model_path(opts.model, opts.backend)
     protocol = PROTOCOLS["pairs_file" if opts.pairs else "all_pairs"]
     plan = protocol.plan(opts)

@@ -16,8 +16,9 @@ class EvalOptions:
     """Everything `facetrain.eval` accepts (facetrain/eval.py maps the command line onto this)."""
 
     model: str
-    data: str
+    data: str = ""
     pairs: str = ""
+    benchmarks: str = ""
     output: str = ""
     target_far: float | None = None
     calibrate: bool = True
@@ -38,13 +39,18 @@ class EvalOptions:
     argv: list[str] = field(default_factory=list)
 
     def check(self) -> None:
+        if bool(self.data) == bool(self.benchmarks):
+            raise UserError("--data or --benchmarks: give exactly one (a held-out folder, or the folder of "
+                            "insightface's lfw.bin, cfp_fp.bin, ... files)")
+        if self.benchmarks and self.pairs:
+            raise UserError("--pairs: goes with --data (the images it lists), not with --benchmarks")
         if self.target_far is not None and not 0.0 < self.target_far < 1.0:
             raise UserError(f"--target-far: must be in (0, 1), e.g. 1e-3; got {self.target_far}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size: must be >= 1, got {self.batch_size}")
         if self.max_exact_pairs < 1:
             raise UserError(f"--max-exact-pairs: must be >= 1, got {self.max_exact_pairs}")
-        if self.pairs and not Path(self.pairs).is_file():
-            raise UserError(f"--pairs: file not found: {self.pairs}")
+        if self.pairs and not Path(self.pairs).exists():
+            raise UserError(f"--pairs: not found: {self.pairs} (a pairs file, or CFP's Protocol folder)")
         if self.bad_images not in ("error", "skip"):
             raise UserError(f"--bad-images: choose error or skip, got {self.bad_images!r}")

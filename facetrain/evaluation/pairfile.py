@@ -1,6 +1,8 @@
-"""LFW-style pairs files: parsing ``pairs.txt`` (:func:`parse_lfw_pairs`) and finding each listed image under
-the data root (:func:`resolve_pair_paths`). Scored with `scoring.pair_scores`; the fold accuracy is
-`metrics.kfold_accuracy`.
+"""Pairs files: LFW's ``pairs.txt`` (:func:`parse_lfw_pairs`, each listed image found under the data root by
+:func:`resolve_pair_paths`) and CALFW's / CPLFW's ``pairs_CALFW.txt`` / ``pairs_CPLFW.txt``
+(:func:`parse_two_line_pairs`) and CFP's Protocol folder for CFP-FP (:func:`parse_cfp_fp`); :func:`read_pairs`
+tells them apart. Scored with `scoring.pair_scores`; the fold
+accuracy is `metrics.kfold_accuracy`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from facetrain.data.images import IMAGE_EXTENSIONS  # tried in order when resolving LFW pair names to files
+from facetrain.data.images import IMAGE_EXTENSIONS, is_image_file  # tried in order for LFW pair names
+from facetrain.evaluation.benchmarks import standard_folds
 from facetrain.evaluation.metrics import MetricsError
 
 
@@ -141,3 +144,96 @@ def resolve_pair_paths(
         )
         for pair in pairs
     ]
+
+
+def parse_two_line_pairs(path: str | Path, root: str | Path) -> list[PairSpec]:
+    """Parse CALFW's / CPLFW's pairs list: one ``<image file> <label>`` per line, lines 2i and 2i+1 forming pair
+    i, genuine when the first line's label is not 0; the images lie in ``root`` itself (their "aligned images"
+    folder). The 10 folds are consecutive blocks (600 pairs each in the published 6,000). A malformed line or a
+    missing image is a one-line error naming ``file:line``."""
+    path, root = Path(path), Path(root)
+    rows = []
+    for line_no, text in enumerate(path.read_text().splitlines(), start=1):
+        parts = text.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not is_image_file(parts[0]) or _parse_count(parts[1]) is None:
+            raise MetricsError(f"{path}:{line_no}: malformed line {text.strip()!r}: expected '<image file> <label>' "
+                               "(CALFW / CPLFW pairs list, label 0 = different people)")
+        if not (root / parts[0]).is_file():
+            raise MetricsError(f"{path}:{line_no}: image {parts[0]} not found: expected {root / parts[0]}")
+        rows.append((parts[0], _parse_count(parts[1]), line_no))
+    if not rows or len(rows) % 2:
+        raise MetricsError(f"{path}: {len(rows)} image lines: a pairs list needs an even number (2 per pair)")
+    folds = standard_folds(len(rows) // 2)
+    return [PairSpec(name_a=_person(a[0]), index_a=0, name_b=_person(b[0]), index_b=0, genuine=a[1] != 0,
+                     fold=int(folds[k]), line=a[2], source=str(path), path_a=root / a[0], path_b=root / b[0])
+            for k, (a, b) in enumerate(zip(rows[0::2], rows[1::2], strict=True))]
+
+
+def _person(file: str) -> str:
+    """``Abel_Pacheco_0004.jpg`` -> ``Abel_Pacheco`` (the identity, for counting people)."""
+    stem = Path(file).stem
+    head, _, tail = stem.rpartition("_")
+    return head if head and tail.isdigit() else stem
+
+
+CFP_SPLITS = "Split/FP"
+"""CFP-FP inside CFP's Protocol folder: one sub-folder per fold (01 ... 10), each with same.txt and diff.txt."""
+CFP_LISTS = {"frontal": "Pair_list_F.txt", "profile": "Pair_list_P.txt"}
+"""CFP's image lists inside its Protocol folder: ``<number> <path>`` per line, the paths relative to Protocol."""
+
+
+def _cfp_list(path: Path, root: Path) -> dict[int, Path]:
+    """number -> image file of one CFP image list (``1 ../Data/Images/001/frontal/01.jpg``), under ``root``."""
+    images = {}
+    for line_no, text in enumerate(path.read_text().splitlines(), start=1):
+        parts = text.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or _parse_count(parts[0]) is None:
+            raise MetricsError(f"{path}:{line_no}: malformed line {text.strip()!r}: expected '<number> <image path>'")
+        images[int(parts[0])] = root / parts[1].replace("\\", "/").removeprefix("../")
+    return images
+
+
+def parse_cfp_fp(protocol: str | Path, root: str | Path) -> list[PairSpec]:
+    """CFP-FP's 10 folds from CFP's ``Protocol`` folder: in fold folder k, each ``a,b`` line of same.txt
+    (genuine) and diff.txt (impostor) pairs frontal image a with profile image b. The lists' ``../Data/...``
+    paths are taken under ``root`` (the CFP folder that holds Data/ and Protocol/)."""
+    protocol, root = Path(protocol), Path(root)
+    frontal, profile = (_cfp_list(protocol / CFP_LISTS[k], root) for k in ("frontal", "profile"))
+    folders = sorted(p for p in (protocol / CFP_SPLITS).iterdir() if p.is_dir())
+    pairs = []
+    for fold, folder in enumerate(folders):
+        for file, genuine in (("same.txt", True), ("diff.txt", False)):
+            for line_no, text in enumerate((folder / file).read_text().splitlines(), start=1):
+                numbers = [_parse_count(t) for t in text.replace(",", " ").split()]
+                if not numbers:
+                    continue
+                if len(numbers) != 2 or numbers[0] not in frontal or numbers[1] not in profile:
+                    raise MetricsError(f"{folder / file}:{line_no}: {text.strip()!r} is not '<frontal number>,"
+                                       f"<profile number>' of {CFP_LISTS['frontal']} / {CFP_LISTS['profile']}")
+                a, b = frontal[numbers[0]], profile[numbers[1]]
+                for image in (a, b):
+                    if not image.is_file():
+                        raise MetricsError(f"{folder / file}:{line_no}: image not found: {image}")
+                pairs.append(PairSpec(name_a=a.parent.parent.name, index_a=numbers[0], name_b=b.parent.parent.name,
+                                      index_b=numbers[1], genuine=genuine, fold=fold, line=line_no,
+                                      source=str(folder / file), path_a=a, path_b=b))
+    return pairs
+
+
+def read_pairs(path: str | Path, root: str | Path) -> list[PairSpec]:
+    """The pairs of an LFW ``pairs.txt``, a CALFW / CPLFW pairs list (told apart by the first line: LFW's is
+    a header of counts, theirs names an image file) or CFP's Protocol folder (CFP-FP), with every image path
+    resolved under ``root``."""
+    if Path(path).is_dir():
+        if not (Path(path) / CFP_SPLITS).is_dir():
+            raise MetricsError(f"--pairs: {path} is a folder but not CFP's Protocol folder (no {CFP_SPLITS} in it): "
+                               "give a pairs file, or CFP's Protocol folder")
+        return parse_cfp_fp(path, root)
+    first = next((line.split() for line in Path(path).read_text().splitlines() if line.strip()), [])
+    if first and is_image_file(first[0]):
+        return parse_two_line_pairs(path, root)
+    return resolve_pair_paths(parse_lfw_pairs(path), root)

@@ -38,7 +38,7 @@ from facetrain.evaluation.metrics import (
     kfold_accuracy,
     roc_exact,
 )
-from facetrain.evaluation.pairfile import parse_lfw_pairs, resolve_pair_paths
+from facetrain.evaluation.pairfile import read_pairs
 from facetrain.evaluation.scoring import all_pairs_roc, pair_scores
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class PairsFile:
     def plan(self, opts: EvalOptions) -> Plan:
         if not Path(opts.data).is_dir():
             raise UserError(f"--data: folder not found: {opts.data} (the LFW root: <data>/<name>/<name>_0001.jpg)")
-        specs = resolve_pair_paths(parse_lfw_pairs(opts.pairs), opts.data)
+        specs = read_pairs(opts.pairs, opts.data)
         files = list(dict.fromkeys(str(p) for s in specs for p in (s.path_a, s.path_b)))
         row = {p: i for i, p in enumerate(files)}
         index = np.array([[row[str(s.path_a)], row[str(s.path_b)]] for s in specs], dtype=np.int64)

@@ -53,6 +53,7 @@ from facetrain.training.progress import Throughput, TrainProgress, flat_hparams
 from facetrain.training.resume import beyond_run_length, finished_message, finished_run, resume_point
 from facetrain.training.stateful import EmaWeights, ScalerState
 from facetrain.training.stop import StopRequest
+from facetrain.training.trackers import PROJECT, accelerator_trackers
 from facetrain.training.validation import Validator, check_val_metric_resolvable, is_better
 
 
@@ -75,8 +76,9 @@ class Trainer:
         self.out = Path(self.t.output_dir)
         # accelerator: precision, trackers, process group (created here, never at import time)
         self.precision = resolve_mixed_precision(self.t.mixed_precision, cfg.data.image_size)
+        self.trackers = accelerator_trackers(self.t, self.out)  # train.log_with; a missing package stops here
         self.accelerator = Accelerator(mixed_precision=self.precision, project_dir=str(self.out),
-                                       log_with="tensorboard" if self.t.tensorboard else None)
+                                       log_with=self.trackers or None)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.main = self.accelerator.is_main_process
         self.log = TrainProgress(enabled=self.main and self.t.progress, quiet=not self.main)
@@ -360,8 +362,8 @@ class Trainer:
             (out / "STOP").unlink(missing_ok=True)  # a stale request from a previous (requeued) run
         self.accelerator.wait_for_everyone()
         self.stop = StopRequest(out / "STOP", self.accelerator, cfg.debug.stop_at_step)
-        if t.tensorboard:
-            self.accelerator.init_trackers("tb", config=flat_hparams(cfg))
+        if self.trackers:
+            self.accelerator.init_trackers(PROJECT, config=flat_hparams(cfg))
         self.sample_log = None
         if cfg.debug.record_samples:
             (out / "samples").mkdir(parents=True, exist_ok=True)
