@@ -80,6 +80,7 @@ def _paths(report: dict, key: str) -> set[str]:
     return {e["path"] for e in report["lists"][key]}
 
 
+@pytest.mark.slow
 @needs_detector
 def test_align_cli_report_bad_input_and_resume(tmp_path):
     raw, out = raw_tree(tmp_path / "raw"), tmp_path / "aligned"

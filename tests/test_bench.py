@@ -69,6 +69,7 @@ def test_gpu_check_data_path_comparison_runs_here_at_smoke_size(tmp_path):
     assert all(row[path] > 0 for path in ("raw", "pil_folder", "pil_packed", "device_packed")), row
 
 
+@pytest.mark.slow
 def test_serve_hostile_load_runs_at_smoke_size(tmp_path):
     """bench/serve_hostile.py (issue 26's load test) at smoke size: the good callers are answered, every kind of
     attack gets its answer, no 5xx, and the server's peak memory is measured."""

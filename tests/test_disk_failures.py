@@ -59,6 +59,7 @@ def faces_folder(root: Path, identities: int = 4, per_identity: int = 12) -> Pat
     return root
 
 
+@pytest.mark.slow
 def test_pack_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     """48 images of 3 x 112 x 112 = 1.7 MiB onto a 1 MiB disk: today the memory map dies with SIGBUS (no
     message, the reserved .tmp left); the space is reserved up front now. A real process: a SIGBUS would take
@@ -196,6 +197,7 @@ def test_export_onto_a_folder_is_one_line(bundle, tmp_path):
     no_tmp(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("disk", ["read_only", "full"])
 def test_export_onto_a_read_only_or_full_disk_is_one_line(bundle, tmp_path, disk):
     pytest.importorskip("onnx")

@@ -176,6 +176,7 @@ def test_train_images_have_the_model_input_size(native, crop_scale_min):
         assert tf(img).shape == (3, FACE_SIZE, FACE_SIZE)
 
 
+@pytest.mark.slow
 def test_native_resolution_augmentation_matches_enlarging_first():
     """Augmenting before the enlargement (data.augment.native_resolution) draws the same augmentations: over 64
     draws of one face, the mean image and the pixel spread agree with the enlarge-first order."""

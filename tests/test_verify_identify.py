@@ -241,6 +241,7 @@ def test_identify_names_every_unusable_gallery_photo_or_skips_them(tmp_path, peo
     assert result["evaluation"]["n_probes"] == 30
 
 
+@pytest.mark.slow
 def test_serve_enrols_its_gallery_as_identify_does(tmp_path, people, monkeypatch):
     """Issue 26 item 11: serve had no --bad-images (one bad photo stopped it) and no gallery cache."""
     from facetrain import serve
@@ -260,6 +261,7 @@ def test_serve_enrols_its_gallery_as_identify_does(tmp_path, people, monkeypatch
     assert served["gallery"].cache_status == "built" and len(served["gallery"].paths) == 36
 
 
+@pytest.mark.slow
 def test_verify_and_identify_start_without_sklearn():
     # sklearn (with scipy) takes 1-2 s to import on a small CPU; only the ROC needs it, so the 1:1 and 1:N
     # commands, which compute none, must not pay for it at every start
