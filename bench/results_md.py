@@ -36,3 +36,12 @@ def machine() -> str:
     if torch.cuda.is_available():
         out += f", GPU {torch.cuda.get_device_name(0)}"
     return out
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces a run, arguments quoted so it can be pasted back (argv None: this process's)."""
+    import shlex
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    return f"python {script} {shlex.join(args)}".rstrip()

@@ -272,8 +272,9 @@ def main(argv=None) -> None:
     result.update({"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M (UTC)"), "model": name,
                    "minutes": (time.time() - started) / 60, "machine": machine(),
                    "load": (load0, os.getloadavg()[0])})
-    argv = sys.argv[1:] if argv is None else argv
-    text = report(args, result, "python bench/serve_hostile.py" + "".join(f" {a}" for a in argv))
+    from results_md import command_line
+
+    text = report(args, result, command_line("bench/serve_hostile.py", argv))
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -7,6 +7,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -243,3 +245,37 @@ def fake_ghostscript(directory: Path, monkeypatch) -> Path:
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow caches where it found gs
     return log
+
+
+@contextmanager
+def running_service(args: list[str], log: Path, start_timeout_s: float):
+    """`python -m facetrain.serve ARGS` in its own process (a real socket, real uvicorn), its output in `log`;
+    yields (proc, url) once GET /health answers 200, and stops it afterwards."""
+    import httpx
+
+    port = next(a for k, a in zip(args, args[1:], strict=False) if k == "--port")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "facetrain.serve", *map(str, args)], stdout=out,
+                                stderr=subprocess.STDOUT, env=subprocess_env())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + start_timeout_s
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"facetrain.serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"facetrain.serve not up after {start_timeout_s} s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        yield proc, url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)

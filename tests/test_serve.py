@@ -9,15 +9,12 @@ import base64
 import io
 import json
 import os
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import FACES, NO_SHARED_REASON, free_port, subprocess_env
+from helpers import FACES, NO_SHARED_REASON, free_port, running_service
 from PIL import Image
 from test_export import ATT, _fresh_accelerate_state, att_paths, trained_bundle, trained_export  # noqa: F401
 
@@ -55,35 +52,12 @@ def trained_onnx(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(trained_onnx, tmp_path_factory):
     """The exported model served with a gallery (the AT&T faces) and small limits, on 127.0.0.1."""
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "facetrain.serve", "--model", str(trained_onnx), "--host", "127.0.0.1", "--port",
-           str(port), "--gallery", str(ATT), "--max-image-bytes", str(MAX_IMAGE_BYTES), "--max-pixels",
-           str(MAX_PIXELS), "--max-batch", "32", "--batch-window-ms", "5"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"facetrain.serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"facetrain.serve not up after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.3)
+    args = ["--model", trained_onnx, "--host", "127.0.0.1", "--port", free_port(), "--gallery", ATT,
+            "--max-image-bytes", MAX_IMAGE_BYTES, "--max-pixels", MAX_PIXELS, "--max-batch", "32",
+            "--batch-window-ms", "5"]
+    with running_service(args, log, START_TIMEOUT_S) as (proc, url):
         yield {"url": url, "log": log, "proc": proc}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,11 @@ cap holds, and the Host header is checked. A real `python -m facetrain.serve` of
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, subprocess_env
+from helpers import free_port, running_service
 from tiny_onnx import write_tiny_onnx
 
 httpx = pytest.importorskip("httpx", reason='needs the serve extra: pip install -e ".[serve]"')
@@ -37,28 +35,10 @@ def tiny(tmp_path_factory) -> Path:
 def server(tiny, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "facetrain.serve", "--model", str(tiny), "--port", str(port), "--header-timeout",
-           str(HEADER_TIMEOUT_S), "--body-timeout", str(BODY_TIMEOUT_S), "--max-connections", str(MAX_CONNECTIONS)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"facetrain.serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"facetrain.serve not up after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.2)
+    args = ["--model", tiny, "--port", port, "--header-timeout", HEADER_TIMEOUT_S, "--body-timeout", BODY_TIMEOUT_S,
+            "--max-connections", MAX_CONNECTIONS]
+    with running_service(args, log, START_TIMEOUT_S) as (_, url):
         yield {"url": url, "port": port, "log": log}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _connect(port: int) -> socket.socket:
