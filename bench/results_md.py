@@ -22,6 +22,18 @@ def write_section(name: str, text: str) -> None:
     RESULTS.write_text(new)
 
 
+def publish(section: str, text: str, result: dict, json_path: str = "", write: bool = True) -> None:
+    """A benchmark's ending: print its report, keep the raw figures in `json_path` if given, and (unless the
+    run asked not to) make the report section `section` of RESULTS.md."""
+    import json
+
+    print(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    if write:
+        write_section(section, text)
+
+
 def machine() -> str:
     """CPU model, usable cores, torch version and threads, and the GPU if there is one."""
     import torch

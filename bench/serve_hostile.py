@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import subprocess
 import sys
@@ -267,22 +266,13 @@ def main(argv=None) -> None:
 
             model, name = write_tiny_onnx(Path(tmp) / "tiny.onnx"), f"tests/tiny_onnx.py's {SIZE} px tiny graph"
         result = run(args, model, Path(tmp))
-    from results_md import machine
+    from results_md import command_line, machine, publish  # machine() imports torch: only at the end
 
     result.update({"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M (UTC)"), "model": name,
                    "minutes": (time.time() - started) / 60, "machine": machine(),
                    "load": (load0, os.getloadavg()[0])})
-    from results_md import command_line
-
-    text = report(args, result, command_line("bench/serve_hostile.py", argv))
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    if not args.no_write:
-        from results_md import write_section
-
-        write_section(SECTION, text)
-
+    publish(SECTION, report(args, result, command_line("bench/serve_hostile.py", argv)), result, args.json,
+            not args.no_write)
 
 if __name__ == "__main__":
     main()

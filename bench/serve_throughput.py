@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "tests"))  # helpers.free_port / subprocess_env
 FACES = REPO.parent / "shared" / "data" / "faces" / "att_faces"
 SECTION = "Deployment: onnxruntime and the verification service"
 
-from results_md import command_line, machine, write_section  # noqa: E402  (bench/ is on sys.path)
+from results_md import command_line, machine, publish  # noqa: E402  (bench/ is on sys.path)
 
 
 def parse_args(argv=None):
@@ -256,13 +256,8 @@ def main(argv=None) -> None:
     result = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M (UTC)"),
               "minutes": (time.time() - started) / 60, "machine": machine(), "load": (load0, os.getloadavg()[0]),
               "ort_version": onnxruntime.__version__, "embedding": embedding, "service": service}
-    text = report(args, result, command_line("bench/serve_throughput.py", argv))
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    if not args.no_write:
-        write_section(SECTION, text)
-
+    publish(SECTION, report(args, result, command_line("bench/serve_throughput.py", argv)), result, args.json,
+            not args.no_write)
 
 if __name__ == "__main__":
     main()

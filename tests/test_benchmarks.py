@@ -175,6 +175,15 @@ def eval_main_cli(argv: list[str]) -> int:
 # ----------------------------------------------------------------------------- CALFW / CPLFW pairs lists
 
 
+def eval_pairs(tmp_path: Path, data: Path, pairs: Path) -> dict:
+    """`facetrain.eval --pairs` of a tiny bundle over `data`: its metrics.json."""
+    bundle = make_bundle(tmp_path / "run" / "bundle")
+    out = tmp_path / "eval"
+    assert eval_main("--model", bundle, "--data", data, "--pairs", pairs, "--output", out, "--num-workers", 0,
+                     "--no-calibrate") == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
 def calfw_folder(tmp_path: Path, n_pairs: int = 20) -> tuple[Path, Path]:
     """A flat folder of aligned images and its pairs list: lines 2i and 2i+1 are pair i, label 0 = impostor."""
     images = tmp_path / "aligned images"
@@ -200,11 +209,7 @@ def test_calfw_pairs_list_parses_and_evaluates(tmp_path, capsys):
     assert [s.fold for s in specs] == standard_folds(20).tolist() and specs[3].line == 7
     assert specs[0].path_a == images / "Person_00_0001.jpg" and specs[0].name_a == "Person_00"
 
-    bundle = make_bundle(tmp_path / "run" / "bundle")
-    out = tmp_path / "eval"
-    assert eval_main("--model", bundle, "--data", images, "--pairs", pairs, "--output", out, "--num-workers", 0,
-                     "--no-calibrate") == 0
-    report = json.loads((out / "metrics.json").read_text())
+    report = eval_pairs(tmp_path, images, pairs)
     assert report["metrics"]["n_genuine"] == 10 and len(report["kfold"]["fold_accuracies"]) == 10
 
 
@@ -260,11 +265,7 @@ def test_cfp_fp_protocol_folder_parses_and_evaluates(tmp_path):
     assert first.path_b == root / "Data/Images/003/profile/02.jpg"
     assert first.name_a == first.name_b == "003" and specs[3].name_a != specs[3].name_b
 
-    bundle = make_bundle(tmp_path / "run" / "bundle")
-    out = tmp_path / "eval"
-    assert eval_main("--model", bundle, "--data", root, "--pairs", protocol, "--output", out, "--num-workers", 0,
-                     "--no-calibrate") == 0
-    report = json.loads((out / "metrics.json").read_text())
+    report = eval_pairs(tmp_path, root, protocol)
     assert report["metrics"]["n_genuine"] == 10 and len(report["kfold"]["fold_accuracies"]) == 10
 
     (protocol / "Split" / "FP" / "03" / "diff.txt").write_text("1,99\n")
