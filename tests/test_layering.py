@@ -25,7 +25,8 @@ TORCH_FREE_PACKAGES = ("config", "deploy")
 TORCH_FREE_MODULES = ("facetrain.errors", "facetrain.runtime.atomic_dir", "facetrain.runtime.threads",
                       "facetrain.data.images", "facetrain.data.faceset", "facetrain.data.pack_format",
                       "facetrain.data.preflight",
-                      "facetrain.alignment.check", "facetrain.model.files", "facetrain.evaluation.metrics",
+                      "facetrain.alignment.check", "facetrain.model.files", "facetrain.model.card",
+                      "facetrain.evaluation.metrics",
                       "facetrain.evaluation.pairfile", "facetrain.evaluation.options",
                       "facetrain.evaluation.benchmarks")
 TORCH_NEEDING = ("facetrain.deploy.export",)  # exports a torch model; imports torch in its functions only

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from facetrain.deploy.onnx_embedder import INPUT_NAME, OUTPUT_NAME, encode_metadata, import_onnxruntime
 from facetrain.errors import INSTALL, UserError
 from facetrain.model.bundle import load_bundle
+from facetrain.model.card import CARD_KEY, build_card
 from facetrain.model.files import EXPORT_FILE, resolve_model_path, without_local_paths
 from facetrain.model.network import fold_batchnorm
 from facetrain.runtime.atomic_dir import write_atomic
@@ -163,6 +164,7 @@ def _metadata_fields(meta: dict, pre, flip: bool, folded: bool) -> dict:
         "alignment": meta.get("alignment"),
         "threshold": meta.get("threshold"), "threshold_far": meta.get("threshold_far"),
         "threshold_calibration": meta.get("threshold_calibration"),
+        CARD_KEY: build_card(meta),  # rebuilt: a bundle from before model cards gets one here
     }
 
 

@@ -32,6 +32,7 @@ from facetrain.alignment.check import AlignmentFailed, check_alignment, is_align
 from facetrain.alignment.recipe import align_image
 from facetrain.data.images import Preprocess, load_image
 from facetrain.errors import INSTALL, UserError
+from facetrain.model.card import CARD_KEY, render_markdown
 from facetrain.model.files import check_meta, resolve_onnx_path, without_local_paths
 from facetrain.runtime.atomic_dir import write_atomic
 
@@ -43,8 +44,12 @@ OUTPUT_NAME = "embeddings"  # (N, D) float32, L2-normalised
 # META_BUNDLE; the keys below it are the deployment facts a reader of the file looks for, and win over it.
 META_BUNDLE = "facetrain_bundle"
 META_FIELDS = ("facetrain_version", "backbone", "embedding_dim", "input_size", "input_layout", "mean", "std",
-               "flip_test", "batchnorm_folded", "alignment", "threshold", "threshold_far", "threshold_calibration")
-CALIBRATION_FIELDS = ("threshold", "threshold_far", "threshold_calibration")
+               "flip_test", "batchnorm_folded", "alignment", "threshold", "threshold_far", "threshold_calibration",
+               CARD_KEY)
+# what facetrain.eval rewrites: the threshold and the model card that records the evaluation behind it
+CALIBRATION_FIELDS = ("threshold", "threshold_far", "threshold_calibration", CARD_KEY)
+# the card rendered as Markdown (JSON-encoded like every value) for people reading the file; never read back
+META_CARD_MARKDOWN = "model_card_markdown"
 TOP_FIELDS = (*CALIBRATION_FIELDS, "alignment")  # decoded to the top of the metadata, as in a bundle
 EXPORT_AGAIN = "export the bundle again (python -m facetrain.export) instead of editing the file"
 
@@ -126,12 +131,14 @@ def encode_metadata(meta: dict, fields: dict) -> dict[str, str]:
     bundle = {k: v for k, v in meta.items() if k not in (*TOP_FIELDS, "path", "export")}
     props = {META_BUNDLE: json.dumps(bundle)}
     props.update({k: json.dumps(fields[k]) for k in META_FIELDS if k in fields})
+    if isinstance(fields.get(CARD_KEY), dict):
+        props[META_CARD_MARKDOWN] = json.dumps(render_markdown(fields[CARD_KEY]))
     return props
 
 
 def update_metadata(path: str | Path, **fields) -> None:
-    """Merge calibration fields (threshold, threshold_far, threshold_calibration) into an exported file's
-    metadata, atomically: `facetrain.eval --backend onnxruntime` calibrates the file it evaluated."""
+    """Merge calibration fields (threshold, threshold_far, threshold_calibration, model_card) into an exported
+    file's metadata, atomically: `facetrain.eval --backend onnxruntime` calibrates the file it evaluated."""
     unknown = set(fields) - set(CALIBRATION_FIELDS)
     if unknown:
         raise ValueError(f"update_metadata: only {CALIBRATION_FIELDS} can change, got {sorted(unknown)}")
@@ -142,7 +149,10 @@ def update_metadata(path: str | Path, **fields) -> None:
     path = Path(path)
     proto = onnx.load(str(path))
     props = {p.key: p.value for p in proto.metadata_props}
-    props.update({k: json.dumps(v) for k, v in without_local_paths(fields).items()})  # a file that travels
+    fields = without_local_paths(fields)  # a file that travels
+    props.update({k: json.dumps(v) for k, v in fields.items()})
+    if isinstance(fields.get(CARD_KEY), dict):
+        props[META_CARD_MARKDOWN] = json.dumps(render_markdown(fields[CARD_KEY]))
     del proto.metadata_props[:]
     for key, value in props.items():
         proto.metadata_props.add(key=key, value=value)

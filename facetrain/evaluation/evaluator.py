@@ -14,7 +14,8 @@ TensorBoard).
 Flow: check the inputs (before any model is built) -> embed every image once, in batches, sharded across the
 ranks and gathered in order (`embed.embed_dataset`) -> rank 0 scores the pairs with `metrics` (the code the
 trainer validates with) -> rich table, `metrics.json`, `args.json`, PNG plots, optional TensorBoard scalars
-and figure -> the bundle gains the threshold for the target FAR (`--no-calibrate` leaves it untouched).
+and figure -> the bundle gains the threshold for the target FAR, and its model card (`model.card`) the
+evaluation behind it (`--no-calibrate` leaves model and card untouched).
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ from facetrain.evaluation.report import (
     print_report,
     write_json,
 )
+from facetrain.model.card import CARD_KEY, build_card, evaluation_entry
 from facetrain.model.files import META_FILE, is_onnx_file, resolve_model_path, update_bundle_meta
 from facetrain.runtime.atomic_dir import write_atomic
 
 
 def update_model_meta(path: Path, **fields) -> None:
-    """Calibration fields into a bundle's metadata, or into an exported ONNX file's (same keys)."""
+    """Calibration fields and the model card into a bundle's metadata (and its MODEL_CARD.md), or into an
+    exported ONNX file's (same keys)."""
     from facetrain.deploy.onnx_embedder import update_metadata
 
     (update_metadata if is_onnx_file(path) else update_bundle_meta)(path, **fields)
@@ -141,7 +144,7 @@ def run(opts: EvalOptions) -> dict | None:
             "far_source": far_source, "tar": metrics.get("tar_at_target_far"), "protocol": protocol.name,
             "data": str(Path(opts.data).resolve()), "n_impostor": roc.n_impostor, "n_genuine": roc.n_genuine,
             "flip": embedder.flip, "eval_dir": str(out.resolve()), "date": datetime.now().isoformat(timespec="seconds"),
-        })
+        }, embedder.meta)
     print_report(report)
     return report
 
@@ -183,13 +186,15 @@ def _write_results(out: Path, report: dict, opts: EvalOptions, scored: tuple, em
         log_tensorboard(opts.tensorboard, report, roc_fig, int(embedder.meta.get("step") or 0))
 
 
-def _calibrate(model_path: Path, report: dict, out: Path, calibration: dict) -> None:
-    """The threshold into the model's metadata. Refused (a read-only model): metrics.json says so, and one
-    line says where the figures are."""
+def _calibrate(model_path: Path, report: dict, out: Path, calibration: dict, meta: dict) -> None:
+    """The threshold into the model's metadata, with the model card that records this evaluation (`meta`: the
+    model's metadata as loaded). Refused (a read-only model): metrics.json says so, and one line says where the
+    figures are."""
     cal = report["calibration"]
+    fields = {"threshold": cal["threshold"], "threshold_far": cal["far"], "threshold_calibration": calibration}
+    card = build_card({**meta, **fields}, evaluation_entry(report, calibration["date"]))
     try:
-        update_model_meta(model_path, threshold=cal["threshold"], threshold_far=cal["far"],
-                          threshold_calibration=calibration)
+        update_model_meta(model_path, **fields, **{CARD_KEY: card})
     except UserError as err:
         cal.update(written_to_bundle=False, note=f"threshold NOT written: {err}")
         write_json(out / "metrics.json", report)

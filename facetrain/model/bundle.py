@@ -16,20 +16,24 @@ from facetrain.config.load import to_dict
 from facetrain.config.schema import ModelConfig
 from facetrain.data.images import Preprocess
 from facetrain.errors import UserError
+from facetrain.model.card import CARD_FILE, CARD_KEY, build_card, render_markdown
 from facetrain.model.files import BUNDLE_FORMAT, BUNDLE_VERSION, META_FILE, WEIGHTS_FILE, read_bundle_meta
 from facetrain.model.network import EmbeddingModel, create_model
 
 
 def write_bundle(directory: str | Path, model: nn.Module, model_cfg: ModelConfig, pre: Preprocess,
                  extra: dict | None = None) -> None:
-    """Write weights + metadata into `directory` (which must exist)."""
+    """Write weights + metadata + model card into `directory` (which must exist; the callers write into a
+    `.tmp` directory and swap it into place, so the three files appear together)."""
     directory = Path(directory)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE))
     meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "model": to_dict(model_cfg),
             "preprocess": pre.to_dict(), "threshold": None, "threshold_far": None}
     meta.update(extra or {})
+    meta[CARD_KEY] = build_card(meta)
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    (directory / CARD_FILE).write_text(render_markdown(meta[CARD_KEY]))
 
 
 def load_bundle(path: str | Path, map_location: str = "cpu") -> tuple[EmbeddingModel, Preprocess, dict]:

@@ -1,9 +1,11 @@
 """What `--model` can name, and a bundle's metadata: file names and JSON only, never torch.
 
-A bundle is a directory: `model.safetensors` (weights only, nothing unpickled on load) and `facetrain.json`
-(format tag, model config, preprocessing, calibrated threshold, training config). Training writes the best
-model as `<output_dir>/bundle/`; every checkpoint directory holds the same two files, so the evaluator and
-verifier accept either. `facetrain.export` turns a bundle into one `.onnx` file for the onnxruntime backend.
+A bundle is a directory: `model.safetensors` (weights only, nothing unpickled on load), `facetrain.json`
+(format tag, model config, preprocessing, calibrated threshold, training config, model card) and
+`MODEL_CARD.md` (the card rendered, `model.card`; bundles from before cards have none until evaluated).
+Training writes the best model as `<output_dir>/bundle/`; every checkpoint directory holds the same files, so
+the evaluator and verifier accept either. `facetrain.export` turns a bundle into one `.onnx` file for the
+onnxruntime backend.
 
 `resolve_model_path` is the one answer to "what can --model name?": a bundle or checkpoint directory, a
 training run directory (its best model, `<run>/bundle`), or with backend "onnxruntime" an exported `.onnx`
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from facetrain.errors import UserError
+from facetrain.model.card import CARD_FILE, CARD_KEY, render_markdown
 from facetrain.runtime.atomic_dir import recover_dir, write_atomic
 
 BUNDLE_FORMAT = "facetrain-bundle"
@@ -96,12 +99,18 @@ def read_bundle_meta(path: str | Path) -> dict:
 
 def update_bundle_meta(path: str | Path, **fields) -> None:
     """Merge fields (e.g. the calibrated threshold) into a bundle's metadata, atomically (a refused write is
-    one line; the bundle keeps its old metadata)."""
+    one line; the bundle keeps its old metadata). A new model card (`model_card`) is rendered into
+    MODEL_CARD.md after the metadata: the JSON is the record, the Markdown its view (a kill in between leaves
+    the view one step behind until the next write)."""
     meta = read_bundle_meta(path)
     meta.pop("path", None)
     meta.update(fields)
     text = json.dumps(meta, indent=2)
-    write_atomic(Path(path) / META_FILE, lambda tmp: tmp.write_text(text), "make the model folder writable")
+    todo = "make the model folder writable"
+    write_atomic(Path(path) / META_FILE, lambda tmp: tmp.write_text(text), todo)
+    if CARD_KEY in fields:
+        card = render_markdown(fields[CARD_KEY])
+        write_atomic(Path(path) / CARD_FILE, lambda tmp: tmp.write_text(card), todo)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,6 +150,7 @@ META_CHECKS: tuple[tuple[tuple[str, ...], Callable[[object], bool], str], ...] =
     (("threshold_far",), _optional(lambda v: _number(v) and 0 < v <= 1), "null or a number in (0, 1]"),
     (("threshold_calibration",), _optional(lambda v: isinstance(v, dict)), "null or a JSON object"),
     (("alignment",), _optional(lambda v: isinstance(v, dict)), "null or a JSON object (a facetrain.align recipe)"),
+    ((CARD_KEY,), _optional(lambda v: isinstance(v, dict)), "null or a JSON object (the model card)"),
 )
 
 

@@ -1,7 +1,8 @@
 """Full-state training checkpoints: atomic, self-describing, and loadable without unpickling code.
 
 Layout: <output_dir>/checkpoints/step_00001200/
-    model.safetensors, facetrain.json   the model as a bundle (eval/verify accept a checkpoint directly)
+    model.safetensors, facetrain.json   the model as a bundle (eval/verify accept a checkpoint directly),
+    MODEL_CARD.md                       with its model card
     train_state.pt                      the other stateful parts by name (optimizer, scheduler, loss, ema,
                                         scaler) and the loop state as JSON (state_json: LoopState)
     rng_<rank>.pt                       each rank's torch RNG state (dropout / stochastic depth)
@@ -183,7 +184,8 @@ class BundleInfo:
     model_cfg: ModelConfig
     pre: Preprocess
     run_meta: dict
-    """The resolved config, the alignment recipe: written into facetrain.json as they are."""
+    """The resolved config, the alignment recipe, the data summary of the model card: written into
+    facetrain.json as they are."""
 
 
 __all__ = ["CHECKPOINTS", "MARKER", "MODEL", "STATE_JSON", "SPLIT_KEYS", "STATE_KEYS", "META_FILE", "BundleInfo",

@@ -35,6 +35,7 @@ from facetrain.data.device_augment import training_input
 from facetrain.data.faceset import build_faceset, split_identities
 from facetrain.data.sampler import MPerClassBatchSampler
 from facetrain.errors import UserError
+from facetrain.model.card import data_summary
 from facetrain.model.network import create_model, resolve_preprocess
 from facetrain.runtime.distributed import (
     average_gradients,
@@ -108,6 +109,9 @@ class Trainer:
         self.train_ids, self.val_ids = split_identities(faceset, cfg.data)
         self.train_idx, self.train_labels = faceset.subset(self.train_ids)
         self.val_idx, self.val_labels = faceset.subset(self.val_ids)
+        # what the model card says about the data (model/card.py): counts per split, the pre-flight's refusals
+        self.data_summary = data_summary(cfg.data.source, cfg.data.root, (len(self.train_ids), len(self.train_idx)),
+                                         (len(self.val_ids), len(self.val_idx)), faceset.skipped)
         check_val_metric_resolvable(t.val_metric, self.val_labels)
         self.faceset = faceset
         self.sampler = MPerClassBatchSampler(self.train_labels, t.m, t.batch_size, self.world, self.rank, t.seed,
@@ -139,7 +143,8 @@ class Trainer:
         self.loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         self.checkpointer = Checkpointer(self.out, self.stateful_parts(), accelerator=acc, keep_last=t.keep_last,
                                          bundle=BundleInfo(cfg.model, self.pre, {"config": to_dict(cfg),
-                                                                                 "alignment": self.alignment}),
+                                                                                 "alignment": self.alignment,
+                                                                                 "data_summary": self.data_summary}),
                                          slow_save_s=cfg.debug.slow_save_s)
 
     def stateful_parts(self) -> dict:
