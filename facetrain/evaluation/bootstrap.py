@@ -103,14 +103,9 @@ def identity_units(labels: np.ndarray, seed: int, max_units: int = MAX_UNITS) ->
     return group[identity], max_units
 
 
-def grid_bins(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Bin of each score on the grid: the number of finite thresholds <= score (0 .. T-1)."""
-    ascending = thresholds[:-1][::-1]
-    return np.searchsorted(ascending, np.asarray(scores, dtype=np.float64), side="right")
-
-
 def cumulative(bin_counts: np.ndarray) -> np.ndarray:
-    """Counts per bin (last axis: bins 0 .. T-1, ascending scores) -> counts with score >= thresholds[k]."""
+    """Counts per bin (last axis: bin i holds the scores with exactly i finite thresholds <= score) -> counts with
+    score >= thresholds[k]."""
     return np.cumsum(bin_counts[..., ::-1], axis=-1)
 
 
@@ -125,23 +120,13 @@ class UnitPairAccumulator:
         self.impostor = np.zeros((n_units, n_units, self.n_bins), dtype=np.float64)
         self.genuine = np.zeros((n_units, self.n_bins), dtype=np.float64)
 
-    def add_block(self, bins: np.ndarray, unit_rows: np.ndarray, unit_cols: np.ndarray, genuine: np.ndarray,
-                  keep: np.ndarray | None = None) -> None:
-        """One (rows x cols) block of pairs: grid bins, the unit of each row and column (sorted, so the block
-        touches a small range of units), genuine flags, and an optional mask of the pairs to count."""
-        lo_a, lo_b = int(unit_rows[0]), int(unit_cols[0])
-        na, nb, t = int(unit_rows[-1]) - lo_a + 1, int(unit_cols[-1]) - lo_b + 1, self.n_bins
-        slot = ((genuine.astype(np.int64) * na + (unit_rows - lo_a)[:, None]) * nb + (unit_cols - lo_b)[None, :])
-        slot = slot * t + bins
-        local = np.bincount(slot[keep] if keep is not None else slot.reshape(-1), minlength=2 * na * nb * t)
-        local = local.reshape(2, na, nb, t)
+    def add_local(self, local: np.ndarray, lo_a: int, lo_b: int) -> None:
+        """Add one block's counts, `local` of shape (2 [impostor, genuine], units a, units b, bins), whose row units
+        start at `lo_a` and column units at `lo_b` (rows are sorted by unit, so a block touches a few units)."""
+        na, nb = local.shape[1:3]
         self.impostor[lo_a : lo_a + na, lo_b : lo_b + nb] += local[0]
         both = np.arange(max(lo_a, lo_b), min(lo_a + na, lo_b + nb))  # units on both sides of the block
-        self.genuine[both] += local[1][both - lo_a, both - lo_b]
-
-    def add(self, scores: np.ndarray, unit_rows: np.ndarray, unit_cols: np.ndarray, genuine: np.ndarray,
-            keep: np.ndarray | None = None) -> None:
-        self.add_block(grid_bins(scores, self.thresholds), unit_rows, unit_cols, genuine, keep)
+        self.genuine[both] += local[1][both - lo_a, both - lo_b]  # genuine pairs: one person, so one unit
 
     def unit_counts(self, n_identities: int) -> UnitCounts:
         impostor = cumulative(self.impostor)

@@ -70,6 +70,10 @@ def print_report(report: dict, console=None) -> None:
         console.print(f"intervals: {iv['level']:.0%} bootstrap percentile intervals, {iv['replicates']} replicates "
                       f"resampling {iv['units']:,} {iv['unit']} units (seed {iv['seed']}); the threshold is held "
                       "fixed for 'FAR delivered'")
+        if cal.get("far_interval") == [0.0, 0.0]:  # no replicate can show a false accept the data never had
+            n = m["n_impostor"]
+            console.print(f"[yellow]note:[/] the threshold accepts none of the {n:,} impostor pairs, so the bootstrap "
+                          f"cannot bound its FAR above 0; at 95% it is below 3/{n:,} = {3 / n:.1e} (rule of three)")
     for reason in m["tar_unavailable"]:
         console.print(f"[yellow]note:[/] {reason}")
     console.print(f"calibration: {cal['note']}")
