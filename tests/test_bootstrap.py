@@ -176,6 +176,13 @@ def test_unit_counts_with_every_weight_one_reproduce_the_roc(mode, max_units):
     assert s["auc"][0] <= metrics["auc"] <= s["auc"][1] and s["eer"][0] <= metrics["eer"] <= s["eer"][1]
     lo, hi = s["delivered_far"]
     assert lo <= far[0, list(grid).index(metrics["threshold_at_target_far"])] <= hi
+    # roc.png's band: pointwise TAR intervals over FAR, around the ROC
+    fars, low, high = iv.tar_band(roc.n_impostor, points=20)
+    assert fars[0] == pytest.approx(1 / roc.n_impostor) and fars[-1] == 1.0 and (low <= high).all()
+    assert low[-1] == high[-1] == 1.0
+    grid_far, grid_tar = bs.with_origin(far, tar)  # the all-weights-1 ROC on the grid, where the band is built
+    point = np.array([bs.tar_at_far(grid_far, grid_tar, f)[0] for f in fars])
+    assert np.mean((low <= point) & (point <= high)) >= 0.9
 
 
 def test_seeded_and_reproducible_and_pairs_are_resampled_within_fold_and_class():

@@ -34,7 +34,7 @@ from facetrain.errors import UserError
 from facetrain.evaluation.metrics import RocCurve, far_needed
 
 #: At most this many resampling units: (U, U, thresholds) float64 impostor counts are 256 * 256 * 8 bytes = 0.5 MiB
-#: per threshold (~75 MiB for the grid), and the replicates cost replicates * U^2 multiply-adds per threshold.
+#: per threshold (~60 MiB for a grid of ~115), and the replicates cost replicates * U^2 multiply-adds per threshold.
 MAX_UNITS = 256
 GRID_FARS = 64  # log-spaced FAR points of the threshold grid, from 1 / n_impostor to 1
 GRID_TARS = 48  # evenly spaced TAR points of the threshold grid
@@ -202,7 +202,8 @@ def eer(far: np.ndarray, tar: np.ndarray) -> np.ndarray:
     return far[rows, i - 1] + w * (far[rows, i] - far[rows, i - 1])
 
 
-def _with_origin(far: np.ndarray, tar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def with_origin(far: np.ndarray, tar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of grid rates with the reject-everything point (0, 0) in front, as an ROC starts."""
     zero = np.zeros((len(far), 1))
     return np.hstack([zero, far]), np.hstack([zero, tar])
 
@@ -244,7 +245,7 @@ def bootstrap_intervals(counts: UnitCounts, metrics: dict, target_fars: list[flo
     rng = np.random.default_rng(seed)
     weights = np.vstack([np.ones((1, counts.genuine.shape[0])),
                          replicate_weights(counts.strata, replicates, rng)])
-    far, tar = _with_origin(*weighted_rates(counts, weights))
+    far, tar = with_origin(*weighted_rates(counts, weights))
     point, reps = slice(0, 1), slice(1, None)
     iv = {}
     for name, values in (("auc", auc(far, tar)), ("eer", eer(far, tar))):
