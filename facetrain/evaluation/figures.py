@@ -47,8 +47,8 @@ def roc_figure(roc: RocCurve, metrics: dict, threshold: float | None, far: float
     if intervals is not None:  # pointwise over FAR: each FAR's TAR interval across the bootstrap replicates
         iv = intervals.as_dict()
         ax.fill_between(*intervals.tar_band(roc.n_impostor), step="post", alpha=0.25,
-                        lw=0, label=f"{iv['level']:.0%} TAR band ({iv['replicates']} replicates over "
-                        f"{iv['unit']}s)")
+                        lw=0, label=f"{iv['level']:.0%} TAR band ({iv['unit']} bootstrap, "
+                        f"{iv['replicates']} replicates)")
     keep = roc.far[idx] > 0
     ax.plot(roc.far[idx][keep], roc.tar[idx][keep], lw=1.5, label=f"ROC (AUC {metrics['auc']:.4f})")
     for f in DEFAULT_TARGET_FARS:
