@@ -209,3 +209,13 @@ def test_bootstrap_options_are_checked_in_one_line():
         bs.check_bootstrap_options(10, 0.95)
     with pytest.raises(UserError, match=r"--ci-level: must be in \[0.5, 0.999\]"):
         bs.check_bootstrap_options(1000, 95)
+
+
+def test_expanded_percentile_tails_widen_for_few_units():
+    # (1 - level) / 2 for many units; t with n - 1 degrees of freedom and the sqrt(n / (n - 1)) factor for few
+    assert bs.tail_probability(0.95, 10**6) == pytest.approx(0.025, abs=1e-5)
+    assert bs.tail_probability(0.95, 80) == pytest.approx(0.0226, abs=2e-4)
+    # at 7 units: 2 * P(Z > sqrt(7/6) * t_6(0.975) = 2.643) = 0.0082, t_6(0.975) = 2.447 from tables
+    assert bs.tail_probability(0.95, 7) == pytest.approx(0.0041, abs=2e-4)
+    tails = [bs.tail_probability(0.9, n) for n in (3, 10, 30, 100, 1000)]
+    assert tails == sorted(tails) and tails[-1] < 0.05

@@ -67,9 +67,9 @@ def print_report(report: dict, console=None) -> None:
                       _fmt(cal["threshold"]))
     console.print(table)
     if iv:
-        console.print(f"intervals: {iv['level']:.0%} bootstrap percentile intervals, {iv['replicates']} replicates "
-                      f"resampling {iv['units']:,} {iv['unit']} units (seed {iv['seed']}); the threshold is held "
-                      "fixed for 'FAR delivered'")
+        console.print(f"intervals: {iv['level']:.0%} bootstrap intervals ({iv['method']}), {iv['replicates']} "
+                      f"replicates resampling {iv['units']:,} {iv['unit']} units (seed {iv['seed']}); the threshold "
+                      "is held fixed for 'FAR delivered'")
         if cal.get("far_interval") == [0.0, 0.0]:  # no replicate can show a false accept the data never had
             n = m["n_impostor"]
             console.print(f"[yellow]note:[/] the threshold accepts none of the {n:,} impostor pairs, so the bootstrap "
