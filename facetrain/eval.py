@@ -27,6 +27,7 @@ from facetrain.cli import run_cli
 
 def build_parser():
     from facetrain.cli import RECOGNISED, ArgumentParser, add_embedding_options, add_image_check_options
+    from facetrain.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_REPLICATES
     from facetrain.evaluation.protocols import DEFAULT_CALIBRATION_FAR
 
     p = ArgumentParser(prog="facetrain.eval", description=__doc__,
@@ -66,6 +67,13 @@ def build_parser():
     p.add_argument("--save-embeddings", action="store_true", help="write embeddings.safetensors (with the file "
                    "list) to the output directory")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    p.add_argument("--bootstrap", type=int, default=DEFAULT_REPLICATES, metavar="N", help="bootstrap replicates "
+                   "for the confidence intervals of AUC, EER, TAR@FAR and the calibrated threshold's FAR and TAR, "
+                   "resampling identities (all pairs) or pairs within folds (--pairs); 0 = off "
+                   f"(default {DEFAULT_REPLICATES})")
+    p.add_argument("--ci-level", type=float, default=DEFAULT_LEVEL, help="confidence level of the intervals "
+                   f"(default {DEFAULT_LEVEL})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's draws (default 0)")
     add_image_check_options(p, "leave them out, and the pairs that use them, and list them in the report")
     add_embedding_options(p, "the images", RECOGNISED)
     return p

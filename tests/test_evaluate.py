@@ -138,6 +138,18 @@ def test_all_pairs_report_plots_embeddings_and_calibration(tmp_path, faces, caps
     assert np.mean(scores[~genuine] >= meta["threshold"]) <= 1e-3
     assert np.mean(scores[genuine] >= meta["threshold"]) == pytest.approx(m["tar_at_target_far"])
 
+    # bootstrap intervals over the 7 identities, seeded: in metrics.json, the table and next to the threshold
+    iv = report["intervals"]
+    assert (iv["unit"], iv["units"], iv["replicates"], iv["level"], iv["seed"]) == ("identity", 7, 1000, 0.95, 0)
+    assert iv["tar_at_far"]["1e-04"] is None  # not resolvable, as its point value
+    for key, (lo, hi) in [("auc", iv["auc"]), ("eer", iv["eer"]), ("tar@far=1e-03", iv["tar_at_far"]["1e-03"])]:
+        assert 0.0 <= lo <= m[key] <= hi <= 1.0
+    cal = meta["threshold_calibration"]
+    assert cal["far_measured"] == pytest.approx(np.mean(scores[~genuine] >= meta["threshold"]))
+    assert cal["far_interval"] == iv["delivered_far"] and cal["tar_interval"] == iv["tar_at_threshold"]
+    assert cal["ci_level"] == 0.95 and report["calibration"]["far_interval"] == iv["delivered_far"]
+    assert "95% interval" in printed and "FAR delivered" in printed
+
     for name in ("roc.png", "far_frr.png", "scores.png"):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.width > 300 and im.height > 200
@@ -147,11 +159,12 @@ def test_all_pairs_report_plots_embeddings_and_calibration(tmp_path, faces, caps
     # --no-calibrate leaves the bundle byte-identical; without --output the run goes next to the bundle
     before = (bundle / "facetrain.json").read_bytes()
     assert eval_main("--model", bundle, "--data", faces, "--num-workers", 0, "--no-calibrate",
-                     "--target-far", 1e-2, "--no-plots") == 0
+                     "--target-far", 1e-2, "--no-plots", "--bootstrap", 0) == 0
     assert (bundle / "facetrain.json").read_bytes() == before
     (default_out,) = (tmp_path / "run").glob("eval-*-heldout")
     second = json.loads((default_out / "metrics.json").read_text())
     assert second["calibration"]["far"] == 1e-2 and second["calibration"]["written_to_bundle"] is False
+    assert second["intervals"] is None and second["calibration"]["far_interval"] is None  # --bootstrap 0
     assert not list(default_out.glob("*.png"))
 
 
@@ -254,6 +267,7 @@ def test_lfw_pairs_protocol_on_att_faces(tmp_path, capsys):
     report = json.loads((out / "metrics.json").read_text())
     assert report["protocol"] == "pairs_file"
     assert (report["metrics"]["n_genuine"], report["metrics"]["n_impostor"]) == (300, 300)
+    assert report["intervals"]["unit"] == "pair" and report["intervals"]["units"] == 600
 
     # Recompute from the saved embeddings with the pairs taken from the test's own list: the CLI must have
     # mapped every line to the right two images and the right fold.

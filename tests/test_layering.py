@@ -28,7 +28,7 @@ TORCH_FREE_MODULES = ("facetrain.errors", "facetrain.runtime.atomic_dir", "facet
                       "facetrain.alignment.check", "facetrain.model.files", "facetrain.model.card",
                       "facetrain.evaluation.metrics",
                       "facetrain.evaluation.pairfile", "facetrain.evaluation.options",
-                      "facetrain.evaluation.benchmarks")
+                      "facetrain.evaluation.benchmarks", "facetrain.evaluation.bootstrap")
 TORCH_NEEDING = ("facetrain.deploy.export",)  # exports a torch model; imports torch in its functions only
 
 

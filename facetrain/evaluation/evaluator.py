@@ -27,10 +27,13 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from facetrain.alignment.recipe import incomplete_alignment
+from facetrain.config.constants import DEFAULT_TARGET_FARS
 from facetrain.errors import UserError
+from facetrain.evaluation.bootstrap import Intervals, bootstrap_intervals, threshold_grid
 from facetrain.evaluation.embedding import load_embedder
 from facetrain.evaluation.figures import make_figures
 from facetrain.evaluation.metrics import far_needed, verification_metrics
@@ -99,6 +102,9 @@ def run(opts: EvalOptions) -> dict | None:
     metrics = verification_metrics(roc, target_far=far)
     score_s = time.perf_counter() - t0
     threshold = metrics.get("threshold_at_target_far")
+    t0 = time.perf_counter()
+    intervals = _intervals(protocol, emb, plan, (roc, metrics, threshold), opts)
+    bootstrap_s = time.perf_counter() - t0
 
     if far is None:
         note = f"no threshold written: {far_source}"
@@ -124,11 +130,12 @@ def run(opts: EvalOptions) -> dict | None:
         "mixed_precision": embedder.precision,
         "alignment": alignment,
         "metrics": metrics,
+        "intervals": intervals.as_dict() if intervals else None,
         **extra,
         "calibration": {"far": far, "far_source": far_source, "threshold": threshold,
-                        "tar": metrics.get("tar_at_target_far"),
+                        "tar": metrics.get("tar_at_target_far"), **_calibration_intervals(roc, threshold, intervals),
                         "written_to_bundle": bool(opts.calibrate and threshold is not None), "note": note},
-        "timing_s": {"embed": round(embed_s, 3), "score": round(score_s, 3)},
+        "timing_s": {"embed": round(embed_s, 3), "score": round(score_s, 3), "bootstrap": round(bootstrap_s, 3)},
         "output": str(out),
         "plots": opts.plots,
         "skipped_images": skipped,  # refused by the pre-flight check under --bad-images skip
@@ -138,15 +145,41 @@ def run(opts: EvalOptions) -> dict | None:
     # the results first, then the model's metadata: a model that cannot take the threshold loses nothing else;
     # until it took it, metrics.json says it did not (a kill in between leaves no false claim)
     calibrate, report["calibration"]["written_to_bundle"] = report["calibration"]["written_to_bundle"], False
-    _write_results(out, report, opts, (roc, metrics, threshold, far), emb, plan, embedder)
+    _write_results(out, report, opts, (roc, metrics, threshold, far, intervals), emb, plan, embedder)
     if calibrate:
+        cal = report["calibration"]
         _calibrate(model_path, report, out, {
             "far_source": far_source, "tar": metrics.get("tar_at_target_far"), "protocol": protocol.name,
+            **{key: cal[key] for key in _CALIBRATION_INTERVAL_KEYS},
             "data": str(Path(opts.data).resolve()), "n_impostor": roc.n_impostor, "n_genuine": roc.n_genuine,
             "flip": embedder.flip, "eval_dir": str(out.resolve()), "date": datetime.now().isoformat(timespec="seconds"),
         }, embedder.meta)
     print_report(report)
     return report
+
+
+_CALIBRATION_INTERVAL_KEYS = ("far_measured", "far_interval", "tar_interval", "ci_level")
+
+
+def _intervals(protocol, emb, plan, scored: tuple, opts: EvalOptions) -> Intervals | None:
+    """Bootstrap intervals (`--bootstrap` replicates, none with 0) of the figures in `scored` (roc, metrics,
+    calibrated threshold): counts per resampling unit at a threshold grid, then weighted sums per replicate."""
+    if not opts.bootstrap:
+        return None
+    roc, metrics, threshold = scored
+    fars = list(DEFAULT_TARGET_FARS)
+    grid = threshold_grid(roc, [metrics[f"threshold@far={f:.0e}"] for f in fars] + [threshold])
+    counts = protocol.unit_counts(emb, plan, grid, opts.seed)
+    return bootstrap_intervals(counts, metrics, fars, threshold, opts.bootstrap, opts.ci_level, opts.seed)
+
+
+def _calibration_intervals(roc, threshold: float | None, intervals: Intervals | None) -> dict:
+    """What the calibrated threshold delivers on this data: its FAR, and with the bootstrap the intervals of
+    its FAR and TAR (the threshold held fixed, both re-measured per replicate)."""
+    measured = None if threshold is None else float(roc.far[np.flatnonzero(roc.thresholds == threshold)[0]])
+    iv = intervals.as_dict() if intervals else {}
+    return {"far_measured": measured, "far_interval": iv.get("delivered_far"),
+            "tar_interval": iv.get("tar_at_threshold"), "ci_level": iv.get("level")}
 
 
 def _start_output(opts: EvalOptions, model_path: Path) -> Path:
@@ -164,12 +197,12 @@ def _start_output(opts: EvalOptions, model_path: Path) -> Path:
 
 def _write_results(out: Path, report: dict, opts: EvalOptions, scored: tuple, emb, plan, embedder) -> None:
     """metrics.json, then the plots, the embeddings and the TensorBoard scalars (`scored`: roc, metrics,
-    threshold, far)."""
-    roc, metrics, threshold, far = scored
+    threshold, far, intervals)."""
+    roc, metrics, threshold, far, intervals = scored
     write_json(out / "metrics.json", report)
     roc_fig = None
     if opts.plots or opts.tensorboard:
-        figures = make_figures(roc, metrics, threshold, far)
+        figures = make_figures(roc, metrics, threshold, far, intervals)
         roc_fig = figures["roc.png"]
         if opts.plots:
             for name, fig in figures.items():

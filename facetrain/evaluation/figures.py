@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from facetrain.config.constants import DEFAULT_TARGET_FARS
+from facetrain.evaluation.bootstrap import Intervals
 from facetrain.evaluation.metrics import RocCurve
 
 
@@ -38,10 +39,16 @@ def _new_figure(width: float = 6.4, height: float = 4.8):
     return fig
 
 
-def roc_figure(roc: RocCurve, metrics: dict, threshold: float | None, far: float | None):
+def roc_figure(roc: RocCurve, metrics: dict, threshold: float | None, far: float | None,
+               intervals: Intervals | None = None):
     idx = _plot_points(roc)
     fig = _new_figure()
     ax = fig.add_subplot()
+    if intervals is not None:  # pointwise over FAR: each FAR's TAR interval across the bootstrap replicates
+        iv = intervals.as_dict()
+        ax.fill_between(*intervals.tar_band(roc.n_impostor), step="post", alpha=0.25,
+                        lw=0, label=f"{iv['level']:.0%} TAR band ({iv['unit']} bootstrap, "
+                        f"{iv['replicates']} replicates)")
     keep = roc.far[idx] > 0
     ax.plot(roc.far[idx][keep], roc.tar[idx][keep], lw=1.5, label=f"ROC (AUC {metrics['auc']:.4f})")
     for f in DEFAULT_TARGET_FARS:
@@ -104,9 +111,10 @@ def score_histogram_figure(roc: RocCurve, threshold: float | None, bins: int = 1
     return fig
 
 
-def make_figures(roc: RocCurve, metrics: dict, threshold: float | None, far: float | None) -> dict:
+def make_figures(roc: RocCurve, metrics: dict, threshold: float | None, far: float | None,
+                 intervals: Intervals | None = None) -> dict:
     return {
-        "roc.png": roc_figure(roc, metrics, threshold, far),
+        "roc.png": roc_figure(roc, metrics, threshold, far, intervals),
         "far_frr.png": far_frr_figure(roc, metrics, threshold),
         "scores.png": score_histogram_figure(roc, threshold),
     }

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from facetrain.config.constants import MAX_IMAGE_PIXELS
 from facetrain.errors import UserError
+from facetrain.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_REPLICATES, check_bootstrap_options
 
 
 @dataclass
@@ -36,6 +37,9 @@ class EvalOptions:
     backend: str = "torch"
     bad_images: str = "error"
     max_image_pixels: int = MAX_IMAGE_PIXELS
+    bootstrap: int = DEFAULT_REPLICATES
+    ci_level: float = DEFAULT_LEVEL
+    seed: int = 0
     argv: list[str] = field(default_factory=list)
 
     def check(self) -> None:
@@ -52,5 +56,6 @@ class EvalOptions:
             raise UserError(f"--max-exact-pairs: must be >= 1, got {self.max_exact_pairs}")
         if self.pairs and not Path(self.pairs).exists():
             raise UserError(f"--pairs: not found: {self.pairs} (a pairs file, or CFP's Protocol folder)")
+        check_bootstrap_options(self.bootstrap, self.ci_level)
         if self.bad_images not in ("error", "skip"):
             raise UserError(f"--bad-images: choose error or skip, got {self.bad_images!r}")

@@ -31,6 +31,7 @@ import torch
 from facetrain.config.constants import DEFAULT_TARGET_FARS
 from facetrain.data.faceset import scan_identity_folder
 from facetrain.errors import UserError
+from facetrain.evaluation.bootstrap import UnitCounts, UnitPairAccumulator, identity_units, pair_unit_counts
 from facetrain.evaluation.metrics import (
     RocCurve,
     count_pairs,
@@ -39,7 +40,7 @@ from facetrain.evaluation.metrics import (
     roc_exact,
 )
 from facetrain.evaluation.pairfile import read_pairs
-from facetrain.evaluation.scoring import all_pairs_roc, pair_scores
+from facetrain.evaluation.scoring import all_pairs_roc, all_pairs_unit_counts, pair_scores
 
 if TYPE_CHECKING:
     from facetrain.evaluation.options import EvalOptions
@@ -112,6 +113,13 @@ class AllPairs:
                             max_exact_pairs=opts.max_exact_pairs)
         return roc, {}
 
+    def unit_counts(self, emb: torch.Tensor, plan: Plan, thresholds: np.ndarray, seed: int) -> UnitCounts:
+        """Bootstrap counts with the identities (or seeded groups of them) as the resampled units."""
+        units, n_units = identity_units(plan.labels, seed)
+        accumulator = UnitPairAccumulator(n_units, thresholds)
+        all_pairs_unit_counts(emb, torch.as_tensor(plan.labels), units, accumulator)
+        return accumulator.unit_counts(plan.n_identities)
+
 
 class PairsFile:
     """The pairs listed in an LFW-format pairs.txt, with the 10-fold accuracy protocol."""
@@ -151,6 +159,12 @@ class PairsFile:
         if len(np.unique(plan.pair_fold)) >= 2:
             extra["kfold"] = kfold_accuracy(scores, plan.pair_genuine, plan.pair_fold)
         return roc, extra
+
+    def unit_counts(self, emb: torch.Tensor, plan: Plan, thresholds: np.ndarray, seed: int) -> UnitCounts:
+        """Bootstrap counts with the listed pairs as the units, resampled within (fold, genuine/impostor)."""
+        # the float64 cosines score() gave roc_exact, so each pair falls on the ROC's side of every threshold
+        scores = pair_scores(emb[plan.pair_index[:, 0]], emb[plan.pair_index[:, 1]])
+        return pair_unit_counts(scores, plan.pair_genuine, plan.pair_fold, thresholds, plan.n_identities)
 
 
 PROTOCOLS = {"all_pairs": AllPairs(), "pairs_file": PairsFile()}

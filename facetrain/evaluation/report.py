@@ -25,36 +25,55 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _ci(interval: list | None, digits: int = 4) -> str:
+    return "" if interval is None else f"[{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
 def print_report(report: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console(highlight=False, width=None if Console().is_terminal else 120)
     m = report["metrics"]
+    iv = report.get("intervals") or {}
     table = Table(title=f"facetrain.eval: {report['model']}", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    table.add_column(f"{iv['level']:.0%} interval" if iv else "interval (--bootstrap)", justify="right")
     table.add_column("threshold", justify="right")
     mode = f"{m['mode']} ROC" + (f" (bin width {m['bin_width']:.2e})" if m["mode"] == "histogram" else "")
-    table.add_row("protocol", f"{report['protocol']}, {mode}", "")
-    table.add_row("images / identities", f"{report['n_images']:,} / {report['n_identities']:,}", "")
-    table.add_row("pairs genuine / impostor", f"{m['n_genuine']:,} / {m['n_impostor']:,}", "")
-    table.add_row("ROC AUC", _fmt(m["auc"]), "")
-    table.add_row("EER", _fmt(m["eer"]), _fmt(m["eer_threshold"]))
-    table.add_row("best accuracy", _fmt(m["best_accuracy"]), _fmt(m["best_threshold"]))
+    table.add_row("protocol", f"{report['protocol']}, {mode}", "", "")
+    table.add_row("images / identities", f"{report['n_images']:,} / {report['n_identities']:,}", "", "")
+    table.add_row("pairs genuine / impostor", f"{m['n_genuine']:,} / {m['n_impostor']:,}", "", "")
+    table.add_row("ROC AUC", _fmt(m["auc"]), _ci(iv.get("auc")), "")
+    table.add_row("EER", _fmt(m["eer"]), _ci(iv.get("eer")), _fmt(m["eer_threshold"]))
+    table.add_row("best accuracy", _fmt(m["best_accuracy"]), "", _fmt(m["best_threshold"]))
     for far in DEFAULT_TARGET_FARS:
         key = f"{far:.0e}"
         tar = m[f"tar@far={key}"]
         value = _fmt(tar) if tar is not None else f"n/a (< {far_needed(far):,} impostor pairs)"
-        table.add_row(f"TAR @ FAR={key}", value, _fmt(m[f"threshold@far={key}"]))
+        table.add_row(f"TAR @ FAR={key}", value, _ci((iv.get("tar_at_far") or {}).get(key)),
+                      _fmt(m[f"threshold@far={key}"]))
     if "kfold" in report:
         k = report["kfold"]
         table.add_row(f"{len(k['fold_accuracies'])}-fold accuracy", f"{k['accuracy_mean']:.4f} ± "
-                      f"{k['accuracy_std']:.4f}", "other folds")
+                      f"{k['accuracy_std']:.4f}", "", "other folds")
     cal = report["calibration"]
     if cal["far"] is not None:
-        table.add_row(f"calibration: TAR @ FAR={cal['far']:.0e}", _fmt(cal["tar"]), _fmt(cal["threshold"]))
+        table.add_row(f"calibration: TAR @ FAR={cal['far']:.0e}", _fmt(cal["tar"]), _ci(cal.get("tar_interval")),
+                      _fmt(cal["threshold"]))
+    if cal.get("far_measured") is not None:
+        table.add_row("calibration: FAR delivered", _fmt(cal["far_measured"], 6), _ci(cal.get("far_interval"), 6),
+                      _fmt(cal["threshold"]))
     console.print(table)
+    if iv:
+        console.print(f"intervals: {iv['level']:.0%} bootstrap intervals ({iv['method']}), {iv['replicates']} "
+                      f"replicates resampling {iv['units']:,} {iv['unit']} units (seed {iv['seed']}); the threshold "
+                      "is held fixed for 'FAR delivered'")
+        if cal.get("far_interval") == [0.0, 0.0]:  # no replicate can show a false accept the data never had
+            n = m["n_impostor"]
+            console.print(f"[yellow]note:[/] the threshold accepts none of the {n:,} impostor pairs, so the bootstrap "
+                          f"cannot bound its FAR above 0; at 95% it is below 3/{n:,} = {3 / n:.1e} (rule of three)")
     for reason in m["tar_unavailable"]:
         console.print(f"[yellow]note:[/] {reason}")
     console.print(f"calibration: {cal['note']}")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from facetrain.evaluation.bootstrap import UnitPairAccumulator
 from facetrain.evaluation.metrics import (
     DEFAULT_BINS,
     MetricsError,
@@ -216,3 +217,45 @@ def _stream_all_pairs_into(
             counts = _bincount(slot, 2 * bins)
             hist.impostor_counts += counts[:bins]
             hist.genuine_counts += counts[bins:]
+
+
+# --------------------------------------------------------------------------------------- bootstrap counts
+
+
+def all_pairs_unit_counts(
+    emb: torch.Tensor,
+    labels: torch.Tensor | np.ndarray | Sequence[int],
+    units: np.ndarray,
+    accumulator: UnitPairAccumulator,
+    block_size: int = _STREAM_BLOCK,
+) -> None:
+    """Count every unordered pair into ``accumulator`` (bootstrap.UnitPairAccumulator): its grid bin, the
+    resampling unit of each image (``units``, from bootstrap.identity_units) and its genuine flag.
+
+    One more pass of blocked products over the pairs, binned on the device at the accumulator's thresholds.
+    The scores are compared as float32, the precision the ROC was built from, so a pair lands on the same side
+    of every grid threshold as in the ROC. Rows are sorted by unit, so each block touches few units.
+    """
+    x, lab = _checked_inputs(emb, labels, block_size)
+    unit = torch.as_tensor(np.asarray(units, dtype=np.int64), device=x.device)
+    order = torch.argsort(unit, stable=True)
+    x, lab, unit = x[order], lab[order], unit[order].to(torch.int32)
+    unit_host = unit.cpu().numpy()
+    edges = torch.as_tensor(accumulator.thresholds[:-1][::-1].copy(), dtype=torch.float32, device=x.device)
+    n_bins, n, block = accumulator.n_bins, x.shape[0], min(block_size, _STREAM_BLOCK)
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        for c in range(a, n, block):
+            d = min(c + block, n)
+            lo_a, lo_b = int(unit_host[a]), int(unit_host[c])
+            na, nb = int(unit_host[b - 1]) - lo_a + 1, int(unit_host[d - 1]) - lo_b + 1
+            scores = _matmul_outside_autocast(x[a:b], x[c:d].T).to(torch.float32)
+            # slot = ((genuine * na + row unit) * nb + column unit) * n_bins + bin, in int32 in place (the local
+            # slot count 2 * na * nb * n_bins is far below 2**31)
+            slot = ((unit[a:b, None] - lo_a) * nb + (unit[None, c:d] - lo_b)).mul_(n_bins)
+            slot += torch.bucketize(scores, edges, out_int32=True, right=True)  # thresholds <= score
+            slot += (lab[a:b, None] == lab[None, c:d]).to(torch.int32) * (na * nb * n_bins)
+            if c == a:  # diagonal block: strict upper triangle only (no self pairs, no pair twice)
+                slot = slot[torch.ones(b - a, b - a, dtype=torch.bool, device=x.device).triu_(diagonal=1)]
+            local = _bincount(slot, 2 * na * nb * n_bins).reshape(2, na, nb, n_bins)
+            accumulator.add_local(local, lo_a, lo_b)
