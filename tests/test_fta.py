@@ -336,3 +336,38 @@ def build_app_for(embedder, gallery):
     from facetrain.deploy.app import build_app
 
     return build_app(embedder, gallery)
+
+
+def test_benchmark_set_with_an_undecodable_image(tmp_path):
+    """--benchmarks: an image of a .bin set that does not decode is a failure to acquire there too."""
+    from test_benchmarks import tiny_set
+
+    from facetrain.evaluation.benchmarks import write_bin
+
+    images, issame = tiny_set(20)
+    images[5] = b"not an image"  # pair 2 is images 4 and 5
+    (tmp_path / "bins").mkdir()
+    write_bin(tmp_path / "bins" / "lfw.bin", images, issame)
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="test_efficientnet", embedding_dim=16)
+    model = create_model(cfg)
+    (tmp_path / "bundle").mkdir()
+    write_bundle(tmp_path / "bundle", model, cfg, resolve_preprocess(DataConfig(image_size=32), model))
+    common = ["--model", tmp_path / "bundle", "--benchmarks", tmp_path / "bins", "--num-workers", 0]
+    figures = {}
+    for policy in ("nonmatch", "exclude"):
+        done = run_in_process("facetrain.eval", [*common, "--output", tmp_path / policy, "--fta", policy])
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "LFW: failures to acquire: 1 of 40 images" in done.stdout, done.stdout
+        figures[policy] = json.loads((tmp_path / policy / "metrics.json").read_text())["sets"]["LFW"]
+    fta = figures["nonmatch"]["failures_to_acquire"]
+    assert (fta["count"], fta["files"][0]["path"]) == (1, "lfw.bin[5]")
+    genuine = bool(issame[2])
+    assert (fta["genuine_pairs"], fta["impostor_pairs"]) == ((1, 0) if genuine else (0, 1))
+    m = figures["nonmatch"]["metrics"]
+    assert m["n_genuine"] + m["n_impostor"] == 20
+    m = figures["exclude"]["metrics"]
+    assert m["n_genuine"] + m["n_impostor"] == 19
+    # 2 pairs per fold: pair 2 is fold 1's first; nonmatch scores it (rejected), exclude leaves 1 pair there
+    nonmatch, exclude = (figures[p]["kfold"]["fold_accuracies"][1] for p in ("nonmatch", "exclude"))
+    assert nonmatch in (0.0, 0.5, 1.0) and exclude in (0.0, 1.0)

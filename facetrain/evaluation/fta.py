@@ -55,6 +55,21 @@ def unreadable(paths: list[str], max_image_pixels: int, what: str) -> list[dict]
     return sorted(found, key=lambda r: r["path"])
 
 
+def undecodable_images(images: list[bytes], name: str) -> list[dict]:
+    """Encoded images (a `.bin` verification set's) that do not decode, as failure records named `<name>[<i>]`
+    (with their position, `index`)."""
+    from facetrain.data.images import open_image
+
+    found = []
+    for i, raw in enumerate(images):
+        try:
+            with open_image(raw) as im:
+                im.load()
+        except Exception as err:  # PIL raises many types for damaged data (OSError, SyntaxError, ...)
+            found.append({**failure(f"{name}[{i}]", "undecodable", type(err).__name__, str(err)[:200]), "index": i})
+    return found
+
+
 def faceless(records: list[dict]) -> list[dict]:
     """The embedder's alignment failures (`Embedder.last_failures`) as failure records."""
     return [failure(r["path"], "no_face", r["status"], r["reason"]) for r in records]
