@@ -371,3 +371,39 @@ def test_benchmark_set_with_an_undecodable_image(tmp_path):
     # 2 pairs per fold: pair 2 is fold 1's first; nonmatch scores it (rejected), exclude leaves 1 pair there
     nonmatch, exclude = (figures[p]["kfold"]["fold_accuracies"][1] for p in ("nonmatch", "exclude"))
     assert nonmatch in (0.0, 0.5, 1.0) and exclude in (0.0, 1.0)
+
+
+def test_all_pairs_eval_rejects_the_pairs_of_failed_images(lfw, template_detector, tmp_path):
+    """All pairs of a folder, 3 people x 3 photos, one undecodable and one faceless: 9 genuine and 27 impostor
+    pairs in both ROC modes; the 2 failed photos' pairs are rejected: 2 + 2 genuine, 6 + 6 - 1 impostor (the
+    pair of the two counted once)."""
+    data, bundle = lfw
+    folder = tmp_path / "heldout"
+    for k in range(3):
+        (folder / f"p{k}").mkdir(parents=True)
+        for i in range(3):
+            render(0, k, i).resize((SIZE, SIZE)).save(folder / f"p{k}" / f"{i}.png")
+    (folder / "p1" / "0.png").write_bytes(b"")
+    Image.new("RGB", (SIZE, SIZE)).save(folder / "p2" / "2.png")
+    common = ["--model", bundle, "--data", folder, "--no-plots", "--num-workers", 0, "--no-calibrate"]
+    for mode in ("exact", "histogram"):
+        out = tmp_path / mode
+        done = run_in_process("facetrain.eval", [*common, "--output", out, "--roc-mode", mode, "--save-embeddings"])
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads((out / "metrics.json").read_text())
+        fta, m = report["failures_to_acquire"], report["metrics"]
+        assert (fta["attempted_images"], fta["count"], fta["genuine_pairs"], fta["impostor_pairs"]) == (9, 2, 4, 11)
+        assert fta["by_problem"] == {"missing": 0, "undecodable": 1, "no_face": 1}
+        assert (m["n_genuine"], m["n_impostor"], m["mode"]) == (9, 27, mode)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "exact" / "embeddings.safetensors"), "pt") as f:
+        emb, labels = f.get_tensor("embeddings").double().numpy(), f.get_tensor("labels").numpy()
+    upper = np.triu_indices(len(labels), 1)
+    score = (emb @ emb.T)[upper]
+    genuine = (labels[:, None] == labels[None, :])[upper]
+    score = np.concatenate([score, [-np.inf] * 15])  # the 4 genuine and 11 impostor pairs of the failed photos
+    genuine = np.concatenate([genuine, [True] * 4 + [False] * 11])
+    exact = json.loads((tmp_path / "exact" / "metrics.json").read_text())["metrics"]
+    assert exact["auc"] == pytest.approx(_mann_whitney_auc(score, genuine))
+    assert exact["best_accuracy"] == pytest.approx(_best_accuracy(score, genuine))
