@@ -99,6 +99,7 @@ def run(opts: EvalOptions) -> dict | None:
     roc, extra = protocol.score(emb, plan, opts)
     far, far_source = calibration_far(opts.target_far, roc.n_impostor)
     metrics = verification_metrics(roc, target_far=far)
+    metrics["fta_rate"] = len(failures) / attempted  # as validation logs it (val/fta_rate; eval/fta_rate)
     score_s = time.perf_counter() - t0
     threshold = metrics.get("threshold_at_target_far")
 
