@@ -92,6 +92,21 @@ def test_rejected_pairs_rank_below_every_score():
     assert ours.thresholds[-1] == -np.inf and with_rejected_pairs(sentinel, 0, 0) is sentinel
 
 
+def test_plots_draw_only_the_scored_pairs():
+    """The rejected pairs have no score: the score histogram draws the fractions of the 7 scored pairs (the
+    closing point's -inf threshold made its bin edges NaN and stopped the evaluation)."""
+    import matplotlib.pyplot as plt
+
+    from facetrain.evaluation.figures import make_figures
+
+    roc = with_rejected_pairs(_scored("exact"), *REJECTED)
+    figures = make_figures(roc, verification_metrics(roc), 0.3, 0.2)
+    drawn = sorted(float(step.get_data().values.sum()) for step in figures["scores.png"].axes[0].patches)
+    assert drawn == pytest.approx([4 / 6, 3 / 4])  # scored impostors of 6, scored genuine of 4
+    for fig in figures.values():
+        plt.close(fig)
+
+
 def test_kfold_accuracy_counts_rejected_pairs_in_their_fold():
     """Fold 0: genuine 0.9 0.4, impostor 0.5 0.1, a rejected genuine; fold 1: genuine 0.8 0.75, impostor 0.6 0.2,
     a rejected impostor. Fold 1's pairs put the threshold at (0.75 + 0.6) / 2 = 0.675: fold 0 gets 0.9, 0.5,
