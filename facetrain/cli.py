@@ -35,6 +35,10 @@ def add_image_check_options(parser: argparse.ArgumentParser, skip_means: str) ->
     parser.add_argument("--bad-images", default="error", choices=("error", "skip"),
                         help="files that cannot be decoded (zero-byte, truncated, not an image, over "
                         f"--max-image-pixels): error = name every one and stop (default), skip = {skip_means}")
+    add_pixel_limit_option(parser)
+
+
+def add_pixel_limit_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
                         help="larger images are refused as decompression bombs (default: PIL's limit)")
 

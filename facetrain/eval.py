@@ -26,8 +26,9 @@ from facetrain.cli import run_cli
 
 
 def build_parser():
-    from facetrain.cli import RECOGNISED, ArgumentParser, add_embedding_options, add_image_check_options
+    from facetrain.cli import RECOGNISED, ArgumentParser, add_embedding_options, add_pixel_limit_option
     from facetrain.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_REPLICATES
+    from facetrain.evaluation.fta import DEFAULT_FTA_POLICY, FTA_POLICIES
     from facetrain.evaluation.protocols import DEFAULT_CALIBRATION_FAR
 
     p = ArgumentParser(prog="facetrain.eval", description=__doc__,
@@ -74,7 +75,12 @@ def build_parser():
     p.add_argument("--ci-level", type=float, default=DEFAULT_LEVEL, help="confidence level of the intervals "
                    f"(default {DEFAULT_LEVEL})")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's draws (default 0)")
-    add_image_check_options(p, "leave them out, and the pairs that use them, and list them in the report")
+    p.add_argument("--fta", default="", choices=tuple(FTA_POLICIES), help="failures to acquire (a listed image "
+                   "that is missing, does not decode or shows no usable face; rate and files in the report): "
+                   + "; ".join(f"{k} = {v}" for k, v in FTA_POLICIES.items()) + f" (default {DEFAULT_FTA_POLICY})")
+    p.add_argument("--bad-images", default="", choices=("error", "skip"),
+                   help="former option, still accepted: error = --fta error, skip = --fta exclude")
+    add_pixel_limit_option(p)
     add_embedding_options(p, "the images", RECOGNISED)
     return p
 

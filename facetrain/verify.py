@@ -8,7 +8,10 @@ Prints the cosine similarity of the two embeddings (-1..1, higher = more alike) 
 if similarity >= threshold". The threshold is the one `facetrain.eval` calibrated into the bundle for a target
 false-accept rate; without one (and without --threshold) only the similarity is printed, with a note saying
 how to calibrate. Images go through exactly the evaluator's preprocessing (`embed.Embedder`), including
-the flip test when the threshold was calibrated with it. Exit status 0 whatever the decision; errors exit 2.
+the flip test when the threshold was calibrated with it. A photo that is missing, does not decode or shows no
+usable face is a failure to acquire: the answer is "not the same person" without a similarity, naming the file
+and the problem (`failure_to_acquire`), as `facetrain.eval --fta nonmatch` counts such pairs. Exit status 0
+whatever the decision; errors exit 2.
 """
 
 from __future__ import annotations
@@ -61,15 +64,20 @@ def embed_pair(embedder, image_a: str, image_b: str):
 
 def verify(model: str, image_a: str, image_b: str, threshold: float | None = None, flip: bool | None = None,
            mixed_precision: str = "auto", aligned: bool = False, backend: str = "torch") -> dict:
-    """Similarity and decision for one pair of image files (the result `--json` prints)."""
+    """Similarity and decision for one pair of image files (the result `--json` prints); a failure to acquire
+    either photo gives similarity None and same False, with `failure_to_acquire` naming the files."""
     from facetrain.alignment.check import faces_used
-    from facetrain.cli import require_files
+    from facetrain.config.constants import MAX_IMAGE_PIXELS
+    from facetrain.evaluation.fta import faceless, unreadable
     from facetrain.evaluation.scoring import pair_scores
 
-    require_files([image_a, image_b], "facetrain.verify")  # before the model loads: a typo fails fast
+    # missing and undecodable photos before the model loads; a photo without a face once it is aligned
+    failures = unreadable([image_a, image_b], MAX_IMAGE_PIXELS, "facetrain.verify")
     embedder = load_embedder(model, flip, mixed_precision, aligned, backend)
-    emb = embed_pair(embedder, image_a, image_b)
-    similarity = float(pair_scores(emb[:1], emb[1:])[0])
+    acquired = [p for p in (image_a, image_b) if p not in {r["path"] for r in failures}]
+    emb = embedder.embed(acquired, record_failures=True) if acquired else None
+    failures += faceless(embedder.last_failures) if acquired else []
+    similarity = None if failures else float(pair_scores(emb[:1], emb[1:])[0])
     meta = embedder.meta
     if threshold is not None:
         source, far = "--threshold", None
@@ -80,13 +88,30 @@ def verify(model: str, image_a: str, image_b: str, threshold: float | None = Non
     return {
         "image_a": image_a, "image_b": image_b, "similarity": similarity,
         "threshold": threshold, "threshold_source": source, "threshold_far": far,
-        "same": None if threshold is None else bool(similarity >= threshold),
+        "same": _decision(similarity, threshold),
         "model": str(embedder.path), "flip": embedder.flip, "alignment": embedder.alignment,
-        "faces": faces_used(embedder, 2),
+        "faces": None if failures else faces_used(embedder, 2),
+        "failure_to_acquire": failures,
     }
 
 
+def _decision(similarity: float | None, threshold: float | None) -> bool | None:
+    """Same person? False without a similarity (a failure to acquire cannot match), None without a threshold."""
+    if similarity is None:
+        return False
+    return None if threshold is None else bool(similarity >= threshold)
+
+
+def describe_failure(result: dict) -> str:
+    lines = [f"similarity  none: failure to acquire {r['path']} ({r['problem']}: {r['reason']}, {r['detail']})"
+             for r in result["failure_to_acquire"]]
+    lines.append("decision    DIFFERENT people (failure to acquire: nothing to compare)")
+    return "\n".join(lines)
+
+
 def describe(result: dict) -> str:
+    if result.get("failure_to_acquire"):
+        return describe_failure(result)
     lines = [f"similarity  {result['similarity']:.4f}  (cosine of the two embeddings, -1..1)"]
     for image, face in zip((result["image_a"], result["image_b"]), result.get("faces") or [], strict=False):
         if face["faces"] > 1:

@@ -47,7 +47,7 @@ def _embeddings(folder: Path) -> dict[str, np.ndarray]:
 def test_train_on_aligned_folder_then_eval_verify_identify_raw_photos(tmp_path):
     """One recipe from end to end: facetrain.align -> training records the recipe -> raw photos through eval,
     verify and identify give the embeddings of the training crops (to 1e-5); a photo without a face is listed
-    by eval and a one-line error in verify."""
+    by eval (a failure to acquire) and a failure to acquire in verify ("different people")."""
     raw = tmp_path / "raw"
     for subject in sorted(YALE.glob("subject*"))[:6]:
         (raw / subject.name).mkdir(parents=True)
@@ -71,6 +71,7 @@ def test_train_on_aligned_folder_then_eval_verify_identify_raw_photos(tmp_path):
     assert report["alignment"]["inputs"] == "raw photos, aligned with the bundle's recipe"
     assert [f["path"] for f in report["alignment"]["without_face"]] == [str(raw / "subject01" / "zz_dogs.png")]
     assert "zz_dogs.png" in proc.stdout and report["n_images"] == 24
+    assert report["failures_to_acquire"]["by_problem"]["no_face"] == 1
     run_module("facetrain.eval", [*common, "--data", aligned, "--output", tmp_path / "ev_al"])
     report = json.loads((tmp_path / "ev_al" / "metrics.json").read_text())
     assert report["alignment"]["inputs"] == "crops of facetrain.align (same recipe)"
@@ -86,9 +87,11 @@ def test_train_on_aligned_folder_then_eval_verify_identify_raw_photos(tmp_path):
     assert result["similarity"] == pytest.approx(expected, abs=1e-5)
     assert result["alignment"] == recipe
 
-    proc = run_module("facetrain.verify", ["--model", bundle, a, raw / "subject01" / "zz_dogs.png"], check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "zz_dogs.png: no face" in proc.stderr
+    # a photo without a face is a failure to acquire: a decision (different people), exit status 0
+    proc = run_module("facetrain.verify", ["--model", bundle, a, raw / "subject01" / "zz_dogs.png", "--json"])
+    result = json.loads(proc.stdout)
+    assert result["same"] is False and result["similarity"] is None
+    assert [(Path(r["path"]).name, r["problem"]) for r in result["failure_to_acquire"]] == [("zz_dogs.png", "no_face")]
 
     # identify: an aligned gallery (recognised by its marker) and a raw probe whose crop is in it
     proc = run_module("facetrain.identify", ["--model", bundle, "--gallery", aligned, a, "--json", "--no-cache"])

@@ -162,8 +162,9 @@ def test_eval_benchmarks_errors(tmp_path, capsys):
     assert "agedb_30.bin: not an insightface verification file" in err and not marker.exists()
     images, issame = tiny_set(2)
     write_bin(empty / "agedb_30.bin", [*images[:3], b"not an image"], issame)
-    err = cli_error(eval_main_cli, ["--model", bundle, "--benchmarks", empty, "--num-workers", 0], capsys)
-    assert "agedb_30.bin: image 3 (encoded bytes): cannot decode image" in err
+    err = cli_error(eval_main_cli, ["--model", bundle, "--benchmarks", empty, "--num-workers", 0, "--fta", "error"],
+                    capsys)
+    assert "failures to acquire): agedb_30.bin[3] (UnsupportedImage)" in err
 
 
 def eval_main_cli(argv: list[str]) -> int:

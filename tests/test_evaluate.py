@@ -124,7 +124,7 @@ def test_all_pairs_report_plots_embeddings_and_calibration(tmp_path, faces, caps
 
     # the metrics are metrics.py's on those embeddings; 1e-3 is resolvable, so it is the calibration FAR
     expected = verification_metrics(all_pairs_roc(emb, labels), target_far=1e-3)
-    assert report["metrics"] == json.loads(json.dumps(expected))
+    assert report["metrics"] == json.loads(json.dumps({**expected, "fta_rate": 0.0}))
     m = report["metrics"]
     assert (m["n_genuine"], m["n_impostor"], m["mode"]) == (147, 1029, "exact")
     assert m["tar@far=1e-04"] is None and "tar@far=1e-04" in m["tar_unavailable"][0]
@@ -299,15 +299,18 @@ def test_lfw_pairs_protocol_on_att_faces(tmp_path, capsys):
 
 def test_user_errors_are_one_line_messages(tmp_path, faces, capsys):
     bundle = make_bundle(tmp_path / "bundle")
-    # a pairs file naming a missing image: the file, the line and the expected path
+    # a pairs file naming a missing image: a failure to acquire; under --fta error the expected path is named
     lfw = tmp_path / "lfw"
     (lfw / "ann").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(lfw / "ann" / "ann_0001.png")
     Image.new("RGB", (8, 8)).save(lfw / "ann" / "ann_0002.png")
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("1 1\nann 1 2\nann 1 bob 3\n")
+    err = cli_error(eval_cli.main, ["--model", bundle, "--data", lfw, "--pairs", pairs, "--fta", "error"], capsys)
+    assert str(lfw / "bob" / "bob_0003") in err and "(missing)" in err and "--fta nonmatch" in err
+    # by default it is a failure to acquire, but the scored pairs must still hold both classes: none is left here
     err = cli_error(eval_cli.main, ["--model", bundle, "--data", lfw, "--pairs", pairs], capsys)
-    assert f"{pairs}:3" in err and str(lfw / "bob" / "bob_0003") in err
+    assert "1 image(s) failed to acquire" in err and "too few to evaluate" in err
 
     # one identity: no impostor pairs
     single = tmp_path / "single"
@@ -315,13 +318,13 @@ def test_user_errors_are_one_line_messages(tmp_path, faces, capsys):
     err = cli_error(eval_cli.main, ["--model", bundle, "--data", single], capsys)
     assert "only one identity" in err and "no impostor pairs" in err
 
-    # an image that cannot be decoded: named by the pre-flight check before the model loads, still one line
+    # an image that cannot be decoded, under --fta error: named before the model loads, still one line
     broken = tmp_path / "broken"
     shutil.copytree(faces, broken)
     (broken / "person03" / "002.png").write_bytes(b"not a png at all")
     err = cli_error(eval_cli.main, ["--model", bundle, "--data", broken, "--num-workers", 1, "--output",
-                                    tmp_path / "out"], capsys)
-    assert f"{broken / 'person03' / '002.png'} (not_an_image)" in err and "--bad-images skip" in err
+                                    tmp_path / "out", "--fta", "error"], capsys)
+    assert f"{broken / 'person03' / '002.png'} (not_an_image)" in err and "--fta exclude" in err
 
     # not a model
     err = cli_error(eval_cli.main, ["--model", single, "--data", faces], capsys)

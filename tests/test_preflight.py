@@ -191,7 +191,11 @@ def test_skip_mode_trains_without_them_and_reports_exact_counts(bad_folder, tmp_
     assert m, proc.stdout[-2000:]
     ids_train, ids_val, img_train, img_val = map(int, m.groups())
     assert ids_train + ids_val == expected["identities"] and img_train + img_val == expected["images"]
-    assert json.loads((out / "done.json").read_text())["step"] == 2
+    done = json.loads((out / "done.json").read_text())
+    assert done["step"] == 2
+    # skipped files of validation identities are validation's failures to acquire: k of img_val + k images
+    rate = done["final"]["fta_rate"]
+    assert any(rate == pytest.approx(k / (img_val + k)) for k in range(n_bad + 1)), rate
     listing = (out / "preflight.txt").read_text()
     assert all(path in listing for path in expected["refused"])
 
@@ -219,7 +223,8 @@ def test_skip_filters_the_faceset_and_converts_every_mode(bad_folder, tmp_path):
 
 
 def test_eval_and_identify_name_every_bad_file_or_skip_them(bad_folder, tmp_path):
-    """One run names every unusable file (not only the first); --bad-images skip evaluates without them."""
+    """One run names every unusable file (not only the first) under --fta error (and the former --bad-images
+    error); by default they are failures to acquire, and --bad-images skip (= --fta exclude) leaves them out."""
     from facetrain.config.schema import ModelConfig
     from facetrain.model.bundle import write_bundle
     from facetrain.model.network import create_model
@@ -234,17 +239,19 @@ def test_eval_and_identify_name_every_bad_file_or_skip_them(bad_folder, tmp_path
                  Preprocess(32, [0.5] * 3, [0.5] * 3))
     common = ["--model", bundle, "--data", root, "--no-plots", "--num-workers", 0, "--no-calibrate",
               "--max-image-pixels", MAX_PIXELS]
-    failed = run_module("facetrain.eval", common + ["--output", tmp_path / "e1"], check=False)
+    failed = run_module("facetrain.eval", common + ["--output", tmp_path / "e1", "--bad-images", "error"], check=False)
     assert failed.returncode == 2, failed.stderr[-2000:]
     line = failed.stderr.strip().splitlines()[-1]
-    assert line.startswith("facetrain: error:") and "--bad-images skip" in line
+    assert line.startswith("facetrain: error:") and "--fta exclude" in line
     assert f"{len(expected['refused'])} image(s) cannot be used" in line
     for path, problem in expected["refused"].items():
         if problem != "too_large" or path.endswith("huge.png"):  # the bomb exceeds PIL's own limit too
             assert f"{path} ({problem})" in line, path
     run_module("facetrain.eval", common + ["--output", tmp_path / "e2", "--bad-images", "skip"])
     report = json.loads((tmp_path / "e2" / "metrics.json").read_text())
-    assert {b["path"] for b in report["skipped_images"]} == set(expected["refused"])
+    fta = report["failures_to_acquire"]
+    assert {b["path"] for b in fta["files"]} == set(expected["refused"]) and fta["policy"] == "exclude"
+    assert fta["by_problem"]["undecodable"] == len(expected["refused"])
     assert report["n_images"] == expected["images"]
 
     gallery = ["--model", bundle, "--gallery", root, "--evaluate", "--no-cache", "--num-workers", 0, "--json",

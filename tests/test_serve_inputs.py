@@ -1,6 +1,7 @@
 """What HTTP clients send the verification service: base64 as their libraries write it (MIME line breaks, the
 URL-safe alphabet, no padding) is accepted; a format facetrain does not read (EPS, HEIC, ...) is a 415 naming
-it, and EPS never runs Ghostscript; a photo without a face is a 422 that tells the client what it can do.
+it, and EPS never runs Ghostscript; a photo without a face is a 422 from /embed that tells the client what it can
+do (and a failure to acquire in /verify's answer: test_fta).
 
 In-process (FastAPI's TestClient) with a stand-in model: no shared data, no ONNX file, a fraction of a second."""
 
@@ -109,9 +110,9 @@ def test_eps_is_refused_without_running_ghostscript_and_other_formats_are_named(
 
 
 def test_a_photo_without_a_face_tells_the_client_what_to_do_not_a_cli_flag(client):
-    got = client.post("/verify", json={"image_a": base64.b64encode(_png()).decode(),
-                                       "image_b": base64.b64encode(_png(width=FACELESS_WIDTH)).decode()})
+    got = client.post("/embed", json={"images": [base64.b64encode(_png()).decode(),
+                                                 base64.b64encode(_png(width=FACELESS_WIDTH)).decode()]})
     assert got.status_code == 422, got.text
     error = got.json()["error"]
-    assert error.startswith("image_b: no face (") and "one clearly visible face" in error, error
+    assert error.startswith("images[1]: no face (") and "one clearly visible face" in error, error
     assert "--" not in error and "pass" not in error, error  # a client has no command line

@@ -90,6 +90,17 @@ def image_bytes(data: dict, key: str, limits: Limits, value=None) -> bytes:
     return raw
 
 
+class NoFace(RequestError):
+    """A photo without a usable face: a 422 where an embedding is asked for (/embed), a failure to acquire where a
+    decision is (/verify: not the same person; /identify: no match), answered with `record`."""
+
+    def __init__(self, name: str, status: str, reason: str):
+        super().__init__(422, f"{name}: {status.replace('_', ' ')} ({reason}): this service finds and aligns the "
+                              "face in each photo; send a photo with one clearly visible face, or, to send face "
+                              "crops, ask the service's operator to serve aligned crops")
+        self.record = {"image": name, "problem": "no_face", "reason": status, "detail": reason}
+
+
 def prepare(embedder, raw: bytes, name: str, limits: Limits, face: dict | None = None) -> np.ndarray:
     """Image file bytes -> the model input, through `images.load_image` as offline. The header is read first
     (PIL's lazy open) so an image over the decode budget is refused, or a large JPEG set to decode small
@@ -106,9 +117,7 @@ def prepare(embedder, raw: bytes, name: str, limits: Limits, face: dict | None =
     try:
         return embedder.prepare(header, name=name, face=face)  # face: which one was used, when aligned
     except AlignmentFailed as err:  # its message is the CLI's ("pass --aligned"): a client has no flags
-        raise RequestError(422, f"{name}: {err.status.replace('_', ' ')} ({err.reason}): this service finds and "
-                                "aligns the face in each photo; send a photo with one clearly visible face, or, "
-                                "to send face crops, ask the service's operator to serve aligned crops") from None
+        raise NoFace(name, err.status, err.reason) from None
     except Exception as err:  # truncated or corrupt pixel data
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise RequestError(415, f"{name}: cannot decode image ({type(err).__name__}: {first})") from None
@@ -162,19 +171,24 @@ class Service:
         self._log_after, self._unlogged = now + ABORT_LOG_EVERY_S, 0
 
     async def embed_fields(self, data: dict, keys: list[str], values: list | None = None,
-                           faces: list | None = None) -> np.ndarray:
+                           faces: list | None = None, unacquired: list | None = None) -> np.ndarray | None:
         """Embeddings of the images in fields `keys`; `faces` gets, per image, which face was used (or None
-        when images are embedded as they are)."""
+        when images are embedded as they are). With `unacquired` (a list), photos without a face are failures
+        to acquire recorded there (and None is returned) instead of a 422."""
         loop = asyncio.get_running_loop()
         found = [{} for _ in keys]
         jobs = [loop.run_in_executor(self.pool, decode_field, self.embedder, data, key, self.limits,
                                      None if values is None else values[k], found[k]) for k, key in enumerate(keys)]
         arrays = await asyncio.gather(*jobs, return_exceptions=True)
         for result in arrays:  # the first bad image in request order names the error
-            if isinstance(result, BaseException):
+            if isinstance(result, BaseException) and not (isinstance(result, NoFace) and unacquired is not None):
                 raise result
         if faces is not None:
             faces.extend(face or None for face in found)
+        if unacquired is not None:
+            unacquired.extend(r.record for r in arrays if isinstance(r, NoFace))
+            if unacquired:  # nothing to compare: no model time spent
+                return None
         return await self.batcher.embed(arrays)
 
     def health(self) -> dict:
@@ -195,14 +209,18 @@ class Service:
         meta = self.embedder.meta
         threshold, source, far = number_field(data, "threshold"), "request", None
         faces: list = []
-        emb = await self.embed_fields(data, ["image_a", "image_b"], faces=faces)
-        similarity = float(np.dot(emb[0].astype(np.float64), emb[1].astype(np.float64)))
+        unacquired: list = []
+        emb = await self.embed_fields(data, ["image_a", "image_b"], faces=faces, unacquired=unacquired)
         if threshold is None:
             threshold, far = meta.get("threshold"), meta.get("threshold_far")
             source = "model" if threshold is not None else None
+        if emb is None:  # a failure to acquire cannot match: not the same person, as facetrain.verify answers
+            return {"similarity": None, "same": False, "threshold": threshold, "threshold_source": source,
+                    "threshold_far": far, "flip": self.embedder.flip, "faces": faces, "failure_to_acquire": unacquired}
+        similarity = float(np.dot(emb[0].astype(np.float64), emb[1].astype(np.float64)))
         return {"similarity": similarity, "same": None if threshold is None else bool(similarity >= threshold),
                 "threshold": threshold, "threshold_source": source, "threshold_far": far, "flip": self.embedder.flip,
-                "faces": faces}
+                "faces": faces, "failure_to_acquire": []}
 
     async def embed(self, data: dict) -> dict:
         faces: list = []
@@ -224,13 +242,17 @@ class Service:
                                     "(DIR/<identity>/<image>)")
         top_k = min(int_field(data, "top_k", 5, 1), len(self.gallery.names))
         faces: list = []
-        emb = await self.embed_fields(data, ["image"], faces=faces)
+        unacquired: list = []
+        emb = await self.embed_fields(data, ["image"], faces=faces, unacquired=unacquired)
+        if emb is None:  # a probe without a face matches nobody
+            return {"matches": [], "match": False, **threshold_info(self.embedder.meta), "faces": faces,
+                    "failure_to_acquire": unacquired}
         rows = rank_identities(self.gallery, emb[:1], top_k)[0]
         for row in rows:  # the gallery's file names, never the server's path to them
             row["image"] = os.path.relpath(row["image"], self.gallery.root)
         threshold = self.embedder.meta.get("threshold")
         return {"matches": rows, "match": None if threshold is None else bool(rows[0]["score"] >= threshold),
-                **threshold_info(self.embedder.meta), "faces": faces}
+                **threshold_info(self.embedder.meta), "faces": faces, "failure_to_acquire": []}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -156,6 +156,34 @@ class UnitPairAccumulator:
                           np.zeros(self.n_units, dtype=np.int64), "identity", n_identities)
 
 
+def _pairs_of(n: np.ndarray) -> np.ndarray:
+    return n * (n - 1) / 2
+
+
+def add_rejected_identity_pairs(counts: UnitCounts, labels: np.ndarray, units: np.ndarray,
+                                acquired: np.ndarray) -> None:
+    """Add, in place, the pairs that use an image failing to acquire (`acquired` False) as pairs accepted at no
+    threshold: they count only in the last column (-inf, all pairs), so they lower TAR and FAR as --fta nonmatch
+    scores them. Per identity i with a_i images of which o_i acquired, C(a_i, 2) - C(o_i, 2) genuine pairs were
+    lost; between two units u != v, A_u*A_v - O_u*O_v impostor pairs (A, O: the units' image totals)."""
+    ids, identity = np.unique(np.asarray(labels), return_inverse=True)
+    a = np.bincount(identity, minlength=len(ids)).astype(np.float64)
+    o = np.bincount(identity[acquired], minlength=len(ids)).astype(np.float64)
+    unit_of = np.zeros(len(ids), dtype=np.int64)
+    unit_of[identity] = units  # every image of an identity is in the same unit
+    n_units = counts.genuine.shape[0]
+    lost_genuine = np.bincount(unit_of, _pairs_of(a) - _pairs_of(o), minlength=n_units)
+    big_a = np.bincount(unit_of, a, minlength=n_units)
+    big_o = np.bincount(unit_of, o, minlength=n_units)
+    same_unit = lambda n, big: _pairs_of(big) - np.bincount(unit_of, _pairs_of(n), minlength=n_units)  # noqa: E731
+    counts.genuine[:, -1] += lost_genuine
+    counts.within[:, -1] += same_unit(a, big_a) - same_unit(o, big_o)
+    if counts.between is not None:
+        lost = np.outer(big_a, big_a) - np.outer(big_o, big_o)
+        np.fill_diagonal(lost, 0.0)
+        counts.between[:, :, -1] += lost
+
+
 def pair_unit_counts(scores: np.ndarray, genuine: np.ndarray, folds: np.ndarray | None,
                      thresholds: np.ndarray, n_identities: int = 0) -> UnitCounts:
     """Every listed pair its own unit, stratified by (fold, genuine/impostor)."""

@@ -36,6 +36,7 @@ from facetrain.errors import UserError
 from facetrain.evaluation.bootstrap import Intervals, bootstrap_intervals, threshold_grid
 from facetrain.evaluation.embedding import load_embedder
 from facetrain.evaluation.figures import make_figures
+from facetrain.evaluation.fta import REPORT_KEY, faceless, section, stop_if_asked
 from facetrain.evaluation.metrics import far_needed, verification_metrics
 from facetrain.evaluation.options import EvalOptions
 from facetrain.evaluation.protocols import PROTOCOLS, calibration_far, preflight_plan
@@ -71,10 +72,12 @@ def run(opts: EvalOptions) -> dict | None:
     model_path = resolve_model_path(opts.model, opts.backend)
     protocol = PROTOCOLS["pairs_file" if opts.pairs else "all_pairs"]
     plan = protocol.plan(opts)
-    plan, skipped = preflight_plan(protocol, plan, opts)
-    if opts.target_far is not None and plan.n_impostor < far_needed(opts.target_far):
+    attempted = len(plan.paths)  # the images the protocol lists: the FTA rate's denominator
+    plan, failures = preflight_plan(protocol, plan, opts)  # missing and undecodable: failures to acquire
+    n_impostor = plan.scored_impostors(opts.fta)
+    if opts.target_far is not None and n_impostor < far_needed(opts.target_far):
         raise UserError(f"--target-far {opts.target_far:g}: needs >= {far_needed(opts.target_far):,} impostor "
-                        f"pairs to be resolvable, {plan.describe} gives {plan.n_impostor:,}: choose a larger FAR "
+                        f"pairs to be resolvable, {plan.describe} gives {n_impostor:,}: choose a larger FAR "
                         "or add identities")
 
     # an exported file's flip test is in its graph: without --flip, evaluate it as exported
@@ -93,13 +96,16 @@ def run(opts: EvalOptions) -> dict | None:
     if not embedder.is_main:  # rank 0 scores; the others wait for it in cli.run_cli (leave_process_group)
         return None
     alignment = alignment_summary(embedder, align, plan.paths)
-    if embedder.last_failures:
+    if embedder.last_failures:  # photos without a usable face: failures to acquire too
+        stop_if_asked(opts.fta, faceless(embedder.last_failures))
         plan, emb = protocol.without(plan, emb, {r["index"] for r in embedder.last_failures})
+        failures = sorted(failures + faceless(embedder.last_failures), key=lambda r: r["path"])
 
     t0 = time.perf_counter()
     roc, extra = protocol.score(emb, plan, opts)
     far, far_source = calibration_far(opts.target_far, roc.n_impostor)
     metrics = verification_metrics(roc, target_far=far)
+    metrics["fta_rate"] = len(failures) / attempted  # as validation logs it (val/fta_rate; eval/fta_rate)
     score_s = time.perf_counter() - t0
     threshold = metrics.get("threshold_at_target_far")
     t0 = time.perf_counter()
@@ -138,7 +144,7 @@ def run(opts: EvalOptions) -> dict | None:
         "timing_s": {"embed": round(embed_s, 3), "score": round(score_s, 3), "bootstrap": round(bootstrap_s, 3)},
         "output": str(out),
         "plots": opts.plots,
-        "skipped_images": skipped,  # refused by the pre-flight check under --bad-images skip
+        REPORT_KEY: section(opts.fta, attempted, failures, plan.left_out_genuine, plan.left_out_impostor),
     }
 
     report["timing_s"]["total"] = round(time.perf_counter() - started, 3)
@@ -169,7 +175,7 @@ def _intervals(protocol, emb, plan, scored: tuple, opts: EvalOptions) -> Interva
     roc, metrics, threshold = scored
     fars = list(DEFAULT_TARGET_FARS)
     grid = threshold_grid(roc, [metrics[f"threshold@far={f:.0e}"] for f in fars] + [threshold])
-    counts = protocol.unit_counts(emb, plan, grid, opts.seed)
+    counts = protocol.unit_counts(emb, plan, grid, opts.seed, opts.fta)
     return bootstrap_intervals(counts, metrics, fars, threshold, opts.bootstrap, opts.ci_level, opts.seed)
 
 

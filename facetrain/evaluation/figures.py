@@ -92,10 +92,12 @@ def far_frr_figure(roc: RocCurve, metrics: dict, threshold: float | None):
 
 def score_histogram_figure(roc: RocCurve, threshold: float | None, bins: int = 100):
     """Genuine vs impostor score distributions, recovered from the ROC itself (each point's step in TAR/FAR
-    is the number of pairs at that score), so both ROC modes plot without keeping the scores."""
-    scores = roc.thresholds[1:]
-    genuine = np.diff(np.rint(roc.tar * roc.n_genuine))
-    impostor = np.diff(np.rint(roc.far * roc.n_impostor))
+    is the number of pairs at that score), so both ROC modes plot without keeping the scores. Pairs without a
+    score (failures to acquire: the ROC's closing point at threshold -inf) are not drawn."""
+    scored = np.isfinite(roc.thresholds[1:])
+    scores = roc.thresholds[1:][scored]
+    genuine = np.diff(np.rint(roc.tar * roc.n_genuine))[scored]
+    impostor = np.diff(np.rint(roc.far * roc.n_impostor))[scored]
     edges = np.linspace(float(scores.min()), float(scores.max()) + 1e-9, bins + 1)
     fig = _new_figure()
     ax = fig.add_subplot()

@@ -221,6 +221,22 @@ class ScoreHistogram:
         )
 
 
+def with_rejected_pairs(roc: RocCurve, genuine: int, impostor: int) -> RocCurve:
+    """`roc` with `genuine` + `impostor` more pairs that are rejected at every threshold (failures to acquire, ISO/IEC
+    19795-1: no comparison score exists): they stay in the TAR / FAR denominators, so a rejected genuine pair is a
+    false reject and a rejected impostor pair a true reject. Every point keeps its threshold and its accepted
+    counts; the curve is closed by the point that would accept every pair (FAR = TAR = 1, threshold -inf, which
+    no cosine threshold reaches), so AUC and EER stay defined, exactly as if these pairs scored below -1."""
+    if genuine == 0 and impostor == 0:
+        return roc
+    n_genuine, n_impostor = roc.n_genuine + genuine, roc.n_impostor + impostor
+    # accepted counts are integers: recover them exactly, then divide by the larger denominators
+    far = np.rint(roc.far * roc.n_impostor) / n_impostor
+    tar = np.rint(roc.tar * roc.n_genuine) / n_genuine
+    return RocCurve(far=np.append(far, 1.0), tar=np.append(tar, 1.0), thresholds=np.append(roc.thresholds, -np.inf),
+                    n_genuine=n_genuine, n_impostor=n_impostor, mode=roc.mode, bin_width=roc.bin_width)
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 
 
@@ -357,9 +373,14 @@ def best_accuracy_threshold(scores: np.ndarray, genuine: np.ndarray) -> tuple[fl
     return threshold, float(correct[best] / n)
 
 
-def kfold_accuracy(scores: np.ndarray, genuine: np.ndarray, folds: np.ndarray) -> dict[str, Any]:
+def kfold_accuracy(scores: np.ndarray, genuine: np.ndarray, folds: np.ndarray,
+                   rejected: np.ndarray | None = None) -> dict[str, Any]:
     """LFW-protocol accuracy: for each fold, pick the best-accuracy threshold on the *other* folds and
     measure accuracy on this fold.
+
+    ``rejected`` (bool per pair, optional): pairs rejected at every threshold (failures to acquire; their
+    score is ignored). They count in their fold's accuracy (right when impostor) and add the same number of
+    correct decisions at every threshold of the other folds, so the threshold is chosen on the scored pairs.
 
     Returns ``accuracy_mean``, ``accuracy_std`` (population std over folds, as in the usual LFW scripts),
     ``fold_accuracies`` and ``fold_thresholds`` (lists in ascending fold-id order).
@@ -371,6 +392,9 @@ def kfold_accuracy(scores: np.ndarray, genuine: np.ndarray, folds: np.ndarray) -
         raise MetricsError(
             f"scores, genuine and folds differ in length: {s.shape[0]}, {g.shape[0]}, {f.shape[0]}"
         )
+    rej = np.zeros(s.shape, dtype=bool) if rejected is None else np.asarray(rejected, dtype=bool).reshape(-1)
+    if rej.shape != s.shape:
+        raise MetricsError(f"rejected has {rej.shape[0]} entries for {s.shape[0]} pairs")
     fold_ids = np.unique(f)
     if fold_ids.shape[0] < 2:
         raise MetricsError(f"k-fold accuracy needs at least 2 folds, got {fold_ids.shape[0]}")
@@ -378,8 +402,11 @@ def kfold_accuracy(scores: np.ndarray, genuine: np.ndarray, folds: np.ndarray) -
     thresholds: list[float] = []
     for fold in fold_ids:  # a handful of folds; each iteration is vectorised over pairs
         test = f == fold
-        threshold, _ = best_accuracy_threshold(s[~test], g[~test])
-        accuracies.append(float(np.mean((s[test] >= threshold) == g[test])))
+        train = ~test & ~rej
+        # no scored pair in the other folds: nothing to choose a threshold on, so accept nothing
+        threshold = best_accuracy_threshold(s[train], g[train])[0] if train.any() else math.inf
+        accepted = (s[test] >= threshold) & ~rej[test]
+        accuracies.append(float(np.mean(accepted == g[test])))
         thresholds.append(threshold)
     return {
         "accuracy_mean": float(np.mean(accuracies)),

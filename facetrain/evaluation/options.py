@@ -10,6 +10,10 @@ from pathlib import Path
 from facetrain.config.constants import MAX_IMAGE_PIXELS
 from facetrain.errors import UserError
 from facetrain.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_REPLICATES, check_bootstrap_options
+from facetrain.evaluation.fta import DEFAULT_FTA_POLICY, FTA_POLICIES
+
+#: eval's former `--bad-images` values, still accepted: the `--fta` policy each one means.
+BAD_IMAGES_AS_FTA = {"error": "error", "skip": "exclude"}
 
 
 @dataclass
@@ -35,7 +39,10 @@ class EvalOptions:
     plots: bool = True
     aligned: bool = False
     backend: str = "torch"
-    bad_images: str = "error"
+    fta: str = ""
+    """Failures to acquire (`evaluation.fta`): nonmatch (default), exclude or error; "" until `check`."""
+    bad_images: str = ""
+    """The former option (error / skip), mapped onto `fta` by `check`; "" when not given."""
     max_image_pixels: int = MAX_IMAGE_PIXELS
     bootstrap: int = DEFAULT_REPLICATES
     ci_level: float = DEFAULT_LEVEL
@@ -57,5 +64,18 @@ class EvalOptions:
         if self.pairs and not Path(self.pairs).exists():
             raise UserError(f"--pairs: not found: {self.pairs} (a pairs file, or CFP's Protocol folder)")
         check_bootstrap_options(self.bootstrap, self.ci_level)
-        if self.bad_images not in ("error", "skip"):
-            raise UserError(f"--bad-images: choose error or skip, got {self.bad_images!r}")
+        self._resolve_fta()
+
+    def _resolve_fta(self) -> None:
+        """`fta` from --fta or the former --bad-images (error = --fta error, skip = --fta exclude)."""
+        if self.fta and self.fta not in FTA_POLICIES:
+            raise UserError(f"--fta: choose {', '.join(FTA_POLICIES)}, got {self.fta!r}")
+        if self.bad_images:
+            if self.bad_images not in BAD_IMAGES_AS_FTA:
+                raise UserError(f"--bad-images: choose error or skip, got {self.bad_images!r}")
+            meant = BAD_IMAGES_AS_FTA[self.bad_images]
+            if self.fta and self.fta != meant:
+                raise UserError(f"--bad-images {self.bad_images} means --fta {meant}, which contradicts --fta "
+                                f"{self.fta}: give --fta only")
+            self.fta = meant
+        self.fta = self.fta or DEFAULT_FTA_POLICY

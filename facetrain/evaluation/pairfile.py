@@ -111,11 +111,13 @@ def resolve_pair_paths(
     pairs: Sequence[PairSpec],
     root: str | Path,
     exts: Sequence[str] = IMAGE_EXTENSIONS,
+    missing_ok: bool = False,
 ) -> list[PairSpec]:
     """Return copies of ``pairs`` with ``path_a``/``path_b`` set to existing files under ``root``.
 
     Each ``(name, index)`` is looked up once, trying ``exts`` in order (and their upper-case forms). A
-    missing image raises a one-line ValueError naming the pairs-file line and the expected path.
+    missing image raises a one-line ValueError naming the pairs-file line and the expected path, or with
+    ``missing_ok`` gets that expected path (the evaluation counts it as a failure to acquire).
     """
     root = Path(root)
     found: dict[tuple[str, int], Path] = {}
@@ -127,6 +129,8 @@ def resolve_pair_paths(
             folder = root / name
             candidates = (folder / f"{stem}{ext}" for e in exts for ext in dict.fromkeys((e, e.upper())))
             path = next((p for p in candidates if p.is_file()), None)
+            if path is None and missing_ok:
+                path = folder / f"{stem}{exts[0]}"
             if path is None:
                 where = f"{pair.source}:{pair.line}" if pair.source else f"line {pair.line}"
                 raise MetricsError(
@@ -146,7 +150,7 @@ def resolve_pair_paths(
     ]
 
 
-def parse_two_line_pairs(path: str | Path, root: str | Path) -> list[PairSpec]:
+def parse_two_line_pairs(path: str | Path, root: str | Path, missing_ok: bool = False) -> list[PairSpec]:
     """Parse CALFW's / CPLFW's pairs list: one ``<image file> <label>`` per line, lines 2i and 2i+1 forming pair
     i, genuine when the first line's label is not 0; the images lie in ``root`` itself (their "aligned images"
     folder). The 10 folds are consecutive blocks (600 pairs each in the published 6,000). A malformed line or a
@@ -160,7 +164,7 @@ def parse_two_line_pairs(path: str | Path, root: str | Path) -> list[PairSpec]:
         if len(parts) != 2 or not is_image_file(parts[0]) or _parse_count(parts[1]) is None:
             raise MetricsError(f"{path}:{line_no}: malformed line {text.strip()!r}: expected '<image file> <label>' "
                                "(CALFW / CPLFW pairs list, label 0 = different people)")
-        if not (root / parts[0]).is_file():
+        if not missing_ok and not (root / parts[0]).is_file():
             raise MetricsError(f"{path}:{line_no}: image {parts[0]} not found: expected {root / parts[0]}")
         rows.append((parts[0], _parse_count(parts[1]), line_no))
     if not rows or len(rows) % 2:
@@ -197,7 +201,7 @@ def _cfp_list(path: Path, root: Path) -> dict[int, Path]:
     return images
 
 
-def parse_cfp_fp(protocol: str | Path, root: str | Path) -> list[PairSpec]:
+def parse_cfp_fp(protocol: str | Path, root: str | Path, missing_ok: bool = False) -> list[PairSpec]:
     """CFP-FP's 10 folds from CFP's ``Protocol`` folder: in fold folder k, each ``a,b`` line of same.txt
     (genuine) and diff.txt (impostor) pairs frontal image a with profile image b. The lists' ``../Data/...``
     paths are taken under ``root`` (the CFP folder that holds Data/ and Protocol/)."""
@@ -216,7 +220,7 @@ def parse_cfp_fp(protocol: str | Path, root: str | Path) -> list[PairSpec]:
                                        f"<profile number>' of {CFP_LISTS['frontal']} / {CFP_LISTS['profile']}")
                 a, b = frontal[numbers[0]], profile[numbers[1]]
                 for image in (a, b):
-                    if not image.is_file():
+                    if not missing_ok and not image.is_file():
                         raise MetricsError(f"{folder / file}:{line_no}: image not found: {image}")
                 pairs.append(PairSpec(name_a=a.parent.parent.name, index_a=numbers[0], name_b=b.parent.parent.name,
                                       index_b=numbers[1], genuine=genuine, fold=fold, line=line_no,
@@ -224,16 +228,17 @@ def parse_cfp_fp(protocol: str | Path, root: str | Path) -> list[PairSpec]:
     return pairs
 
 
-def read_pairs(path: str | Path, root: str | Path) -> list[PairSpec]:
+def read_pairs(path: str | Path, root: str | Path, missing_ok: bool = False) -> list[PairSpec]:
     """The pairs of an LFW ``pairs.txt``, a CALFW / CPLFW pairs list (told apart by the first line: LFW's is
     a header of counts, theirs names an image file) or CFP's Protocol folder (CFP-FP), with every image path
-    resolved under ``root``."""
+    resolved under ``root``. A listed image that is not there is a one-line error, or with ``missing_ok`` the
+    path where it was expected."""
     if Path(path).is_dir():
         if not (Path(path) / CFP_SPLITS).is_dir():
             raise MetricsError(f"--pairs: {path} is a folder but not CFP's Protocol folder (no {CFP_SPLITS} in it): "
                                "give a pairs file, or CFP's Protocol folder")
-        return parse_cfp_fp(path, root)
+        return parse_cfp_fp(path, root, missing_ok)
     first = next((line.split() for line in Path(path).read_text().splitlines() if line.strip()), [])
     if first and is_image_file(first[0]):
-        return parse_two_line_pairs(path, root)
-    return resolve_pair_paths(parse_lfw_pairs(path), root)
+        return parse_two_line_pairs(path, root, missing_ok)
+    return resolve_pair_paths(parse_lfw_pairs(path), root, missing_ok=missing_ok)

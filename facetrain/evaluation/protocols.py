@@ -8,9 +8,11 @@ Protocols (`PROTOCOLS`):
 * `pairs_file` (`--pairs FILE`): an LFW `pairs.txt` over `<data>/<name>/<name>_<0001>.<ext>`; 10-fold
   accuracy (threshold chosen on the other nine folds) plus AUC/EER/TAR@FAR over all listed pairs.
 
-A protocol `plan`s the files to embed and the pair counts before any model runs (`preflight_plan` checks
-every file of the plan first), drops the images `without` a usable face afterwards, and `score`s the
-embeddings with `metrics` (the code the trainer validates with).
+A protocol `plan`s the files to embed and the pair counts before any model runs (`preflight_plan` finds the
+missing and undecodable files first), takes the images that failed to acquire (those and the photos without a
+usable face) `without` their pairs, remembering how many it left out, and `score`s the embeddings with `metrics`
+(the code the trainer validates with): under `--fta nonmatch` the left-out pairs are rejected at every
+threshold (`metrics.with_rejected_pairs`, and in the 10-fold accuracy), under `exclude` they stay out (`fta`).
 
 Threshold calibration: the decision rule is "same person if cosine >= threshold". The threshold written to
 the bundle is the highest one whose FAR on this data is <= the target FAR (`--target-far`; by default 1e-3
@@ -31,13 +33,21 @@ import torch
 from facetrain.config.constants import DEFAULT_TARGET_FARS
 from facetrain.data.faceset import scan_identity_folder
 from facetrain.errors import UserError
-from facetrain.evaluation.bootstrap import UnitCounts, UnitPairAccumulator, identity_units, pair_unit_counts
+from facetrain.evaluation.bootstrap import (
+    UnitCounts,
+    UnitPairAccumulator,
+    add_rejected_identity_pairs,
+    identity_units,
+    pair_unit_counts,
+)
+from facetrain.evaluation.fta import stop_if_asked, unreadable
 from facetrain.evaluation.metrics import (
     RocCurve,
     count_pairs,
     far_needed,
     kfold_accuracy,
     roc_exact,
+    with_rejected_pairs,
 )
 from facetrain.evaluation.pairfile import read_pairs
 from facetrain.evaluation.scoring import all_pairs_roc, all_pairs_unit_counts, pair_scores
@@ -76,6 +86,17 @@ class Plan:
     pair_index: np.ndarray | None = None  # (K, 2) rows into `paths` (pairs_file)
     pair_genuine: np.ndarray | None = None
     pair_fold: np.ndarray | None = None
+    left_out_genuine: int = 0
+    """Pairs taken out `without` their images (failures to acquire), genuine and impostor."""
+    left_out_impostor: int = 0
+    left_out_pairs: np.ndarray | None = None
+    """pairs_file: (R, 2) int64 rows (genuine 0/1, fold) of the pairs left out."""
+    left_out_labels: np.ndarray | None = None
+    """all_pairs: the labels of the images left out (the bootstrap gives their rejected pairs to identities)."""
+
+    def scored_impostors(self, policy: str) -> int:
+        """Impostor pairs in the FAR denominator: the left-out ones count too when they are non-matches."""
+        return self.n_impostor + (self.left_out_impostor if policy == "nonmatch" else 0)
 
 
 class AllPairs:
@@ -95,30 +116,44 @@ class AllPairs:
         return Plan(paths, n_genuine, n_impostor, len(names), f"all pairs of {opts.data}", labels=labels)
 
     def without(self, plan: Plan, emb: torch.Tensor, dropped: set[int]) -> tuple[Plan, torch.Tensor]:
-        """The plan and embeddings without the images at `dropped` (photos in which no face was found)."""
+        """The plan and embeddings without the images at `dropped` (failures to acquire) and their pairs."""
         keep = np.array([i not in dropped for i in range(len(plan.paths))], dtype=bool)
         labels = plan.labels[keep]
         n_genuine, n_impostor = count_pairs(labels)
         n_ids = len(np.unique(labels))
         if n_ids < 2 or n_genuine == 0:
-            raise UserError(f"--data: {len(dropped)} of {len(plan.paths)} photos have no usable face, leaving "
-                            f"{n_ids} identities and {n_genuine} genuine pairs: too few to evaluate (see "
-                            "python -m facetrain.align for a report of which photos fail)")
+            raise UserError(f"--data: {len(dropped)} of {len(plan.paths)} image(s) failed to acquire (missing, "
+                            f"undecodable or without a usable face), leaving {n_ids} identities and {n_genuine} "
+                            "genuine pairs: too few to evaluate (python -m facetrain.align reports which photos "
+                            "have no face)")
         paths = [p for p, k in zip(plan.paths, keep, strict=True) if k]
-        return dataclasses.replace(plan, paths=paths, labels=labels, n_genuine=n_genuine, n_impostor=n_impostor,
-                                   n_identities=n_ids), emb[torch.as_tensor(keep)]
+        return dataclasses.replace(
+            plan, paths=paths, labels=labels, n_genuine=n_genuine, n_impostor=n_impostor, n_identities=n_ids,
+            left_out_genuine=plan.left_out_genuine + plan.n_genuine - n_genuine,
+            left_out_impostor=plan.left_out_impostor + plan.n_impostor - n_impostor,
+            left_out_labels=np.concatenate([plan.left_out_labels if plan.left_out_labels is not None
+                                            else plan.labels[:0], plan.labels[~keep]])), emb[torch.as_tensor(keep)]
 
     def score(self, emb: torch.Tensor, plan: Plan, opts: EvalOptions) -> tuple[RocCurve, dict]:
         roc = all_pairs_roc(emb, torch.as_tensor(plan.labels), mode=opts.roc_mode,
                             max_exact_pairs=opts.max_exact_pairs)
+        if opts.fta == "nonmatch":
+            roc = with_rejected_pairs(roc, plan.left_out_genuine, plan.left_out_impostor)
         return roc, {}
 
-    def unit_counts(self, emb: torch.Tensor, plan: Plan, thresholds: np.ndarray, seed: int) -> UnitCounts:
-        """Bootstrap counts with the identities (or seeded groups of them) as the resampled units."""
-        units, n_units = identity_units(plan.labels, seed)
+    def unit_counts(self, emb: torch.Tensor, plan: Plan, thresholds: np.ndarray, seed: int,
+                    policy: str) -> UnitCounts:
+        """Bootstrap counts with the identities (or seeded groups of them) as the resampled units; under
+        --fta nonmatch the pairs of the images left out belong to their identities, rejected at every threshold."""
+        lost = plan.left_out_labels if policy == "nonmatch" and plan.left_out_labels is not None else plan.labels[:0]
+        units, n_units = identity_units(np.concatenate([plan.labels, lost]), seed)
         accumulator = UnitPairAccumulator(n_units, thresholds)
-        all_pairs_unit_counts(emb, torch.as_tensor(plan.labels), units, accumulator)
-        return accumulator.unit_counts(plan.n_identities)
+        all_pairs_unit_counts(emb, torch.as_tensor(plan.labels), units[:len(plan.labels)], accumulator)
+        counts = accumulator.unit_counts(plan.n_identities)
+        if len(lost):
+            add_rejected_identity_pairs(counts, np.concatenate([plan.labels, lost]), units,
+                                        np.arange(len(units)) < len(plan.labels))
+        return counts
 
 
 class PairsFile:
@@ -129,7 +164,7 @@ class PairsFile:
     def plan(self, opts: EvalOptions) -> Plan:
         if not Path(opts.data).is_dir():
             raise UserError(f"--data: folder not found: {opts.data} (the LFW root: <data>/<name>/<name>_0001.jpg)")
-        specs = read_pairs(opts.pairs, opts.data)
+        specs = read_pairs(opts.pairs, opts.data, missing_ok=True)  # a missing image is a failure to acquire
         files = list(dict.fromkeys(str(p) for s in specs for p in (s.path_a, s.path_b)))
         row = {p: i for i, p in enumerate(files)}
         index = np.array([[row[str(s.path_a)], row[str(s.path_b)]] for s in specs], dtype=np.int64)
@@ -142,50 +177,73 @@ class PairsFile:
                     pair_index=index, pair_genuine=genuine, pair_fold=folds)
 
     def without(self, plan: Plan, emb: torch.Tensor, dropped: set[int]) -> tuple[Plan, torch.Tensor]:
-        """The plan without the pairs that use an image at `dropped` (embedding rows are kept, unused)."""
+        """The plan without the pairs that use an image at `dropped` (failures to acquire; embedding rows are
+        kept, unused)."""
         keep = ~np.isin(plan.pair_index, list(dropped)).any(axis=1)
         n_genuine = int(plan.pair_genuine[keep].sum())
         if n_genuine == 0 or n_genuine == int(keep.sum()):
-            raise UserError(f"--pairs: {len(dropped)} photos have no usable face, leaving {int(keep.sum())} pairs "
-                            f"({n_genuine} genuine): too few to evaluate")
-        return dataclasses.replace(plan, n_genuine=n_genuine, n_impostor=int(keep.sum()) - n_genuine,
-                                   pair_index=plan.pair_index[keep], pair_genuine=plan.pair_genuine[keep],
-                                   pair_fold=plan.pair_fold[keep]), emb
+            raise UserError(f"--pairs: {len(dropped)} image(s) failed to acquire (missing, undecodable or without a "
+                            f"usable face), leaving {int(keep.sum())} pairs ({n_genuine} genuine): too few to "
+                            "evaluate")
+        gone = np.stack([plan.pair_genuine[~keep].astype(np.int64), plan.pair_fold[~keep]], axis=1)
+        before = plan.left_out_pairs if plan.left_out_pairs is not None else np.zeros((0, 2), dtype=np.int64)
+        return dataclasses.replace(
+            plan, n_genuine=n_genuine, n_impostor=int(keep.sum()) - n_genuine, pair_index=plan.pair_index[keep],
+            pair_genuine=plan.pair_genuine[keep], pair_fold=plan.pair_fold[keep],
+            left_out_genuine=plan.left_out_genuine + int(gone[:, 0].sum()),
+            left_out_impostor=plan.left_out_impostor + int((gone[:, 0] == 0).sum()),
+            left_out_pairs=np.concatenate([before, gone])), emb
 
     def score(self, emb: torch.Tensor, plan: Plan, opts: EvalOptions) -> tuple[RocCurve, dict]:
         scores = pair_scores(emb[plan.pair_index[:, 0]], emb[plan.pair_index[:, 1]])
         roc = roc_exact(scores, plan.pair_genuine)
+        genuine, folds = plan.pair_genuine, plan.pair_fold
+        rejected = np.zeros(len(scores), dtype=bool)
+        if opts.fta == "nonmatch" and plan.left_out_pairs is not None:
+            roc = with_rejected_pairs(roc, plan.left_out_genuine, plan.left_out_impostor)
+            # the left-out pairs join their folds, rejected (their score is never read)
+            gone = plan.left_out_pairs
+            scores = np.concatenate([scores, np.zeros(len(gone))])
+            genuine = np.concatenate([genuine, gone[:, 0].astype(bool)])
+            folds = np.concatenate([folds, gone[:, 1]])
+            rejected = np.concatenate([rejected, np.ones(len(gone), dtype=bool)])
         extra = {}
-        if len(np.unique(plan.pair_fold)) >= 2:
-            extra["kfold"] = kfold_accuracy(scores, plan.pair_genuine, plan.pair_fold)
+        if len(np.unique(folds)) >= 2:
+            extra["kfold"] = kfold_accuracy(scores, genuine, folds, rejected)
         return roc, extra
 
-    def unit_counts(self, emb: torch.Tensor, plan: Plan, thresholds: np.ndarray, seed: int) -> UnitCounts:
-        """Bootstrap counts with the listed pairs as the units, resampled within (fold, genuine/impostor)."""
+    def unit_counts(self, emb: torch.Tensor, plan: Plan, thresholds: np.ndarray, seed: int,
+                    policy: str) -> UnitCounts:
+        """Bootstrap counts with the listed pairs as the units, resampled within (fold, genuine/impostor); under
+        --fta nonmatch the left-out pairs are units too, scored -inf (accepted at no threshold)."""
         # the float64 cosines score() gave roc_exact, so each pair falls on the ROC's side of every threshold
         scores = pair_scores(emb[plan.pair_index[:, 0]], emb[plan.pair_index[:, 1]])
-        return pair_unit_counts(scores, plan.pair_genuine, plan.pair_fold, thresholds, plan.n_identities)
+        genuine, folds = plan.pair_genuine, plan.pair_fold
+        if policy == "nonmatch" and plan.left_out_pairs is not None and len(plan.left_out_pairs):
+            gone = plan.left_out_pairs
+            scores = np.concatenate([scores, np.full(len(gone), -np.inf)])
+            genuine = np.concatenate([genuine, gone[:, 0].astype(bool)])
+            folds = np.concatenate([folds, gone[:, 1]])
+        return pair_unit_counts(scores, genuine, folds, thresholds, plan.n_identities)
 
 
 PROTOCOLS = {"all_pairs": AllPairs(), "pairs_file": PairsFile()}
 
 
 def preflight_plan(protocol, plan: Plan, opts: EvalOptions) -> tuple[Plan, list[dict]]:
-    """The training pre-flight's decode check of every file the plan reads, before any model loads: every
-    unusable file is named at once (`--bad-images error`), or left out with the pairs that use it (`skip`)."""
-    from facetrain.data.preflight import check_files
-
-    report = check_files(plan.paths, opts.max_image_pixels, opts.data, progress=False)
-    if not report.bad:
+    """The failures to acquire found before any model loads: missing files and the training pre-flight's decode
+    check of every file the plan reads. Every one is named at once (`--fta error`), or taken out with the pairs
+    that use it (which the protocol then scores by `--fta`); returns the plan and the failures."""
+    failures = unreadable(plan.paths, opts.max_image_pixels, opts.data)
+    stop_if_asked(opts.fta, failures)
+    if not failures:
         return plan, []
-    if opts.bad_images == "error":
-        raise UserError(report.error_message(remedy="pass --bad-images skip to evaluate without them"))
     row = {p: i for i, p in enumerate(plan.paths)}
-    plan, _ = protocol.without(plan, torch.zeros((len(plan.paths), 0)), {row[b["path"]] for b in report.bad})
+    plan, _ = protocol.without(plan, torch.zeros((len(plan.paths), 0)), {row[b["path"]] for b in failures})
     if plan.pair_index is not None:  # pairs_file keeps the rows of dropped files: do not read them at all
         used = np.unique(plan.pair_index)
         new_row = np.full(len(plan.paths), -1, dtype=np.int64)
         new_row[used] = np.arange(len(used))
         plan = dataclasses.replace(plan, paths=[plan.paths[i] for i in used], pair_index=new_row[plan.pair_index])
-    return plan, report.bad
+    return plan, failures
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from facetrain.config.constants import DEFAULT_TARGET_FARS
+from facetrain.evaluation.fta import REPORT_KEY, summary_line
 from facetrain.evaluation.metrics import far_needed
 from facetrain.runtime.atomic_dir import write_atomic
 
@@ -77,14 +78,11 @@ def print_report(report: dict, console=None) -> None:
     for reason in m["tar_unavailable"]:
         console.print(f"[yellow]note:[/] {reason}")
     console.print(f"calibration: {cal['note']}")
-    for bad in report.get("skipped_images") or []:
-        console.print(f"[yellow]skipped (--bad-images skip):[/] {bad['path']} ({bad['problem']}: {bad['detail']})")
-    failures = (report.get("alignment") or {}).get("without_face") or []
-    if failures:
-        names = ", ".join(f["path"] for f in failures[:10]) + (f" and {len(failures) - 10} more" if len(failures) > 10
-                                                             else "")
-        console.print(f"[yellow]alignment:[/] {len(failures)} of {report['alignment']['n_photos']} photos have no "
-                      f"usable face and were left out (listed in metrics.json): {names}")
+    fta = summary_line(report.get(REPORT_KEY))
+    if fta:  # soft_wrap: one line, however long
+        from rich.markup import escape
+
+        console.print(f"[yellow]{escape(fta)}[/] (all in metrics.json)", soft_wrap=True)
     several = (report.get("alignment") or {}).get("several_faces") or []
     if several:
         console.print(f"[yellow]alignment:[/] {len(several)} photos show several faces; the face used in each "

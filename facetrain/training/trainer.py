@@ -248,6 +248,8 @@ class Trainer:
             state.best_metric, state.best_step = value, state.step
             self.checkpointer.export_best(self.eval_model, state.step, metrics)
         extra = "" if t.val_metric in ("auc", "eer") else f" {t.val_metric} {value}"
+        if metrics.get("fta_rate"):  # validation files the pre-flight left out: their pairs are non-matches
+            extra += f" fta_rate {metrics['fta_rate']:.4f}"
         self.log.print(f"step {state.step}: val auc {metrics['auc']:.4f} eer {metrics['eer']:.4f}{extra}"
                        + ("  \\[best]" if improved else ""))
         return improved

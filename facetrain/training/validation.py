@@ -1,8 +1,17 @@
 """Validation during training: the held-out identities embedded on every rank and all their pairs scored on rank 0
 with the code `facetrain.eval` uses (evaluation/); the metric's feasibility, BatchNorm statistics for averaged
-weights, and the best-so-far rule."""
+weights, and the best-so-far rule.
+
+Failures to acquire: under `data.bad_images: skip` the pre-flight leaves undecodable files out of the face set
+(`FaceSet.skipped`); those of validation identities are counted as eval's default counts them (`--fta nonmatch`):
+their pairs are rejected at every threshold, and `val/fta_rate` is logged (failed / validation images). Costs
+one pair count per validation, nothing per image. (Validation crops come from an aligned folder or a pack:
+no face detection runs here, so "no face" cannot happen; a file that stops decoding mid-run follows
+data.bad_images in `FaceDataset`.)"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +23,7 @@ from facetrain.data.dataset import FaceDataset
 from facetrain.data.transforms import ToModelInput, collate, eval_transform
 from facetrain.errors import UserError
 from facetrain.evaluation.embedding import embed_dataset
-from facetrain.evaluation.metrics import count_pairs, far_needed, verification_metrics
+from facetrain.evaluation.metrics import count_pairs, far_needed, verification_metrics, with_rejected_pairs
 from facetrain.evaluation.scoring import all_pairs_roc
 from facetrain.model.network import inference_model
 from facetrain.runtime.distributed import broadcast_object
@@ -73,6 +82,8 @@ class Validator:
         """`train` / `val`: (image indices into `faceset`, labels) of the training and validation identities."""
         self.cfg, self.pre, self.accelerator, self.workers = cfg, pre, accelerator, workers
         self.val_labels = val[1]
+        self.fta_labels = skipped_val_labels(faceset, *val)
+        self.rejected = rejected_pairs(self.val_labels, self.fta_labels)
         self.val_ds = FaceDataset(faceset, *val, eval_transform(pre), cfg.data.bad_images)
         # schedule-free: training images (fixed, seeded) whose statistics BatchNorm recomputes before validation
         pick = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(train[0]))[:BN_RECOMPUTE_IMAGES])
@@ -90,5 +101,28 @@ class Validator:
                             channels_last=cfg.model.channels_last)
         metrics = None
         if acc.is_main_process:
-            metrics = verification_metrics(all_pairs_roc(emb, torch.as_tensor(self.val_labels)))
+            roc = with_rejected_pairs(all_pairs_roc(emb, torch.as_tensor(self.val_labels)), *self.rejected)
+            metrics = verification_metrics(roc)
+            metrics["fta_rate"] = len(self.fta_labels) / (len(self.val_labels) + len(self.fta_labels))
         return broadcast_object(metrics, acc)
+
+
+def skipped_val_labels(faceset, val_idx: np.ndarray, val_labels: np.ndarray) -> np.ndarray:
+    """Validation label of each file the pre-flight left out (`faceset.skipped`) whose identity folder is a
+    validation identity: the validation set's failures to acquire. An identity left with no image at all is in
+    no split, and so not counted."""
+    if not faceset.skipped or not len(val_idx):
+        return np.zeros(0, dtype=np.int64)
+    by_name = {faceset.names[faceset.labels[i]]: int(lab) for i, lab in zip(val_idx, val_labels, strict=True)}
+    found = [by_name.get(Path(p).parent.name) for p in faceset.skipped]
+    return np.asarray([lab for lab in found if lab is not None], dtype=np.int64)
+
+
+def rejected_pairs(val_labels: np.ndarray, fta_labels: np.ndarray) -> tuple[int, int]:
+    """(genuine, impostor) pairs that use at least one failed image: all pairs of the validation identities, failed
+    images included, minus the pairs of the acquired ones."""
+    if not len(fta_labels):
+        return 0, 0
+    everyone = count_pairs(np.concatenate([val_labels, fta_labels]))
+    acquired = count_pairs(val_labels)
+    return everyone[0] - acquired[0], everyone[1] - acquired[1]
