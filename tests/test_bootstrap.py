@@ -13,7 +13,7 @@ from scipy.special import ndtr
 
 from facetrain.errors import UserError
 from facetrain.evaluation import bootstrap as bs
-from facetrain.evaluation.metrics import verification_metrics
+from facetrain.evaluation.metrics import count_pairs, verification_metrics
 from facetrain.evaluation.scoring import all_pairs_roc, all_pairs_unit_counts
 
 THRESHOLD = 0.45  # cosine: the fixed operating point of the simulations
@@ -219,3 +219,36 @@ def test_expanded_percentile_tails_widen_for_few_units():
     assert bs.tail_probability(0.95, 7) == pytest.approx(0.0041, abs=2e-4)
     tails = [bs.tail_probability(0.9, n) for n in (3, 10, 30, 100, 1000)]
     assert tails == sorted(tails) and tails[-1] < 0.05
+
+
+@pytest.mark.parametrize("max_units", [bs.MAX_UNITS, 7])
+def test_identity_counts_keep_the_pairs_of_failed_images_as_rejected(max_units, monkeypatch):
+    """--fta nonmatch: the pairs of images that failed to acquire stay in the bootstrap's denominators, owned by
+    their identities, so with every weight 1 the counts give the point figures the ROC with rejected pairs gives.
+    Without them the interval would describe a different (exclude) evaluation than the figure it brackets."""
+    from facetrain.evaluation.metrics import with_rejected_pairs
+    from facetrain.evaluation.protocols import AllPairs, Plan
+
+    monkeypatch.setattr(bs, "MAX_UNITS", max_units)
+    emb, labels = _embeddings(200, 30)
+    lab = labels.numpy()
+    plan = Plan([f"{i}.png" for i in range(len(lab))], *count_pairs(lab), len(np.unique(lab)), "test", labels=lab)
+    failed = {0, 1, 2, 50, 51, 199}  # several from one identity, the pair between two failed images too
+    kept_plan, kept = AllPairs().without(plan, emb, failed)
+    roc = with_rejected_pairs(all_pairs_roc(kept, torch.as_tensor(kept_plan.labels), mode="exact"),
+                              kept_plan.left_out_genuine, kept_plan.left_out_impostor)
+    n_genuine, n_impostor = count_pairs(lab)  # every pair of the folder, failed or not
+    assert (roc.n_genuine, roc.n_impostor) == (n_genuine, n_impostor)
+    metrics = verification_metrics(roc, target_fars=(1e-1, 1e-2), target_far=1e-2)
+    grid = bs.threshold_grid(roc, [metrics["threshold@far=1e-02"]])
+    counts = AllPairs().unit_counts(kept, kept_plan, grid, seed=3, policy="nonmatch")
+    far, tar = bs.weighted_rates(counts, np.ones((1, counts.genuine.shape[0])))
+    at = np.searchsorted(-roc.thresholds, -grid[:-1])
+    np.testing.assert_allclose(far[0, :-1], roc.far[at], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tar[0, :-1], roc.tar[at], rtol=0, atol=1e-12)
+    assert counts.genuine[:, -1].sum() == n_genuine
+    between = 0 if counts.between is None else counts.between[:, :, -1].sum() / 2
+    assert counts.within[:, -1].sum() + between == n_impostor
+    # and under exclude they are simply absent
+    excluded = AllPairs().unit_counts(kept, kept_plan, grid, seed=3, policy="exclude")
+    assert excluded.genuine[:, -1].sum() == kept_plan.n_genuine
