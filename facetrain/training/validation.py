@@ -4,6 +4,8 @@ weights, and the best-so-far rule."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -69,9 +71,12 @@ class Validator:
     """The validation pass of a run: its datasets are built once, `metrics(model)` scores the model as it is."""
 
     def __init__(self, cfg: Config, faceset, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                 pre, accelerator, workers: int):
-        """`train` / `val`: (image indices into `faceset`, labels) of the training and validation identities."""
+                 pre, accelerator, workers: int, extra_metrics: Callable[[torch.Tensor, object], dict] | None = None):
+        """`train` / `val`: (image indices into `faceset`, labels) of the training and validation identities.
+        `extra_metrics(embeddings, validation dataset)`: more metrics, computed on rank 0 (the teacher's
+        agreement, training/distill.py)."""
         self.cfg, self.pre, self.accelerator, self.workers = cfg, pre, accelerator, workers
+        self.extra_metrics = extra_metrics
         self.val_labels = val[1]
         self.val_ds = FaceDataset(faceset, *val, eval_transform(pre), cfg.data.bad_images)
         # schedule-free: training images (fixed, seeded) whose statistics BatchNorm recomputes before validation
@@ -91,4 +96,6 @@ class Validator:
         metrics = None
         if acc.is_main_process:
             metrics = verification_metrics(all_pairs_roc(emb, torch.as_tensor(self.val_labels)))
+            if self.extra_metrics is not None:
+                metrics.update(self.extra_metrics(emb, self.val_ds))
         return broadcast_object(metrics, acc)
