@@ -234,3 +234,23 @@ def test_resume_restores_the_projection_exactly(tmp_path, monkeypatch):
     wa, wb = (load_weights(d / "checkpoints" / "step_00000006") for d in (full, part))
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_distillation_checkpoint_adds_its_projection_after_the_usual_parts(tmp_path, monkeypatch):
+    """Older checkpoints resume (the parts of a run without distillation are unchanged: test_trainer_parts.py);
+    a distillation run saves its projection as one more part, which a resume then requires."""
+    use_tiny_teachers(monkeypatch)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cfg = load_config(str(_distill_config(tmp_path, {})), ["--train.output_dir", str(tmp_path / "run")])
+    trainer = Trainer(cfg)
+    try:
+        trainer.out.mkdir(parents=True)
+        trainer.setup_data()
+        trainer.setup_model()
+        parts = trainer.stateful_parts()
+        assert list(parts) == ["model", "optimizer", "scheduler", "loss", "ema", "scaler", "distill"]
+        assert parts["distill"] is trainer.distiller and not getattr(trainer.distiller, "optional", False)
+        assert list(trainer.distiller.state_dict()) == ["projection.weight"]  # the teacher is not saved
+    finally:
+        trainer.accelerator.end_training()
+        AcceleratorState._reset_state(reset_partial_state=True)

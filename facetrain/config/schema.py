@@ -290,7 +290,8 @@ class DistillConfig:
     """The teacher's input spec, passed as it is to the teacher loader (its size, channel order and scaling);
     empty = what the file itself declares."""
     metric_weight: float = 1.0
-    """Weight of the metric loss (`loss.name`) in the total; 0 = distillation alone (labels unused)."""
+    """Weight of the metric loss (`loss.name`) in the total; 0 = distillation alone (labels then only shape the
+    P x m batches)."""
     cosine_weight: float = 1.0
     """Weight of the embedding regression: mean of 1 - cos(projected student embedding, teacher embedding)."""
     relational_weight: float = 1.0

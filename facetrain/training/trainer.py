@@ -155,10 +155,12 @@ class Trainer:
         """What a checkpoint saves and restores, by name (the names and order of train_state.pt's entries); the
         data position follows from the loop state's step, the guard's count is in the loop state too."""
         scaler = self.accelerator.scaler
-        return {"model": self.net, "optimizer": self.optimizer, "scheduler": self.schedule, "loss": self.loss_fn,
-                "ema": EmaWeights(self.ema, self.net) if self.ema is not None else None,
-                "scaler": ScalerState(scaler) if scaler is not None else None,
-                "distill": self.distiller}
+        parts = {"model": self.net, "optimizer": self.optimizer, "scheduler": self.schedule, "loss": self.loss_fn,
+                 "ema": EmaWeights(self.ema, self.net) if self.ema is not None else None,
+                 "scaler": ScalerState(scaler) if scaler is not None else None}
+        if self.distiller is not None:  # only then: a run without distillation writes what it always wrote
+            parts["distill"] = self.distiller  # the projection
+        return parts
 
     def setup_loaders(self) -> None:
         cfg, t, acc = self.cfg, self.t, self.accelerator
