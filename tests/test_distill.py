@@ -222,16 +222,16 @@ def test_a_tiny_run_learns_its_teacher_on_held_out_images(tmp_path, monkeypatch)
 
 def test_resume_restores_the_projection_exactly(tmp_path, monkeypatch):
     use_tiny_teachers(monkeypatch)
-    cfg = _distill_config(tmp_path, {"max_steps": 6, "val_every": 6, "ckpt_every": 100})
+    cfg = _distill_config(tmp_path, {"max_steps": 4, "val_every": 4, "ckpt_every": 100})
     full, part = tmp_path / "full", tmp_path / "part"
     run_train(["--config", cfg, "--train.output_dir", full])
-    run_train(["--config", cfg, "--train.output_dir", part, "--debug.stop_at_step", "3"])
+    run_train(["--config", cfg, "--train.output_dir", part, "--debug.stop_at_step", "2"])
     proc = run_train(["--config", cfg, "--train.output_dir", part, "--train.resume", "auto"])
-    assert "at step 3" in proc.stdout
-    a, b = (torch.load(d / "checkpoints" / "step_00000006" / "train_state.pt", weights_only=True)
+    assert "at step 2" in proc.stdout
+    a, b = (torch.load(d / "checkpoints" / "step_00000004" / "train_state.pt", weights_only=True)
             for d in (full, part))
     torch.testing.assert_close(b["distill"], a["distill"], rtol=0, atol=1e-6)
-    wa, wb = (load_weights(d / "checkpoints" / "step_00000006") for d in (full, part))
+    wa, wb = (load_weights(d / "checkpoints" / "step_00000004") for d in (full, part))
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
 
