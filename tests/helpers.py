@@ -96,12 +96,12 @@ def assert_same_samples(one: Path, many: Path, procs: int) -> None:
         assert sum(parts, []) == want, step
 
 
-def assert_same_logged_loss(one: Path, many: Path, steps: int) -> None:
-    """The loss TensorBoard logged at every step is the same for the 1-process and the multi-process run: the
-    global-batch loss, not world_size times it."""
+def assert_same_logged_loss(one: Path, many: Path, steps: int, tag: str = "train/loss") -> None:
+    """The loss TensorBoard logged at every step (`tag`: the total or one of its terms) is the same for the
+    1-process and the multi-process run: the global-batch loss, not world_size times it."""
     import pytest
 
-    l1, ln = tb_scalars(one, "train/loss"), tb_scalars(many, "train/loss")
+    l1, ln = tb_scalars(one, tag), tb_scalars(many, tag)
     assert sorted(l1) == sorted(ln) == list(range(1, steps + 1))
     for step in l1:
         assert ln[step] == pytest.approx(l1[step], rel=1e-4, abs=1e-6), step
@@ -279,3 +279,55 @@ def running_service(args: list[str], log: Path, start_timeout_s: float):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A tiny teacher for distillation tests (facetrain/training/distill.py's `Teacher`), from a small JSON file
+
+
+class TinyTeacher:
+    """A frozen, randomly initialised conv net standing in for a face model: RGB [0, 1] images (N, 3, H, W) of
+    any size in (resized to its own `size`), L2-normalised float32 (N, dim) out; its weights follow from `seed`."""
+
+    def __init__(self, seed: int = 0, dim: int = 16, size: int = 24):
+        import torch
+        from torch import nn
+
+        self.dim, self.size = dim, size
+        with torch.random.fork_rng(devices=[]):  # the run's own random streams stay untouched
+            torch.manual_seed(seed)
+            # a smooth function of the image (a random linear map of its 6 x 6 thumbnail, standardised): learnable
+            # in a few dozen steps, and spread out (mean cosine to the embeddings' mean well below 1, so that a
+            # constant direction does not pass for agreement)
+            self.net = nn.Sequential(nn.AdaptiveAvgPool2d(6), nn.Flatten(), nn.Linear(108, dim, bias=False)).eval()
+        self.net.requires_grad_(False)
+        self.calls = 0
+
+    def embed(self, images):
+        import torch.nn.functional as F
+
+        self.calls += 1
+        x = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x = (x - x.mean((1, 2, 3), keepdim=True)) / x.std((1, 2, 3), keepdim=True).clamp(min=1e-3)
+        return F.normalize(self.net(x), dim=1)
+
+
+def tiny_teacher_file(directory: Path, seed: int = 0, dim: int = 16) -> Path:
+    """The file distill.teacher names for a TinyTeacher (read by the builder `use_tiny_teachers` installs)."""
+    path = Path(directory) / f"tiny_teacher_{seed}_{dim}.json"
+    path.write_text(json.dumps({"seed": seed, "dim": dim}))
+    return path
+
+
+def use_tiny_teachers(monkeypatch=None) -> None:
+    """Make training build a TinyTeacher from the JSON file of distill.teacher (tiny_teacher_file) instead of
+    loading a face model (facetrain/model/teacher.py): on `monkeypatch`, or for good in a test script."""
+    from facetrain.training import distill
+
+    def build(cfg):
+        return TinyTeacher(**json.loads(Path(cfg.teacher).read_text()))
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(distill, "build_teacher", build)
+    else:
+        distill.build_teacher = build

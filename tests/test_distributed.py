@@ -10,11 +10,14 @@ from helpers import (
     EXACT,
     REPO,
     assert_same_logged_loss,
+    deep_merge,
     launch_cmd,
     load_weights,
     subprocess_env,
+    tiny_teacher_file,
     tiny_train_config,
     train_one_and_many_runs,
+    use_tiny_teachers,
 )
 
 
@@ -33,21 +36,31 @@ def test_building_blocks_at_three_processes():
 
 
 LOSSES = {
-    "arcface": {"name": "arcface", "miner": "none"},  # a loss with its own weights (one row per training identity)
+    "arcface": {"loss": {"name": "arcface", "miner": "none"}},  # own weights (one row per training identity)
     # own weights, 3 sub-centers per identity and a max over them: the argmax must agree across ranks
-    "subcenter_arcface": {"name": "subcenter_arcface", "miner": "none"},
-    "triplet_hard_miner": {"name": "triplet", "miner": "triplet_hard"},  # a miner: every rank must pick the same tuples
+    "subcenter_arcface": {"loss": {"name": "subcenter_arcface", "miner": "none"}},
+    # a miner: every rank must pick the same tuples
+    "triplet_hard_miner": {"loss": {"name": "triplet", "miner": "triplet_hard"}},
+    # distillation from a tiny teacher (tests/helpers.py) with its learned projection (32 -> 16), the relational
+    # term over the global batch, and the metric loss: each rank's teacher embeds its slice, targets are gathered
+    "distill": {"loss": {"name": "triplet", "miner": "none"},
+                "distill": {"cosine_weight": 1.0, "relational_weight": 2.0, "metric_weight": 0.5}},
 }
 
 
 @pytest.fixture(scope="module")
 def three_process_runs(tmp_path_factory):
-    """Every loss of LOSSES trained on 1 process and on 3 (the 3-process runs in one launch)."""
+    """Every loss of LOSSES trained on 1 process and on 3 (the 3-process runs in one launch, whose script
+    tests/scripts/train_configs.py builds tiny teachers as use_tiny_teachers does here)."""
     tmp = tmp_path_factory.mktemp("three")
-    cfgs = {name: tiny_train_config(tmp, {**EXACT, "loss": loss,
-                                         "model": {"backbone": "test_efficientnet", "sync_bn": True}}, f"{name}.yaml")
-            for name, loss in LOSSES.items()}
-    return train_one_and_many_runs(cfgs, tmp, 24, 3)
+    teacher = {"distill": {"teacher": str(tiny_teacher_file(tmp))}}
+    cfgs = {name: tiny_train_config(tmp, deep_merge({**EXACT, **extra, "model": {"backbone": "test_efficientnet",
+                                                                                "sync_bn": True}},
+                                                    teacher if "distill" in extra else {}), f"{name}.yaml")
+            for name, extra in LOSSES.items()}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_tiny_teachers(monkeypatch)
+        return train_one_and_many_runs(cfgs, tmp, 24, 3)
 
 
 @pytest.mark.slow
@@ -61,11 +74,15 @@ def test_three_processes_equal_one_process_with_batchnorm(three_process_runs, lo
     for key in w1:
         error = (w3[key].float() - w1[key].float()).abs().max().item()
         assert error <= 1e-3 * w1[key].float().abs().max().item() + 1e-6, (key, error)
-    # the loss's own parameters (checked identical across the 3 ranks at every checkpoint, or the run fails)
-    # equal one process's
-    s1, s3 = (torch.load(d / "checkpoints" / "step_00000004" / "train_state.pt", weights_only=True)["loss"]
+    # the loss's own parameters and the distillation projection (checked identical across the 3 ranks at every
+    # checkpoint, or the run fails) equal one process's
+    t1, t3 = (torch.load(d / "checkpoints" / "step_00000004" / "train_state.pt", weights_only=True)
               for d in (one, three))
-    assert s1.keys() == s3.keys()
-    for key in s1:
-        torch.testing.assert_close(s3[key], s1[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert_same_logged_loss(one, three, 4)
+    for part in ("loss", "distill"):
+        s1, s3 = t1.get(part) or {}, t3.get(part) or {}
+        assert s1.keys() == s3.keys()
+        for key in s1:
+            torch.testing.assert_close(s3[key], s1[key], rtol=1e-4, atol=1e-5, msg=f"{part}.{key}")
+    assert ("distill" in t1) == ("distill" in t3) == (loss == "distill")
+    for tag in ("train/loss", "train/loss_distill_cos", "train/loss_distill_rel"):
+        assert_same_logged_loss(one, three, 4 if tag == "train/loss" or loss == "distill" else 0, tag)

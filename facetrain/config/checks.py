@@ -17,13 +17,22 @@ from facetrain.config.names import (
     MINER_NAMES,
     OPTIMIZER_NAMES,
     PRESETS,
+    PROJECTION_NAMES,
     SCHEDULER_NAMES,
     STANDARD_MARGINS,
     TRACKERS,
     check_name,
 )
 from facetrain.config.ranges import Range, check_ranges
-from facetrain.config.schema import Config, DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
+from facetrain.config.schema import (
+    Config,
+    DataConfig,
+    DistillConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
 from facetrain.errors import UserError
 
 CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {  # key: (what a value is called in the error, valid values)
@@ -36,6 +45,7 @@ CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {  # key: (what a value is cal
     "optim.scheduler": ("scheduler", SCHEDULER_NAMES),
     "optim.scheduler_interval": ("value", ("step", "epoch")),
     "train.mixed_precision": ("value", ("auto", "no", "fp16", "bf16")),
+    "distill.projection": ("projection", PROJECTION_NAMES),
 }
 """Every key whose value is one of a few names; optim.preset and train.val_metric have their own checks."""
 
@@ -94,6 +104,7 @@ def validate(cfg: Config) -> None:
     _check_model(cfg.model)
     _check_loss(cfg.loss)
     _check_optim(cfg.optim)
+    _check_distill(cfg.distill)
     t = cfg.train
     if t.resume not in ("", "auto") and not Path(t.resume).is_dir():
         raise UserError(f"train.resume: {t.resume!r} is neither 'auto' nor a checkpoint directory")
@@ -147,6 +158,23 @@ def _check_optim(o: OptimConfig) -> None:
     if 0 < o.t_max <= o.warmup_steps:
         raise UserError(f"optim.t_max ({o.t_max}) must be longer than optim.warmup_steps ({o.warmup_steps}): "
                         "the cosine includes the warm-up (or set t_max 0 = the whole run)")
+
+
+def _check_distill(d: DistillConfig) -> None:
+    """Distillation settings without a teacher would be ignored; a teacher with every weight 0 trains nothing."""
+    default = DistillConfig()
+    if not d.teacher:
+        changed = [f"distill.{k}" for k, v in vars(d).items() if k != "teacher" and v != getattr(default, k)]
+        if changed:
+            raise UserError(f"{changed[0]}: set only with distill.teacher (a face model file to learn from); set "
+                            f"distill.teacher or remove {changed[0]}")
+        return
+    if not Path(d.teacher).is_file():
+        raise UserError(f"distill.teacher: file not found: {d.teacher}; give the path of an ONNX face model or a "
+                        "facetrain bundle")
+    if d.metric_weight == d.cosine_weight == d.relational_weight == 0:
+        raise UserError("distill.metric_weight, distill.cosine_weight, distill.relational_weight: all 0 leaves "
+                        "nothing to train; set at least one > 0")
 
 
 _USES_DISTANCE = ("triplet", "contrastive")

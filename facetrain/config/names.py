@@ -24,6 +24,11 @@ STANDARD_MARGINS: dict[str, float] = {"triplet": 0.1, "arcface": 28.6, "subcente
 """The losses that take loss.margin, and the value null stands for: triplet in cosine units (the article's),
 ArcFace 0.5 rad in degrees (pytorch-metric-learning's unit), CosFace 0.35 (its paper's value)."""
 
+DISTILL_LOSS_NAMES: tuple[str, ...] = ("cosine", "relational")
+"""The distillation terms of training/losses.py (DISTILL_LOSSES), each weighted by distill.<name>_weight."""
+PROJECTION_NAMES: tuple[str, ...] = ("auto", "linear", "none")
+"""distill.projection: how the student's embedding is mapped to the teacher's (training/distill.py)."""
+
 MINER_NAMES: tuple[str, ...] = ("none", "triplet_all", "triplet_hard", "triplet_semihard", "multi_similarity")
 """loss.miner: the miners of training/losses.py (`none`: every pair / triplet of the batch)."""
 

@@ -280,6 +280,33 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Learn from a face model (a teacher): the student's embedding is pulled towards the teacher's on the same
+    augmented view of every training image (function matching). Off while `teacher` is empty."""
+
+    teacher: str = ""
+    """The teacher's file (an ONNX face-embedding model or a facetrain bundle); empty = no distillation."""
+    teacher_input: str = ""
+    """The teacher's input spec, passed as it is to the teacher loader (its size, channel order and scaling);
+    empty = what the file itself declares."""
+    metric_weight: float = 1.0
+    """Weight of the metric loss (`loss.name`) in the total; 0 = distillation alone (labels then only shape the
+    P x m batches)."""
+    cosine_weight: float = 1.0
+    """Weight of the embedding regression: mean of 1 - cos(projected student embedding, teacher embedding)."""
+    relational_weight: float = 1.0
+    """Weight of the relational term: mean squared difference between the batch's student and teacher cosine
+    similarity matrices, off the diagonal, over the global batch."""
+    projection: str = "auto"
+    """Map from the student's embedding to the teacher's for the regression term: `auto` (a learned linear map
+    when their sizes differ, none when equal), `linear` (always learned) or `none` (sizes must be equal). Saved in
+    checkpoints; never exported (the bundle holds the student alone)."""
+    agreement_images: int = 512
+    """Validation: held-out images (the first N) on which val/teacher_agreement, the mean cosine between the
+    projected student and the teacher, is measured; their teacher embeddings are computed once. 0 = off."""
+
+
+@dataclass
 class DebugConfig:
     """Knobs for tests, audits and benchmarks, kept apart from the training settings; none is needed to train."""
 
@@ -307,5 +334,6 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 

@@ -2,6 +2,7 @@
 
     loss.name:  LOSS_NAMES of facetrain/config/names.py (pair/triplet losses of the batch, margin-softmax heads)
     loss.miner: MINER_NAMES of facetrain/config/names.py
+    distill.<name>_weight: DISTILL_LOSS_NAMES (the student's embeddings against a teacher's, training/distill.py)
 
 All take (embeddings, labels[, mining tuples]) on the *global* batch (see `distributed.gather_for_loss`).
 The margin heads own a class-weight matrix (one column per training identity, `sub_centers` columns for
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners
 from torch import nn
 
-from facetrain.config.names import LOSS_NAMES, MINER_NAMES, STANDARD_MARGINS, keyed_by
+from facetrain.config.names import DISTILL_LOSS_NAMES, LOSS_NAMES, MINER_NAMES, STANDARD_MARGINS, keyed_by
 from facetrain.config.schema import LossConfig
 
 
@@ -121,13 +123,48 @@ class MetricLoss(nn.Module):
         # autocast PML's similarity matmuls (and ArcFace's embeddings x class-weights product) would run in
         # bf16/fp16 again, and margins of 0.1 in cosine units are then a few bf16 steps (triplet 0.108887 vs
         # 0.108643 in fp32).
-        with _autocast_off(emb.device.type):
+        with autocast_off(emb.device.type):
             emb = emb.float()
             tuples = self.miner(emb, labels) if self.miner is not None else None
             return self.loss(emb, labels, tuples) if tuples is not None else self.loss(emb, labels)
 
 
-def _autocast_off(device_type: str):
+def autocast_off(device_type: str):
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distillation: the student's embeddings against a teacher's on the same images (training/distill.py)
+
+
+def cosine_regression_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of 1 - cos(student_i, teacher_i): 0 when every pair points the same way, 1 when
+    orthogonal, 2 when opposite. `student` is already projected to the teacher's size."""
+    return (1.0 - F.cosine_similarity(student, teacher, dim=1)).mean()
+
+
+def relational_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the batch's cosine-similarity matrices of the student and the teacher,
+    over the off-diagonal entries (the diagonal is 1 in both). Sizes may differ: only the (N, N) matrices meet.
+    On the global batch it is exact under DDP like the metric losses (every pair of the global batch counts)."""
+    s, t = F.normalize(student, dim=1), F.normalize(teacher, dim=1)
+    off_diagonal = ~torch.eye(len(s), dtype=torch.bool, device=s.device)
+    return (s @ s.T - t @ t.T)[off_diagonal].square().mean()
+
+
+@dataclass(frozen=True)
+class DistillTerm:
+    """One distillation term: its loss, whether it takes the projected student embedding (the teacher's size)
+    or the student's own, and the name it is logged under."""
+
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    projected: bool
+    log_name: str
+
+
+DISTILL_LOSSES: dict[str, DistillTerm] = keyed_by(DISTILL_LOSS_NAMES, {
+    "cosine": DistillTerm(cosine_regression_loss, projected=True, log_name="train/loss_distill_cos"),
+    "relational": DistillTerm(relational_loss, projected=False, log_name="train/loss_distill_rel"),
+})

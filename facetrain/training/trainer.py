@@ -44,6 +44,7 @@ from facetrain.runtime.distributed import (
     gather_for_loss,
 )
 from facetrain.runtime.precision import resolve_mixed_precision
+from facetrain.training import distill
 from facetrain.training.checkpoint import BundleInfo, Checkpointer
 from facetrain.training.compile import compile_forward
 from facetrain.training.guard import NonFiniteGuard
@@ -87,6 +88,8 @@ class Trainer:
         """The loop's own state, saved as JSON in every checkpoint."""
         self.last_metrics: dict | None = None
         self.throughput = Throughput()
+        self.step_terms: dict[str, torch.Tensor] = {}
+        """The distillation terms of the last step (device tensors), logged with its loss."""
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -129,18 +132,24 @@ class Trainer:
         self.pre = resolve_preprocess(cfg.data, model)
         cfg.data.mean, cfg.data.std = self.pre.mean, self.pre.std  # the resolved config records what was used
         self.loss_fn = MetricLoss(cfg.loss, num_classes=len(self.train_ids), embedding_dim=cfg.model.embedding_dim)
-        optimizer = create_optimizer(model, self.loss_fn, cfg.optim)
+        # distill.teacher: the teacher (loaded once per rank) and the projection the optimizer trains with the loss
+        self.distiller = (distill.Distiller(cfg.distill, distill.build_teacher(cfg.distill), cfg.model.embedding_dim,
+                                            self.pre) if cfg.distill.teacher else None)
+        extra = self.loss_fn if self.distiller is None else torch.nn.ModuleList([self.loss_fn, self.distiller])
+        optimizer = create_optimizer(model, extra, cfg.optim)
         self.schedule = Schedule(optimizer, cfg.optim, self.steps_per_epoch, self.max_steps, t.val_metric)
         if cfg.model.sync_bn and self.world > 1:  # BatchNorm statistics over the global batch, on any backend
             convert_to_global_batchnorm(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)  # the DDP-wrapped network trains
         self.loss_fn.to(acc.device)
+        if self.distiller is not None:
+            self.distiller.to(acc.device)
         self.net = acc.unwrap_model(self.model)  # the network itself: saved, restored, averaged
         self.forward = compile_forward(self.model) if cfg.model.compile else self.model
         # weight EMA (train.ema_decay): validation and the exported best bundle use the averaged weights
         self.ema = ModelEmaV3(self.net, decay=t.ema_decay, use_warmup=True) if t.ema_decay > 0 else None
         set_seed(t.seed + self.rank)  # per-rank streams for dropout / stochastic depth
-        self.loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        self.loss_params = [p for p in extra.parameters() if p.requires_grad]
         self.checkpointer = Checkpointer(self.out, self.stateful_parts(), accelerator=acc, keep_last=t.keep_last,
                                          bundle=BundleInfo(cfg.model, self.pre, {"config": to_dict(cfg),
                                                                                  "alignment": self.alignment,
@@ -151,9 +160,12 @@ class Trainer:
         """What a checkpoint saves and restores, by name (the names and order of train_state.pt's entries); the
         data position follows from the loop state's step, the guard's count is in the loop state too."""
         scaler = self.accelerator.scaler
-        return {"model": self.net, "optimizer": self.optimizer, "scheduler": self.schedule, "loss": self.loss_fn,
-                "ema": EmaWeights(self.ema, self.net) if self.ema is not None else None,
-                "scaler": ScalerState(scaler) if scaler is not None else None}
+        parts = {"model": self.net, "optimizer": self.optimizer, "scheduler": self.schedule, "loss": self.loss_fn,
+                 "ema": EmaWeights(self.ema, self.net) if self.ema is not None else None,
+                 "scaler": ScalerState(scaler) if scaler is not None else None}
+        if self.distiller is not None:  # only then: a run without distillation writes what it always wrote
+            parts["distill"] = self.distiller  # the projection
+        return parts
 
     def setup_loaders(self) -> None:
         cfg, t, acc = self.cfg, self.t, self.accelerator
@@ -164,7 +176,8 @@ class Trainer:
                                                                 self.pre, cfg.data, acc.device,
                                                                 cfg.model.channels_last)
         self.validator = Validator(cfg, self.faceset, (self.train_idx, self.train_labels),
-                                   (self.val_idx, self.val_labels), self.pre, acc, self.workers)
+                                   (self.val_idx, self.val_labels), self.pre, acc, self.workers,
+                                   extra_metrics=self.distiller.agreement if self.distiller is not None else None)
         self.loader = torch.utils.data.DataLoader(
             train_ds, batch_sampler=self.sampler, num_workers=self.workers, collate_fn=train_collate,
             pin_memory=acc.device.type == "cuda", persistent_workers=self.workers > 0,
@@ -202,6 +215,7 @@ class Trainer:
         the loss or a gradient is not finite."""
         t, acc, step = self.t, self.accelerator, self.state.step
         loss_sum = torch.zeros((), device=acc.device)
+        self.step_terms = {}  # distillation terms of this step, summed over its micro-batches (logged)
         for micro in range(t.grad_accum_steps):
             images, labels, positions, *augment_seeds = next(batches)  # seeds: device augmentation
             if self.sample_log is not None:
@@ -212,13 +226,15 @@ class Trainer:
             last_micro = micro == t.grad_accum_steps - 1
             with (nullcontext() if last_micro else acc.no_sync(self.model)), acc.autocast():
                 all_emb, all_labels = gather_for_loss(self.forward(images), labels, acc)
-                loss = self.loss_fn(all_emb, all_labels)
+                loss = self.loss_fn(all_emb, all_labels) if self.distiller is None else self.distill_loss(
+                    images, all_emb, all_labels)
             if step == self.cfg.debug.inject_nan_at:
                 loss = loss * float("nan")
             acc.backward(loss / t.grad_accum_steps)
             loss_sum += loss.detach()
         average_gradients(self.loss_params, acc)  # DDP averages the model's gradients; these are the loss's own
         loss_value = loss_sum / t.grad_accum_steps
+        self.step_terms = {k: v / t.grad_accum_steps for k, v in self.step_terms.items()}
         self.guard.step(loss_value, step)  # skips the update if the loss or a gradient is non-finite
         if self.ema is not None:  # (after a skipped step the weights are unchanged: the average stays put)
             self.ema.update(self.net, step=step + 1)
@@ -226,6 +242,20 @@ class Trainer:
         self.state.step = step + 1
         self.schedule.after_step(step + 1)
         return loss_value
+
+    def distill_loss(self, images: torch.Tensor, all_emb: torch.Tensor, all_labels: torch.Tensor) -> torch.Tensor:
+        """distill.metric_weight x the metric loss + the weighted distillation terms, on the global batch. The
+        teacher embeds this rank's input (the view the student saw) and the ranks' targets are gathered in rank
+        order, as gather_for_loss orders the embeddings; a weight of 0 skips its term (all 0: no teacher call)."""
+        weight = self.cfg.distill.metric_weight
+        loss = weight * self.loss_fn(all_emb, all_labels) if weight > 0 else torch.zeros((), device=all_emb.device)
+        if self.distiller.active:
+            targets = self.accelerator.gather(self.distiller.targets(images))
+            terms, values = self.distiller(all_emb, targets)
+            loss = loss + terms
+            for name, value in values.items():
+                self.step_terms[name] = self.step_terms.get(name, 0.0) + value
+        return loss
 
     def validate(self) -> dict:
         """Metrics of the model in eval mode; the caller exports it as it is, then calls set_train_mode(True)
@@ -258,6 +288,8 @@ class Trainer:
         self.guard.check()  # skipped steps reported (a diverged run stops here) before their count is saved
         self.state.bad_steps = self.guard.bad_steps
         check_identical(self.loss_fn.state_dict(), self.accelerator, "the loss's parameters")
+        if self.distiller is not None:
+            check_identical(self.distiller.state_dict(), self.accelerator, "the distillation projection")
         self.set_train_mode(False)
         final = self.checkpointer.save(self.state)
         self.set_train_mode(True)
@@ -267,8 +299,9 @@ class Trainer:
         """Loss, learning rate and img/s of the window since the last log point (a host sync)."""
         ips = self.throughput.close(step)
         value = loss.item()
+        terms = {name: v.item() for name, v in self.step_terms.items()}  # distillation terms
         self.accelerator.log({"train/loss": value, "train/lr": self.optimizer.param_groups[0]["lr"],
-                              "train/img_per_s": ips}, step=step)
+                              "train/img_per_s": ips, **terms}, step=step)
         self.log.update(step, loss=value, ips=ips)
         if self.on_log is not None:
             self.on_log(step)

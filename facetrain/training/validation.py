@@ -11,6 +11,7 @@ data.bad_images in `FaceDataset`.)"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,9 +79,12 @@ class Validator:
     """The validation pass of a run: its datasets are built once, `metrics(model)` scores the model as it is."""
 
     def __init__(self, cfg: Config, faceset, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                 pre, accelerator, workers: int):
-        """`train` / `val`: (image indices into `faceset`, labels) of the training and validation identities."""
+                 pre, accelerator, workers: int, extra_metrics: Callable[[torch.Tensor, object], dict] | None = None):
+        """`train` / `val`: (image indices into `faceset`, labels) of the training and validation identities.
+        `extra_metrics(embeddings, validation dataset)`: more metrics, computed on rank 0 (the teacher's
+        agreement, training/distill.py)."""
         self.cfg, self.pre, self.accelerator, self.workers = cfg, pre, accelerator, workers
+        self.extra_metrics = extra_metrics
         self.val_labels = val[1]
         self.fta_labels = skipped_val_labels(faceset, *val)
         self.rejected = rejected_pairs(self.val_labels, self.fta_labels)
@@ -104,6 +108,8 @@ class Validator:
             roc = with_rejected_pairs(all_pairs_roc(emb, torch.as_tensor(self.val_labels)), *self.rejected)
             metrics = verification_metrics(roc)
             metrics["fta_rate"] = len(self.fta_labels) / (len(self.val_labels) + len(self.fta_labels))
+            if self.extra_metrics is not None:
+                metrics.update(self.extra_metrics(emb, self.val_ds))
         return broadcast_object(metrics, acc)
 
 

@@ -4,13 +4,16 @@ several configs one after the other in the same ranks, so that N processes start
     accelerate launch ... tests/scripts/train_configs.py CONFIG OUTPUT_DIR BATCH_SIZE [CONFIG OUTPUT_DIR ...]
 
 Each run is `facetrain.train`'s main with `--config CONFIG --train.output_dir OUTPUT_DIR --train.batch_size
-BATCH_SIZE`. The process group stays up between runs: accelerate's end_training would destroy it (and a second
-rendezvous on the launcher's port hangs), so here it leaves the group to run_cli, which leaves it once at the
-end as after any command; each run still gets a new Accelerator."""
+BATCH_SIZE`; a config with distill.teacher gets the tiny teacher of that file (tests/helpers.py,
+use_tiny_teachers), as the 1-process runs of the tests do. The process group stays up between runs:
+accelerate's end_training would destroy it (and a second rendezvous on the launcher's port hangs), so here it
+leaves the group to run_cli, which leaves it once at the end as after any command; each run still gets a new
+Accelerator."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from accelerate.state import AcceleratorState, GradientState, PartialState
 
@@ -19,6 +22,10 @@ from facetrain.cli import run_cli
 
 
 def main(argv: list[str]) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the tiny teachers of helpers.py
+    from helpers import use_tiny_teachers
+
+    use_tiny_teachers()
     PartialState.destroy_process_group = lambda self, group=None: None  # kept for the next run (docstring)
     if len(argv) % 3:
         raise SystemExit("usage: train_configs.py CONFIG OUTPUT_DIR BATCH_SIZE [...]")

@@ -1,0 +1,147 @@
+"""Learning from a face model (the `distill` config section): an online teacher embeds the very view the student
+trains on, and the distillation terms of training/losses.py pull the student towards it.
+
+Function matching: the teacher sees the student's augmented input of this step (crop, rotation, colour, ...),
+not a fixed view of the image, so every step brings new targets and the student learns the teacher's function
+rather than memorising a few thousand fixed embeddings (issue 25). The model input is normalised with the
+student's mean/std (`Preprocess`); `teacher_view` undoes that to the RGB [0, 1] images a teacher takes.
+
+The teacher itself is loaded by facetrain/model/teacher.py (`load_teacher`); here it is anything with
+`embed(images) -> (N, D) L2-normalised float32` and `dim` (`Teacher`). The student's embedding reaches the
+teacher's size through a learned projection (distill.projection), a stateful part of the checkpoints, never
+exported: the bundle and the ONNX file hold the student alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from facetrain.config.names import PROJECTION_NAMES, keyed_by
+from facetrain.config.schema import DistillConfig
+from facetrain.data.images import Preprocess
+from facetrain.data.transforms import collate
+from facetrain.errors import UserError
+from facetrain.training.losses import DISTILL_LOSSES, DistillTerm, autocast_off
+
+
+class Teacher(Protocol):
+    """A frozen face-embedding model (facetrain/model/teacher.py builds them from files)."""
+
+    dim: int
+    """Size D of its embeddings."""
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB float images in [0, 1], NCHW, any size -> L2-normalised float32 embeddings (N, D)."""
+        ...
+
+
+def build_teacher(cfg: DistillConfig) -> Teacher:
+    """The teacher of distill.teacher, loaded once per process (its file was checked when the config loaded)."""
+    # MERGE: facetrain/model/teacher.py comes from branch wT (issue 25, item 1): import it lazily so that a run
+    # without distillation never needs it
+    from facetrain.model.teacher import load_teacher
+
+    return load_teacher(cfg.teacher, cfg.teacher_input)
+
+
+def _no_projection(student_dim: int, teacher_dim: int) -> nn.Module:
+    if student_dim != teacher_dim:
+        raise UserError(f"distill.projection: 'none' needs model.embedding_dim ({student_dim}) equal to the "
+                        f"teacher's embedding size ({teacher_dim}); set distill.projection auto or "
+                        f"model.embedding_dim {teacher_dim}")
+    return nn.Identity()
+
+
+def _linear(student_dim: int, teacher_dim: int) -> nn.Module:
+    return nn.Linear(student_dim, teacher_dim, bias=False)  # no bias: only the direction of its output counts
+
+
+def _auto(student_dim: int, teacher_dim: int) -> nn.Module:
+    return nn.Identity() if student_dim == teacher_dim else _linear(student_dim, teacher_dim)
+
+
+PROJECTIONS: dict[str, Callable[[int, int], nn.Module]] = keyed_by(PROJECTION_NAMES, {
+    "auto": _auto,
+    "linear": _linear,
+    "none": _no_projection,
+})
+
+
+def teacher_view(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """The student's normalised model input (N, 1 or 3, H, W) -> RGB float32 in [0, 1], what a teacher takes."""
+    mean = torch.tensor(pre.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    rgb = (images.float() * std + mean).clamp_(0.0, 1.0)
+    return rgb.expand(-1, 3, -1, -1) if rgb.shape[1] == 1 else rgb.contiguous()
+
+
+class Distiller(nn.Module):
+    """The distillation terms with a weight > 0, the projection they need (the module's only parameters) and
+    the teacher (held outside the module's state: never saved, never trained)."""
+
+    def __init__(self, cfg: DistillConfig, teacher: Teacher, student_dim: int, pre: Preprocess):
+        super().__init__()
+        self.pre, self.agreement_images = pre, cfg.agreement_images
+        self.projection = PROJECTIONS[cfg.projection](student_dim, teacher.dim)
+        object.__setattr__(self, "teacher", teacher)  # not a submodule, whatever its type: no state, no gradient
+        self.terms: dict[str, tuple[float, DistillTerm]] = {
+            name: (getattr(cfg, f"{name}_weight"), term) for name, term in DISTILL_LOSSES.items()
+            if getattr(cfg, f"{name}_weight") > 0}
+        self._val_targets: torch.Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        """False when every distillation weight is 0: the teacher is then never called."""
+        return bool(self.terms)
+
+    @torch.no_grad()
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's embeddings (N, D) float32 of the student's input batch, on its device; fp32, no
+        autocast, no gradient."""
+        with autocast_off(images.device.type):
+            return self.teacher.embed(teacher_view(images, self.pre)).to(images.device, torch.float32)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(weighted sum, {log name: unweighted value}) of the terms on a (global) batch of student embeddings
+        and the teacher's embeddings of the same images, in fp32 outside autocast."""
+        values = {}
+        with autocast_off(student.device.type):
+            student, teacher = student.float(), teacher.float()
+            projected = self.projection(student) if any(t.projected for _, t in self.terms.values()) else None
+            total = torch.zeros((), device=student.device)
+            for weight, term in self.terms.values():
+                value = term.loss(projected if term.projected else student, teacher)
+                values[term.log_name] = value.detach()
+                total = total + weight * value
+        return total, values
+
+    @torch.no_grad()
+    def agreement(self, val_emb: torch.Tensor, val_ds) -> dict[str, float]:
+        """{"teacher_agreement": mean cosine between the projected student embeddings of the first
+        distill.agreement_images validation images and the teacher's} ({} when off). The teacher embeds those
+        images once, on the first call."""
+        count = min(self.agreement_images, len(val_emb))
+        if count == 0:
+            return {}
+        if self._val_targets is None:
+            self._val_targets = self._embed_first(val_ds, count)
+        device = next(self.parameters(), self._val_targets).device
+        with autocast_off(device.type):
+            projected = self.projection(val_emb[:count].to(device, torch.float32))
+        cosine = F.cosine_similarity(projected, self._val_targets.to(device), dim=1)
+        return {"teacher_agreement": cosine.mean().item()}
+
+    def _embed_first(self, dataset, count: int, batch_size: int = 64) -> torch.Tensor:
+        """The teacher's embeddings of dataset items 0..count-1 ((uint8 image, ...) tuples), on the CPU."""
+        subset = torch.utils.data.Subset(dataset, range(count))
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+        chunks = []
+        for images, *_ in loader:
+            rgb = images.float() / 255.0  # uint8 pixels -> [0, 1]
+            chunks.append(self.teacher.embed(rgb.expand(-1, 3, -1, -1)).float().cpu())
+        return torch.cat(chunks)
