@@ -10,7 +10,8 @@ Protocols (`PROTOCOLS`):
 
 A protocol `plan`s the files to embed and the pair counts before any model runs (`preflight_plan` checks
 every file of the plan first), drops the images `without` a usable face afterwards, and `score`s the
-embeddings with `metrics` (the code the trainer validates with).
+embeddings with `metrics` (the code the trainer validates with), collecting the worst pairs on the way
+(`scoring.WorstPairs`).
 
 Threshold calibration: the decision rule is "same person if cosine >= threshold". The threshold written to
 the bundle is the highest one whose FAR on this data is <= the target FAR (`--target-far`; by default 1e-3
@@ -39,7 +40,7 @@ from facetrain.evaluation.metrics import (
     roc_exact,
 )
 from facetrain.evaluation.pairfile import read_pairs
-from facetrain.evaluation.scoring import all_pairs_roc, pair_scores
+from facetrain.evaluation.scoring import WorstPairs, all_pairs_roc, pair_scores
 
 if TYPE_CHECKING:
     from facetrain.evaluation.options import EvalOptions
@@ -107,9 +108,9 @@ class AllPairs:
         return dataclasses.replace(plan, paths=paths, labels=labels, n_genuine=n_genuine, n_impostor=n_impostor,
                                    n_identities=n_ids), emb[torch.as_tensor(keep)]
 
-    def score(self, emb: torch.Tensor, plan: Plan, opts: EvalOptions) -> tuple[RocCurve, dict]:
+    def score(self, emb: torch.Tensor, plan: Plan, opts: EvalOptions, worst: WorstPairs) -> tuple[RocCurve, dict]:
         roc = all_pairs_roc(emb, torch.as_tensor(plan.labels), mode=opts.roc_mode,
-                            max_exact_pairs=opts.max_exact_pairs)
+                            max_exact_pairs=opts.max_exact_pairs, worst=worst)
         return roc, {}
 
 
@@ -144,9 +145,10 @@ class PairsFile:
                                    pair_index=plan.pair_index[keep], pair_genuine=plan.pair_genuine[keep],
                                    pair_fold=plan.pair_fold[keep]), emb
 
-    def score(self, emb: torch.Tensor, plan: Plan, opts: EvalOptions) -> tuple[RocCurve, dict]:
+    def score(self, emb: torch.Tensor, plan: Plan, opts: EvalOptions, worst: WorstPairs) -> tuple[RocCurve, dict]:
         scores = pair_scores(emb[plan.pair_index[:, 0]], emb[plan.pair_index[:, 1]])
         roc = roc_exact(scores, plan.pair_genuine)
+        worst.add_pairs(scores, plan.pair_genuine, plan.pair_index[:, 0], plan.pair_index[:, 1])
         extra = {}
         if len(np.unique(plan.pair_fold)) >= 2:
             extra["kfold"] = kfold_accuracy(scores, plan.pair_genuine, plan.pair_fold)
