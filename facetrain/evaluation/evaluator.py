@@ -196,7 +196,9 @@ def _write_results(out: Path, report: dict, opts: EvalOptions, scored: tuple, em
         write_atomic(out / "embeddings.safetensors", lambda tmp: save_file(
             tensors, str(tmp), metadata={"files": json.dumps(plan.paths)}), WRITE_TODO)
     if opts.tensorboard:
-        projector = Projector.build(emb, [Path(p).parent.name for p in plan.paths], plan.paths, thumb)
+        # up to PROJECTOR_MAX thumbnails: raw photos are shown as they are, not detected and aligned once more
+        sprite_thumb = thumb if embedder.alignment is None else file_thumb(plan.paths, None)
+        projector = Projector.build(emb, [Path(p).parent.name for p in plan.paths], plan.paths, sprite_thumb)
         log_tensorboard(opts.tensorboard, report, roc_fig, int(embedder.meta.get("step") or 0), projector)
 
 

@@ -152,18 +152,18 @@ def all_pair_scores(
         b = min(a + block_size, n)
         for c in range(a, n, block_size):
             d = min(c + block_size, n)
-            scores = _matmul_outside_autocast(x[a:b], x[c:d].T)
+            scores = _matmul_outside_autocast(x[a:b], x[c:d].T).to(torch.float32)  # float32 as yielded
             genuine = lab[a:b, None] == lab[None, c:d]
-            if worst is not None:  # scores as yielded: rounded to float32
+            if worst is not None:
                 upper = _upper_triangle(b - a, x.device) if c == a else None
-                worst.add_block(scores.to(torch.float32), genuine, upper, positions[a:b], positions[c:d])
+                worst.add_block(scores, genuine, upper, positions[a:b], positions[c:d])
             if c == a:
                 # Diagonal block: keep the strict upper triangle. Its lower half mirrors pairs already in
                 # the upper half, and the diagonal holds self pairs (score 1, always "genuine").
                 upper = _upper_triangle(b - a, x.device)
                 scores, genuine = scores[upper], genuine[upper]
             yield (
-                scores.reshape(-1).to(torch.float32).cpu().numpy(),
+                scores.reshape(-1).cpu().numpy(),
                 genuine.reshape(-1).cpu().numpy(),
             )
 

@@ -239,8 +239,8 @@ class Trainer:
         writer = tensorboard_writer(self.accelerator)
         self.validator.write_pictures(self.out / PICTURES_DIR, writer, step)
         if writer is None:
-            self.log.print("note: no TensorBoard projector of the validation embeddings: tensorboard is not in "
-                           "train.log_with (add it, e.g. --train.log_with mlflow,tensorboard)")
+            self.log.print("note: no TensorBoard projector of the validation embeddings: TensorBoard is not among "
+                           "this run's trackers (add it: --train.log_with mlflow,tensorboard, train.tensorboard true)")
 
     def after_validation(self, metrics: dict) -> bool:
         """Log the metrics, give the schedule its metric, export the model if it is the best so far; True then."""
