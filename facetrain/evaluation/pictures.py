@@ -42,6 +42,8 @@ PROJECTOR_MAX = 1000
 """Embeddings sent to TensorBoard's projector at most (sampled evenly): its sprite stays ~1 MB."""
 PROJECTOR_THUMB_PX = 32
 PROJECTOR_HEADER = ["identity", "file"]
+PROJECTOR_CONFIG = "projector_config.pbtxt"
+"""The projector's index of embeddings in a TensorBoard log dir (written by SummaryWriter.add_embedding)."""
 
 WRONG_COLOUR, RIGHT_COLOUR, TEXT_COLOUR = (200, 30, 30), (150, 150, 150), (20, 20, 20)
 
@@ -86,12 +88,12 @@ def grid_size(n_genuine: int, n_impostor: int) -> tuple[int, int]:
     return GRID_COLUMNS * cell_w + PAD_PX, 2 * LINE_PX + 2 * PAD_PX + rows * cell_h
 
 
-def _fit(img: Image.Image) -> Image.Image:
-    """A square thumbnail: centre crop to a square, then THUMB_PX, in RGB."""
+def _fit(img: Image.Image, size: int = THUMB_PX) -> Image.Image:
+    """A square RGB thumbnail of `size` pixels: the centre square of `img`, resized."""
     img = img.convert("RGB")
     side = min(img.size)
     left, top = (img.width - side) // 2, (img.height - side) // 2
-    return img.crop((left, top, left + side, top + side)).resize((THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR)
+    return img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BILINEAR)
 
 
 def _draw_section(canvas, draw, font, title: str, pairs: list[dict], genuine: bool, top: int,
@@ -155,8 +157,7 @@ class Projector:
         rows = projector_rows(len(emb))
         # TSV cells: a tab or newline inside a name would shift the columns
         metadata = [[_tsv(identities[i]), _tsv(short_name(files[i], 200))] for i in rows]
-        images = np.stack([np.asarray(_fit(thumb(int(i))).resize((PROJECTOR_THUMB_PX, PROJECTOR_THUMB_PX),
-                                                                  Image.Resampling.BILINEAR)) for i in rows])
+        images = np.stack([np.asarray(_fit(thumb(int(i)), PROJECTOR_THUMB_PX)) for i in rows])
         thumbnails = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
         return cls(emb.detach().float().cpu()[torch.as_tensor(rows)], metadata, thumbnails)
 
@@ -169,9 +170,6 @@ class Projector:
                              tag=tag, metadata_header=PROJECTOR_HEADER)
         if before:
             config.write_text(_merged_config(before, config.read_text()))
-
-
-PROJECTOR_CONFIG = "projector_config.pbtxt"
 
 
 def _merged_config(before: str, written: str) -> str:
