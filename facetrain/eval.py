@@ -8,7 +8,7 @@
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
         --main_process_port <free port> -m facetrain.eval --model ... --data ...
 
-Writes <output>/metrics.json, args.json, roc.png, far_frr.png, scores.png (default output:
+Writes <output>/metrics.json, args.json, roc.png, far_frr.png, scores.png, errors.png (default output:
 <model>/../eval-<timestamp>-<data name>) and stores the threshold for --target-far in the bundle.
 """
 
@@ -64,7 +64,8 @@ def build_parser():
     p.add_argument("--max-exact-pairs", type=int, default=20_000_000,
                    help="largest pair count scored exactly in auto mode (~70 bytes of memory per pair at "
                    "peak: 20M = 1.4 GB)")
-    p.add_argument("--tensorboard", default="", metavar="LOGDIR", help="also log metrics and the ROC figure here")
+    p.add_argument("--tensorboard", default="", metavar="LOGDIR", help="also log metrics, the ROC figure and the "
+                   "embeddings with thumbnails (TensorBoard's projector) here")
     p.add_argument("--save-embeddings", action="store_true", help="write embeddings.safetensors (with the file "
                    "list) to the output directory")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")

@@ -14,6 +14,7 @@ from helpers import FACES, REPO, SHARED, WEIGHTS, run_module, run_train, tiny_tr
 from PIL import Image
 
 from facetrain.alignment.recipe import AlignmentRecipe, recipe_of_folder
+from facetrain.evaluation import pictures
 
 YALE = FACES / "yalefaces"
 DOGS = SHARED / "data" / "photos" / "dlib_faces" / "dogs.jpg"
@@ -65,10 +66,18 @@ def test_train_on_aligned_folder_then_eval_verify_identify_raw_photos(tmp_path):
     bundle = tmp_path / "run" / "bundle"
     assert json.loads((bundle / "facetrain.json").read_text())["alignment"] == recipe
 
-    common = ["--model", bundle, "--no-calibrate", "--no-plots", "--save-embeddings", "--batch-size", "8"]
+    common = ["--model", bundle, "--no-calibrate", "--save-embeddings", "--batch-size", "8"]
     proc = run_module("facetrain.eval", [*common, "--data", raw, "--output", tmp_path / "ev_raw"])
     report = json.loads((tmp_path / "ev_raw" / "metrics.json").read_text())
     assert report["alignment"]["inputs"] == "raw photos, aligned with the bundle's recipe"
+    # errors.png shows the raw photos' faces as the model saw them: facetrain.align's crops
+    assert (tmp_path / "ev_raw" / "errors.png").is_file()
+    worst = report["worst_pairs"]["genuine"][0]["a"]
+    shown = pictures.file_thumb([worst], recipe)(0)
+    crop = next((aligned / Path(worst).parent.name).glob(Path(worst).stem + ".*"))
+    diff = np.asarray(shown.convert("RGB"), dtype=float) - np.asarray(Image.open(crop).convert("RGB"), dtype=float)
+    assert shown.size == Image.open(crop).size and np.abs(diff).mean() < 1.0  # gray levels: the same crop
+    common.append("--no-plots")
     assert [f["path"] for f in report["alignment"]["without_face"]] == [str(raw / "subject01" / "zz_dogs.png")]
     assert "zz_dogs.png" in proc.stdout and report["n_images"] == 24
     assert report["failures_to_acquire"]["by_problem"]["no_face"] == 1

@@ -26,6 +26,7 @@ from facetrain.cli import run_cli
 from facetrain.config.schema import DataConfig, ModelConfig
 from facetrain.data.synthetic import render
 from facetrain.evaluation.metrics import ScoreHistogram, kfold_accuracy, roc_exact, verification_metrics
+from facetrain.evaluation.pictures import WORST_PAIRS, grid_size
 from facetrain.evaluation.scoring import all_pair_scores, all_pairs_roc, pair_scores
 from facetrain.model.bundle import load_bundle, write_bundle
 from facetrain.model.files import read_bundle_meta
@@ -153,6 +154,19 @@ def test_all_pairs_report_plots_embeddings_and_calibration(tmp_path, faces, caps
     for name in ("roc.png", "far_frr.png", "scores.png"):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.width > 300 and im.height > 200
+    # errors.png: the 8 worst pairs of each kind, which are the truly worst of all 1176 scores
+    with Image.open(out / "errors.png") as im:
+        assert im.format == "PNG" and im.size == grid_size(WORST_PAIRS, WORST_PAIRS)
+    worst, t = report["worst_pairs"], meta["threshold"]
+    assert worst["threshold"] == t
+    i, j = np.triu_indices(49, 1)  # all_pair_scores' order: row-major upper triangle (one block)
+    for kind, mask, worst_first in (("genuine", genuine, scores), ("impostor", ~genuine, -scores)):
+        pick = np.argsort(worst_first[mask], kind="stable")[:WORST_PAIRS]
+        assert [p["rows"] for p in worst[kind]] == np.stack([i[mask][pick], j[mask][pick]], 1).tolist()
+        assert [p["score"] for p in worst[kind]] == pytest.approx(scores[mask][pick].tolist(), abs=1e-6)
+        assert all(p["a"] == files[p["rows"][0]] and p["b"] == files[p["rows"][1]] for p in worst[kind])
+    assert all(p["wrong"] == (p["score"] < t) for p in worst["genuine"])
+    assert all(p["wrong"] == (p["score"] >= t) for p in worst["impostor"])
     args = json.loads((out / "args.json").read_text())
     assert args["data"] == str(faces) and args["calibrate"] is True
 
@@ -221,6 +235,14 @@ def test_metrics_and_roc_figure_go_to_tensorboard(tmp_path, faces):
         (event,) = acc.Scalars(f"eval/{key}")
         assert event.step == 7 and event.value == pytest.approx(m[key], rel=1e-6)
     assert "eval/roc" in acc.Tags()["images"]
+    # the projector: every image (49 <= PROJECTOR_MAX) with its identity and file, and a sprite of thumbnails
+    assert '"eval:00007"' in (tb / "projector_config.pbtxt").read_text()
+    files = tb / "00007" / "eval"
+    assert len((files / "tensors.tsv").read_text().splitlines()) == 49
+    metadata = (files / "metadata.tsv").read_text().splitlines()
+    assert len(metadata) == 1 + 49 and metadata[1] == "person00\tperson00/000.png"
+    with Image.open(files / "sprite.png") as sprite:
+        assert sprite.size == (7 * 32, 7 * 32)
 
 
 # ------------------------------------------------------------------------------------------ pairs file
@@ -290,6 +312,13 @@ def test_lfw_pairs_protocol_on_att_faces(tmp_path, capsys):
     assert k["accuracy_std"] == pytest.approx(expected["accuracy_std"], abs=1e-12)
     assert report["metrics"]["auc"] == pytest.approx(verification_metrics(roc_exact(scores, genuine))["auc"],
                                                      abs=1e-12)
+    # the worst listed pairs, by the test's own scores
+    worst = report["worst_pairs"]
+    low, high = np.argsort(np.where(genuine, scores, np.inf))[:WORST_PAIRS], np.argsort(-np.where(genuine, -np.inf,
+                                                                                                  scores))[:WORST_PAIRS]
+    assert [p["score"] for p in worst["genuine"]] == pytest.approx(scores[low].tolist(), abs=1e-9)
+    assert [p["score"] for p in worst["impostor"]] == pytest.approx(scores[high].tolist(), abs=1e-9)
+    assert (out / "errors.png").is_file()
     # every image embedded once: the unique images of the pairs, no more
     assert emb.shape[0] == len({(a, i) for a, i, *_ in truth} | {(b, j) for _, _, b, j, _ in truth})
 
@@ -386,8 +415,15 @@ def test_trainer_validation_metrics_equal_eval_on_the_same_identities(tmp_path, 
     out = tmp_path / "eval"
     assert eval_main("--model", run / "bundle", "--data", heldout, "--output", out, "--num-workers", 0,
                      "--batch-size", cfg.train.val_batch_size, "--no-calibrate") == 0
-    reported = json.loads((out / "metrics.json").read_text())["metrics"]
+    report = json.loads((out / "metrics.json").read_text())
+    reported = report["metrics"]
     assert reported["n_genuine"] + reported["n_impostor"] == len(idx) * (len(idx) - 1) // 2
+    # the final validation's worst pairs (the bundle's step) are eval's, with the same verdicts
+    validation = json.loads((run / "validation" / "worst_pairs.json").read_text())
+    assert validation["threshold"] == pytest.approx(report["worst_pairs"]["threshold"], abs=1e-6)
+    for kind in ("genuine", "impostor"):
+        assert [(p["score"], p["wrong"]) for p in validation[kind]] == [
+            (pytest.approx(p["score"], abs=1e-6), p["wrong"]) for p in report["worst_pairs"][kind]]
     for key, value in logged.items():
         assert key in reported
         if isinstance(value, float):

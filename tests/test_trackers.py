@@ -65,3 +65,10 @@ def test_training_logs_to_mlflow_file_store_and_tensorboard(tmp_path, monkeypatc
     # validation's metric names with '@' and '=' (which MLflow refuses) arrive renamed
     assert client.get_metric_history(run.info.run_id, "val/tar_at_far_1e-01")
     assert run.data.params["train.max_steps"] == "2"
+    # the final validation (step 2): errors.png, and its 48 embeddings (6 identities x 8) in the projector
+    assert (out / "validation" / "errors.png").is_file()
+    assert '"validation:00002"' in (out / "tb" / "projector_config.pbtxt").read_text()
+    files = out / "tb" / "00002" / "validation"
+    assert len((files / "tensors.tsv").read_text().splitlines()) == 48
+    assert len((files / "metadata.tsv").read_text().splitlines()) == 1 + 48
+    assert (files / "sprite.png").is_file()

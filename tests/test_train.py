@@ -152,10 +152,31 @@ def test_att_faces_training_beats_untrained_model(tmp_path):
     assert done["final"]["eer"] < done["untrained"]["eer"] * 0.75
 
 
+def check_validation_pictures(run: Path) -> None:
+    """<run>/validation/errors.png is the grid of worst_pairs.json's pairs, which are validation pairs of the
+    right kind, worst first."""
+    from PIL import Image
+
+    from facetrain.evaluation.pictures import WORST_PAIRS, grid_size
+
+    worst = json.loads((run / "validation" / "worst_pairs.json").read_text())
+    assert len(worst["genuine"]) == len(worst["impostor"]) == WORST_PAIRS and worst["far"] == 1e-2  # 960 impostor pairs
+    for kind, same, sign in (("genuine", True, 1), ("impostor", False, -1)):
+        scores = [sign * p["score"] for p in worst[kind]]
+        assert scores == sorted(scores)
+        for p in worst[kind]:  # synthetic keys: synthetic:<identity>/<image>
+            assert (p["a"].split("/")[0] == p["b"].split("/")[0]) == same, p
+    with Image.open(run / "validation" / "errors.png") as im:
+        assert im.format == "PNG" and im.size == grid_size(WORST_PAIRS, WORST_PAIRS)
+
+
 def test_resuming_a_finished_run_changes_nothing_and_another_split_is_refused(tmp_path):
     cfg = tiny_train_config(tmp_path, {"train": {"max_steps": 3, "val_every": 3, "ckpt_every": 3}})
     run = tmp_path / "run"
-    run_train(["--config", cfg, "--train.output_dir", run])
+    first = run_train(["--config", cfg, "--train.output_dir", run])
+    # no TensorBoard in this run: the final validation's errors.png is written, the projector skipped with a note
+    assert "no TensorBoard projector" in first.stdout and not (run / "tb").exists()
+    check_validation_pictures(run)
     files = [run / "done.json", run / "config.yaml", run / "bundle" / "model.safetensors",
              run / "bundle" / "facetrain.json"]
     before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}

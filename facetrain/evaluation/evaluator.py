@@ -39,6 +39,14 @@ from facetrain.evaluation.figures import make_figures
 from facetrain.evaluation.fta import REPORT_KEY, faceless, section, stop_if_asked
 from facetrain.evaluation.metrics import far_needed, verification_metrics
 from facetrain.evaluation.options import EvalOptions
+from facetrain.evaluation.pictures import (
+    ERRORS_FILE,
+    WORST_PAIRS,
+    Projector,
+    error_grid,
+    file_thumb,
+    worst_pairs_report,
+)
 from facetrain.evaluation.protocols import PROTOCOLS, calibration_far, preflight_plan
 from facetrain.evaluation.report import (
     WRITE_TODO,
@@ -48,6 +56,7 @@ from facetrain.evaluation.report import (
     print_report,
     write_json,
 )
+from facetrain.evaluation.scoring import WorstPairs
 from facetrain.model.card import CARD_KEY, build_card, evaluation_entry
 from facetrain.model.files import META_FILE, is_onnx_file, resolve_model_path, update_bundle_meta
 from facetrain.runtime.atomic_dir import write_atomic
@@ -102,7 +111,8 @@ def run(opts: EvalOptions) -> dict | None:
         failures = sorted(failures + faceless(embedder.last_failures), key=lambda r: r["path"])
 
     t0 = time.perf_counter()
-    roc, extra = protocol.score(emb, plan, opts)
+    worst = WorstPairs(WORST_PAIRS)
+    roc, extra = protocol.score(emb, plan, opts, worst)
     far, far_source = calibration_far(opts.target_far, roc.n_impostor)
     metrics = verification_metrics(roc, target_far=far)
     metrics["fta_rate"] = len(failures) / attempted  # as validation logs it (val/fta_rate; eval/fta_rate)
@@ -138,6 +148,7 @@ def run(opts: EvalOptions) -> dict | None:
         "metrics": metrics,
         "intervals": intervals.as_dict() if intervals else None,
         **extra,
+        "worst_pairs": worst_pairs_report(worst, plan.paths, threshold),
         "calibration": {"far": far, "far_source": far_source, "threshold": threshold,
                         "tar": metrics.get("tar_at_target_far"), **_calibration_intervals(roc, threshold, intervals),
                         "written_to_bundle": bool(opts.calibrate and threshold is not None), "note": note},
@@ -151,7 +162,9 @@ def run(opts: EvalOptions) -> dict | None:
     # the results first, then the model's metadata: a model that cannot take the threshold loses nothing else;
     # until it took it, metrics.json says it did not (a kill in between leaves no false claim)
     calibrate, report["calibration"]["written_to_bundle"] = report["calibration"]["written_to_bundle"], False
-    _write_results(out, report, opts, (roc, metrics, threshold, far, intervals), emb, plan, embedder)
+    # the faces of the pictures as the model saw them: raw photos aligned with the bundle's recipe
+    thumb = file_thumb(plan.paths, embedder.alignment if align else None)
+    _write_results(out, report, opts, (roc, metrics, threshold, far, intervals), emb, plan, embedder, thumb)
     if calibrate:
         cal = report["calibration"]
         _calibrate(model_path, report, out, {
@@ -201,9 +214,9 @@ def _start_output(opts: EvalOptions, model_path: Path) -> Path:
     return out
 
 
-def _write_results(out: Path, report: dict, opts: EvalOptions, scored: tuple, emb, plan, embedder) -> None:
-    """metrics.json, then the plots, the embeddings and the TensorBoard scalars (`scored`: roc, metrics,
-    threshold, far, intervals)."""
+def _write_results(out: Path, report: dict, opts: EvalOptions, scored: tuple, emb, plan, embedder, thumb) -> None:
+    """metrics.json, then the plots (and errors.png), the embeddings and the TensorBoard scalars and projector
+    (`scored`: roc, metrics, threshold, far, intervals; `thumb(row)`: image `row`'s face for the pictures)."""
     roc, metrics, threshold, far, intervals = scored
     write_json(out / "metrics.json", report)
     roc_fig = None
@@ -213,6 +226,9 @@ def _write_results(out: Path, report: dict, opts: EvalOptions, scored: tuple, em
         if opts.plots:
             for name, fig in figures.items():
                 write_atomic(out / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png"), WRITE_TODO)
+    if opts.plots:
+        grid = error_grid(report["worst_pairs"], thumb)
+        write_atomic(out / ERRORS_FILE, lambda tmp: grid.save(tmp, format="PNG"), WRITE_TODO)
     if opts.save_embeddings:
         from safetensors.torch import save_file
 
@@ -222,7 +238,10 @@ def _write_results(out: Path, report: dict, opts: EvalOptions, scored: tuple, em
         write_atomic(out / "embeddings.safetensors", lambda tmp: save_file(
             tensors, str(tmp), metadata={"files": json.dumps(plan.paths)}), WRITE_TODO)
     if opts.tensorboard:
-        log_tensorboard(opts.tensorboard, report, roc_fig, int(embedder.meta.get("step") or 0))
+        # up to PROJECTOR_MAX thumbnails: raw photos are shown as they are, not detected and aligned once more
+        sprite_thumb = thumb if embedder.alignment is None else file_thumb(plan.paths, None)
+        projector = Projector.build(emb, [Path(p).parent.name for p in plan.paths], plan.paths, sprite_thumb)
+        log_tensorboard(opts.tensorboard, report, roc_fig, int(embedder.meta.get("step") or 0), projector)
 
 
 def _calibrate(model_path: Path, report: dict, out: Path, calibration: dict, meta: dict) -> None:

@@ -13,6 +13,7 @@ missing and undecodable files first), takes the images that failed to acquire (t
 usable face) `without` their pairs, remembering how many it left out, and `score`s the embeddings with `metrics`
 (the code the trainer validates with): under `--fta nonmatch` the left-out pairs are rejected at every
 threshold (`metrics.with_rejected_pairs`, and in the 10-fold accuracy), under `exclude` they stay out (`fta`).
+Scoring also collects the worst pairs of the scored images (`scoring.WorstPairs`).
 
 Threshold calibration: the decision rule is "same person if cosine >= threshold". The threshold written to
 the bundle is the highest one whose FAR on this data is <= the target FAR (`--target-far`; by default 1e-3
@@ -50,7 +51,7 @@ from facetrain.evaluation.metrics import (
     with_rejected_pairs,
 )
 from facetrain.evaluation.pairfile import read_pairs
-from facetrain.evaluation.scoring import all_pairs_roc, all_pairs_unit_counts, pair_scores
+from facetrain.evaluation.scoring import WorstPairs, all_pairs_roc, all_pairs_unit_counts, pair_scores
 
 if TYPE_CHECKING:
     from facetrain.evaluation.options import EvalOptions
@@ -134,9 +135,9 @@ class AllPairs:
             left_out_labels=np.concatenate([plan.left_out_labels if plan.left_out_labels is not None
                                             else plan.labels[:0], plan.labels[~keep]])), emb[torch.as_tensor(keep)]
 
-    def score(self, emb: torch.Tensor, plan: Plan, opts: EvalOptions) -> tuple[RocCurve, dict]:
+    def score(self, emb: torch.Tensor, plan: Plan, opts: EvalOptions, worst: WorstPairs) -> tuple[RocCurve, dict]:
         roc = all_pairs_roc(emb, torch.as_tensor(plan.labels), mode=opts.roc_mode,
-                            max_exact_pairs=opts.max_exact_pairs)
+                            max_exact_pairs=opts.max_exact_pairs, worst=worst)
         if opts.fta == "nonmatch":
             roc = with_rejected_pairs(roc, plan.left_out_genuine, plan.left_out_impostor)
         return roc, {}
@@ -194,9 +195,10 @@ class PairsFile:
             left_out_impostor=plan.left_out_impostor + int((gone[:, 0] == 0).sum()),
             left_out_pairs=np.concatenate([before, gone])), emb
 
-    def score(self, emb: torch.Tensor, plan: Plan, opts: EvalOptions) -> tuple[RocCurve, dict]:
+    def score(self, emb: torch.Tensor, plan: Plan, opts: EvalOptions, worst: WorstPairs) -> tuple[RocCurve, dict]:
         scores = pair_scores(emb[plan.pair_index[:, 0]], emb[plan.pair_index[:, 1]])
         roc = roc_exact(scores, plan.pair_genuine)
+        worst.add_pairs(scores, plan.pair_genuine, plan.pair_index[:, 0], plan.pair_index[:, 1])
         genuine, folds = plan.pair_genuine, plan.pair_fold
         rejected = np.zeros(len(scores), dtype=bool)
         if opts.fta == "nonmatch" and plan.left_out_pairs is not None:

@@ -1,5 +1,5 @@
 """The report of an evaluation: the rich table on the terminal, `metrics.json` / `args.json`, the default
-output folder, the alignment summary and the TensorBoard scalars and figure.
+output folder, the alignment summary and the TensorBoard scalars, figure and projector.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def print_report(report: dict, console=None) -> None:
     if several:
         console.print(f"[yellow]alignment:[/] {len(several)} photos show several faces; the face used in each "
                       f"({report['alignment']['recipe']['face_choice']}) is listed in metrics.json")
-    console.print(f"wrote {report['output']}/metrics.json" + (", roc.png, far_frr.png, scores.png"
+    console.print(f"wrote {report['output']}/metrics.json" + (", roc.png, far_frr.png, scores.png, errors.png"
                                                                if report["plots"] else ""))
 
 
@@ -128,7 +128,13 @@ def write_json(path: Path, data: dict) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text), WRITE_TODO)
 
 
-def log_tensorboard(log_dir: str, report: dict, roc_fig, step: int) -> None:
+#: The projector's tag for facetrain.eval's embeddings (training's final validation logs "validation").
+EVAL_PROJECTOR_TAG = "eval"
+
+
+def log_tensorboard(log_dir: str, report: dict, roc_fig, step: int, projector=None) -> None:
+    """Scalars `eval/<metric>`, the ROC figure and (`projector`: a `pictures.Projector`) the embeddings with
+    their thumbnails for TensorBoard's projector."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir)
@@ -140,6 +146,8 @@ def log_tensorboard(log_dir: str, report: dict, roc_fig, step: int) -> None:
             writer.add_scalar("eval/kfold_accuracy_mean", report["kfold"]["accuracy_mean"], step)
         if roc_fig is not None:
             writer.add_figure("eval/roc", roc_fig, step, close=False)
+        if projector is not None:
+            projector.log(writer, step, EVAL_PROJECTOR_TAG)
     finally:
         writer.close()
 

@@ -5,7 +5,8 @@ all-pairs ROC built from them with `metrics` (numpy only).
   by blocked matrix products (:func:`all_pair_scores`). The ROC is either *exact* (every score kept, so memory
   grows with the number of pairs, i.e. quadratically with the number of images) or *histogram* (scores
   streamed into a fixed :class:`metrics.ScoreHistogram`, so memory is constant and thresholds are quantised
-  to the bin width).
+  to the bin width). Either mode can also keep the worst pairs (:class:`WorstPairs`: the lowest genuine and
+  highest impostor scores, a top-k per block, so memory stays O(k)).
 * **Listed pairs** (:func:`pair_scores`): the cosine of each row pair, e.g. an LFW pairs file (`pairfile`) or
   verify's two images.
 """
@@ -67,10 +68,68 @@ def _checked_inputs(
     return F.normalize(emb.to(_score_dtype(emb.device)), dim=1), lab
 
 
+class WorstPairs:
+    """The ``k`` genuine pairs with the lowest scores and the ``k`` impostor pairs with the highest (the pairs a
+    threshold gets wrong first), kept while blocks of scores stream past: a top-k of each block merged into
+    the running top-k, so memory is O(k) whatever the number of pairs.
+
+    ``genuine`` / ``impostor``: arrays ``(score, i, j)`` with ``i < j`` row indices into the embeddings,
+    worst first (ties by ``i``, then ``j``).
+    """
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise MetricsError(f"worst pairs: k must be >= 1, got {k}")
+        self.k = k
+        empty = np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        self.genuine, self.impostor = empty, empty
+
+    def add_block(self, scores: torch.Tensor, genuine: torch.Tensor | None, valid: torch.Tensor | None,
+                  rows: torch.Tensor, cols: torch.Tensor, scale: float = 1.0) -> None:
+        """One block ``scores[r, c]`` (times ``1 / scale``) of the pairs ``(rows[r], cols[c])``; ``genuine``:
+        its same-identity mask (None: every pair an impostor); ``valid``: the pairs to count (None: all)."""
+        impostor = None if genuine is None else ~genuine
+        if valid is not None:
+            impostor = valid if impostor is None else impostor & valid
+        if genuine is not None:
+            genuine = genuine if valid is None else genuine & valid
+            self.genuine = self._merge(self.genuine, self._top(scores, genuine, rows, cols, scale, False), False)
+        self.impostor = self._merge(self.impostor, self._top(scores, impostor, rows, cols, scale, True), True)
+
+    def add_pairs(self, scores: np.ndarray, genuine: np.ndarray, first: np.ndarray, second: np.ndarray) -> None:
+        """Listed pairs (a pairs file): pair ``k`` is rows ``(first[k], second[k])``, in the list's order."""
+        scores, genuine = np.asarray(scores, dtype=np.float64), np.asarray(genuine, dtype=bool)
+        first, second = np.asarray(first, dtype=np.int64), np.asarray(second, dtype=np.int64)
+        self.genuine = self._merge(self.genuine, (scores[genuine], first[genuine], second[genuine]), False)
+        self.impostor = self._merge(self.impostor, (scores[~genuine], first[~genuine], second[~genuine]), True)
+
+    def _top(self, scores, keep, rows, cols, scale, largest):
+        """The block's k best pairs among `keep`. Only the k rows with the best row extremes can hold them (a row
+        whose extreme is beaten by k other rows' has k better pairs elsewhere), so the full-block pass is one
+        row reduction (~10x cheaper than a top-k over the block, measured on 2048 x 2048)."""
+        fill = -torch.inf if largest else torch.inf
+        scores = scores if keep is None else scores.masked_fill(~keep, fill)
+        row_best = scores.amax(dim=1) if largest else scores.amin(dim=1)
+        cand = torch.topk(row_best, min(self.k, len(row_best)), largest=largest).indices
+        flat = scores[cand].reshape(-1)
+        value, index = torch.topk(flat, min(self.k, flat.numel()), largest=largest, sorted=False)
+        found = torch.isfinite(value)
+        value, index = value[found], index[found]
+        i, j = rows[cand[index // scores.shape[1]]], cols[index % scores.shape[1]]
+        return ((value.double() / scale).cpu().numpy(), torch.minimum(i, j).cpu().numpy(),
+                torch.maximum(i, j).cpu().numpy())
+
+    def _merge(self, kept, new, largest):
+        score, i, j = (np.concatenate(parts) for parts in zip(kept, new, strict=True))
+        order = np.lexsort((j, i, -score if largest else score))[: self.k]
+        return score[order], i[order], j[order]
+
+
 def all_pair_scores(
     emb: torch.Tensor,
     labels: torch.Tensor | np.ndarray | Sequence[int],
     block_size: int = 4096,
+    worst: WorstPairs | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(scores, genuine)`` blocks covering every unordered pair ``i < j`` of ``emb`` exactly once.
 
@@ -80,6 +139,7 @@ def all_pair_scores(
         labels: (N,) integer identity labels.
         block_size: rows/columns per block. One block holds ``block_size**2`` scores (4096 -> 16.8M scores,
             128 MiB in float64 on the device, 64 MiB as float32 on the host).
+        worst: collects the worst genuine and impostor pairs of every block as it is yielded.
 
     Yields:
         ``scores`` (float32, 1-D) and ``genuine`` (bool, same length) for the pairs of one block
@@ -88,21 +148,30 @@ def all_pair_scores(
     """
     x, lab = _checked_inputs(emb, labels, block_size)
     n = x.shape[0]
+    positions = torch.arange(n, device=x.device)
     for a in range(0, n, block_size):
         b = min(a + block_size, n)
         for c in range(a, n, block_size):
             d = min(c + block_size, n)
-            scores = _matmul_outside_autocast(x[a:b], x[c:d].T)
+            scores = _matmul_outside_autocast(x[a:b], x[c:d].T).to(torch.float32)  # float32 as yielded
             genuine = lab[a:b, None] == lab[None, c:d]
+            if worst is not None:
+                upper = _upper_triangle(b - a, x.device) if c == a else None
+                worst.add_block(scores, genuine, upper, positions[a:b], positions[c:d])
             if c == a:
                 # Diagonal block: keep the strict upper triangle. Its lower half mirrors pairs already in
                 # the upper half, and the diagonal holds self pairs (score 1, always "genuine").
-                upper = torch.ones(b - a, b - a, dtype=torch.bool, device=x.device).triu_(diagonal=1)
+                upper = _upper_triangle(b - a, x.device)
                 scores, genuine = scores[upper], genuine[upper]
             yield (
-                scores.reshape(-1).to(torch.float32).cpu().numpy(),
+                scores.reshape(-1).cpu().numpy(),
                 genuine.reshape(-1).cpu().numpy(),
             )
+
+
+def _upper_triangle(size: int, device: torch.device) -> torch.Tensor:
+    """The pairs ``i < j`` of a diagonal block: no self pairs, no pair twice."""
+    return torch.ones(size, size, dtype=torch.bool, device=device).triu_(diagonal=1)
 
 
 def pair_scores(emb_a: torch.Tensor, emb_b: torch.Tensor) -> np.ndarray:
@@ -129,6 +198,7 @@ def all_pairs_roc(
     max_exact_pairs: int = 20_000_000,
     block_size: int = 4096,
     bins: int = DEFAULT_BINS,
+    worst: WorstPairs | None = None,
 ) -> RocCurve:
     """ROC over all unordered pairs of a labelled embedding set.
 
@@ -136,7 +206,8 @@ def all_pairs_roc(
     and accumulates in int64/float64: ~70 bytes per pair at peak, measured: 0.7 GiB for 10^7 pairs);
     ``"histogram"`` streams blocks into a
     :class:`ScoreHistogram` (memory independent of N; thresholds quantised to ``2 / bins``); ``"auto"``
-    picks exact when the total number of pairs is at most ``max_exact_pairs``.
+    picks exact when the total number of pairs is at most ``max_exact_pairs``. ``worst``: also collect the
+    worst pairs there (either mode; measured cost in docs/evaluation.md).
     """
     if mode not in ("auto", "exact", "histogram"):
         raise MetricsError(f"mode must be 'auto', 'exact' or 'histogram', got {mode!r}")
@@ -147,16 +218,16 @@ def all_pairs_roc(
 
     if mode == "exact":
         score_blocks, genuine_blocks = [], []
-        for scores, genuine in all_pair_scores(emb, labels, block_size):
+        for scores, genuine in all_pair_scores(emb, labels, block_size, worst):
             score_blocks.append(scores)
             genuine_blocks.append(genuine)
         return roc_exact(np.concatenate(score_blocks), np.concatenate(genuine_blocks))
 
     hist = ScoreHistogram(bins)
     if bins >= 2 and bins & (bins - 1) == 0:
-        _stream_all_pairs_into(hist, emb, labels, block_size)
+        _stream_all_pairs_into(hist, emb, labels, block_size, worst)
     else:  # the fast kernel's exact binning needs a power-of-two bin count
-        for scores, genuine in all_pair_scores(emb, labels, block_size):
+        for scores, genuine in all_pair_scores(emb, labels, block_size, worst):
             hist.add(scores, genuine)
     return hist.roc()
 
@@ -178,6 +249,7 @@ def _stream_all_pairs_into(
     emb: torch.Tensor,
     labels: torch.Tensor | np.ndarray | Sequence[int],
     block_size: int,
+    worst: WorstPairs | None = None,
 ) -> None:
     """Add every unordered pair's score to ``hist`` (power-of-two ``bins``): the same counts as ``hist.add``
     over :func:`all_pair_scores`, several times faster (10^5 512-d embeddings = 5e9 pairs: ~170 CPU seconds,
@@ -206,14 +278,19 @@ def _stream_all_pairs_into(
             # is float32(score) * bins/2 without a pass over the block; its floor + bins/2 is the bin index,
             # out-of-range cosines clamped into the end bins.
             scaled = _matmul_outside_autocast(x[a:b] * half, x[c:d].T).to(torch.float32)
+            impostors_only = c > a and lab_host[b - 1] != lab_host[c]
+            same = None if impostors_only else lab[a:b, None] == lab[None, c:d]
+            upper = _upper_triangle(b - a, x.device) if c == a else None
+            if worst is not None:  # before the in-place binning below; rows map back to the caller's order
+                worst.add_block(scaled, same, upper, order[a:b], order[c:d], scale=half)
             idx = scaled.floor_().clamp_(-half, half - 1).add_(half).to(torch.int32)
-            if c > a and lab_host[b - 1] != lab_host[c]:
+            if impostors_only:
                 hist.impostor_counts += _bincount(idx, bins)
                 continue
             # One count over 2*bins slots (impostor bins, then genuine bins), as in ScoreHistogram.add.
-            slot = idx + bins * (lab[a:b, None] == lab[None, c:d])
-            if c == a:  # diagonal block: strict upper triangle only (no self pairs, no pair twice)
-                slot = slot[torch.ones(b - a, b - a, dtype=torch.bool, device=x.device).triu_(diagonal=1)]
+            slot = idx + bins * same
+            if upper is not None:  # diagonal block: strict upper triangle only (no self pairs, no pair twice)
+                slot = slot[upper]
             counts = _bincount(slot, 2 * bins)
             hist.impostor_counts += counts[:bins]
             hist.genuine_counts += counts[bins:]

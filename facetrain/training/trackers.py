@@ -58,6 +58,14 @@ def tracker_names(t: TrainConfig) -> list[str]:
     return [n for n in names if t.tensorboard or n != "tensorboard"]
 
 
+def tensorboard_writer(accelerator):
+    """The run's TensorBoard SummaryWriter (rank 0), or None when TensorBoard is not among the trackers."""
+    for tracker in accelerator.trackers:
+        if isinstance(tracker, TensorBoardTracker):
+            return tracker.tracker
+    return None
+
+
 def accelerator_trackers(t: TrainConfig, out: Path) -> list:
     """`Accelerator(log_with=...)` for train.log_with (empty: no tracker)."""
     return [_build(name, out) for name in tracker_names(t)]

@@ -55,8 +55,8 @@ from facetrain.training.progress import Throughput, TrainProgress, flat_hparams
 from facetrain.training.resume import beyond_run_length, finished_message, finished_run, resume_point
 from facetrain.training.stateful import EmaWeights, ScalerState
 from facetrain.training.stop import StopRequest
-from facetrain.training.trackers import PROJECT, accelerator_trackers
-from facetrain.training.validation import Validator, check_val_metric_resolvable, is_better
+from facetrain.training.trackers import PROJECT, accelerator_trackers, tensorboard_writer
+from facetrain.training.validation import PICTURES_DIR, Validator, check_val_metric_resolvable, is_better
 
 
 class Trainer:
@@ -68,6 +68,7 @@ class Trainer:
         after_step()       log, validate, checkpoint and stop on their cadences
         validate()         metrics of the eval-mode model on the validation identities (rank 0 scores)
         after_validation() log, schedule on the metric, export the best bundle
+        write_pictures()   the final validation's worst pairs (errors.png) and TensorBoard projector
         save_checkpoint()  a full checkpoint of the current step, on every rank together
 
     `on_log(step)`: called at every log point after logging (a benchmark runs other variants there); its time is
@@ -257,12 +258,24 @@ class Trainer:
                 self.step_terms[name] = self.step_terms.get(name, 0.0) + value
         return loss
 
-    def validate(self) -> dict:
+    def validate(self, pictures: bool = False) -> dict:
         """Metrics of the model in eval mode; the caller exports it as it is, then calls set_train_mode(True)
-        (schedule-free: the averaged weights are in the model only until then)."""
+        (schedule-free: the averaged weights are in the model only until then). `pictures`: keep what
+        write_pictures draws."""
         self.set_train_mode(False)
         recompute_bn = self.schedule.schedule_free and not self.cfg.model.freeze_bn
-        return self.validator.metrics(self.eval_model, recompute_bn)
+        return self.validator.metrics(self.eval_model, recompute_bn, pictures)
+
+    def write_pictures(self, step: int) -> None:
+        """The final validation's <output_dir>/validation/errors.png (+ worst_pairs.json) and its embeddings in
+        TensorBoard's projector (rank 0; another tracker has no projector: said, not failed)."""
+        if not self.main:
+            return
+        writer = tensorboard_writer(self.accelerator)
+        self.validator.write_pictures(self.out / PICTURES_DIR, writer, step)
+        if writer is None:
+            self.log.print("note: no TensorBoard projector of the validation embeddings: TensorBoard is not among "
+                           "this run's trackers (add it: --train.log_with mlflow,tensorboard, train.tensorboard true)")
 
     def after_validation(self, metrics: dict) -> bool:
         """Log the metrics, give the schedule its metric, export the model if it is the best so far; True then."""
@@ -368,8 +381,10 @@ class Trainer:
         else:
             self.log.advance(step)
         if val_now:
-            self.last_metrics = self.validate()
+            self.last_metrics = self.validate(pictures=last)
             self.after_validation(self.last_metrics)  # exports the validated weights as they are
+            if last:
+                self.write_pictures(step)
             self.set_train_mode(True)
             self.throughput.restart()  # img/s measures training only
         if self.stop.agreed(step, log_now) and not last:
@@ -431,6 +446,7 @@ class Trainer:
             u, f = state.untrained, self.last_metrics
             self.log.print(f"done: {state.step} steps. val auc untrained {u['auc']:.4f} -> trained "
                            f"{f['auc']:.4f}, eer {u['eer']:.4f} -> {f['eer']:.4f}. best model: {out / 'bundle'}; "
+                           f"worst pairs: {out / PICTURES_DIR / 'errors.png'}; "
                            f"TensorBoard: tensorboard --logdir {out / 'tb'}")
         self.accelerator.end_training()
         return summary

@@ -1,6 +1,7 @@
 """Validation during training: the held-out identities embedded on every rank and all their pairs scored on rank 0
 with the code `facetrain.eval` uses (evaluation/); the metric's feasibility, BatchNorm statistics for averaged
-weights, and the best-so-far rule.
+weights, the best-so-far rule, and the pictures of the final validation (`<output_dir>/validation/errors.png`,
+TensorBoard's projector).
 
 Failures to acquire: under `data.bad_images: skip` the pre-flight leaves undecodable files out of the face set
 (`FaceSet.skipped`); those of validation identities are counted as eval's default counts them (`--fta nonmatch`):
@@ -11,6 +12,7 @@ data.bad_images in `FaceDataset`.)"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,9 +27,26 @@ from facetrain.data.transforms import ToModelInput, collate, eval_transform
 from facetrain.errors import UserError
 from facetrain.evaluation.embedding import embed_dataset
 from facetrain.evaluation.metrics import count_pairs, far_needed, verification_metrics, with_rejected_pairs
-from facetrain.evaluation.scoring import all_pairs_roc
+from facetrain.evaluation.pictures import (
+    ERRORS_FILE,
+    WORST_PAIRS,
+    Projector,
+    error_grid,
+    tensor_image,
+    worst_pairs_report,
+)
+from facetrain.evaluation.protocols import calibration_far
+from facetrain.evaluation.scoring import WorstPairs, all_pairs_roc
 from facetrain.model.network import inference_model
+from facetrain.runtime.atomic_dir import write_atomic
 from facetrain.runtime.distributed import broadcast_object
+
+PICTURES_DIR = "validation"
+"""The final validation's pictures inside train.output_dir: errors.png and worst_pairs.json."""
+WORST_PAIRS_FILE = "worst_pairs.json"
+PROJECTOR_TAG = "validation"
+"""The projector's tag for the validation embeddings in the run's TensorBoard (facetrain.eval logs "eval")."""
+WRITE_TODO = "free disk space, or choose another train.output_dir"
 
 BN_RECOMPUTE_IMAGES = 512
 """Schedule-free runs: training images whose BatchNorm statistics are recomputed for the averaged weights
@@ -89,13 +108,19 @@ class Validator:
         self.fta_labels = skipped_val_labels(faceset, *val)
         self.rejected = rejected_pairs(self.val_labels, self.fta_labels)
         self.val_ds = FaceDataset(faceset, *val, eval_transform(pre), cfg.data.bad_images)
+        # what the pictures name each validation image by: its file (or synthetic / dataset key), its identity
+        self.val_keys = [faceset.keys[int(i)] for i in val[0]]
+        self.val_identities = [faceset.names[int(faceset.labels[int(i)])] for i in val[0]]
+        self.scored: tuple | None = None
+        """(embeddings, WorstPairs, metrics) of the last validation asked for pictures (rank 0)."""
         # schedule-free: training images (fixed, seeded) whose statistics BatchNorm recomputes before validation
         pick = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(train[0]))[:BN_RECOMPUTE_IMAGES])
         self.bn_ds = FaceDataset(faceset, train[0][pick], train[1][pick], eval_transform(pre), cfg.data.bad_images)
 
-    def metrics(self, model: torch.nn.Module, recompute_bn: bool) -> dict:
+    def metrics(self, model: torch.nn.Module, recompute_bn: bool, pictures: bool = False) -> dict:
         """verification_metrics of `model` (in eval mode) on every rank. `recompute_bn`: first replace its BatchNorm
-        statistics (schedule-free: they were gathered with the training sequence's weights, not the average's)."""
+        statistics (schedule-free: they were gathered with the training sequence's weights, not the average's).
+        `pictures`: also keep the embeddings and the worst pairs for `write_pictures` (rank 0)."""
         cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
         if recompute_bn:
             recompute_batchnorm(model, self.bn_ds, self.pre, t.val_batch_size, acc.device, cfg.model.channels_last)
@@ -105,12 +130,34 @@ class Validator:
                             channels_last=cfg.model.channels_last)
         metrics = None
         if acc.is_main_process:
-            roc = with_rejected_pairs(all_pairs_roc(emb, torch.as_tensor(self.val_labels)), *self.rejected)
-            metrics = verification_metrics(roc)
+            worst = WorstPairs(WORST_PAIRS) if pictures else None
+            roc = all_pairs_roc(emb, torch.as_tensor(self.val_labels), worst=worst)
+            metrics = verification_metrics(with_rejected_pairs(roc, *self.rejected))
             metrics["fta_rate"] = len(self.fta_labels) / (len(self.val_labels) + len(self.fta_labels))
             if self.extra_metrics is not None:
                 metrics.update(self.extra_metrics(emb, self.val_ds))
+            self.scored = (emb, worst, metrics) if pictures else None
         return broadcast_object(metrics, acc)
+
+    def write_pictures(self, folder: Path, writer, step: int) -> None:
+        """The last `metrics(..., pictures=True)`'s worst pairs as `folder`/errors.png and worst_pairs.json (the
+        threshold: the one facetrain.eval would calibrate on this set), and, given a TensorBoard `writer`, its
+        embeddings with their thumbnails in the projector."""
+        emb, worst, metrics = self.scored
+        far, _ = calibration_far(None, metrics["n_impostor"])
+        threshold = None if far is None else metrics[f"threshold@far={far:.0e}"]
+        report = worst_pairs_report(worst, self.val_keys, threshold)
+        report["far"] = far
+
+        def thumb(row: int):
+            return tensor_image(self.val_ds[row][0])  # the model's input: synthetic faces have no file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / WORST_PAIRS_FILE, lambda tmp: tmp.write_text(json.dumps(report, indent=2)), WRITE_TODO)
+        grid = error_grid(report, thumb)
+        write_atomic(folder / ERRORS_FILE, lambda tmp: grid.save(tmp, format="PNG"), WRITE_TODO)
+        if writer is not None:
+            Projector.build(emb, self.val_identities, self.val_keys, thumb).log(writer, step, PROJECTOR_TAG)
 
 
 def skipped_val_labels(faceset, val_idx: np.ndarray, val_labels: np.ndarray) -> np.ndarray:
