@@ -34,6 +34,8 @@ class EvalOptions:
     plots: bool = True
     aligned: bool = False
     backend: str = "torch"
+    input_spec: str = ""
+    """A third-party ONNX model's input (deploy.teacher.parse_input_spec); implies backend onnxruntime."""
     bad_images: str = "error"
     max_image_pixels: int = MAX_IMAGE_PIXELS
     argv: list[str] = field(default_factory=list)
@@ -52,5 +54,10 @@ class EvalOptions:
             raise UserError(f"--max-exact-pairs: must be >= 1, got {self.max_exact_pairs}")
         if self.pairs and not Path(self.pairs).exists():
             raise UserError(f"--pairs: not found: {self.pairs} (a pairs file, or CFP's Protocol folder)")
+        if self.input_spec:
+            from facetrain.deploy.teacher import parse_input_spec
+
+            parse_input_spec(self.input_spec)  # a malformed spec: one line before any file is read
+            self.backend = "onnxruntime"  # a third-party file runs in onnxruntime, never in torch
         if self.bad_images not in ("error", "skip"):
             raise UserError(f"--bad-images: choose error or skip, got {self.bad_images!r}")
