@@ -291,7 +291,7 @@ def test_teacher_embedder_flip_is_the_mirrored_images_added(tmp_path):
 def test_sface_separates_att_faces():
     teacher = load_teacher(SFACE, SFACE_SPEC, threads=1)
     assert teacher.dim == 128 and teacher.batched and any("29 declared but unused" in n for n in teacher.notes)
-    people, per_person = 5, 3
+    people, per_person = 4, 3
     files = [FACES / "att_faces" / f"s{p}" / f"{k}.png" for p in range(1, people + 1)
              for k in range(1, per_person + 1)]
     x = np.stack([np.asarray(Image.open(f).convert("RGB"), np.float32).transpose(2, 0, 1) / 255.0 for f in files])
@@ -303,3 +303,22 @@ def test_sface_separates_att_faces():
     impostor = scores[upper & (labels[:, None] != labels[None, :])]
     auc = (genuine[:, None] > impostor[None, :]).mean()
     assert auc > 0.95, auc
+    per_run = load_teacher(SFACE, SFACE_SPEC, threads=1, fold_quantized=False).embed(x[:2])
+    assert (per_run * emb[:2]).sum(axis=1).min() > 0.9999  # weights folded at load: the same embeddings
+
+
+def test_teacher_cost_bench_runs_at_smoke_size(tmp_path, monkeypatch):
+    import importlib.util
+
+    from helpers import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # as `python bench/teacher_cost.py` finds results_md
+    spec = importlib.util.spec_from_file_location("teacher_cost", REPO / "bench" / "teacher_cost.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "cost.json"
+    bench.main(["--model", str(tiny_graph(tmp_path / "t.onnx", batch=1)), "--input-spec", f"size={SIZE}",
+                "--batches", "1,3", "--threads", "1", "--smoke", "--no-write", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["fold_quantized"], r["batch"]) for r in rows} == {(f, b) for f in (True, False) for b in (1, 3)}
+    assert all(len(r["wall_ms"]) == 1 and r["wall_ms"][0] > 0 for r in rows)
