@@ -149,6 +149,19 @@ def test_embed_resizes_takes_tensors_and_respects_channel_order(tmp_path):
     assert rgb.embed(np.zeros((0, 3, SIZE, SIZE), np.float32)).shape == (0, DIM)
 
 
+def test_a_spec_stored_in_the_files_metadata_is_used(tmp_path):
+    from facetrain.deploy.teacher import INPUT_SPEC_KEY
+
+    path = tiny_graph(tmp_path / "with_spec.onnx")
+    proto = onnx.load(str(path))
+    proto.metadata_props.add(key=INPUT_SPEC_KEY, value=f"size={SIZE},order=bgr,range=0-255")
+    onnx.save(proto, str(path))
+    teacher = load_teacher(path)
+    assert teacher.spec == InputSpec(SIZE, "bgr", (0.0, 255.0))
+    x = images(2)
+    np.testing.assert_allclose(teacher.embed(x), tile_means(x[:, ::-1] * 255.0), atol=1e-5)
+
+
 @pytest.mark.parametrize("build,spec,match", [
     (lambda p: tiny_graph(p, second_input=True), f"size={SIZE}", "one image input, this graph needs 2"),
     (lambda p: tiny_graph(p, rank4_output=True), f"size={SIZE}", r"not an \(N, D\) embedding"),

@@ -32,7 +32,7 @@ from facetrain.alignment.check import AlignmentFailed, check_alignment, is_align
 from facetrain.alignment.recipe import align_image
 from facetrain.data.images import Preprocess, load_image
 from facetrain.errors import INSTALL, UserError
-from facetrain.model.files import check_meta, resolve_onnx_path, without_local_paths
+from facetrain.model.files import INPUT_SPEC_EXAMPLE, check_meta, resolve_onnx_path, without_local_paths
 from facetrain.runtime.atomic_dir import write_atomic
 
 INPUT_NAME = "images"  # (N, H, W, 3) uint8 RGB, N dynamic
@@ -76,7 +76,7 @@ def decode_metadata(props: dict[str, str], path: Path) -> dict:
     if META_BUNDLE not in props:
         raise UserError(f"{path}: not exported by facetrain.export (metadata key {META_BUNDLE!r} missing); "
                         "export the bundle with `python -m facetrain.export --model <bundle>`, or for a third-party "
-                        "face model give facetrain.eval its input: --input-spec size=112,order=rgb,range=0-255 "
+                        f"face model give facetrain.eval its input: --input-spec {INPUT_SPEC_EXAMPLE} "
                         "(from the model's documentation)")
     meta = _json_prop(props, META_BUNDLE, path)
     if not isinstance(meta, dict):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -38,10 +39,10 @@ from facetrain.deploy.onnx_embedder import (
     new_session,
 )
 from facetrain.errors import INSTALL, UserError
+from facetrain.model.files import INPUT_SPEC_EXAMPLE
 
 INPUT_SPEC_KEY = "facetrain_input_spec"  # a third-party file's input spec, if someone stored it in the metadata
-SPEC_EXAMPLE = "size=112,order=rgb,range=0-255"
-SPEC_FORMS = f"e.g. {SPEC_EXAMPLE}, or size=112,order=bgr,mean=0.5:0.5:0.5,std=0.5:0.5:0.5"
+SPEC_FORMS = f"e.g. {INPUT_SPEC_EXAMPLE}, or size=112,order=bgr,mean=0.5:0.5:0.5,std=0.5:0.5:0.5"
 CHANNELS = 3  # RGB (or BGR) images; a gray model is not a face teacher here
 PROBE_BATCH = 2  # images of the load-time test run: proves a dynamic batch and the output's shape
 # onnxruntime keeps DequantizeLinear nodes (for its int8 kernels) unless QDQ handling is off; off, constant
@@ -265,6 +266,24 @@ def _free_batch(proto) -> bool:
 # ---------------------------------------------------------------------------------------------- teachers
 
 
+class Teacher(Protocol):
+    """What every kind of teacher offers (the distillation losses and the training loop rely on this only)."""
+
+    path: Path
+    notes: list[str]
+    """What was done to run the file (quirks handled), for logs; empty for a file that ran as it is."""
+
+    @property
+    def image_size(self) -> int: ...  # px: the side images are resized to inside `embed`
+
+    @property
+    def dim(self) -> int: ...  # D, the embedding size
+
+    def embed(self, images):
+        """(N, 3, H, W) float RGB in [0, 1] (numpy or torch, any H, W) -> (N, D) float32 L2-normalised, numpy
+        for numpy input, a tensor on the images' device for a tensor."""
+
+
 @dataclass
 class OnnxTeacher:
     """A third-party ONNX model in onnxruntime. `embed(images)`: (N, 3, H, W) float RGB in [0, 1] -> (N, D)
@@ -302,8 +321,6 @@ def _probe(teacher: OnnxTeacher) -> int:
     x = np.full((batch, CHANNELS, teacher.spec.size, teacher.spec.size), 0.5, dtype=np.float32)
     try:
         out = teacher.forward(x)
-    except UserError:
-        raise
     except Exception as err:  # onnxruntime's RuntimeException & co
         raise UserError(f"{teacher.path}: onnxruntime cannot run this graph on a {teacher.spec.size} px image "
                         f"({type(err).__name__}: {first_line(err)}); check --input-spec against the model's "
@@ -364,6 +381,10 @@ class ExportedTeacher:
     @property
     def dim(self) -> int:
         return self.embedder.embedding_dim
+
+    @property
+    def path(self) -> Path:
+        return self.embedder.path
 
     def embed(self, images):
         x = resize_batch(_as_numpy(images), self.image_size)
@@ -435,7 +456,7 @@ def teacher_kind(path: Path) -> str:
 
 
 def load_teacher(path: str | Path, spec: InputSpec | str | None = None, threads: int = 0,
-                 fold_quantized: bool = True):
+                 fold_quantized: bool = True) -> Teacher:
     """The teacher in `path` (any of `TEACHER_KINDS`), checked by a test run. spec: the input of a third-party
     ONNX file (an InputSpec or its text form; refused for the other kinds, whose files say it). threads:
     onnxruntime's intra-op threads (0 = one per physical core). fold_quantized: int8 weights dequantized to
@@ -444,12 +465,11 @@ def load_teacher(path: str | Path, spec: InputSpec | str | None = None, threads:
     return TEACHER_KINDS[teacher_kind(path)](path, spec, threads, fold_quantized)
 
 
-def describe(teacher) -> str:
+def describe(teacher: Teacher) -> str:
     """One line for logs and reports: the file, its input and what was done to run it."""
-    spec = teacher.spec.describe() if hasattr(teacher, "spec") else f"size={teacher.image_size} (from the file)"
+    spec = teacher.spec.describe() if isinstance(teacher, OnnxTeacher) else f"size={teacher.image_size} (its file's)"
     notes = "; ".join(teacher.notes)
-    return f"{teacher.path if hasattr(teacher, 'path') else teacher.embedder.path}: {spec}, {teacher.dim}-d" + (
-        f" ({notes})" if notes else "")
+    return f"{teacher.path}: {spec}, {teacher.dim}-d" + (f" ({notes})" if notes else "")
 
 
 

@@ -31,6 +31,7 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "facetrain.json"
 ONNX_SUFFIX = ".onnx"
 EXPORT_FILE = "model.onnx"  # facetrain.export's default output inside the bundle
+INPUT_SPEC_EXAMPLE = "size=112,order=rgb,range=0-255"  # a third-party model's --input-spec (SFace's), in messages
 
 
 def is_onnx_file(path: str | Path) -> bool:
@@ -60,7 +61,7 @@ def resolve_model_path(path: str | Path, backend: str = "torch") -> Path:
     if path.is_file() and is_onnx_file(path):
         raise UserError(f"--model: {path} is an ONNX file: pass --backend onnxruntime to use a facetrain.export file "
                         "(or the bundle it was exported from); a third-party face model is scored by facetrain.eval "
-                        "with its input: --input-spec size=112,order=rgb,range=0-255 (from the model's documentation)")
+                        f"with its input: --input-spec {INPUT_SPEC_EXAMPLE} (from the model's documentation)")
     if path.is_dir() and not (path / META_FILE).is_file():
         bundle = recover_dir(path / "bundle")
         if (bundle / META_FILE).is_file():
