@@ -4,6 +4,7 @@
     python -m facetrain.eval --model runs/exp/bundle --data /data/lfw --pairs /data/lfw/pairs.txt
     python -m facetrain.eval --model runs/exp/bundle --benchmarks /data/insightface_bins   # LFW, CFP-FP, AgeDB-30, ...
     python -m facetrain.eval --model runs/exp/checkpoints/step_00001200 --data /data/heldout --no-calibrate
+    python -m facetrain.eval --model sface.onnx --input-spec size=112,order=rgb,range=0-255 --data /data/crops112
     accelerate launch --multi_gpu --num_processes 8 -m facetrain.eval --model ... --data ...
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
         --main_process_port <free port> -m facetrain.eval --model ... --data ...
@@ -82,6 +83,10 @@ def build_parser():
     p.add_argument("--bad-images", default="", choices=("error", "skip"),
                    help="former option, still accepted: error = --fta error, skip = --fta exclude")
     add_pixel_limit_option(p)
+    p.add_argument("--input-spec", default="", metavar="SPEC", help="score a third-party ONNX face model (--model "
+                   "FILE.onnx without facetrain metadata, aligned crops only) given its input: size=112,order=rgb,"
+                   "range=0-255, or with mean=A:B:C,std=A:B:C applied after the range; its threshold goes to "
+                   "metrics.json only, the file is never written")
     add_embedding_options(p, "the images", RECOGNISED)
     return p
 

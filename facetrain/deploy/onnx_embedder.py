@@ -33,7 +33,7 @@ from facetrain.alignment.recipe import align_image
 from facetrain.data.images import Preprocess, load_image
 from facetrain.errors import INSTALL, UserError
 from facetrain.model.card import CARD_KEY, render_markdown
-from facetrain.model.files import check_meta, resolve_onnx_path, without_local_paths
+from facetrain.model.files import INPUT_SPEC_EXAMPLE, check_meta, resolve_onnx_path, without_local_paths
 from facetrain.runtime.atomic_dir import write_atomic
 
 INPUT_NAME = "images"  # (N, H, W, 3) uint8 RGB, N dynamic
@@ -80,7 +80,9 @@ def decode_metadata(props: dict[str, str], path: Path) -> dict:
     (`model.files.check_meta`): a hand-edited or damaged file is one line naming the key."""
     if META_BUNDLE not in props:
         raise UserError(f"{path}: not exported by facetrain.export (metadata key {META_BUNDLE!r} missing); "
-                        "export the bundle with `python -m facetrain.export --model <bundle>`")
+                        "export the bundle with `python -m facetrain.export --model <bundle>`, or for a third-party "
+                        f"face model give facetrain.eval its input: --input-spec {INPUT_SPEC_EXAMPLE} "
+                        "(from the model's documentation)")
     meta = _json_prop(props, META_BUNDLE, path)
     if not isinstance(meta, dict):
         raise UserError(f"{path}: metadata {META_BUNDLE} is a JSON {type(meta).__name__}, not an object; "
@@ -159,6 +161,38 @@ def update_metadata(path: str | Path, **fields) -> None:
     write_atomic(path, lambda tmp: onnx.save(proto, str(tmp)), "make the model file's folder writable")
 
 
+def new_session(source: str | bytes, path: Path, threads: int = 0, todo: str = "export the bundle again",
+                config: dict[str, str] | None = None):
+    """An onnxruntime CPU session over a file name or serialized model (`path` names it in errors); a graph
+    onnxruntime refuses is one line ending with `todo`. threads: intra-op threads (0 = one per physical core);
+    `config`: extra session config entries."""
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: a third-party graph's warnings are not the user's to fix
+    # idle threads sleep instead of spinning between calls (onnxruntime's default spins): the cores go to
+    # image decoding, PyTorch or other processes in between, as OMP_WAIT_POLICY=PASSIVE does for torch
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    try:
+        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / ... types
+        raise UserError(f"{path}: onnxruntime cannot load this file ({type(err).__name__}: {first_line(err)}); "
+                        f"{todo}") from None
+
+
+def decode_workers(num_workers: int) -> int:
+    """Image decoding threads: `num_workers`, or for -1 the usable CPUs minus one (at most 8)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return num_workers if num_workers >= 0 else max(0, min(8, cpus - 1))
+
+
+def first_line(err: Exception) -> str:
+    """The first line of an exception's message, at most 200 characters: for one-line errors."""
+    return (str(err).strip().splitlines() or [""])[0][:200]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Images -> model input
 
@@ -216,19 +250,8 @@ class OnnxEmbedder:
         aligned=True: the images are aligned crops already (the recorded recipe is not applied). threads:
         onnxruntime's intra-op threads (0 = its default, one per physical core). num_workers: decoding
         threads (-1 = the CPU count minus one, at most 8)."""
-        ort = import_onnxruntime()
         path = resolve_onnx_path(model_path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        # idle threads sleep instead of spinning between calls (onnxruntime's default spins): the cores go to
-        # image decoding, PyTorch or other processes in between, as OMP_WAIT_POLICY=PASSIVE does for torch
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / ... types
-            first = (str(err).strip().splitlines() or [""])[0][:200]
-            raise UserError(f"{path}: onnxruntime cannot load this file ({type(err).__name__}: {first}); export "
-                            "the bundle again") from None
+        session = new_session(str(path), path, threads, "export the bundle again")
         meta = decode_metadata(session.get_modelmeta().custom_metadata_map, path)
         check_graph(session, meta, path)
         graph_flip = bool(meta["export"].get("flip_test", False))
@@ -237,9 +260,8 @@ class OnnxEmbedder:
             raise UserError(f"--flip: {path} was exported {have} the flip test, which is part of its graph; "
                             f"export again with --{'' if flip else 'no-'}flip, or drop the option")
         alignment = check_alignment(meta, path, aligned)
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = num_workers if num_workers >= 0 else max(0, min(8, cpus - 1))
-        return cls(session, meta, path, Preprocess(**meta["preprocess"]), graph_flip, alignment, batch_size, workers)
+        return cls(session, meta, path, Preprocess(**meta["preprocess"]), graph_flip, alignment, batch_size,
+                   decode_workers(num_workers))
 
     @property
     def embedding_dim(self) -> int:

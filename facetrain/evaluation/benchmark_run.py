@@ -99,7 +99,8 @@ def run_benchmarks(opts: EvalOptions) -> dict | None:
     flip = opts.flip if opts.backend == "torch" else (opts.flip or None)
     # the crops are aligned 112x112 already: never run a bundle's alignment recipe on them
     embedder = load_embedder(opts.backend, model_path, opts.batch_size, opts.num_workers, flip,
-                             opts.mixed_precision, opts.fold_batchnorm, aligned=True)
+                             opts.mixed_precision, opts.fold_batchnorm, aligned=True,
+                             input_spec=opts.input_spec)
     results = {}
     for bench in sets:  # every rank embeds its share of each set; rank 0 scores
         failures = undecodable_images(bench.images, bench.path.name)  # failures to acquire, before embedding

@@ -285,16 +285,29 @@ def _load_onnxruntime(model_path: str | Path, batch_size: int = 64, num_workers:
     return _TensorOutput(OnnxEmbedder.load(model_path, batch_size, num_workers, flip, aligned=aligned))
 
 
+def _load_third_party(model_path: str | Path, spec: str, batch_size: int = 64, num_workers: int = -1,
+                      flip: bool | None = None, mixed_precision: str = "auto", aligned: bool = False) -> _TensorOutput:
+    """A third-party ONNX face model (`deploy.teacher.TeacherEmbedder`), its input described by `spec`."""
+    from facetrain.deploy.teacher import TeacherEmbedder
+
+    if mixed_precision not in ("auto", "no"):
+        raise UserError(f"--mixed-precision {mixed_precision}: a third-party ONNX model runs as its file says "
+                        "(onnxruntime, fp32 input); drop the option")
+    return _TensorOutput(TeacherEmbedder.from_file(model_path, spec, batch_size, num_workers, flip, aligned))
+
+
 #: `--backend` of eval, verify and identify: the bundle in PyTorch, or a `facetrain.export` file in onnxruntime.
 EMBEDDER_BACKENDS = {"torch": Embedder.load, "onnxruntime": _load_onnxruntime}
 
 
 def load_embedder(backend: str, model_path: str | Path, batch_size: int = 64, num_workers: int = -1,
                   flip: bool | None = None, mixed_precision: str = "auto", fold_batchnorm: bool | None = None,
-                  aligned: bool = False):
-    """`Embedder.load` for backend "torch"; for "onnxruntime" the same interface over an exported file. flip
-    None: as the threshold was calibrated (torch) / as exported (onnxruntime: the flip test is part of the
-    graph, so True/False must match it)."""
+                  aligned: bool = False, input_spec: str = ""):
+    """`Embedder.load` for backend "torch"; for "onnxruntime" the same interface over an exported file, or with
+    `input_spec` over a third-party ONNX model. flip None: as the threshold was calibrated (torch) / as exported
+    (onnxruntime: the flip test is part of the graph, so True/False must match it; a third-party model: off)."""
+    if input_spec:
+        return _load_third_party(model_path, input_spec, batch_size, num_workers, flip, mixed_precision, aligned)
     return EMBEDDER_BACKENDS[backend](model_path, batch_size, num_workers, flip, mixed_precision, fold_batchnorm,
                                       aligned=aligned)
 

@@ -92,7 +92,8 @@ def run(opts: EvalOptions) -> dict | None:
     # an exported file's flip test is in its graph: without --flip, evaluate it as exported
     flip = opts.flip if opts.backend == "torch" else (opts.flip or None)
     embedder = load_embedder(opts.backend, model_path, opts.batch_size, opts.num_workers, flip,
-                             opts.mixed_precision, opts.fold_batchnorm, aligned=opts.aligned)
+                             opts.mixed_precision, opts.fold_batchnorm, aligned=opts.aligned,
+                             input_spec=opts.input_spec)
     # rank 0 writes the report: its folder must take files before the (long) evaluation, not after it
     out = _start_output(opts, model_path) if embedder.is_main else None
     align = not embedder.aligned_folder(opts.data, "--data")  # crops of facetrain.align with the bundle's recipe
@@ -127,6 +128,9 @@ def run(opts: EvalOptions) -> dict | None:
     elif threshold is None:
         note = (f"no threshold written: at FAR <= {far:.0e} this model accepts no genuine pair (TAR 0); "
                 "evaluate on more identities or a better model")
+    elif embedder.meta.get("third_party"):
+        note = (f"third-party model: its file is never written; threshold {threshold:.6f} at FAR {far:.0e} is in "
+                "metrics.json only")
     elif not opts.calibrate:
         note = f"--no-calibrate: bundle left unchanged (threshold {threshold:.6f} at FAR {far:.0e} not written)"
     else:
@@ -137,6 +141,7 @@ def run(opts: EvalOptions) -> dict | None:
         "description": plan.describe,
         "model": str(model_path),
         "model_step": embedder.meta.get("step"),
+        "model_input_spec": embedder.meta.get("input_spec"),  # a third-party model's, as given
         "data": str(opts.data),
         "pairs_file": opts.pairs or None,
         "n_images": len(plan.paths),
@@ -151,7 +156,8 @@ def run(opts: EvalOptions) -> dict | None:
         "worst_pairs": worst_pairs_report(worst, plan.paths, threshold),
         "calibration": {"far": far, "far_source": far_source, "threshold": threshold,
                         "tar": metrics.get("tar_at_target_far"), **_calibration_intervals(roc, threshold, intervals),
-                        "written_to_bundle": bool(opts.calibrate and threshold is not None), "note": note},
+                        "written_to_bundle": bool(opts.calibrate and threshold is not None
+                                                  and not embedder.meta.get("third_party")), "note": note},
         "timing_s": {"embed": round(embed_s, 3), "score": round(score_s, 3), "bootstrap": round(bootstrap_s, 3)},
         "output": str(out),
         "plots": opts.plots,

@@ -43,6 +43,8 @@ class EvalOptions:
     """Failures to acquire (`evaluation.fta`): nonmatch (default), exclude or error; "" until `check`."""
     bad_images: str = ""
     """The former option (error / skip), mapped onto `fta` by `check`; "" when not given."""
+    input_spec: str = ""
+    """A third-party ONNX model's input (deploy.teacher.parse_input_spec); implies backend onnxruntime."""
     max_image_pixels: int = MAX_IMAGE_PIXELS
     bootstrap: int = DEFAULT_REPLICATES
     ci_level: float = DEFAULT_LEVEL
@@ -64,6 +66,11 @@ class EvalOptions:
         if self.pairs and not Path(self.pairs).exists():
             raise UserError(f"--pairs: not found: {self.pairs} (a pairs file, or CFP's Protocol folder)")
         check_bootstrap_options(self.bootstrap, self.ci_level)
+        if self.input_spec:
+            from facetrain.deploy.teacher import parse_input_spec
+
+            parse_input_spec(self.input_spec)  # a malformed spec: one line before any file is read
+            self.backend = "onnxruntime"  # a third-party file runs in onnxruntime, never in torch
         self._resolve_fta()
 
     def _resolve_fta(self) -> None:

@@ -34,6 +34,7 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "facetrain.json"
 ONNX_SUFFIX = ".onnx"
 EXPORT_FILE = "model.onnx"  # facetrain.export's default output inside the bundle
+INPUT_SPEC_EXAMPLE = "size=112,order=rgb,range=0-255"  # a third-party model's --input-spec (SFace's), in messages
 
 
 def is_onnx_file(path: str | Path) -> bool:
@@ -61,8 +62,9 @@ def resolve_model_path(path: str | Path, backend: str = "torch") -> Path:
         return resolve_onnx_path(path)
     path = Path(path)
     if path.is_file() and is_onnx_file(path):
-        raise UserError(f"--model: {path} is an exported ONNX file: pass --backend onnxruntime to use it, or give "
-                        "the bundle it was exported from")
+        raise UserError(f"--model: {path} is an ONNX file: pass --backend onnxruntime to use a facetrain.export file "
+                        "(or the bundle it was exported from); a third-party face model is scored by facetrain.eval "
+                        f"with its input: --input-spec {INPUT_SPEC_EXAMPLE} (from the model's documentation)")
     if path.is_dir() and not (path / META_FILE).is_file():
         bundle = recover_dir(path / "bundle")
         if (bundle / META_FILE).is_file():

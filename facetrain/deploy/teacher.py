@@ -1,0 +1,528 @@
+"""A teacher: any face-embedding model in a file, embedding the images a student sees.
+
+    teacher = load_teacher("face_recognition_sface_2021dec_int8bq.onnx", "size=112,order=rgb,range=0-255")
+    emb = teacher.embed(images)  # (N, 3, H, W) float RGB in [0, 1], any H, W -> (N, D) float32, L2-normalised
+
+Three kinds of file (`TEACHER_KINDS`, chosen by `teacher_kind`):
+  - "onnx": a third-party ONNX model (NCHW float input). Its input (side, channel order, value range, mean/std)
+    is not in the file, so the user gives it as an `InputSpec` ("size=112,order=rgb,range=0-255"), or the file
+    carries one under the metadata key `INPUT_SPEC_KEY`. Generic quirks of downloaded graphs are handled in
+    memory, never in the file: inputs the graph declares but no node reads are dropped, initializers that are
+    also listed as inputs become constants, and a fixed batch of 1 is made dynamic when the graph then runs
+    batches (otherwise the batch is run one image at a time; `notes` says which).
+  - "facetrain-onnx": a `facetrain.export` file (uint8 NHWC input, its metadata says the rest).
+  - "bundle": a facetrain bundle or run directory, run in PyTorch (imported only for this kind).
+
+Everything is checked at load, each failure one line naming the file and what to do: a missing file, a file
+that is not ONNX, a graph onnxruntime cannot run, more than one real input, a spec that does not fit the graph,
+an output that is not an (N, D) embedding. The images are resized to the teacher's side inside `embed` (PIL
+bilinear, antialiased when shrinking, as the evaluation's resize), so the training loop can hand the teacher the
+very view the student sees. Torch-free at import; `embed` returns a tensor on the input's device when given one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from facetrain.deploy.onnx_embedder import (
+    META_BUNDLE,
+    OnnxEmbedder,
+    _dims_match,
+    decode_workers,
+    first_line,
+    new_session,
+)
+from facetrain.errors import INSTALL, UserError
+from facetrain.model.files import INPUT_SPEC_EXAMPLE
+
+INPUT_SPEC_KEY = "facetrain_input_spec"  # a third-party file's input spec, if someone stored it in the metadata
+SPEC_FORMS = f"e.g. {INPUT_SPEC_EXAMPLE}, or size=112,order=bgr,mean=0.5:0.5:0.5,std=0.5:0.5:0.5"
+CHANNELS = 3  # RGB (or BGR) images; a gray model is not a face teacher here
+PROBE_BATCH = 2  # images of the load-time test run: proves a dynamic batch and the output's shape
+# onnxruntime keeps DequantizeLinear nodes (for its int8 kernels) unless QDQ handling is off; off, constant
+# folding turns quantized weights into fp32 once at load (bench/teacher_cost.py measures which is faster)
+FOLD_QUANTIZED = {"session.disable_quant_qdq": "1"}
+TEACHER_TODO = "give a face-embedding model: an .onnx file (with --input-spec), a facetrain bundle or its export"
+
+
+# ---------------------------------------------------------------------------------------------- input spec
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an image in [0, 1] becomes a third-party model's input: resized to `size` x `size` px, channels in
+    `order`, values mapped linearly onto `value_range`, then (v - mean) / std per channel (in that order)."""
+
+    size: int
+    order: str = "rgb"
+    value_range: tuple[float, float] = (0.0, 1.0)
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    def describe(self) -> str:
+        lo, hi = self.value_range
+        text = f"size={self.size},order={self.order},range={lo:g}-{hi:g}"
+        if any(self.mean) or any(s != 1 for s in self.std):
+            text += f",mean={':'.join(f'{m:g}' for m in self.mean)},std={':'.join(f'{s:g}' for s in self.std)}"
+        return text
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """(N, 3, size, size) float RGB in [0, 1] -> the model's input, float32."""
+        if self.order == "bgr":
+            x = x[:, ::-1]
+        lo, hi = self.value_range
+        mean = np.asarray(self.mean, np.float32)[None, :, None, None]
+        std = np.asarray(self.std, np.float32)[None, :, None, None]
+        return np.ascontiguousarray(((lo + x * (hi - lo)) - mean) / std, dtype=np.float32)
+
+
+def _channels(text: str, key: str, option: str, positive: bool) -> tuple[float, ...]:
+    values = tuple(_number(v, key, option) for v in text.split(":"))
+    if len(values) == 1:
+        values *= CHANNELS
+    if len(values) != CHANNELS or (positive and min(values) <= 0):
+        raise UserError(f"{option}: {key}={text} must be one number or {CHANNELS} separated by ':'"
+                        f"{' (all > 0)' if positive else ''}; {SPEC_FORMS}")
+    return values
+
+
+def _number(text: str, key: str, option: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"{option}: {key}: {text!r} is not a number; {SPEC_FORMS}") from None
+
+
+def _size(text: str, option: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"{option}: size={text} must be a positive whole number of pixels; {SPEC_FORMS}")
+    return int(text)
+
+
+def _order(text: str, option: str) -> str:
+    if text.lower() not in ("rgb", "bgr"):
+        raise UserError(f"{option}: order={text} must be rgb or bgr; {SPEC_FORMS}")
+    return text.lower()
+
+
+def _range(text: str, option: str) -> tuple[float, float]:
+    found = re.fullmatch(r"(-?[0-9.]+)-(-?[0-9.]+)", text)
+    if not found:
+        raise UserError(f"{option}: range={text} must be LOW-HIGH, e.g. 0-255, 0-1 or -1-1; {SPEC_FORMS}")
+    lo, hi = (_number(v, "range", option) for v in found.groups())
+    if hi <= lo:
+        raise UserError(f"{option}: range={text}: HIGH must be above LOW; {SPEC_FORMS}")
+    return lo, hi
+
+
+SPEC_KEYS = {  # key -> (InputSpec field, parser(text, option))
+    "size": ("size", _size),
+    "order": ("order", _order),
+    "range": ("value_range", _range),
+    "mean": ("mean", lambda text, option: _channels(text, "mean", option, positive=False)),
+    "std": ("std", lambda text, option: _channels(text, "std", option, positive=True)),
+}
+
+
+def parse_input_spec(text: str, option: str = "--input-spec") -> InputSpec:
+    """"size=112,order=rgb,range=0-255[,mean=A:B:C,std=A:B:C]" -> InputSpec; size is required."""
+    fields = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip().lower() not in SPEC_KEYS:
+            raise UserError(f"{option}: {item!r} is not KEY=VALUE with KEY one of {', '.join(SPEC_KEYS)}; "
+                            f"{SPEC_FORMS}")
+        name, parse = SPEC_KEYS[key.strip().lower()]
+        fields[name] = parse(value.strip(), option)
+    if "size" not in fields:
+        raise UserError(f"{option}: {text!r} gives no size (the model's input side in pixels); {SPEC_FORMS}")
+    return InputSpec(**fields)
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def resize_batch(x: np.ndarray, size: int) -> np.ndarray:
+    """(N, C, H, W) float -> (N, C, size, size) float32 by PIL's bilinear resize per channel (antialiased when
+    shrinking, the resize `onnx_embedder.resize_to_input` gives an 8-bit image); no copy when already there."""
+    if x.shape[-2:] == (size, size):
+        return np.asarray(x, dtype=np.float32)
+    out = np.empty((*x.shape[:2], size, size), dtype=np.float32)
+    for i in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            img = Image.fromarray(np.asarray(x[i, c], dtype=np.float32), mode="F")
+            out[i, c] = np.asarray(img.resize((size, size), Image.BILINEAR))
+    return out
+
+
+def _as_numpy(images) -> np.ndarray:
+    """A torch tensor or array of images -> float32 numpy (N, 3, H, W); checked, since a wrong layout would give
+    plausible but meaningless embeddings."""
+    arr = images.detach().float().cpu().numpy() if hasattr(images, "detach") else np.asarray(images, np.float32)
+    if arr.ndim != 4 or arr.shape[1] != CHANNELS:
+        raise ValueError(f"teacher.embed: images must be (N, {CHANNELS}, H, W) RGB in [0, 1], got {arr.shape}")
+    return arr
+
+
+def _like_input(emb: np.ndarray, images):
+    """Embeddings as the caller's type: a tensor on the images' device for a tensor, else numpy."""
+    if not hasattr(images, "detach"):
+        return emb
+    import torch
+
+    return torch.from_numpy(emb).to(images.device)
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norm, 1e-12)).astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------- ONNX graphs
+
+
+def _import_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise UserError(f"a teacher or third-party model needs the onnx package: {INSTALL['serve']}") from None
+    return onnx
+
+
+def read_onnx(path: Path):
+    """The ModelProto of `path`; a missing file or one that is not ONNX is one line."""
+    onnx = _import_onnx()
+    if not path.is_file():
+        raise UserError(f"{path}: not found; {TEACHER_TODO}")
+    try:
+        return onnx.load(str(path))
+    except Exception as err:  # protobuf's DecodeError, onnx's own errors, OSError
+        raise UserError(f"{path}: not an ONNX model ({type(err).__name__}: {first_line(err)}); "
+                        f"{TEACHER_TODO}") from None
+
+
+def drop_unused_inputs(proto) -> list[str]:
+    """Remove, in memory, graph inputs no node reads (onnxruntime demands a value for each) and initializers
+    also declared as inputs (a constant the user could override: onnxruntime then cannot fold it). Returns
+    the notes saying what was dropped."""
+    graph = proto.graph
+    constants = {t.name for t in graph.initializer}
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    unused = [i.name for i in graph.input if i.name not in read]
+    keep = [i for i in graph.input if i.name in read and i.name not in constants]
+    notes = [f"dropped {len(unused)} declared but unused inputs ({', '.join(unused[:3])}"
+             f"{', ...' if len(unused) > 3 else ''})"] if unused else []
+    folded = len(graph.input) - len(unused) - len(keep)
+    notes += [f"{folded} initializers listed as inputs made constants"] if folded else []
+    del graph.input[:]
+    graph.input.extend(keep)
+    return notes
+
+
+def _dims(value_info) -> list:
+    """A value's shape: ints for fixed dims, the name (or None) for symbolic ones."""
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in value_info.type.tensor_type.shape.dim]
+
+
+def check_input(proto, spec: InputSpec, path: Path) -> str:
+    """The one real input fits `spec`: float, N x 3 x size x size (fixed sides must equal the spec's)."""
+    onnx = _import_onnx()
+    inputs = list(proto.graph.input)
+    if len(inputs) != 1:
+        names = ", ".join(f"{i.name} {_dims(i)}" for i in inputs) or "none"
+        raise UserError(f"{path}: a teacher takes one image input, this graph needs {len(inputs)} ({names}); "
+                        "export the model with the image as its only input")
+    inp = inputs[0]
+    dims, elem = _dims(inp), inp.type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT:
+        raise UserError(f"{path}: input {inp.name} is {onnx.TensorProto.DataType.Name(elem).lower()}, not float32 "
+                        "(N x 3 x H x W); a facetrain.export file is read without --input-spec")
+    want = [None, CHANNELS, spec.size, spec.size]
+    if not _dims_match(dims, want):
+        raise UserError(f"{path}: input {inp.name} is {dims}, but the input spec ({spec.describe()}) says "
+                        f"N x {CHANNELS} x {spec.size} x {spec.size}: correct the spec's size from the model's "
+                        "documentation (NCHW RGB/BGR models only)")
+    return inp.name
+
+
+def _free_batch(proto) -> bool:
+    """A fixed batch of 1 on the input and outputs -> a named dim (in memory); True if there was one."""
+    values = [proto.graph.input[0], *proto.graph.output]
+    fixed = [v for v in values if _dims(v) and _dims(v)[0] == 1]
+    for v in fixed:
+        dim = v.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_param = "N"
+    return bool(fixed)
+
+
+# ---------------------------------------------------------------------------------------------- teachers
+
+
+class Teacher(Protocol):
+    """What every kind of teacher offers (the distillation losses and the training loop rely on this only)."""
+
+    path: Path
+    notes: list[str]
+    """What was done to run the file (quirks handled), for logs; empty for a file that ran as it is."""
+
+    @property
+    def image_size(self) -> int: ...  # px: the side images are resized to inside `embed`
+
+    @property
+    def dim(self) -> int: ...  # D, the embedding size
+
+    def embed(self, images):
+        """(N, 3, H, W) float RGB in [0, 1] (numpy or torch, any H, W) -> (N, D) float32 L2-normalised, numpy
+        for numpy input, a tensor on the images' device for a tensor."""
+
+
+@dataclass
+class OnnxTeacher:
+    """A third-party ONNX model in onnxruntime. `embed(images)`: (N, 3, H, W) float RGB in [0, 1] -> (N, D)
+    float32 L2-normalised; `batched` False: the graph only runs one image at a time (looped)."""
+
+    session: object
+    input_name: str
+    spec: InputSpec
+    path: Path
+    batched: bool = True
+    notes: list[str] = field(default_factory=list)
+    dim: int = 0
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.size
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """(N, 3, size, size) float RGB in [0, 1] -> the raw (N, D) output, float32."""
+        feed = self.spec.apply(x)
+        if self.batched:
+            return np.asarray(self.session.run(None, {self.input_name: feed})[0], dtype=np.float32)
+        return np.concatenate([np.asarray(self.session.run(None, {self.input_name: feed[i:i + 1]})[0], np.float32)
+                               for i in range(feed.shape[0])])
+
+    def embed(self, images):
+        x = resize_batch(_as_numpy(images), self.spec.size)
+        return _like_input(l2_normalise(self.forward(x)) if len(x) else np.zeros((0, self.dim), np.float32),
+                           images)
+
+
+def _probe(teacher: OnnxTeacher) -> int:
+    """Run a small batch; the output must be (N, D) with N the batch. Returns D."""
+    batch = PROBE_BATCH if teacher.batched else 1
+    x = np.full((batch, CHANNELS, teacher.spec.size, teacher.spec.size), 0.5, dtype=np.float32)
+    try:
+        out = teacher.forward(x)
+    except Exception as err:  # onnxruntime's RuntimeException & co
+        raise UserError(f"{teacher.path}: onnxruntime cannot run this graph on a {teacher.spec.size} px image "
+                        f"({type(err).__name__}: {first_line(err)}); check --input-spec against the model's "
+                        "documentation") from None
+    if out.ndim != 2 or out.shape[0] != batch or out.shape[1] < 1:
+        raise UserError(f"{teacher.path}: the first output is {list(out.shape)} for {batch} image(s), not an "
+                        f"(N, D) embedding; {TEACHER_TODO}")
+    return int(out.shape[1])
+
+
+def stored_spec(proto) -> str:
+    props = {p.key: p.value for p in proto.metadata_props}
+    return props.get(INPUT_SPEC_KEY, "")
+
+
+def load_onnx_teacher(path: Path, spec: InputSpec | str | None, threads: int = 0,
+                      fold_quantized: bool = True) -> OnnxTeacher:
+    """A third-party ONNX file (see the module docstring). `spec` None: the file's metadata `INPUT_SPEC_KEY`."""
+    proto = read_onnx(path)
+    spec = spec or stored_spec(proto)
+    if not spec:
+        raise UserError(f"{path}: a model without facetrain metadata needs its input spec (--input-spec or the "
+                        f"teacher's input_spec), {SPEC_FORMS}: see the model's documentation")
+    spec = parse_input_spec(spec) if isinstance(spec, str) else spec
+    notes = drop_unused_inputs(proto)
+    name = check_input(proto, spec, path)
+    config = FOLD_QUANTIZED if fold_quantized else None
+    fixed = proto.SerializeToString()
+    if _free_batch(proto):
+        try:
+            teacher = OnnxTeacher(new_session(proto.SerializeToString(), path, threads, TEACHER_TODO, config),
+                                  name, spec, path, True, notes)
+            teacher.dim = _probe(teacher)
+            teacher.notes.append("fixed batch of 1 made dynamic")
+            return teacher
+        except UserError:  # the graph itself depends on the batch of 1 (a Reshape to 1 x ...): loop instead
+            notes = [*notes, "fixed batch of 1 kept: the graph only runs one image, batches are looped"]
+            teacher = OnnxTeacher(new_session(fixed, path, threads, TEACHER_TODO, config), name, spec, path,
+                                  False, notes)
+    else:
+        teacher = OnnxTeacher(new_session(fixed, path, threads, TEACHER_TODO, config), name, spec, path, True, notes)
+    teacher.dim = _probe(teacher)
+    return teacher
+
+
+@dataclass
+class ExportedTeacher:
+    """A facetrain.export file: its graph takes (N, S, S, 3) uint8 and normalises itself (flip test included
+    if it was exported with one), so images in [0, 1] are resized and quantised to 8 bits first."""
+
+    embedder: OnnxEmbedder
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def image_size(self) -> int:
+        return self.embedder.preprocess.image_size
+
+    @property
+    def dim(self) -> int:
+        return self.embedder.embedding_dim
+
+    @property
+    def path(self) -> Path:
+        return self.embedder.path
+
+    def embed(self, images):
+        x = resize_batch(_as_numpy(images), self.image_size)
+        pixels = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        return _like_input(l2_normalise(self.embedder.run(np.ascontiguousarray(pixels))), images)
+
+
+def load_exported_teacher(path: Path, spec, threads: int = 0, fold_quantized: bool = True) -> ExportedTeacher:
+    if spec:
+        raise UserError(f"{path}: a facetrain.export file states its own input in its metadata; drop the input spec")
+    return ExportedTeacher(OnnxEmbedder.load(path, aligned=True, threads=threads, num_workers=0))
+
+
+@dataclass
+class BundleTeacher:
+    """A facetrain bundle in PyTorch, on the CPU unless moved: resize, the bundle's mean/std, the model."""
+
+    model: object
+    preprocess: object
+    path: Path
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocess.image_size
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.head.out_features)
+
+    def embed(self, images):
+        import torch
+        import torch.nn.functional as F
+
+        x = images if hasattr(images, "detach") else torch.from_numpy(_as_numpy(images))
+        device = next(self.model.parameters()).device
+        x = x.detach().float().to(device)
+        size = self.preprocess.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(self.preprocess.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.preprocess.std, device=device).view(1, -1, 1, 1)
+        with torch.no_grad():
+            emb = F.normalize(self.model((x - mean) / std).float(), dim=1)
+        return emb.to(images.device) if hasattr(images, "detach") else emb.cpu().numpy()
+
+
+def load_bundle_teacher(path: Path, spec, threads: int = 0, fold_quantized: bool = True) -> BundleTeacher:
+    if spec:
+        raise UserError(f"{path}: a facetrain bundle states its own input in facetrain.json; drop the input spec")
+    from facetrain.model.bundle import load_bundle
+    from facetrain.model.files import resolve_model_path
+
+    model, pre, meta = load_bundle(resolve_model_path(path))
+    return BundleTeacher(model.eval(), pre, Path(meta["path"]))
+
+
+TEACHER_KINDS = {"onnx": load_onnx_teacher, "facetrain-onnx": load_exported_teacher, "bundle": load_bundle_teacher}
+
+
+def teacher_kind(path: Path) -> str:
+    """"bundle" for a directory, "facetrain-onnx" for a file with facetrain.export's metadata, else "onnx"."""
+    if path.is_dir():
+        return "bundle"
+    if not path.exists():
+        raise UserError(f"{path}: not found; {TEACHER_TODO}")
+    props = {p.key for p in read_onnx(path).metadata_props}
+    return "facetrain-onnx" if META_BUNDLE in props else "onnx"
+
+
+def load_teacher(path: str | Path, spec: InputSpec | str | None = None, threads: int = 0,
+                 fold_quantized: bool = True) -> Teacher:
+    """The teacher in `path` (any of `TEACHER_KINDS`), checked by a test run. spec: the input of a third-party
+    ONNX file (an InputSpec or its text form; refused for the other kinds, whose files say it). threads:
+    onnxruntime's intra-op threads (0 = one per physical core). fold_quantized: int8 weights dequantized to
+    fp32 once at load instead of at every run."""
+    path = Path(path)
+    return TEACHER_KINDS[teacher_kind(path)](path, spec, threads, fold_quantized)
+
+
+def describe(teacher: Teacher) -> str:
+    """One line for logs and reports: the file, its input and what was done to run it."""
+    spec = teacher.spec.describe() if isinstance(teacher, OnnxTeacher) else f"size={teacher.image_size} (its file's)"
+    notes = "; ".join(teacher.notes)
+    return f"{teacher.path}: {spec}, {teacher.dim}-d" + (f" ({notes})" if notes else "")
+
+
+
+# ---------------------------------------------------------------------------------------------- as a baseline
+
+
+@dataclass
+class TeacherEmbedder(OnnxEmbedder):
+    """A third-party ONNX model with `OnnxEmbedder`'s interface, so `facetrain.eval` scores it in the same
+    protocols and report as a trained model: image files -> (S, S, 3) uint8 (the same decoding and resize) ->
+    the teacher (flip test: plus the mirrored image's embedding, re-normalised). It only sees aligned crops:
+    nothing records how its training faces were cut. Its file is never written (`meta["third_party"]`)."""
+
+    teacher: OnnxTeacher | None = None
+    crops: bool = False
+    """True: the images are aligned crops (--aligned), whatever the folder."""
+
+    @classmethod
+    def from_file(cls, model_path: str | Path, spec: str, batch_size: int = 64, num_workers: int = -1,
+                  flip: bool | None = None, aligned: bool = False, threads: int = 0) -> TeacherEmbedder:
+        from facetrain.data.images import Preprocess
+
+        path = Path(model_path)
+        if teacher_kind(path) != "onnx":
+            raise UserError(f"--input-spec: {path} is a facetrain model whose metadata states its input; drop "
+                            "the option")
+        teacher = load_onnx_teacher(path, spec, threads)
+        meta = {"third_party": True, "input_spec": teacher.spec.describe(), "notes": teacher.notes, "step": None,
+                "model": {"embedding_dim": teacher.dim}, "alignment": None}
+        pre = Preprocess(teacher.spec.size, [0.0] * CHANNELS, [1.0] * CHANNELS)
+        return cls(teacher.session, meta, path, pre, bool(flip), None, batch_size, decode_workers(num_workers),
+                   teacher=teacher, crops=aligned)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.teacher.dim
+
+    def aligned_folder(self, folder: str | Path, option: str) -> bool:
+        from facetrain.alignment.recipe import recipe_of_folder
+
+        if self.crops or recipe_of_folder(folder) is not None:
+            return True
+        raise UserError(f"{option}: {folder} is not a facetrain.align folder, and a third-party model ({self.path}) "
+                        "embeds aligned face crops only: align the photos first (python -m facetrain.align --size "
+                        f"{self.teacher.spec.size} ...), or pass --aligned if they are aligned crops already")
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) uint8 -> (N, D) float32 L2-normalised, in slices of at most `batch_size` images."""
+        x = batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        out = []
+        for i in range(0, x.shape[0], self.batch_size):
+            emb = l2_normalise(self.teacher.forward(x[i:i + self.batch_size]))
+            if self.flip:  # the mirrored face's embedding added, as the PyTorch path's flip test does
+                emb = l2_normalise(emb + l2_normalise(self.teacher.forward(x[i:i + self.batch_size, :, :, ::-1])))
+            out.append(emb)
+        return np.concatenate(out) if out else np.zeros((0, self.teacher.dim), np.float32)
