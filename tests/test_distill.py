@@ -5,6 +5,7 @@ runs that learn from a tiny teacher and resume exactly. The 3-process test is in
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,3 +255,26 @@ def test_a_distillation_checkpoint_adds_its_projection_after_the_usual_parts(tmp
     finally:
         trainer.accelerator.end_training()
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.slow
+def test_a_tiny_run_learns_a_teacher_exported_from_a_tiny_bundle(tmp_path):
+    """The whole path without the shared face model: distill.teacher names a real file, the ONNX export of a
+    tiny bundle (tests/data/legacy/model.onnx), loaded by deploy.teacher.load_teacher and run in onnxruntime on
+    the student's own augmented views. Its agreement with the student rises, and the bundle's model card names
+    the teacher by file and sha256 and says its licence is not recorded."""
+    import hashlib
+    import json
+
+    teacher = Path(__file__).parent / "data" / "legacy" / "model.onnx"
+    cfg = tiny_train_config(tmp_path, {"distill": {"teacher": str(teacher), "metric_weight": 0.0},
+                                       "train": {"max_steps": 40, "val_every": 40, "ckpt_every": 40}})
+    run = tmp_path / "run"
+    run_train(["--config", cfg, "--train.output_dir", run])
+    done = json.loads((run / "done.json").read_text())
+    before, after = done["untrained"]["teacher_agreement"], done["final"]["teacher_agreement"]
+    assert after > before + 0.2, (before, after)
+    card = json.loads((run / "bundle" / "facetrain.json").read_text())["model_card"]["teacher"]
+    assert card["file"] == "model.onnx" and card["sha256"] == hashlib.sha256(teacher.read_bytes()).hexdigest()
+    assert card["licence"].startswith("not recorded")
+    assert "model.onnx" in (run / "bundle" / "MODEL_CARD.md").read_text()

@@ -6,16 +6,18 @@ not a fixed view of the image, so every step brings new targets and the student 
 rather than memorising a few thousand fixed embeddings (issue 25). The model input is normalised with the
 student's mean/std (`Preprocess`); `teacher_view` undoes that to the RGB [0, 1] images a teacher takes.
 
-The teacher itself is loaded by facetrain/model/teacher.py (`load_teacher`); here it is anything with
-`embed(images) -> (N, D) L2-normalised float32` and `dim` (`Teacher`). The student's embedding reaches the
+The teacher itself is loaded by facetrain/deploy/teacher.py (`load_teacher`: a third-party ONNX file with its
+input spec, a facetrain export or a bundle); here it is anything with `embed(images) -> (N, D) L2-normalised
+float32` and `dim` (`deploy.teacher.Teacher`). The student's embedding reaches the
 teacher's size through a learned projection (distill.projection), a stateful part of the checkpoints, never
 exported: the bundle and the ONNX file hold the student alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
-from typing import Protocol
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,28 +27,30 @@ from facetrain.config.names import PROJECTION_NAMES, keyed_by
 from facetrain.config.schema import DistillConfig
 from facetrain.data.images import Preprocess
 from facetrain.data.transforms import collate
+from facetrain.deploy.teacher import Teacher, load_teacher
 from facetrain.errors import UserError
 from facetrain.training.losses import DISTILL_LOSSES, DistillTerm, autocast_off
 
 
-class Teacher(Protocol):
-    """A frozen face-embedding model (facetrain/model/teacher.py builds them from files)."""
-
-    dim: int
-    """Size D of its embeddings."""
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """RGB float images in [0, 1], NCHW, any size -> L2-normalised float32 embeddings (N, D)."""
-        ...
-
-
 def build_teacher(cfg: DistillConfig) -> Teacher:
-    """The teacher of distill.teacher, loaded once per process (its file was checked when the config loaded)."""
-    # MERGE: facetrain/model/teacher.py comes from branch wT (issue 25, item 1): import it lazily so that a run
-    # without distillation never needs it
-    from facetrain.model.teacher import load_teacher
+    """The teacher of distill.teacher, loaded once per process (its file was checked when the config loaded).
+    onnxruntime gets this process's torch thread count: under DDP each rank has its share of the cores."""
+    return load_teacher(cfg.teacher, cfg.teacher_input or None, threads=torch.get_num_threads())
 
-    return load_teacher(cfg.teacher, cfg.teacher_input)
+
+def teacher_provenance(path: str | Path) -> dict:
+    """What the model card records of the teacher (metadata key `teacher`): its file name, the sha256 of its
+    bytes, and its licence as the `<file>.SOURCE.txt` beside it states it (the licence lines), else "not
+    recorded" -- a student inherits its teacher's terms, so the card says when they are unknown."""
+    path = Path(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    source = path.with_name(path.name + ".SOURCE.txt")
+    licence = ""
+    if source.is_file():
+        lines = [ln.strip() for ln in source.read_text(errors="replace").splitlines()]
+        licence = " ".join(ln for ln in lines if "licen" in ln.lower())[:400]
+    return {"file": path.name, "sha256": digest,
+            "licence": licence or f"not recorded (no licence line in {source.name}): check the teacher's terms"}
 
 
 def _no_projection(student_dim: int, teacher_dim: int) -> nn.Module:

@@ -151,10 +151,11 @@ class Trainer:
         self.ema = ModelEmaV3(self.net, decay=t.ema_decay, use_warmup=True) if t.ema_decay > 0 else None
         set_seed(t.seed + self.rank)  # per-rank streams for dropout / stochastic depth
         self.loss_params = [p for p in extra.parameters() if p.requires_grad]
+        provenance = {"config": to_dict(cfg), "alignment": self.alignment, "data_summary": self.data_summary}
+        if cfg.distill.teacher:  # the model card names the teacher and the licence its student inherits
+            provenance["teacher"] = distill.teacher_provenance(cfg.distill.teacher)
         self.checkpointer = Checkpointer(self.out, self.stateful_parts(), accelerator=acc, keep_last=t.keep_last,
-                                         bundle=BundleInfo(cfg.model, self.pre, {"config": to_dict(cfg),
-                                                                                 "alignment": self.alignment,
-                                                                                 "data_summary": self.data_summary}),
+                                         bundle=BundleInfo(cfg.model, self.pre, provenance),
                                          slow_save_s=cfg.debug.slow_save_s)
 
     def stateful_parts(self) -> dict:
