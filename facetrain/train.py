@@ -38,6 +38,10 @@ def main(argv: list[str]) -> int:
         config_file = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
     cfg = load_config(config_file, argv)
+    if cfg.distill.teacher_input:  # the teacher's input spec has its parser beside the teacher (torch-free)
+        from facetrain.deploy.teacher import parse_input_spec
+
+        parse_input_spec(cfg.distill.teacher_input, "distill.teacher_input")
 
     from facetrain.training.trainer import train  # heavy imports only after the config is known to be valid
 

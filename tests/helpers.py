@@ -321,7 +321,7 @@ def tiny_teacher_file(directory: Path, seed: int = 0, dim: int = 16) -> Path:
 
 def use_tiny_teachers(monkeypatch=None) -> None:
     """Make training build a TinyTeacher from the JSON file of distill.teacher (tiny_teacher_file) instead of
-    loading a face model (facetrain/model/teacher.py): on `monkeypatch`, or for good in a test script."""
+    loading a face model (facetrain/deploy/teacher.py): on `monkeypatch`, or for good in a test script."""
     from facetrain.training import distill
 
     def build(cfg):

@@ -278,3 +278,16 @@ def test_a_tiny_run_learns_a_teacher_exported_from_a_tiny_bundle(tmp_path):
     assert card["file"] == "model.onnx" and card["sha256"] == hashlib.sha256(teacher.read_bytes()).hexdigest()
     assert card["licence"].startswith("not recorded")
     assert "model.onnx" in (run / "bundle" / "MODEL_CARD.md").read_text()
+
+
+def test_a_malformed_teacher_input_is_one_line_before_training(tmp_path):
+    """distill.teacher_input is parsed by the teacher's own parser right after the config loads, before any
+    data is read or model built."""
+    from helpers import run_in_process
+
+    done = run_in_process("facetrain.train", ["--distill.teacher", tiny_teacher_file(tmp_path),
+                                              "--distill.teacher_input", "size=112,colour=rgb",
+                                              "--train.output_dir", tmp_path / "run"])
+    assert done.returncode == 2
+    assert done.stderr.startswith("facetrain: error: distill.teacher_input: 'colour=rgb' is not KEY=VALUE")
+    assert not (tmp_path / "run").exists()
