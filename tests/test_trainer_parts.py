@@ -69,3 +69,13 @@ def test_after_validation_exports_only_what_is_better(trainer, metric, first, wo
 def test_the_checkpoint_holds_the_parts_15f7f7c_saved_in_its_order(trainer):
     # train_state.pt's entries (model.safetensors holds "model"): other names would not resume older checkpoints
     assert list(trainer.stateful_parts()) == ["model", "optimizer", "scheduler", "loss", "ema", "scaler"]
+
+
+def test_training_messages_to_a_file_are_never_wrapped(capsys):
+    """A log file or pipe (Slurm's, a test's) gets each message on one line however long its path: rich would
+    otherwise wrap it at 120 columns, splitting e.g. "resumed from <long path> at step 5" across lines."""
+    from facetrain.training.progress import TrainProgress
+
+    path = "/tmp/" + "deep/" * 40 + "checkpoints/step_00000005"
+    TrainProgress(enabled=False).print(f"resumed from {path} at step 5")
+    assert f"resumed from {path} at step 5\n" in capsys.readouterr().out

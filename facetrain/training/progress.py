@@ -14,15 +14,17 @@ from facetrain.config.schema import Config
 class TrainProgress:
     def __init__(self, enabled: bool, quiet: bool = False):
         self.quiet = quiet
-        # a log file or pipe gets 120 columns instead of rich's 80, so messages stay on one line
-        self.console = Console(highlight=False, width=None if Console().is_terminal else 120)
+        # a log file or pipe gets 120 columns instead of rich's 80 (the progress bar's width); messages are never
+        # wrapped there (soft_wrap): a line that names a long path stays one line that grep and tests can find
+        self.terminal = Console().is_terminal
+        self.console = Console(highlight=False, width=None if self.terminal else 120)
         self.bar: Progress | None = None
         self.enabled = enabled
         self.task = None
 
     def print(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message)
+            self.console.print(message, soft_wrap=not self.terminal)
 
     def start(self, total: int, completed: int) -> None:
         if not self.enabled:
