@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from helpers import FACES, NO_SHARED_REASON, REPO, run_train, subprocess_env, tiny_train_config
+from helpers import FACES, NO_SHARED_REASON, REPO, random_bundle, run_train, subprocess_env, tiny_train_config
 from PIL import Image
 
 onnx = pytest.importorskip("onnx", reason='needs the serve extra: pip install -e ".[serve]"')
@@ -23,16 +22,13 @@ pytest.importorskip("onnxruntime", reason='needs the serve extra: pip install -e
 from facetrain import eval as eval_cli  # noqa: E402
 from facetrain import export as export_cli  # noqa: E402
 from facetrain import identify, verify  # noqa: E402
-from facetrain.config.schema import DataConfig, ModelConfig  # noqa: E402
 from facetrain.data.images import Preprocess, load_image  # noqa: E402
 from facetrain.data.transforms import eval_transform  # noqa: E402
 from facetrain.deploy.export import export as export_bundle  # noqa: E402
 from facetrain.deploy.onnx_embedder import OnnxEmbedder, to_input_array  # noqa: E402
 from facetrain.errors import UserError  # noqa: E402
 from facetrain.evaluation.embedding import load_embedder  # noqa: E402
-from facetrain.model.bundle import write_bundle  # noqa: E402
 from facetrain.model.files import read_bundle_meta, update_bundle_meta  # noqa: E402
-from facetrain.model.network import create_model, resolve_preprocess  # noqa: E402
 
 pytestmark = [pytest.mark.faces, pytest.mark.skipif(not FACES.is_dir(), reason=NO_SHARED_REASON)]
 ATT = FACES / "att_faces"
@@ -91,13 +87,7 @@ def trained(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def vit(tmp_path_factory) -> Path:
     """timm's test_vit (LayerNorm and attention, no BatchNorm), random weights, at its 160 px."""
-    directory = tmp_path_factory.mktemp("vit") / "bundle"
-    directory.mkdir()
-    torch.manual_seed(0)
-    cfg = ModelConfig(backbone="test_vit", embedding_dim=24, channels_last=False)
-    model = create_model(cfg)
-    write_bundle(directory, model, cfg, resolve_preprocess(DataConfig(image_size=160), model), {"step": 0})
-    return directory
+    return random_bundle(tmp_path_factory.mktemp("vit") / "bundle", "test_vit", 24, 160)
 
 
 def export(bundle: Path, name: str = "model.onnx", **kw) -> tuple[Path, dict]:

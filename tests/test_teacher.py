@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import FACES, SHARED
+from helpers import FACES, SHARED, random_bundle
 from PIL import Image
 
 onnx = pytest.importorskip("onnx", reason='needs the serve extra: pip install -e ".[serve]"')
@@ -184,19 +184,7 @@ def test_bad_teacher_files_are_one_line(tmp_path, build, spec, match):
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory) -> Path:
     """timm's test_efficientnet with random weights at 32 px (written in a fraction of a second)."""
-    import torch
-
-    from facetrain.config.schema import DataConfig, ModelConfig
-    from facetrain.model.bundle import write_bundle
-    from facetrain.model.network import create_model, resolve_preprocess
-
-    bundle = tmp_path_factory.mktemp("teacher") / "bundle"
-    bundle.mkdir()
-    torch.manual_seed(0)
-    cfg = ModelConfig(backbone="test_efficientnet", embedding_dim=16, channels_last=False)
-    model = create_model(cfg)
-    write_bundle(bundle, model, cfg, resolve_preprocess(DataConfig(image_size=SIZE), model), {"step": 0})
-    return bundle
+    return random_bundle(tmp_path_factory.mktemp("teacher") / "bundle", "test_efficientnet", 16, SIZE)
 
 
 def test_bundle_teacher_is_the_bundles_model(tiny_bundle):
