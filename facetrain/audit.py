@@ -80,10 +80,20 @@ def _checked_files(args) -> tuple[list[str], object, list[str], list[dict]]:
     return [p for p, k in zip(paths, keep, strict=True) if k], remap[labels[keep]], [names[i] for i in used], pre.bad
 
 
+def _teacher_record(args, teacher) -> dict:
+    """The teacher in audit.json: the file given, the sha256 of its weights (a bundle's weights file) and how it
+    was run."""
+    from facetrain.deploy.gallery_cache import file_sha256
+    from facetrain.deploy.teacher import describe
+    from facetrain.model.files import WEIGHTS_FILE
+
+    weights = teacher.path / WEIGHTS_FILE if teacher.path.is_dir() else teacher.path
+    return {"file": str(args.teacher), "sha256": file_sha256(weights), "description": describe(teacher)}
+
+
 def run(args) -> dict:
     from facetrain.data import audit
-    from facetrain.deploy.gallery_cache import file_sha256
-    from facetrain.deploy.teacher import describe, embed_files, load_teacher
+    from facetrain.deploy.teacher import embed_files, load_teacher
 
     thresholds = AuditThresholds(args.max_cosine, args.margin, args.duplicate_cosine, args.core_fraction)
     thresholds.check()
@@ -93,8 +103,8 @@ def run(args) -> dict:
     paths, labels, names, refused = _checked_files(args)
     emb = embed_files(teacher, paths, args.batch_size, progress=_progress if args.progress else None)
     findings = audit.audit(emb, labels, names, paths, thresholds)
-    about = {"file": str(args.teacher), "sha256": file_sha256(teacher.path), "description": describe(teacher)}
-    rep = audit.report(findings, args.data, about, audit.exclusions(findings, labels, names, paths, args.data),
+    rep = audit.report(findings, args.data, _teacher_record(args, teacher),
+                       audit.exclusions(findings, labels, names, paths, args.data),
                        refused)
     saved = audit.write(rep, args.output)
     print(audit.text(rep, LISTED) + f"(all of it: {saved} and {saved.with_name(audit.REPORT_TEXT)})", flush=True)

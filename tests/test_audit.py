@@ -18,7 +18,7 @@ from facetrain.data.audit import AuditThresholds, audit, exclusions, identity_sc
 from facetrain.data.faceset import folder_faceset
 from facetrain.data.preflight import apply_preflight
 from facetrain.errors import UserError
-from facetrain.model.card import data_summary
+from facetrain.model.card import build_card, data_summary, render_markdown
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 DIM = 32
@@ -130,3 +130,5 @@ def test_training_data_leaves_the_excluded_file_out(planted_audit, tmp_path):
     assert pre["counts"]["excluded"] == 1 and "planted.png" in (tmp_path / "preflight.txt").read_text()
     summary = data_summary("folder", str(root), (5, 20), (1, 4), kept.skipped, kept.excluded)
     assert summary["excluded"] == {"count": 1, "first": ["person_00/planted.png"]}
+    card = render_markdown(build_card({"data_summary": summary, "config": {}}))
+    assert "Left out by data.exclude" in card and "`person_00/planted.png`" in card

@@ -347,18 +347,19 @@ def without_files(faceset: FaceSet, drop: set[str], excluded: bool = False) -> F
                    skipped=faceset.skipped if excluded else gone, excluded=gone if excluded else faceset.excluded)
 
 
-def apply_exclusions(faceset: FaceSet, data_cfg, report: PreflightReport | None = None) -> FaceSet:
-    """`faceset` without the files data.exclude names (config/exclusions.py), each noted in `report` when given."""
+def excluded_paths(faceset: FaceSet, data_cfg) -> set[str]:
+    """The files of `faceset` that data.exclude names (config/exclusions.py); empty without the key."""
     from facetrain.config.exclusions import read_exclusions
 
     if not data_cfg.exclude or faceset.paths is None:
-        return faceset
-    drop = read_exclusions(data_cfg.exclude, data_cfg.root)
-    filtered = without_files(faceset, drop, excluded=True)
-    if report is not None:
-        report.notes.extend({"path": p, "problem": "excluded", "detail": f"data.exclude: {data_cfg.exclude}"}
-                            for p in filtered.excluded)
-    return filtered
+        return set()
+    return read_exclusions(data_cfg.exclude, data_cfg.root).intersection(faceset.paths)
+
+
+def note_exclusions(report: PreflightReport, drop: set[str], source: str) -> None:
+    """Name the files data.exclude leaves out in the pre-flight report (counted as `excluded`)."""
+    report.notes.extend({"path": p, "problem": "excluded", "detail": f"data.exclude: {source}"} for p in sorted(drop))
+    report.notes.sort(key=lambda r: (r["problem"], r["path"]))
 
 
 def apply_preflight(faceset: FaceSet, data_cfg, out_dir: str | Path, accelerator=None) -> FaceSet:
@@ -373,6 +374,7 @@ def apply_preflight(faceset: FaceSet, data_cfg, out_dir: str | Path, accelerator
         console = Console(highlight=False, width=None if Console().is_terminal else 120)
         try:
             report = scan(data_cfg.root, data_cfg.max_image_pixels, console=console)
+            note_exclusions(report, excluded_paths(faceset, data_cfg), data_cfg.exclude)
             console.print(report.table())
             report.write(out)
             result = report
@@ -387,13 +389,13 @@ def apply_preflight(faceset: FaceSet, data_cfg, out_dir: str | Path, accelerator
     if main and result.bad:
         print(f"facetrain: pre-flight skipped {len(filtered.skipped)} image(s) (data.bad_images: skip); "
               f"list in {out / 'preflight.txt'}", flush=True)
-    filtered = apply_exclusions(filtered, data_cfg, result)
-    if main and filtered.excluded:
-        result.write(out)  # the report again, now naming the excluded files
+    excluded = {n["path"] for n in result.notes if n["problem"] == "excluded"}
+    filtered = without_files(filtered, excluded, excluded=True) if excluded else filtered
+    if main and excluded:
         print(f"facetrain: left out {len(filtered.excluded)} image(s) named by data.exclude ({data_cfg.exclude}); "
               f"list in {out / 'preflight.txt'}", flush=True)
     return filtered
 
 
 __all__ = ["REFUSED", "NOTED", "FileCheck", "PreflightReport", "check_image", "check_files", "scan", "enforce",
-           "without_files", "apply_exclusions", "apply_preflight"]
+           "without_files", "excluded_paths", "note_exclusions", "apply_preflight"]

@@ -102,9 +102,9 @@ class Trainer:
 
             faceset = apply_preflight(faceset, cfg.data, self.out, self.accelerator)
         elif cfg.data.exclude:  # no scan to note them in: data.exclude still applies
-            from facetrain.data.preflight import apply_exclusions
+            from facetrain.data.preflight import excluded_paths, without_files
 
-            faceset = apply_exclusions(faceset, cfg.data)
+            faceset = without_files(faceset, excluded_paths(faceset, cfg.data), excluded=True)
         # how the training crops were aligned (a folder written by facetrain.align): eval, verify and identify
         # align raw photos the same way, from the bundle's "alignment" entry
         folder = cfg.data.source in ("folder", "hf") and cfg.data.root
