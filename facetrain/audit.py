@@ -63,23 +63,6 @@ def _progress(done: int, total: int) -> None:
           file=sys.stderr, flush=True)
 
 
-def _checked_files(args) -> tuple[list[str], object, list[str], list[dict]]:
-    """(paths, labels, names, refused) of --data after the pre-flight's decode check (--bad-images)."""
-    import numpy as np
-
-    from facetrain.data.faceset import scan_identity_folder
-    from facetrain.data.preflight import check_files, enforce
-
-    paths, labels, names = scan_identity_folder(args.data, "--data")
-    pre = check_files(paths, args.max_image_pixels, args.data, progress=args.progress)
-    enforce(pre, args.bad_images, policy_key="--bad-images")
-    keep = np.asarray([p not in pre.bad_paths for p in paths])
-    used = np.unique(labels[keep])  # identities left without a usable image drop out, labels renumbered
-    remap = np.full(len(names), -1)
-    remap[used] = np.arange(len(used))
-    return [p for p, k in zip(paths, keep, strict=True) if k], remap[labels[keep]], [names[i] for i in used], pre.bad
-
-
 def _teacher_record(args, teacher) -> dict:
     """The teacher in audit.json: the file given, the sha256 of its weights (a bundle's weights file) and how it
     was run."""
@@ -100,7 +83,8 @@ def run(args) -> dict:
     if args.batch_size < 1:
         raise UserError(f"--batch-size: must be >= 1, got {args.batch_size}")
     teacher = load_teacher(args.teacher, args.input_spec, args.threads)
-    paths, labels, names, refused = _checked_files(args)
+    paths, labels, names, refused = audit.checked_folder(args.data, args.max_image_pixels, args.bad_images,
+                                                         args.progress)
     emb = embed_files(teacher, paths, args.batch_size, progress=_progress if args.progress else None)
     findings = audit.audit(emb, labels, names, paths, thresholds)
     rep = audit.report(findings, args.data, _teacher_record(args, teacher),

@@ -14,7 +14,7 @@ from helpers import run_in_process
 from facetrain.config.exclusions import read_exclusions
 from facetrain.config.load import load_config
 from facetrain.config.schema import DataConfig
-from facetrain.data.audit import AuditThresholds, audit, exclusions, identity_scores
+from facetrain.data.audit import AuditThresholds, audit, checked_folder, exclusions, identity_scores
 from facetrain.data.faceset import folder_faceset
 from facetrain.data.preflight import apply_preflight
 from facetrain.errors import UserError
@@ -132,3 +132,14 @@ def test_training_data_leaves_the_excluded_file_out(planted_audit, tmp_path):
     assert summary["excluded"] == {"count": 1, "first": ["person_00/planted.png"]}
     card = render_markdown(build_card({"data_summary": summary, "config": {}}))
     assert "Left out by data.exclude" in card and "`person_00/planted.png`" in card
+
+
+def test_refused_files_stop_the_audit_or_are_left_out(planted_audit, tmp_path):
+    root = tmp_path / "faces"
+    shutil.copytree(planted_audit[0], root)
+    (root / "person_01" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="--bad-images"):
+        checked_folder(str(root), 10**8, "error", progress=False)
+    paths, labels, names, refused = checked_folder(str(root), 10**8, "skip", progress=False)
+    assert [r["path"] for r in refused] == [str(root / "person_01" / "broken.png")]
+    assert len(paths) == len(labels) == 25 and names[1] == "person_01"

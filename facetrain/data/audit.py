@@ -35,6 +35,11 @@ from facetrain.errors import UserError
 
 REPORT_JSON = "audit.json"
 REPORT_TEXT = "audit.txt"
+MIN_CORE_FRACTION = 0.01  # a centroid of at least one image is ensured anyway; 0 would mean "no centroid"
+# threshold -> (its option, lowest, highest value)
+THRESHOLD_RANGES = {"max_cosine": ("--max-cosine", -1.0, 1.0), "margin": ("--margin", 0.0, 2.0),
+                    "duplicate_cosine": ("--duplicate-cosine", -1.0, 1.0),
+                    "core_fraction": ("--core-fraction", MIN_CORE_FRACTION, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -51,13 +56,28 @@ class AuditThresholds:
     """Fraction of an identity's other images (the most typical) its leave-one-out centroid is made of."""
 
     def check(self) -> None:
-        """One line naming the option of an impossible value."""
-        for option, value, lo, hi in (("--max-cosine", self.max_cosine, -1.0, 1.0), ("--margin", self.margin, 0.0, 2.0),
-                                      ("--duplicate-cosine", self.duplicate_cosine, -1.0, 1.0),
-                                      ("--core-fraction", self.core_fraction, 0.0, 1.0)):
-            if not (lo <= value <= hi) or (option == "--core-fraction" and value == 0):
-                raise UserError(f"{option}: must be in {'(' if option == '--core-fraction' else '['}{lo:g}, {hi:g}], "
-                                f"got {value:g}")
+        """One line naming the option of a value outside its range."""
+        for name, (option, lo, hi) in THRESHOLD_RANGES.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise UserError(f"{option}: must be in [{lo:g}, {hi:g}], got {value:g}")
+
+
+def checked_folder(root: str, max_image_pixels: int, bad_images: str, progress: bool = True):
+    """(paths, labels, names, refused) of root/<identity>/<image> after the pre-flight's decode check: refused
+    files stop the audit (bad_images "error", one line) or are left out (listed in `refused`); identities left
+    without a usable image drop out and the labels are renumbered."""
+    from facetrain.data.faceset import scan_identity_folder
+    from facetrain.data.preflight import check_files, enforce
+
+    paths, labels, names = scan_identity_folder(root, "--data")
+    pre = check_files(paths, max_image_pixels, root, progress=progress)
+    enforce(pre, bad_images, policy_key="--bad-images")
+    keep = np.asarray([p not in pre.bad_paths for p in paths])
+    used = np.unique(labels[keep])
+    remap = np.full(len(names), -1)
+    remap[used] = np.arange(len(used))
+    return [p for p, k in zip(paths, keep, strict=True) if k], remap[labels[keep]], [names[i] for i in used], pre.bad
 
 
 def _normalise(v: np.ndarray) -> np.ndarray:
