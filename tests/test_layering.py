@@ -24,7 +24,7 @@ HEAVY = ("torch", "torchvision", "timm", "accelerate", "pytorch_metric_learning"
 TORCH_FREE_PACKAGES = ("config", "deploy")
 TORCH_FREE_MODULES = ("facetrain.errors", "facetrain.runtime.atomic_dir", "facetrain.runtime.threads",
                       "facetrain.data.images", "facetrain.data.faceset", "facetrain.data.pack_format",
-                      "facetrain.data.preflight",
+                      "facetrain.data.preflight", "facetrain.data.audit",
                       "facetrain.alignment.check", "facetrain.model.files", "facetrain.model.card",
                       "facetrain.evaluation.metrics",
                       "facetrain.evaluation.pairfile", "facetrain.evaluation.options",

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from facetrain.config.constants import DEFAULT_TARGET_FARS
+from facetrain.config.exclusions import read_exclusions
 from facetrain.config.names import (
     ALL_TRACKERS,
     LOSS_NAMES,
@@ -133,6 +134,11 @@ def _check_data(d: DataConfig) -> None:
         raise UserError("data.root: required when data.source is 'packed' (a pack file from python -m facetrain.pack)")
     if d.source == "hf" and not (d.root or d.hf_name):
         raise UserError("data.hf_name or data.root: source 'hf' needs a dataset name or a local imagefolder")
+    if d.exclude and d.source != "folder":
+        raise UserError(f"data.exclude: leaves files of an image folder out, but data.source is {d.source!r}: use "
+                        "data.source folder, or drop data.exclude")
+    if d.exclude:
+        read_exclusions(d.exclude, d.root)  # a missing or malformed file is one line now, not after the scan
     for key, stats in (("data.mean", d.mean), ("data.std", d.std)):
         if stats is not None and len(stats) != 3:
             raise UserError(f"{key}: give 3 values (R, G, B), got {stats}")

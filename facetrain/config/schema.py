@@ -94,6 +94,10 @@ class DataConfig:
     """Images with more pixels than this are refused as decompression bombs (PIL's own default)."""
     preflight: bool = True
     """Check every image header before training (fast, parallel); false skips the scan."""
+    exclude: str = ""
+    """Files to leave out (source=folder): an audit.json from `python -m facetrain.audit` (its likely mislabels
+    and the smaller identity of each likely duplicate pair) or a text file of image paths relative to `root`, one
+    per line; counted and named in preflight.txt and the model card. Empty: none."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training augmentation."""
 

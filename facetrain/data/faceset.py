@@ -41,6 +41,8 @@ class FaceSet:
     """Per image file path when the source is a folder (pre-flight checks read these)."""
     skipped: list[str] = field(default_factory=list)
     """Files left out by the pre-flight check (source=folder with bad_images=skip)."""
+    excluded: list[str] = field(default_factory=list)
+    """Files left out by `data.exclude` (an audit's likely mislabels and duplicates; source=folder)."""
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -71,6 +71,7 @@ NOTED = {
     "ignored": ("non-image files / folders", "not read"),
     "empty_identity": ("identities without a usable image", "dropped"),
     "single_image": ("identities with a single image", "not sampled for training batches"),
+    "excluded": ("left out by data.exclude", "not read (an audit's likely mislabels / duplicates)"),
 }
 
 # Format PIL should find behind each image extension (a mismatch is reported, not refused).
@@ -329,18 +330,36 @@ class _SubsetLoader:
         return self.loader(int(self.indices[i]))
 
 
-def without_files(faceset: FaceSet, drop: set[str]) -> FaceSet:
+def without_files(faceset: FaceSet, drop: set[str], excluded: bool = False) -> FaceSet:
     """`faceset` minus the images whose path is in `drop`; identities left without images disappear and labels
-    are renumbered 0..n-1 in the original (sorted) order."""
+    are renumbered 0..n-1 in the original (sorted) order. The dropped files are recorded as `skipped` (refused
+    by the pre-flight: validation counts them as failures to acquire) or, with excluded=True, as `excluded`
+    (left out on purpose by data.exclude: not failures)."""
     assert faceset.paths is not None
     kept = np.asarray([i for i, p in enumerate(faceset.paths) if p not in drop], dtype=np.int64)
     old = faceset.labels[kept]
     used = np.unique(old)
     remap = np.full(len(faceset.names), -1, dtype=np.int64)
     remap[used] = np.arange(len(used))
+    gone = sorted(drop.intersection(faceset.paths))
     return FaceSet(remap[old], [faceset.names[i] for i in used], [faceset.keys[i] for i in kept],
                    _SubsetLoader(faceset.loader, kept), paths=[faceset.paths[i] for i in kept],
-                   skipped=sorted(drop.intersection(faceset.paths)))
+                   skipped=faceset.skipped if excluded else gone, excluded=gone if excluded else faceset.excluded)
+
+
+def excluded_paths(faceset: FaceSet, data_cfg) -> set[str]:
+    """The files of `faceset` that data.exclude names (config/exclusions.py); empty without the key."""
+    from facetrain.config.exclusions import read_exclusions
+
+    if not data_cfg.exclude or faceset.paths is None:
+        return set()
+    return read_exclusions(data_cfg.exclude, data_cfg.root).intersection(faceset.paths)
+
+
+def note_exclusions(report: PreflightReport, drop: set[str], source: str) -> None:
+    """Name the files data.exclude leaves out in the pre-flight report (counted as `excluded`)."""
+    report.notes.extend({"path": p, "problem": "excluded", "detail": f"data.exclude: {source}"} for p in sorted(drop))
+    report.notes.sort(key=lambda r: (r["problem"], r["path"]))
 
 
 def apply_preflight(faceset: FaceSet, data_cfg, out_dir: str | Path, accelerator=None) -> FaceSet:
@@ -355,6 +374,7 @@ def apply_preflight(faceset: FaceSet, data_cfg, out_dir: str | Path, accelerator
         console = Console(highlight=False, width=None if Console().is_terminal else 120)
         try:
             report = scan(data_cfg.root, data_cfg.max_image_pixels, console=console)
+            note_exclusions(report, excluded_paths(faceset, data_cfg), data_cfg.exclude)
             console.print(report.table())
             report.write(out)
             result = report
@@ -365,14 +385,17 @@ def apply_preflight(faceset: FaceSet, data_cfg, out_dir: str | Path, accelerator
     if isinstance(result, str):
         raise UserError(result)
     enforce(result, data_cfg.bad_images, saved_to=out / "preflight.txt")
-    if not result.bad:
-        return faceset
-    filtered = without_files(faceset, result.bad_paths)
-    if main:
+    filtered = without_files(faceset, result.bad_paths) if result.bad else faceset
+    if main and result.bad:
         print(f"facetrain: pre-flight skipped {len(filtered.skipped)} image(s) (data.bad_images: skip); "
+              f"list in {out / 'preflight.txt'}", flush=True)
+    excluded = {n["path"] for n in result.notes if n["problem"] == "excluded"}
+    filtered = without_files(filtered, excluded, excluded=True) if excluded else filtered
+    if main and excluded:
+        print(f"facetrain: left out {len(filtered.excluded)} image(s) named by data.exclude ({data_cfg.exclude}); "
               f"list in {out / 'preflight.txt'}", flush=True)
     return filtered
 
 
 __all__ = ["REFUSED", "NOTED", "FileCheck", "PreflightReport", "check_image", "check_files", "scan", "enforce",
-           "without_files", "apply_preflight"]
+           "without_files", "excluded_paths", "note_exclusions", "apply_preflight"]

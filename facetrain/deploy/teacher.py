@@ -473,6 +473,36 @@ def describe(teacher: Teacher) -> str:
 
 
 
+def _file_input(path: str, size: int) -> np.ndarray:
+    """One image file -> (3, size, size) float32 RGB in [0, 1], resized as the evaluation resizes."""
+    from facetrain.data.images import load_image
+    from facetrain.deploy.onnx_embedder import to_input_array
+
+    return to_input_array(load_image(path), size).transpose(2, 0, 1).astype(np.float32) / 255.0
+
+
+def embed_files(teacher: Teacher, paths: list[str], batch_size: int = 64, threads: int = 0,
+                progress=None) -> np.ndarray:
+    """(N, D) teacher embeddings of image files, in order: each batch decoded on `threads` threads (0 = the
+    decode default; PIL releases the GIL) while the previous one runs; progress(done, total) after each batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    starts = list(range(0, len(paths), batch_size))
+    out = []
+    with ThreadPoolExecutor(max_workers=threads or decode_workers(-1) or 1) as pool:
+        def submit(start: int):
+            return [pool.submit(_file_input, p, teacher.image_size) for p in paths[start:start + batch_size]]
+
+        ahead = submit(starts[0]) if starts else []
+        for k, start in enumerate(starts):
+            batch = np.stack([f.result() for f in ahead])
+            ahead = submit(starts[k + 1]) if k + 1 < len(starts) else []
+            out.append(np.asarray(teacher.embed(batch), dtype=np.float32))
+            if progress:
+                progress(min(start + batch_size, len(paths)), len(paths))
+    return np.concatenate(out) if out else np.zeros((0, teacher.dim), np.float32)
+
+
 # ---------------------------------------------------------------------------------------------- as a baseline
 
 

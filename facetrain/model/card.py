@@ -49,9 +49,10 @@ def _name(path) -> str | None:
 
 
 def data_summary(source: str, root: str, train: tuple[int, int], validation: tuple[int, int],
-                 left_out: list[str]) -> dict:
+                 left_out: list[str], excluded: list[str] = ()) -> dict:
     """What the trainer records about its data (metadata key `data_summary`): (identities, images) per split;
-    `left_out`: the files the pre-flight refused (paths; the card keeps them relative to `root`)."""
+    `left_out`: the files the pre-flight refused, `excluded`: those data.exclude named (paths; the card keeps
+    them relative to `root`)."""
     base = Path(root) if root else None
 
     def relative(path: str) -> str:
@@ -63,7 +64,8 @@ def data_summary(source: str, root: str, train: tuple[int, int], validation: tup
     return {"source": source, "root": _name(root),
             "train": {"identities": int(train[0]), "images": int(train[1])},
             "validation": {"identities": int(validation[0]), "images": int(validation[1])},
-            "preflight_left_out": {"count": len(left_out), "first": [relative(p) for p in left_out[:LEFT_OUT_SHOWN]]}}
+            "preflight_left_out": {"count": len(left_out), "first": [relative(p) for p in left_out[:LEFT_OUT_SHOWN]]},
+            "excluded": {"count": len(excluded), "first": [relative(p) for p in excluded[:LEFT_OUT_SHOWN]]}}
 
 
 def _tar_at_far(metrics: dict) -> dict[str, float]:
@@ -254,6 +256,11 @@ def _md_data(card: dict) -> list[str]:
     shown = ", ".join(f"`{n}`" for n in left.get("first") or [])
     more = f" (first: {shown})" if shown else ""
     lines += ["", f"Left out by the pre-flight check: {left.get('count', 0):,} file(s){more}."]
+    excluded = data.get("excluded") or {}
+    if excluded.get("count"):
+        shown = ", ".join(f"`{n}`" for n in excluded.get("first") or [])
+        lines += ["", f"Left out by data.exclude (an audit's likely mislabels and duplicate identities): "
+                  f"{excluded['count']:,} file(s) (first: {shown})."]
     return lines
 
 

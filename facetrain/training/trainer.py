@@ -101,6 +101,10 @@ class Trainer:
             from facetrain.data.preflight import apply_preflight
 
             faceset = apply_preflight(faceset, cfg.data, self.out, self.accelerator)
+        elif cfg.data.exclude:  # no scan to note them in: data.exclude still applies
+            from facetrain.data.preflight import excluded_paths, without_files
+
+            faceset = without_files(faceset, excluded_paths(faceset, cfg.data), excluded=True)
         # how the training crops were aligned (a folder written by facetrain.align): eval, verify and identify
         # align raw photos the same way, from the bundle's "alignment" entry
         folder = cfg.data.source in ("folder", "hf") and cfg.data.root
@@ -115,7 +119,8 @@ class Trainer:
         self.val_idx, self.val_labels = faceset.subset(self.val_ids)
         # what the model card says about the data (model/card.py): counts per split, the pre-flight's refusals
         self.data_summary = data_summary(cfg.data.source, cfg.data.root, (len(self.train_ids), len(self.train_idx)),
-                                         (len(self.val_ids), len(self.val_idx)), faceset.skipped)
+                                         (len(self.val_ids), len(self.val_idx)), faceset.skipped,
+                                         faceset.excluded)
         check_val_metric_resolvable(t.val_metric, self.val_labels)
         self.faceset = faceset
         self.sampler = MPerClassBatchSampler(self.train_labels, t.m, t.batch_size, self.world, self.rank, t.seed,
