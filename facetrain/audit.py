@@ -66,12 +66,9 @@ def _progress(done: int, total: int) -> None:
 def _teacher_record(args, teacher) -> dict:
     """The teacher in audit.json: the file given, the sha256 of its weights (a bundle's weights file) and how it
     was run."""
-    from facetrain.deploy.gallery_cache import file_sha256
-    from facetrain.deploy.teacher import describe
-    from facetrain.model.files import WEIGHTS_FILE
+    from facetrain.deploy.teacher import describe, teacher_sha256
 
-    weights = teacher.path / WEIGHTS_FILE if teacher.path.is_dir() else teacher.path
-    return {"file": str(args.teacher), "sha256": file_sha256(weights), "description": describe(teacher)}
+    return {"file": str(args.teacher), "sha256": teacher_sha256(teacher.path), "description": describe(teacher)}
 
 
 def run(args) -> dict:

@@ -291,3 +291,19 @@ def test_a_malformed_teacher_input_is_one_line_before_training(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("facetrain: error: distill.teacher_input: 'colour=rgb' is not KEY=VALUE")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_card_names_a_bundle_teacher_by_its_weights(tmp_path):
+    """A bundle teacher is a folder: its sha256 is its weights file's (as facetrain.audit records it); a licence
+    line in <file>.SOURCE.txt is carried."""
+    import hashlib
+    import shutil
+
+    from facetrain.training.distill import teacher_provenance
+
+    bundle = tmp_path / "teacher_bundle"
+    shutil.copytree(Path(__file__).parent / "data" / "legacy" / "bundle", bundle)
+    (tmp_path / "teacher_bundle.SOURCE.txt").write_text("Made here.\nLicence: CC0-1.0, no conditions.\n")
+    got = teacher_provenance(bundle)
+    assert got["sha256"] == hashlib.sha256((bundle / "model.safetensors").read_bytes()).hexdigest()
+    assert got["file"] == "teacher_bundle" and got["licence"] == "Licence: CC0-1.0, no conditions."

@@ -465,6 +465,16 @@ def load_teacher(path: str | Path, spec: InputSpec | str | None = None, threads:
     return TEACHER_KINDS[teacher_kind(path)](path, spec, threads, fold_quantized)
 
 
+def teacher_sha256(path: str | Path) -> str:
+    """The sha256 that names a teacher in audit.json and the model card: of the file, or of a bundle's weights
+    file (a bundle is a folder)."""
+    from facetrain.deploy.gallery_cache import file_sha256
+    from facetrain.model.files import WEIGHTS_FILE
+
+    path = Path(path)
+    return file_sha256(path / WEIGHTS_FILE if path.is_dir() else path)
+
+
 def describe(teacher: Teacher) -> str:
     """One line for logs and reports: the file, its input and what was done to run it."""
     spec = teacher.spec.describe() if isinstance(teacher, OnnxTeacher) else f"size={teacher.image_size} (its file's)"

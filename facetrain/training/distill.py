@@ -15,7 +15,6 @@ exported: the bundle and the ONNX file hold the student alone.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from facetrain.config.names import PROJECTION_NAMES, keyed_by
 from facetrain.config.schema import DistillConfig
 from facetrain.data.images import Preprocess
 from facetrain.data.transforms import collate
-from facetrain.deploy.teacher import Teacher, load_teacher
+from facetrain.deploy.teacher import Teacher, load_teacher, teacher_sha256
 from facetrain.errors import UserError
 from facetrain.training.losses import DISTILL_LOSSES, DistillTerm, autocast_off
 
@@ -40,10 +39,11 @@ def build_teacher(cfg: DistillConfig) -> Teacher:
 
 def teacher_provenance(path: str | Path) -> dict:
     """What the model card records of the teacher (metadata key `teacher`): its file name, the sha256 of its
-    bytes, and its licence as the `<file>.SOURCE.txt` beside it states it (the licence lines), else "not
-    recorded" -- a student inherits its teacher's terms, so the card says when they are unknown."""
+    bytes (a bundle's: of its weights file), and its licence as the `<file>.SOURCE.txt` beside it states it (the
+    licence lines), else "not recorded" -- a student inherits its teacher's terms, so the card says when they are
+    unknown."""
     path = Path(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = teacher_sha256(path)
     source = path.with_name(path.name + ".SOURCE.txt")
     licence = ""
     if source.is_file():
