@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
         argv = argv[:i] + argv[i + 2:]
     cfg = load_config(config_file, argv)
     if cfg.distill.teacher_input:  # the teacher's input spec has its parser beside the teacher (torch-free)
-        from facetrain.deploy.teacher import parse_input_spec
+        from facetrain.deploy.input_spec import parse_input_spec
 
         parse_input_spec(cfg.distill.teacher_input, "distill.teacher_input")
 

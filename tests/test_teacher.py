@@ -24,13 +24,8 @@ pytest.importorskip("onnxruntime", reason='needs the serve extra: pip install -e
 from onnx import TensorProto, helper  # noqa: E402
 
 from facetrain import eval as eval_cli  # noqa: E402
-from facetrain.deploy.teacher import (  # noqa: E402
-    InputSpec,
-    TeacherEmbedder,
-    describe,
-    load_teacher,
-    parse_input_spec,
-)
+from facetrain.deploy.input_spec import InputSpec, parse_input_spec  # noqa: E402
+from facetrain.deploy.teacher import TeacherEmbedder, describe, load_teacher  # noqa: E402
 from facetrain.errors import UserError  # noqa: E402
 
 SIZE = 32  # px, the tiny graphs' input side

@@ -22,7 +22,6 @@ very view the student sees. Torch-free at import; `embed` returns a tensor on th
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -30,119 +29,22 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from facetrain.deploy.input_spec import CHANNELS, SPEC_FORMS, InputSpec, parse_input_spec
 from facetrain.deploy.onnx_embedder import (
     META_BUNDLE,
     OnnxEmbedder,
-    _dims_match,
     decode_workers,
     first_line,
     new_session,
 )
-from facetrain.errors import INSTALL, UserError
-from facetrain.model.files import INPUT_SPEC_EXAMPLE
+from facetrain.deploy.onnx_graph import TEACHER_TODO, check_input, drop_unused_inputs, free_batch, read_onnx
+from facetrain.errors import UserError
 
 INPUT_SPEC_KEY = "facetrain_input_spec"  # a third-party file's input spec, if someone stored it in the metadata
-SPEC_FORMS = f"e.g. {INPUT_SPEC_EXAMPLE}, or size=112,order=bgr,mean=0.5:0.5:0.5,std=0.5:0.5:0.5"
-CHANNELS = 3  # RGB (or BGR) images; a gray model is not a face teacher here
 PROBE_BATCH = 2  # images of the load-time test run: proves a dynamic batch and the output's shape
 # onnxruntime keeps DequantizeLinear nodes (for its int8 kernels) unless QDQ handling is off; off, constant
 # folding turns quantized weights into fp32 once at load (bench/teacher_cost.py measures which is faster)
 FOLD_QUANTIZED = {"session.disable_quant_qdq": "1"}
-TEACHER_TODO = "give a face-embedding model: an .onnx file (with --input-spec), a facetrain bundle or its export"
-
-
-# ---------------------------------------------------------------------------------------------- input spec
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How an image in [0, 1] becomes a third-party model's input: resized to `size` x `size` px, channels in
-    `order`, values mapped linearly onto `value_range`, then (v - mean) / std per channel (in that order)."""
-
-    size: int
-    order: str = "rgb"
-    value_range: tuple[float, float] = (0.0, 1.0)
-    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
-    std: tuple[float, ...] = (1.0, 1.0, 1.0)
-
-    def describe(self) -> str:
-        lo, hi = self.value_range
-        text = f"size={self.size},order={self.order},range={lo:g}-{hi:g}"
-        if any(self.mean) or any(s != 1 for s in self.std):
-            text += f",mean={':'.join(f'{m:g}' for m in self.mean)},std={':'.join(f'{s:g}' for s in self.std)}"
-        return text
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """(N, 3, size, size) float RGB in [0, 1] -> the model's input, float32."""
-        if self.order == "bgr":
-            x = x[:, ::-1]
-        lo, hi = self.value_range
-        mean = np.asarray(self.mean, np.float32)[None, :, None, None]
-        std = np.asarray(self.std, np.float32)[None, :, None, None]
-        return np.ascontiguousarray(((lo + x * (hi - lo)) - mean) / std, dtype=np.float32)
-
-
-def _channels(text: str, key: str, option: str, positive: bool) -> tuple[float, ...]:
-    values = tuple(_number(v, key, option) for v in text.split(":"))
-    if len(values) == 1:
-        values *= CHANNELS
-    if len(values) != CHANNELS or (positive and min(values) <= 0):
-        raise UserError(f"{option}: {key}={text} must be one number or {CHANNELS} separated by ':'"
-                        f"{' (all > 0)' if positive else ''}; {SPEC_FORMS}")
-    return values
-
-
-def _number(text: str, key: str, option: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise UserError(f"{option}: {key}: {text!r} is not a number; {SPEC_FORMS}") from None
-
-
-def _size(text: str, option: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise UserError(f"{option}: size={text} must be a positive whole number of pixels; {SPEC_FORMS}")
-    return int(text)
-
-
-def _order(text: str, option: str) -> str:
-    if text.lower() not in ("rgb", "bgr"):
-        raise UserError(f"{option}: order={text} must be rgb or bgr; {SPEC_FORMS}")
-    return text.lower()
-
-
-def _range(text: str, option: str) -> tuple[float, float]:
-    found = re.fullmatch(r"(-?[0-9.]+)-(-?[0-9.]+)", text)
-    if not found:
-        raise UserError(f"{option}: range={text} must be LOW-HIGH, e.g. 0-255, 0-1 or -1-1; {SPEC_FORMS}")
-    lo, hi = (_number(v, "range", option) for v in found.groups())
-    if hi <= lo:
-        raise UserError(f"{option}: range={text}: HIGH must be above LOW; {SPEC_FORMS}")
-    return lo, hi
-
-
-SPEC_KEYS = {  # key -> (InputSpec field, parser(text, option))
-    "size": ("size", _size),
-    "order": ("order", _order),
-    "range": ("value_range", _range),
-    "mean": ("mean", lambda text, option: _channels(text, "mean", option, positive=False)),
-    "std": ("std", lambda text, option: _channels(text, "std", option, positive=True)),
-}
-
-
-def parse_input_spec(text: str, option: str = "--input-spec") -> InputSpec:
-    """"size=112,order=rgb,range=0-255[,mean=A:B:C,std=A:B:C]" -> InputSpec; size is required."""
-    fields = {}
-    for item in (part.strip() for part in text.split(",") if part.strip()):
-        key, sep, value = item.partition("=")
-        if not sep or key.strip().lower() not in SPEC_KEYS:
-            raise UserError(f"{option}: {item!r} is not KEY=VALUE with KEY one of {', '.join(SPEC_KEYS)}; "
-                            f"{SPEC_FORMS}")
-        name, parse = SPEC_KEYS[key.strip().lower()]
-        fields[name] = parse(value.strip(), option)
-    if "size" not in fields:
-        raise UserError(f"{option}: {text!r} gives no size (the model's input side in pixels); {SPEC_FORMS}")
-    return InputSpec(**fields)
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -182,85 +84,6 @@ def _like_input(emb: np.ndarray, images):
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norm, 1e-12)).astype(np.float32, copy=False)
-
-
-# ---------------------------------------------------------------------------------------------- ONNX graphs
-
-
-def _import_onnx():
-    try:
-        import onnx
-    except ImportError:
-        raise UserError(f"a teacher or third-party model needs the onnx package: {INSTALL['serve']}") from None
-    return onnx
-
-
-def read_onnx(path: Path):
-    """The ModelProto of `path`; a missing file or one that is not ONNX is one line."""
-    onnx = _import_onnx()
-    if not path.is_file():
-        raise UserError(f"{path}: not found; {TEACHER_TODO}")
-    try:
-        return onnx.load(str(path))
-    except Exception as err:  # protobuf's DecodeError, onnx's own errors, OSError
-        raise UserError(f"{path}: not an ONNX model ({type(err).__name__}: {first_line(err)}); "
-                        f"{TEACHER_TODO}") from None
-
-
-def drop_unused_inputs(proto) -> list[str]:
-    """Remove, in memory, graph inputs no node reads (onnxruntime demands a value for each) and initializers
-    also declared as inputs (a constant the user could override: onnxruntime then cannot fold it). Returns
-    the notes saying what was dropped."""
-    graph = proto.graph
-    constants = {t.name for t in graph.initializer}
-    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    unused = [i.name for i in graph.input if i.name not in read]
-    keep = [i for i in graph.input if i.name in read and i.name not in constants]
-    notes = [f"dropped {len(unused)} declared but unused inputs ({', '.join(unused[:3])}"
-             f"{', ...' if len(unused) > 3 else ''})"] if unused else []
-    folded = len(graph.input) - len(unused) - len(keep)
-    notes += [f"{folded} initializers listed as inputs made constants"] if folded else []
-    del graph.input[:]
-    graph.input.extend(keep)
-    return notes
-
-
-def _dims(value_info) -> list:
-    """A value's shape: ints for fixed dims, the name (or None) for symbolic ones."""
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in value_info.type.tensor_type.shape.dim]
-
-
-def check_input(proto, spec: InputSpec, path: Path) -> str:
-    """The one real input fits `spec`: float, N x 3 x size x size (fixed sides must equal the spec's)."""
-    onnx = _import_onnx()
-    inputs = list(proto.graph.input)
-    if len(inputs) != 1:
-        names = ", ".join(f"{i.name} {_dims(i)}" for i in inputs) or "none"
-        raise UserError(f"{path}: a teacher takes one image input, this graph needs {len(inputs)} ({names}); "
-                        "export the model with the image as its only input")
-    inp = inputs[0]
-    dims, elem = _dims(inp), inp.type.tensor_type.elem_type
-    if elem != onnx.TensorProto.FLOAT:
-        raise UserError(f"{path}: input {inp.name} is {onnx.TensorProto.DataType.Name(elem).lower()}, not float32 "
-                        "(N x 3 x H x W); a facetrain.export file is read without --input-spec")
-    want = [None, CHANNELS, spec.size, spec.size]
-    if not _dims_match(dims, want):
-        raise UserError(f"{path}: input {inp.name} is {dims}, but the input spec ({spec.describe()}) says "
-                        f"N x {CHANNELS} x {spec.size} x {spec.size}: correct the spec's size from the model's "
-                        "documentation (NCHW RGB/BGR models only)")
-    return inp.name
-
-
-def _free_batch(proto) -> bool:
-    """A fixed batch of 1 on the input and outputs -> a named dim (in memory); True if there was one."""
-    values = [proto.graph.input[0], *proto.graph.output]
-    fixed = [v for v in values if _dims(v) and _dims(v)[0] == 1]
-    for v in fixed:
-        dim = v.type.tensor_type.shape.dim[0]
-        dim.Clear()
-        dim.dim_param = "N"
-    return bool(fixed)
 
 
 # ---------------------------------------------------------------------------------------------- teachers
@@ -349,7 +172,7 @@ def load_onnx_teacher(path: Path, spec: InputSpec | str | None, threads: int = 0
     name = check_input(proto, spec, path)
     config = FOLD_QUANTIZED if fold_quantized else None
     fixed = proto.SerializeToString()
-    if _free_batch(proto):
+    if free_batch(proto):
         try:
             teacher = OnnxTeacher(new_session(proto.SerializeToString(), path, threads, TEACHER_TODO, config),
                                   name, spec, path, True, notes)

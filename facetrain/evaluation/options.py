@@ -67,7 +67,7 @@ class EvalOptions:
             raise UserError(f"--pairs: not found: {self.pairs} (a pairs file, or CFP's Protocol folder)")
         check_bootstrap_options(self.bootstrap, self.ci_level)
         if self.input_spec:
-            from facetrain.deploy.teacher import parse_input_spec
+            from facetrain.deploy.input_spec import parse_input_spec
 
             parse_input_spec(self.input_spec)  # a malformed spec: one line before any file is read
             self.backend = "onnxruntime"  # a third-party file runs in onnxruntime, never in torch
