@@ -13,11 +13,9 @@ figure to keep is the ratio distill / plain per round; wall times drift with the
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,15 +127,9 @@ def report(args, result: dict, command: str) -> str:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    started, load_before = time.time(), os.getloadavg()[0]
-    result = run(args)
-    from results_md import command_line, machine, publish  # machine() imports torch: only at the end
+    from results_md import measure_and_publish  # imports torch (machine()) only once the run is over
 
-    result.update(date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M (UTC)"), minutes=(time.time() - started) / 60,
-                  machine=machine(), load=(load_before, os.getloadavg()[0]))
-    publish(SECTION, report(args, result, command_line("bench/distill_step.py", argv)), result, args.json,
-            args.write)
+    measure_and_publish(SECTION, "bench/distill_step.py", parse_args(argv), argv, run, report)
 
 
 if __name__ == "__main__":

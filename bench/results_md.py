@@ -57,3 +57,17 @@ def command_line(script: str, argv: list[str] | None) -> str:
 
     args = sys.argv[1:] if argv is None else argv
     return f"python {script} {shlex.join(args)}".rstrip()
+
+
+def measure_and_publish(section: str, script: str, args, argv, run, report) -> dict:
+    """A benchmark's whole ending around `run(args)`: time it, add the date, duration, machine and load average
+    before / after to its result, then `publish` its `report(args, result, command)` (args.json, args.write)."""
+    import time
+    from datetime import UTC, datetime
+
+    started, load_before = time.time(), os.getloadavg()[0]
+    result = run(args)
+    result.update(date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M (UTC)"), minutes=(time.time() - started) / 60,
+                  machine=machine(), load=(load_before, os.getloadavg()[0]))
+    publish(section, report(args, result, command_line(script, argv)), result, args.json, args.write)
+    return result

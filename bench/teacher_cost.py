@@ -15,11 +15,9 @@ it is the one-core cost, and it is less disturbed than wall time by other proces
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -95,15 +93,9 @@ def report(args, result: dict, command: str) -> str:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    started, load_before = time.time(), os.getloadavg()[0]
-    result = run(args)
-    from results_md import command_line, machine, publish  # machine() imports torch: only at the end
+    from results_md import measure_and_publish  # imports torch (machine()) only once the run is over
 
-    result.update(date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M (UTC)"), minutes=(time.time() - started) / 60,
-                  machine=machine(), load=(load_before, os.getloadavg()[0]))
-    publish(SECTION, report(args, result, command_line("bench/teacher_cost.py", argv)), result, args.json,
-            args.write)
+    measure_and_publish(SECTION, "bench/teacher_cost.py", parse_args(argv), argv, run, report)
 
 
 if __name__ == "__main__":
