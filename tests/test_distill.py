@@ -307,3 +307,26 @@ def test_the_card_names_a_bundle_teacher_by_its_weights(tmp_path):
     got = teacher_provenance(bundle)
     assert got["sha256"] == hashlib.sha256((bundle / "model.safetensors").read_bytes()).hexdigest()
     assert got["file"] == "teacher_bundle" and got["licence"] == "Licence: CC0-1.0, no conditions."
+
+
+@pytest.mark.slow
+def test_distill_step_bench_runs_at_smoke_size(tmp_path, monkeypatch):
+    """bench/distill_step.py at its smoke size (tiny student, the tiny ONNX teacher of tests/data/legacy): both
+    variants train and the ratio is reported."""
+    import importlib.util
+    import json
+
+    from helpers import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # as `python bench/distill_step.py` finds results_md
+    spec = importlib.util.spec_from_file_location("distill_step", REPO / "bench" / "distill_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "step.json"
+    try:
+        bench.main(["--smoke", "--no-write", "--json", str(out)])
+    finally:  # the bench's two trainers share accelerate's process-wide state: leave none behind
+        AcceleratorState._reset_state(reset_partial_state=True)
+    result = json.loads(out.read_text())
+    assert len(result["plain_s"]) == len(result["distill_s"]) == len(result["ratio"]) == 1
+    assert result["plain_s"][0] > 0 and result["distill_s"][0] > 0 and "model.onnx" in result["teacher"]
