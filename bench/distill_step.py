@@ -20,10 +20,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+from teacher_cost import SFACE, SFACE_SPEC  # noqa: E402 -- the teacher benchmark's file and input, defined once
+
 SECTION = "Distillation: training step cost with and without the teacher (bench/distill_step.py)"
 SHARED = REPO.parent / "shared"
-SFACE = SHARED / "weights" / "face_recognition_sface_2021dec_int8bq.onnx"
-SFACE_SPEC = "size=112,order=rgb,range=0-255"
 TINY_TEACHER = REPO / "tests" / "data" / "legacy" / "model.onnx"  # a facetrain export: its metadata is its spec
 
 
