@@ -43,6 +43,9 @@ def main(argv: list[str]) -> int:
 
         parse_input_spec(cfg.distill.teacher_input, "distill.teacher_input")
 
+    if cfg.model.init_from:  # the model to fine-tune fits this config: checked before any data is read
+        from facetrain.model.files import check_init_from
+        check_init_from(cfg.model)
     from facetrain.training.trainer import train  # heavy imports only after the config is known to be valid
 
     summary = train(cfg)

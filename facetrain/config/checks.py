@@ -153,6 +153,9 @@ def _check_model(m: ModelConfig) -> None:
         raise UserError(f"model.pretrained_file: file not found: {m.pretrained_file}")
     if m.pretrained_file and not m.pretrained:
         m.pretrained = True  # giving a weights file is an unambiguous request for them
+    if m.init_from and not Path(m.init_from).exists():
+        raise UserError(f"model.init_from: not found: {m.init_from} (give a facetrain bundle, checkpoint or run "
+                        "directory, e.g. runs/distill/bundle)")
 
 
 def _check_optim(o: OptimConfig) -> None:

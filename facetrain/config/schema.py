@@ -114,6 +114,10 @@ class ModelConfig:
     """Start from pretrained weights: timm's hub weights, or `pretrained_file` when given."""
     pretrained_file: str = ""
     """Local weights file (.safetensors/.pth/.bin) for the backbone; works offline."""
+    init_from: str = ""
+    """A facetrain bundle, checkpoint or run directory whose whole network (backbone and head) this run starts
+    from instead of `pretrained`/`pretrained_file`: fine-tune a distilled student on labelled people. Its backbone
+    and embedding_dim must equal this config's; the optimizer, schedule and step start fresh. Empty = off."""
     channels_last: bool = True
     """NHWC memory layout: faster convolutions on GPUs and on CPUs with oneDNN."""
     drop_rate: float = 0.0

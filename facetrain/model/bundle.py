@@ -17,7 +17,14 @@ from facetrain.config.schema import ModelConfig
 from facetrain.data.images import Preprocess
 from facetrain.errors import UserError
 from facetrain.model.card import CARD_FILE, CARD_KEY, build_card, render_markdown
-from facetrain.model.files import BUNDLE_FORMAT, BUNDLE_VERSION, META_FILE, WEIGHTS_FILE, read_bundle_meta
+from facetrain.model.files import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    META_FILE,
+    WEIGHTS_FILE,
+    check_init_from,
+    read_bundle_meta,
+)
 from facetrain.model.network import EmbeddingModel, create_model
 
 
@@ -50,3 +57,22 @@ def load_bundle(path: str | Path, map_location: str = "cpu") -> tuple[EmbeddingM
         raise UserError(f"{meta['path']}/{WEIGHTS_FILE}: cannot load weights ({first})") from None
     pre = Preprocess(**meta["preprocess"])
     return model.eval(), pre, meta
+
+
+def load_initial_weights(model: nn.Module, model_cfg: ModelConfig) -> dict:
+    """Copy model.init_from's network weights (backbone and head) into `model`, in place; returns its metadata.
+    Frozen stages
+    (model.freeze_stages) may differ from the run that wrote them: a frozen BatchNorm holds the same tensors as a
+    trained one less its batch counter, so only `num_batches_tracked` may be missing or left over."""
+    meta = check_init_from(model_cfg)
+    path = Path(meta["path"]) / WEIGHTS_FILE
+    try:
+        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    except RuntimeError as err:  # a tensor of another shape
+        first = str(err).strip().splitlines()[-1].strip()[:200]
+        raise UserError(f"model.init_from: {path} does not fit this model: {first}") from None
+    misfit = [k for k in (*missing, *unexpected) if not k.endswith("num_batches_tracked")]
+    if misfit:
+        raise UserError(f"model.init_from: {path} does not fit this model ({len(misfit)} tensors differ, e.g. "
+                        f"{misfit[0]}); give a bundle of the same backbone")
+    return meta

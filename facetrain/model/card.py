@@ -98,6 +98,8 @@ def evaluation_entry(report: dict, date: str) -> dict:
 
 
 def _pretrained(model_cfg: dict) -> str:
+    if model_cfg.get("init_from"):
+        return f"facetrain model {_name(model_cfg['init_from'])} (fine-tuned; its card's terms apply to this model)"
     if model_cfg.get("pretrained_file"):
         return f"file {_name(model_cfg['pretrained_file'])} (its licence applies to this model)"
     if model_cfg.get("pretrained"):

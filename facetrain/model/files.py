@@ -72,6 +72,22 @@ def resolve_model_path(path: str | Path, backend: str = "torch") -> Path:
     return Path(read_bundle_meta(path)["path"])  # raises a one-line error for anything else
 
 
+def check_init_from(model_cfg) -> dict:
+    """The metadata of `model.init_from` (a bundle, checkpoint or run directory) after checking that its network
+    fits the config's (same backbone and embedding_dim): one line naming the key otherwise, before any data is
+    read."""
+    try:
+        meta = read_bundle_meta(resolve_model_path(model_cfg.init_from))
+    except UserError as err:
+        raise UserError(f"model.init_from: {str(err).removeprefix('--model: ')}") from None
+    for key in ("backbone", "embedding_dim"):
+        theirs, ours = meta["model"].get(key), getattr(model_cfg, key)
+        if theirs != ours:
+            raise UserError(f"model.init_from: {meta['path']} has model.{key} {theirs!r}, this config {ours!r}; "
+                            f"set model.{key} {theirs} to fine-tune it")
+    return meta
+
+
 def read_bundle_meta(path: str | Path) -> dict:
     """A bundle's or checkpoint's `facetrain.json`, with "path" set to its directory; a one-line error for
     anything that is not one."""
@@ -186,7 +202,7 @@ def check_meta(meta: dict, path: str | Path, key_name: Callable[[tuple[str, ...]
 
 # Metadata values that are paths on the machine that trained or calibrated the model. An export keeps their
 # last component (the data set's folder name, the run's name), not where they lived.
-LOCAL_PATH_KEYS = (("config", "data", "root"), ("config", "model", "pretrained_file"),
+LOCAL_PATH_KEYS = (("config", "data", "root"), ("config", "model", "pretrained_file"), ("config", "model", "init_from"),
                    ("config", "train", "output_dir"), ("config", "train", "resume"),
                    ("threshold_calibration", "data"), ("threshold_calibration", "eval_dir"))
 

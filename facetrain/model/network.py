@@ -54,7 +54,7 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     _check_backbone_name(cfg.backbone)
     kwargs = dict(num_classes=0, drop_rate=0.0, drop_path_rate=cfg.drop_path_rate or None)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if not cfg.pretrained:
+    if not cfg.pretrained or cfg.init_from:  # model.init_from's weights replace any pretrained ones
         return timm.create_model(cfg.backbone, pretrained=False, **kwargs)
     if cfg.pretrained_file:
         path = Path(cfg.pretrained_file)

@@ -35,6 +35,7 @@ from facetrain.data.device_augment import training_input
 from facetrain.data.faceset import build_faceset, split_identities
 from facetrain.data.sampler import MPerClassBatchSampler
 from facetrain.errors import UserError
+from facetrain.model.bundle import load_initial_weights
 from facetrain.model.card import data_summary
 from facetrain.model.network import create_model, resolve_preprocess
 from facetrain.runtime.distributed import (
@@ -135,6 +136,9 @@ class Trainer:
         cfg, t, acc = self.cfg, self.t, self.accelerator
         set_seed(t.seed)  # identical initial weights on every rank
         model = create_model(cfg.model)
+        if cfg.model.init_from:  # fine-tuning a facetrain model: its weights, and its normalisation unless set
+            start = load_initial_weights(model, cfg.model)["preprocess"]
+            cfg.data.mean, cfg.data.std = cfg.data.mean or start["mean"], cfg.data.std or start["std"]
         self.pre = resolve_preprocess(cfg.data, model)
         cfg.data.mean, cfg.data.std = self.pre.mean, self.pre.std  # the resolved config records what was used
         self.loss_fn = MetricLoss(cfg.loss, num_classes=len(self.train_ids), embedding_dim=cfg.model.embedding_dim)
