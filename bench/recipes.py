@@ -61,6 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 FACES = REPO.parent / "shared" / "data" / "faces"
 WILD = REPO.parent / "shared" / "data" / "faces_wild" / "celeba_299"
 WILD_TEST_IDENTITIES = 49
+DOMAIN_TEST_IDENTITIES = 10  # of ext_yale_b_cropped's 38: 28 train the student, 10 are held out
 WEIGHTS = REPO.parent / "shared" / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 METRICS = ("auc", "eer", "tar@far=1e-02", "tar@far=1e-03", "best_accuracy")
@@ -75,6 +76,15 @@ class Row:
     overrides: dict = field(default_factory=dict)
     features_size: int = 0
     """> 0: no training; ImageNet pooled features at this input size (own normalisation unless overridden)."""
+    onnx: str = ""
+    """A downloaded face model (ONNX file) scored as it is, with `input_spec`: no training (the teacher row)."""
+    input_spec: str = ""
+    after: str = ""
+    """Second stage: starts from this row's bundle of the same seed (model.init_from); its own budget."""
+
+    @property
+    def trains(self) -> bool:
+        return not (self.features_size or self.onnx)
 
 
 # The article's recipe, reproduced as written: configs/article.yaml (full fine-tuning, AdamW 1e-4 / wd 1e-5,
@@ -146,6 +156,31 @@ WILD_ROWS: dict[str, Row] = {
     "wild_ema": Row("(d) with weight EMA (train.ema_decay 0.998)", WILD_YAML, {"train": {"ema_decay": 0.998}}),
 }
 ROWS.update(WILD_ROWS)
+SFACE = REPO.parent / "shared" / "weights" / "face_recognition_sface_2021dec_int8bq.onnx"
+SFACE_SPEC = "size=112,order=rgb,range=0-255"  # from SFace's documentation (its SOURCE.txt)
+DISTILL_YAML = "configs/distill.yaml"
+# Learning from a face model (issue 25): the teacher alone, configs/distill.yaml, and the choices it is made of.
+DISTILL_ROWS: dict[str, Row] = {
+    "teacher_sface": Row("(t) SFace, the downloaded face model (the teacher), as it is", onnx=str(SFACE),
+                         input_spec=SFACE_SPEC),
+    "distill": Row("(e) configs/distill.yaml: online teacher on the student's view + 0.1 x metric loss",
+                   DISTILL_YAML),
+    "distill_only": Row("(e) distillation alone (no metric loss: labels only shape the batches)", DISTILL_YAML,
+                        {"distill": {"metric_weight": 0.0}}),
+    "distill_ft": Row("(e) distill, then fine-tuned on labels (metric weight 1, from distill's bundle)",
+                      DISTILL_YAML, {"distill": {"metric_weight": 1.0}}, after="distill"),
+    "distill_ft_labels_only": Row("(e) distill, then fine-tuned on labels alone (no teacher in the 2nd stage)",
+                                  DISTILL_YAML, {"distill": {"teacher": ""}, "model": {"freeze_stages": 0}},
+                                  after="distill"),
+    "distill_cos_only": Row("(e) with the regression term alone (relational weight 0)", DISTILL_YAML,
+                            {"distill": {"relational_weight": 0.0}}),
+    "distill_rel_only": Row("(e) with the relational term alone (cosine weight 0)", DISTILL_YAML,
+                            {"distill": {"cosine_weight": 0.0}}),
+    "distill_freeze3": Row("(e) with the stem + 2 stages frozen (as wild.yaml)", DISTILL_YAML,
+                           {"model": {"freeze_stages": 3}, "optim": {"backbone_lr_mult": 0.3}}),
+}
+ROWS.update(DISTILL_ROWS)
+DEFAULT_DOMAIN_ROWS = "teacher_sface,facetrain,distill,distill_ft"
 DEFAULT_WILD_ROWS = "imagenet_112,imagenet_224,article,facetrain,wild"
 DEFAULT_ROWS = ("imagenet_112,imagenet_224,imagenet_112_imagenet_norm,article,facetrain,facetrain_no_freeze_bn,"
                 "facetrain_freeze3,facetrain_imagenet_norm,facetrain_triplet")
@@ -180,7 +215,8 @@ def aligned_wild(work: Path, size: int) -> Path:
     return out
 
 
-def identity_split(aligned: Path, work: Path, seed: int) -> tuple[Path, Path]:
+def identity_split(aligned: Path, work: Path, seed: int, held_out_count: int = WILD_TEST_IDENTITIES
+                   ) -> tuple[Path, Path]:
     """(training folder, held-out folder): symlinks to whole identity folders, chosen by a seeded shuffle of
     the sorted identity names. No facetrain_align.json is linked in: the bench evaluates the crops themselves
     (bundles then carry no alignment recipe and eval reads the crop folders as images)."""
@@ -188,7 +224,7 @@ def identity_split(aligned: Path, work: Path, seed: int) -> tuple[Path, Path]:
 
     idents = sorted(p.name for p in aligned.iterdir() if p.is_dir() and not p.name.startswith("."))
     random.Random(seed).shuffle(idents)
-    held_out = set(idents[:WILD_TEST_IDENTITIES])
+    held_out = set(idents[:held_out_count])
     folders = {}
     for part, members in (("train", [i for i in idents if i not in held_out]), ("test", sorted(held_out))):
         out = work / "data" / f"{aligned.name}_split{seed}_{part}{len(members)}"
@@ -217,6 +253,9 @@ def protocol(direction: str, work: Path, align_size: int = 224, split_seed: int 
         return Protocol(yale, {"att_faces": att}, 0.2)
     if direction == "att2yale":
         return Protocol(att, {"yale": yale}, 0.2)
+    if direction == "yale_domain":  # the user's own domain: tight gray crops under extreme light, unseen people
+        train, test = identity_split(FACES / "ext_yale_b_cropped", work, split_seed, DOMAIN_TEST_IDENTITIES)
+        return Protocol(train, {"ext_yale_b_heldout": test}, 0.2)
     train, test = identity_split(aligned_wild(work, align_size), work, split_seed)
     # 0.1 of 250 = 25 validation identities (~500 photos): enough to rank checkpoints, while 225 train
     return Protocol(train, {"celeba_heldout": test, "att_faces": att, "yale": yale}, 0.1)
@@ -257,7 +296,7 @@ def run_logged(cmd: list[str], log: Path) -> float:
 
 
 def train_cmd(row: Row, train_root: Path, out: Path, seed: int, max_steps: int, val_every: int,
-              val_fraction: float = 0.2) -> list[str]:
+              val_fraction: float = 0.2, init_from: Path | None = None) -> list[str]:
     common = {
         "data": {"source": "folder", "root": str(train_root), "val_fraction": val_fraction, "val_identities": 0,
                  "split_seed": 0, "preflight": False},
@@ -266,6 +305,8 @@ def train_cmd(row: Row, train_root: Path, out: Path, seed: int, max_steps: int, 
                   "ckpt_every": 1_000_000, "keep_last": 1, "num_workers": 0, "progress": False,
                   "tensorboard": True, "output_dir": str(out)},
     }
+    if init_from is not None:  # a second stage: the first stage's bundle replaces the ImageNet weights
+        common["model"]["init_from"] = str(init_from)
     return [sys.executable, "-m", "facetrain.train", "--config", str(REPO / row.config),
             *flat_overrides(common), *flat_overrides(row.overrides)]
 
@@ -311,8 +352,9 @@ def cost_class(row: Row, train_root: Path) -> tuple:
     # which weights the backbone starts from does not change its compute (and the file need not be here)
     cfg = load_config(str(REPO / row.config), flat_overrides(row.overrides)
                       + ["--data.root", str(train_root), "--model.pretrained", "false", "--model.pretrained_file", ""])
+    teacher = cfg.distill.teacher if cfg.distill.cosine_weight or cfg.distill.relational_weight else ""
     return (cfg.model.backbone, cfg.data.image_size, cfg.model.freeze_stages, cfg.train.batch_size,
-            cfg.train.mixed_precision)
+            cfg.train.mixed_precision, teacher)
 
 
 def probe_seconds_per_step(name: str, row: Row, train_root: Path, work: Path, steps: int) -> float:
@@ -334,7 +376,7 @@ def probe_seconds_per_step(name: str, row: Row, train_root: Path, work: Path, st
     return value
 
 
-def evaluate(bundle: Path, tests: dict[str, Path], out: Path) -> dict:
+def evaluate(bundle: Path, tests: dict[str, Path], out: Path, input_spec: str = "") -> dict:
     """facetrain's evaluator (no threshold written) on every test set: the main one (first) with and without
     the flip test, the cross-dataset ones with it. {"flip": main, "noflip": main, "cross": {name: flip}}."""
     result: dict = {"cross": {}}
@@ -345,6 +387,7 @@ def evaluate(bundle: Path, tests: dict[str, Path], out: Path) -> dict:
         if not (where / "metrics.json").is_file():
             cmd = [sys.executable, "-m", "facetrain.eval", "--model", str(bundle), "--data", str(root),
                    "--no-calibrate", "--no-plots", "--num-workers", "0", "--output", str(where)]
+            cmd += ["--input-spec", input_spec] if input_spec else []
             run_logged(cmd + (["--flip"] if flip else []), where.with_suffix(".log"))
         metrics = json.loads((where / "metrics.json").read_text())["metrics"]
         values = {k: metrics[k] for k in METRICS}
@@ -395,16 +438,28 @@ def recipe_key(row: Row) -> str:
     import hashlib
 
     text = (REPO / row.config).read_text() if row.config else ""
-    blob = json.dumps([text, row.overrides, row.features_size], sort_keys=True)
+    blob = json.dumps([text, row.overrides, row.features_size, row.onnx, row.input_spec, row.after],
+                      sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
 
-def run_job(job: Job, args, proto: Protocol, work: Path, steps: dict) -> dict:
+def run_job(job: Job, args, proto: Protocol, work: Path, steps: dict, first_stage=None) -> dict:
+    """Train (unless the row trains nothing) and evaluate one row and seed; `first_stage` (a future of the
+    `after` row's record, same seed) gives a second stage the bundle it starts from."""
     tag = f"seed{job.seed}-{recipe_key(job.row)}" + (f"-steps{steps[job.name]}" if job.name in steps else "")
+    init_from = None
+    if first_stage is not None:
+        before = first_stage.result()  # submitted earlier: already running or done in this pool (no deadlock)
+        init_from = Path(before["bundle"])
+        tag += f"-after{before['steps']}"
     out = work / job.name / tag
     record = {"row": job.name, "seed": job.seed, "describe": job.row.describe}
     if job.row.features_size:
         record["eval"] = evaluate(features_bundle(job.row, out), proto.tests, out)
+        record.update(steps=0, train_s=0.0)
+        return record
+    if job.row.onnx:
+        record["eval"] = evaluate(Path(job.row.onnx), proto.tests, out, job.row.input_spec)
         record.update(steps=0, train_s=0.0)
         return record
     max_steps = steps[job.name]
@@ -416,7 +471,7 @@ def run_job(job: Job, args, proto: Protocol, work: Path, steps: dict) -> dict:
 
             shutil.rmtree(run)
         val_every = max(1, math.ceil(max_steps / args.validations))
-        cmd = train_cmd(job.row, proto.train_root, run, job.seed, max_steps, val_every, proto.val_fraction)
+        cmd = train_cmd(job.row, proto.train_root, run, job.seed, max_steps, val_every, proto.val_fraction, init_from)
         wall = run_logged(cmd, out / "train.log")
         (out / "wall.json").write_text(json.dumps({"wall_s": wall}))
     summary = json.loads(done.read_text())
@@ -425,6 +480,9 @@ def run_job(job: Job, args, proto: Protocol, work: Path, steps: dict) -> dict:
                   val_auc_untrained=summary["untrained"]["auc"], val_best=summary["best_metric"],
                   wall_s=json.loads((out / "wall.json").read_text())["wall_s"] if (out / "wall.json").is_file()
                   else None)
+    record["bundle"] = str(run / "bundle")
+    if first_stage is not None:
+        record["first_stage_steps"] = before["steps"]
     record["eval"] = evaluate(run / "bundle", proto.tests, out)
     return record
 
@@ -485,10 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one CPU thread each (default 2)")
     p.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra config overrides for every trained row (exploration), e.g. model.freeze_stages=7")
-    p.add_argument("--direction", choices=("yale2att", "att2yale", "wild"), default="yale2att")
+    p.add_argument("--direction", choices=("yale2att", "att2yale", "wild", "yale_domain"), default="yale2att")
     p.add_argument("--align-size", type=int, default=224, help="wild: crop side of facetrain.align (default 224)")
     p.add_argument("--wild-split-seed", type=int, default=0,
-                   help=f"wild: seed of the {WILD_TEST_IDENTITIES} held-out identities (default 0)")
+                   help=f"wild: seed of the {WILD_TEST_IDENTITIES} held-out identities (default 0); yale_domain: of "
+                   f"its {DOMAIN_TEST_IDENTITIES}")
     p.add_argument("--list-rows", choices=("gray", "wild"), default=None,
                    help="print the comma-separated names of every row for that data (for --rows) and exit")
     p.add_argument("--work", default="/tmp/facetrain_recipes", help="data links, runs and results")
@@ -499,18 +558,22 @@ def main(argv: list[str] | None = None) -> int:
                                                                              "article", "facetrain")))
         return 0
     if args.rows is None:
-        args.rows = DEFAULT_WILD_ROWS if args.direction == "wild" else DEFAULT_ROWS
+        args.rows = {"wild": DEFAULT_WILD_ROWS, "yale_domain": DEFAULT_DOMAIN_ROWS}.get(args.direction, DEFAULT_ROWS)
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    for name in rows:  # a second stage runs after its first, in the same run
+        after = ROWS[name].after
+        if after and (after not in rows or rows.index(after) > rows.index(name)):
+            p.error(f"row {name} starts from row {after}'s bundle: list {after} before it in --rows")
     for item in args.set:
         key, _, value = item.partition("=")
         if "." not in key or not value:
             p.error(f"--set {item!r}: expected SECTION.KEY=VALUE")
         for name in rows:
-            if not ROWS[name].features_size:
+            if ROWS[name].trains:
                 node = ROWS[name].overrides = json.loads(json.dumps(ROWS[name].overrides))
                 *parents, leaf = key.split(".")
                 for part in parents:
@@ -523,14 +586,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) / args.direction
     proto = protocol(args.direction, Path(args.work), args.align_size, args.wild_split_seed)
     train_root = proto.train_root
-    main_rows = {"imagenet_112", "imagenet_224", "article", "facetrain", "wild"}
+    main_rows = {"imagenet_112", "imagenet_224", "article", "facetrain", "wild", "distill", "distill_ft"}
     def seeds_of(name: str) -> list[int]:
-        if ROWS[name].features_size:  # no training, nothing random: one evaluation
+        if not ROWS[name].trains:  # no training, nothing random: one evaluation
             return args.seeds[:1]
         return args.seeds if name in main_rows or args.ablation_seeds is None else args.ablation_seeds
 
     jobs = [Job(name, ROWS[name], seed) for name in rows for seed in seeds_of(name)]
-    trained = [name for name in rows if not ROWS[name].features_size]
+    trained = [name for name in rows if ROWS[name].trains]
     print(f"{args.direction}: train {train_root}, test {', '.join(map(str, proto.tests.values()))}; {len(jobs)} "
           f"runs, {args.jobs} at once, "
           f"budget {args.budget_min} training-step minutes on 1 thread per run", flush=True)
@@ -556,7 +619,11 @@ def main(argv: list[str] | None = None) -> int:
                     steps[name] = pinned.get(name) or max(1, int(args.budget_min * 60 / sec))
                     print(f"  {name}: probe {measured[name]:.2f} s/step, class median {sec:.2f} -> max_steps "
                           f"{steps[name]}", flush=True)
-        futures = [pool.submit(run_job, job, args, proto, work, steps) for job in jobs]
+        futures, by_job = [], {}
+        for job in jobs:  # rows in --rows order: a first stage is submitted before the second stage waiting on it
+            first = by_job.get((job.row.after, job.seed)) if job.row.after else None
+            futures.append(pool.submit(run_job, job, args, proto, work, steps, first))
+            by_job[(job.name, job.seed)] = futures[-1]
         records, text = [], ""
         for job, fut in zip(jobs, futures, strict=True):
             try:

@@ -70,3 +70,62 @@ def test_cost_classes_share_a_probe_across_embedding_sizes_but_not_input_sizes(t
     assert recipes.cost_class(recipes.ROWS["wild_arcface"], root) == wild
     assert recipes.cost_class(recipes.ROWS["wild_224"], root) != wild
     assert recipes.cost_class(recipes.ROWS["wild_freeze6"], root) != wild
+
+
+def test_distillation_rows_are_a_cost_class_of_their_own(tmp_path):
+    """The online teacher is most of a distillation step's cost (bench/distill_step.py: 1.78x): a distillation
+    row never shares a probe with a row without a teacher, and turning its terms off makes it one of those."""
+    recipes = _recipes()
+    root = str(tmp_path)
+    distill = recipes.cost_class(recipes.ROWS["distill"], root)
+    assert recipes.cost_class(recipes.ROWS["distill_rel_only"], root) == distill
+    plain = recipes.Row("no teacher terms", recipes.DISTILL_YAML,
+                        {"distill": {"cosine_weight": 0.0, "relational_weight": 0.0}})
+    assert recipes.cost_class(plain, root) != distill
+
+
+def test_a_second_stage_starts_from_its_first_stages_bundle(tmp_path):
+    recipes = _recipes()
+    row = recipes.ROWS["distill_ft"]
+    assert row.after == "distill" and row.trains
+    cmd = recipes.train_cmd(row, tmp_path, tmp_path / "run", 0, 10, 5, init_from=tmp_path / "first" / "bundle")
+    assert cmd[cmd.index("--model.init_from") + 1] == str(tmp_path / "first" / "bundle")
+    assert "--model.pretrained" in cmd  # the first stage's weights replace them (model.init_from wins)
+    assert "--model.init_from" not in recipes.train_cmd(recipes.ROWS["distill"], tmp_path, tmp_path / "r", 0, 10, 5)
+
+
+def test_the_teacher_row_is_scored_with_its_input_spec_and_trains_nothing(tmp_path, monkeypatch):
+    recipes = _recipes()
+    row = recipes.ROWS["teacher_sface"]
+    assert not row.trains and row.input_spec == recipes.SFACE_SPEC
+    commands = []
+
+    def fake_run(cmd, log):
+        commands.append(cmd)
+        out = __import__("pathlib").Path(cmd[cmd.index("--output") + 1])
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(__import__("json").dumps({"metrics": dict.fromkeys(recipes.METRICS, 0.5)}))
+        return 0.0
+
+    monkeypatch.setattr(recipes, "run_logged", fake_run)
+    proto = recipes.Protocol(tmp_path / "train", {"heldout": tmp_path / "test"}, 0.2)
+    record = recipes.run_job(recipes.Job("teacher_sface", row, 0), None, proto, tmp_path / "work", {})
+    assert record["steps"] == 0 and record["eval"]["flip"]["auc"] == 0.5
+    assert all(c[c.index("--model") + 1] == row.onnx and c[c.index("--input-spec") + 1] == row.input_spec
+               for c in commands) and len(commands) == 2  # with and without the flip test
+
+
+def test_a_second_stage_listed_before_its_first_is_refused(capsys):
+    recipes = _recipes()
+    import pytest
+
+    with pytest.raises(SystemExit):
+        recipes.main(["--rows", "distill_ft,distill", "--direction", "yale_domain"])
+    assert "list distill before it" in capsys.readouterr().err
+
+
+def test_the_domain_split_holds_out_ten_of_ext_yale_b(tmp_path):
+    recipes = _recipes()
+    train, test = recipes.identity_split(_aligned(tmp_path / "yale", identities=38), tmp_path / "work", 0,
+                                         recipes.DOMAIN_TEST_IDENTITIES)
+    assert len(list(test.iterdir())) == 10 and len(list(train.iterdir())) == 28
