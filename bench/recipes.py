@@ -387,7 +387,7 @@ def evaluate(bundle: Path, tests: dict[str, Path], out: Path, input_spec: str = 
         if not (where / "metrics.json").is_file():
             cmd = [sys.executable, "-m", "facetrain.eval", "--model", str(bundle), "--data", str(root),
                    "--no-calibrate", "--no-plots", "--num-workers", "0", "--output", str(where)]
-            cmd += ["--input-spec", input_spec] if input_spec else []
+            cmd += ["--input-spec", input_spec, "--aligned"] if input_spec else []  # the folders hold crops
             run_logged(cmd + (["--flip"] if flip else []), where.with_suffix(".log"))
         metrics = json.loads((where / "metrics.json").read_text())["metrics"]
         values = {k: metrics[k] for k in METRICS}

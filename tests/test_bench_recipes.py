@@ -112,6 +112,7 @@ def test_the_teacher_row_is_scored_with_its_input_spec_and_trains_nothing(tmp_pa
     record = recipes.run_job(recipes.Job("teacher_sface", row, 0), None, proto, tmp_path / "work", {})
     assert record["steps"] == 0 and record["eval"]["flip"]["auc"] == 0.5
     assert all(c[c.index("--model") + 1] == row.onnx and c[c.index("--input-spec") + 1] == row.input_spec
+               and "--aligned" in c
                for c in commands) and len(commands) == 2  # with and without the flip test
 
 
