@@ -548,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wild-split-seed", type=int, default=0,
                    help=f"wild: seed of the {WILD_TEST_IDENTITIES} held-out identities (default 0); yale_domain: of "
                    f"its {DOMAIN_TEST_IDENTITIES}")
+    p.add_argument("--no-cross", action="store_true",
+                   help="wild: only the held-out celeba people, not the cross-dataset gray sets (saves the "
+                   "longest evaluations: the Yale folder alone is 2,579 images)")
     p.add_argument("--list-rows", choices=("gray", "wild"), default=None,
                    help="print the comma-separated names of every row for that data (for --rows) and exit")
     p.add_argument("--work", default="/tmp/facetrain_recipes", help="data links, runs and results")
@@ -585,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--direction wild needs the in-the-wild photos ({WILD})")
     work = Path(args.work) / args.direction
     proto = protocol(args.direction, Path(args.work), args.align_size, args.wild_split_seed)
+    if args.no_cross:
+        proto.tests = dict(list(proto.tests.items())[:1])
     train_root = proto.train_root
     main_rows = {"imagenet_112", "imagenet_224", "article", "facetrain", "wild", "distill", "distill_ft"}
     def seeds_of(name: str) -> list[int]:
