@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from helpers import load_weights, run_train, tb_scalars, tiny_teacher_file, tiny_train_config, use_tiny_teachers
+from helpers import (
+    load_weights,
+    run_train,
+    tb_scalars,
+    tiny_teacher_file,
+    tiny_train_config,
+    use_tiny_teachers,
+    write_faces,
+)
 from PIL import Image
 
 from facetrain.config.load import load_config
@@ -24,16 +32,6 @@ from facetrain.training.extra_views import ExtraViews, cutmix, cutmix_boxes, dra
 from facetrain.training.trainer import Trainer
 
 LEGACY_TEACHER = Path(__file__).parent / "data" / "legacy" / "model.onnx"  # a tiny facetrain export
-
-
-def write_faces(folder: Path, count: int, size: int = 40) -> list[Path]:
-    """`count` small noise PNGs under folder/a/b (nested, as a user's unsorted folder may be)."""
-    rng = np.random.default_rng(0)
-    (folder / "a" / "b").mkdir(parents=True, exist_ok=True)
-    paths = [folder / ("a/b" if k % 2 else "a") / f"face_{k}.png" for k in range(count)]
-    for path in paths:
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
-    return paths
 
 
 # ------------------------------------------------------------------------------------------------ the mixers
