@@ -270,3 +270,36 @@ def test_resume_is_exact_with_mixing_and_unlabelled_faces(tmp_path):
              for d in (full, part)]
     assert drawn[0] == drawn[1] and len(drawn[0]) == 4 and all(len(u) == 2 for u in drawn[0])
     assert tb_scalars(full, "train/extra_images") == {2: 5.0, 4: 5.0}
+
+
+def test_unsampled_faces_of_a_pack_are_augmented_on_the_device_like_the_batch(tmp_path):
+    """data.source packed with on-device augmentation: the unsampled images (identities with fewer than m) come
+    from the pack after the P x m batch, and each is augmented by its own seed as it would be alone."""
+    from facetrain.config.schema import Config
+    from facetrain.data.device_augment import training_input
+    from facetrain.data.faceset import packed_faceset
+    from facetrain.data.images import Preprocess
+    from facetrain.data.packer import pack_folder
+    from facetrain.data.sampler import MPerClassBatchSampler
+    from facetrain.data.synthetic import render
+    from facetrain.data.unlabelled import unlabelled_input
+
+    for person, count in enumerate((4, 4, 2, 1)):  # persons 2 and 3: fewer than m = 3 images, never sampled
+        (tmp_path / "faces" / f"p{person}").mkdir(parents=True)
+        for i in range(count):
+            render(1, person, i, 24).save(tmp_path / "faces" / f"p{person}" / f"{i}.png")
+    pack = pack_folder(tmp_path / "faces", tmp_path / "faces.ftpack", 16, progress=False)
+    cfg = Config()
+    cfg.data.source, cfg.data.root, cfg.data.image_size = "packed", str(pack), 16
+    cfg.train.m, cfg.distill.unlabelled_unsampled, cfg.distill.unlabelled_images = 3, True, 2
+    faceset = packed_faceset(pack, 16)
+    positions, labels = np.arange(len(faceset)), faceset.labels
+    pre = Preprocess(16, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    dataset, collate, to_input = training_input(faceset, positions, labels, pre, cfg.data, "cpu", False)
+    sampler = MPerClassBatchSampler(labels, 3, 6)
+    dataset, batches, pool = unlabelled_input(cfg, dataset, sampler, labels, pre, 1, 0)
+    assert pool == 3 and type(dataset).__name__ == "PackedBatches"  # the pack itself holds them
+    images, got_labels, got_positions, seeds = collate(dataset.__getitems__(next(iter(batches))))
+    assert len(images) == 8 and set(got_labels[:6].tolist()) == {0, 1} and set(got_labels[6:].tolist()) <= {2, 3}
+    model_input = to_input(images, seeds)
+    torch.testing.assert_close(model_input[6:], to_input(images[6:], seeds[6:]))
