@@ -313,8 +313,8 @@ class DistillConfig:
     into another) of two of the step's augmented training images of different identities; the teacher embeds
     the mixed image itself (no label needed); the metric loss never sees it. `none` = off."""
     mix_images: int = 0
-    """Mixed images added per process per step (and per micro-step), in the same forward pass as the labelled
-    batch; must be > 0 when `mix` is set, 0 otherwise."""
+    """Mixed images added per process to every micro-batch (every step with train.grad_accum_steps 1), in the same
+    forward pass as the labelled batch; must be > 0 when `mix` is set, 0 otherwise."""
     mix_alpha: float = 1.0
     """The mix proportion lambda ~ Beta(mix_alpha, mix_alpha): mixup's weight of the first face, cutmix's area
     left to it (the pasted square covers 1 - lambda of the image). 1 = uniform; < 1 favours nearly pure faces."""
@@ -325,9 +325,9 @@ class DistillConfig:
     """Also use as unlabelled faces the training images the P x m sampler never draws (identities with fewer than
     train.m images); validation identities never."""
     unlabelled_images: int = 0
-    """Unlabelled images added per process per step (and per micro-step), augmented like the labelled ones and
-    drawn in a seeded order (every image once before any repeats); > 0 needs `unlabelled` or
-    `unlabelled_unsampled`."""
+    """Unlabelled images added per process to every micro-batch (every step with train.grad_accum_steps 1),
+    augmented like the labelled ones and drawn in a seeded order (every image once before any repeats); > 0 needs
+    `unlabelled` or `unlabelled_unsampled`."""
 
 
 @dataclass
