@@ -3,11 +3,15 @@ teacher, the same student, data, batch and seed, measured side by side in one pr
 
     python bench/distill_step.py                        # SFace teaching tf_efficientnet_lite0 at 112 px on att_faces
     python bench/distill_step.py --smoke --no-write     # seconds: the tiny ONNX teacher of tests/data/legacy
+    python bench/distill_step.py --mix cutmix --mix-images 16 --unlabelled ../shared/data/faces/ext_yale_b_cropped \
+        --unlabelled-images 16                          # a third variant: distillation with extra views
 
 Two trainers are built once (`plain`: the metric loss alone; `distill`: plus distill.teacher with the cosine and
 relational terms, i.e. one teacher forward pass of the student's augmented batch per step), then timed round by
 round, alternating, each round --steps steps after one untimed step (so a neighbour's load hits both alike). The
-figure to keep is the ratio distill / plain per round; wall times drift with the machine's load.
+figure to keep is the ratio distill / plain per round; wall times drift with the machine's load. With --mix or
+--unlabelled a third trainer (`extra`: distillation plus those extra images per step, which only the distillation
+terms see) joins the rounds, and its ratio to `distill` is reported too.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per round (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--mix", default="none", choices=("none", "mixup", "cutmix"), help="extra variant: distill.mix")
+    p.add_argument("--mix-images", type=int, default=0, help="extra variant: mixed images per step")
+    p.add_argument("--unlabelled", default="", help="extra variant: a folder of faces without labels")
+    p.add_argument("--unlabelled-images", type=int, default=0, help="extra variant: unlabelled images per step")
     p.add_argument("--smoke", action="store_true", help="tiny student and teacher, synthetic faces, 1 step x 1 round")
     p.add_argument("--json", default="", help="also write the raw figures here")
     p.add_argument("--no-write", dest="write", action="store_false", help="print only, leave RESULTS.md alone")
@@ -47,7 +55,15 @@ def parse_args(argv=None):
     return args
 
 
-def build(args, out: Path, teacher: str):
+def extra_overrides(args) -> list[str]:
+    """The `extra` variant's distill.* settings ([] when neither --mix nor --unlabelled is given)."""
+    out = ["--distill.mix", args.mix, "--distill.mix_images", str(args.mix_images)] if args.mix != "none" else []
+    if args.unlabelled:
+        out += ["--distill.unlabelled", args.unlabelled, "--distill.unlabelled_images", str(args.unlabelled_images)]
+    return out
+
+
+def build(args, out: Path, teacher: str, extra: list[str] = ()):
     """A Trainer set up to its first step (no run directory writes beyond its own folder)."""
     from facetrain.config.load import load_config
     from facetrain.training.trainer import Trainer
@@ -60,7 +76,7 @@ def build(args, out: Path, teacher: str):
                  "--train.tensorboard", "false"]
     if teacher:
         overrides += ["--distill.teacher", teacher] + (["--distill.teacher_input", args.input_spec]
-                                                       if args.input_spec else [])
+                                                       if args.input_spec else []) + list(extra)
     trainer = Trainer(load_config(None, overrides))
     trainer.out.mkdir(parents=True, exist_ok=True)
     trainer.setup_data()
@@ -77,13 +93,14 @@ def endless(trainer):
         epoch += 1
 
 
-def timed(trainer, batches, steps: int) -> float:
-    """Seconds per step over `steps` steps, after one untimed step."""
+def timed(trainer, batches, steps: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) per step over `steps` steps, after one untimed step. CPU
+    time is what the step costs on a machine shared with other work, where wall time also counts the waits."""
     trainer.train_step(batches)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         trainer.train_step(batches)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
 
 def run(args) -> dict:
@@ -93,6 +110,8 @@ def run(args) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="distill_step_"))
     trainers = {"plain": build(args, tmp / "plain", ""), "distill": build(args, tmp / "distill", args.teacher)}
+    if extra_overrides(args):
+        trainers["extra"] = build(args, tmp / "extra", args.teacher, extra_overrides(args))
     batches = {name: endless(t) for name, t in trainers.items()}
     for name, trainer in trainers.items():  # first steps pay one-off costs (allocations, lazy kernels): untimed
         timed(trainer, batches[name], 1)
@@ -100,16 +119,45 @@ def run(args) -> dict:
     for _ in range(args.rounds):
         for name, trainer in trainers.items():
             per_step[name].append(timed(trainer, batches[name], args.steps))
-    ratio = [d / p for d, p in zip(per_step["distill"], per_step["plain"], strict=True)]
-    return {"teacher": describe(trainers["distill"].distiller.teacher),
-            "student": f"{args.backbone} at {args.image_size} px, batch {args.batch}",
-            "plain_s": [round(s, 3) for s in per_step["plain"]],
-            "distill_s": [round(s, 3) for s in per_step["distill"]],
-            "ratio": [round(r, 3) for r in ratio]}
+    result = {"teacher": describe(trainers["distill"].distiller.teacher),
+              "student": f"{args.backbone} at {args.image_size} px, batch {args.batch}"}
+    for name, times in per_step.items():
+        result[f"{name}_s"] = [round(wall, 3) for wall, _ in times]
+        result[f"{name}_cpu_s"] = [round(cpu, 3) for _, cpu in times]
+    result["ratio"] = _ratios(result["distill_s"], result["plain_s"])
+    if "extra" in trainers:
+        result["extra_ratio"] = _ratios(result["extra_s"], result["distill_s"])
+        result["extra_cpu_ratio"] = _ratios(result["extra_cpu_s"], result["distill_cpu_s"])
+    return result
+
+
+def _ratios(a: list[float], b: list[float]) -> list[float]:
+    return [round(x / y, 3) for x, y in zip(a, b, strict=True)]
+
+
+def _row(label: str, result: dict, name: str) -> str:
+    med = statistics.median
+    return (f"| {label} | {med(result[f'{name}_s']):.3f} | {', '.join(map(str, result[f'{name}_s']))} | "
+            f"{med(result[f'{name}_cpu_s']):.3f} |")
+
+
+def extra_rows(args, result: dict) -> tuple[list[str], list[str]]:
+    """The `extra` variant's table row and closing sentence ([] without one)."""
+    if "extra_s" not in result:
+        return [], []
+    med = statistics.median
+    what = " + ".join(([f"{args.mix_images} {args.mix}"] if args.mix != "none" else [])
+                      + ([f"{args.unlabelled_images} unlabelled"] if args.unlabelled else []))
+    sentence = (f"The extra views cost **{med(result['extra_ratio']):.2f}x** the distillation step in wall time "
+                f"(per round: {', '.join(f'{r:.2f}' for r in result['extra_ratio'])}), "
+                f"**{med(result['extra_cpu_ratio']):.2f}x** in CPU time (per round: "
+                f"{', '.join(f'{r:.2f}' for r in result['extra_cpu_ratio'])}).")
+    return [_row(f"+ extra views ({what} images per step)", result, "extra")], ["", sentence]
 
 
 def report(args, result: dict, command: str) -> str:
     med = statistics.median
+    row, sentence = extra_rows(args, result)
     lines = [f"facetrain's `Trainer.train_step` (augmentation, P x m batch, triplet loss, AdamW), {args.rounds} "
              f"interleaved round(s) of {args.steps} timed steps per variant.", "",
              f"- date: {result['date']}, {result['minutes']:.1f} min",
@@ -117,12 +165,11 @@ def report(args, result: dict, command: str) -> str:
              f"{result['load'][1]:.2f}",
              f"- command: `{command}`",
              f"- student: {result['student']}; teacher: {result['teacher']}", "",
-             "| variant | s/step (median) | per round |", "|---|---:|---|",
-             f"| metric loss only | {med(result['plain_s']):.3f} | {', '.join(map(str, result['plain_s']))} |",
-             f"| + online teacher (cosine + relational) | {med(result['distill_s']):.3f} | "
-             f"{', '.join(map(str, result['distill_s']))} |", "",
+             "| variant | s/step (median) | per round | CPU s/step (median) |", "|---|---:|---|---:|",
+             _row("metric loss only", result, "plain"),
+             _row("+ online teacher (cosine + relational)", result, "distill"), *row, "",
              f"Distillation costs **{med(result['ratio']):.2f}x** the plain step (per round: "
-             f"{', '.join(f'{r:.2f}' for r in result['ratio'])})."]
+             f"{', '.join(f'{r:.2f}' for r in result['ratio'])}).", *sentence]
     return "\n".join(lines) + "\n"
 
 

@@ -60,17 +60,19 @@ def train_one_and_many(cfg: Path, tmp_path: Path, global_batch: int, procs: int)
     return train_one_and_many_runs({"run": cfg}, tmp_path, global_batch, procs)["run"]
 
 
-def train_one_and_many_runs(cfgs: dict[str, Path], tmp_path: Path, global_batch: int,
+def train_one_and_many_runs(cfgs: dict[str, Path | tuple[Path, Path]], tmp_path: Path, global_batch: int,
                             procs: int) -> dict[str, tuple[Path, Path]]:
     """train_one_and_many for several configs (by name): the 1-process runs in this process, the `procs`-process
     runs one after the other in ONE launch (tests/scripts/train_configs.py: the ranks start and import once).
-    Returns (1-process run, multi-process run) by name."""
+    A config may be a pair (1-process config, multi-process config), for settings counted per process other
+    than the batch size. Returns (1-process run, multi-process run) by name."""
     runs = {name: (Path(tmp_path) / name / "one", Path(tmp_path) / name / f"procs{procs}") for name in cfgs}
     script_args = []
     for name, cfg in cfgs.items():
         one, many = runs[name]
-        run_train(["--config", cfg, "--train.output_dir", one, "--train.batch_size", str(global_batch)])
-        script_args += [cfg, many, str(global_batch // procs)]
+        cfg_one, cfg_many = cfg if isinstance(cfg, tuple) else (cfg, cfg)
+        run_train(["--config", cfg_one, "--train.output_dir", one, "--train.batch_size", str(global_batch)])
+        script_args += [cfg_many, many, str(global_batch // procs)]
     script = str(REPO / "tests" / "scripts" / "train_configs.py")
     proc = subprocess.run(launch_cmd("unused", procs)[:-2] + [script, *map(str, script_args)], cwd=REPO,
                           capture_output=True, text=True, timeout=300 + 300 * len(cfgs),
@@ -327,6 +329,20 @@ class TinyTeacher:
         x = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
         x = (x - x.mean((1, 2, 3), keepdim=True)) / x.std((1, 2, 3), keepdim=True).clamp(min=1e-3)
         return F.normalize(self.net(x), dim=1)
+
+
+def write_faces(folder: Path, count: int, size: int = 40) -> list[Path]:
+    """`count` small noise PNGs under folder/a and folder/a/b (nested, as a user's folder of unlabelled faces may
+    be), seeded."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (Path(folder) / "a" / "b").mkdir(parents=True, exist_ok=True)
+    paths = [Path(folder) / ("a/b" if k % 2 else "a") / f"face_{k}.png" for k in range(count)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return paths
 
 
 def tiny_teacher_file(directory: Path, seed: int = 0, dim: int = 16) -> Path:

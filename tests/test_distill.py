@@ -311,8 +311,8 @@ def test_the_card_names_a_bundle_teacher_by_its_weights(tmp_path):
 
 @pytest.mark.slow
 def test_distill_step_bench_runs_at_smoke_size(tmp_path, monkeypatch):
-    """bench/distill_step.py at its smoke size (tiny student, the tiny ONNX teacher of tests/data/legacy): both
-    variants train and the ratio is reported."""
+    """bench/distill_step.py at its smoke size (tiny student, the tiny ONNX teacher of tests/data/legacy): the
+    three variants (plain, distillation, distillation + mixed images) train and their ratios are reported."""
     import importlib.util
     import json
 
@@ -324,9 +324,10 @@ def test_distill_step_bench_runs_at_smoke_size(tmp_path, monkeypatch):
     spec.loader.exec_module(bench)
     out = tmp_path / "step.json"
     try:
-        bench.main(["--smoke", "--no-write", "--json", str(out)])
+        bench.main(["--smoke", "--no-write", "--json", str(out), "--mix", "mixup", "--mix-images", "4"])
     finally:  # the bench's two trainers share accelerate's process-wide state: leave none behind
         AcceleratorState._reset_state(reset_partial_state=True)
     result = json.loads(out.read_text())
     assert len(result["plain_s"]) == len(result["distill_s"]) == len(result["ratio"]) == 1
     assert result["plain_s"][0] > 0 and result["distill_s"][0] > 0 and "model.onnx" in result["teacher"]
+    assert result["extra_s"][0] > 0 and len(result["extra_ratio"]) == 1  # the third variant: + 4 mixed images

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -18,6 +19,7 @@ from helpers import (
     tiny_train_config,
     train_one_and_many_runs,
     use_tiny_teachers,
+    write_faces,
 )
 
 
@@ -42,10 +44,14 @@ LOSSES = {
     # a miner: every rank must pick the same tuples
     "triplet_hard_miner": {"loss": {"name": "triplet", "miner": "triplet_hard"}},
     # distillation from a tiny teacher (tests/helpers.py) with its learned projection (32 -> 16), the relational
-    # term over the global batch, and the metric loss: each rank's teacher embeds its slice, targets are gathered
+    # term over the global batch, and the metric loss: each rank's teacher embeds its slice, targets are gathered;
+    # plus unlabelled faces (UNLABELLED per process and step), which only the distillation terms see
     "distill": {"loss": {"name": "triplet", "miner": "none"},
                 "distill": {"cosine_weight": 1.0, "relational_weight": 2.0, "metric_weight": 0.5}},
 }
+UNLABELLED = 2
+"""distill.unlabelled_images of each of the 3 processes; the 1-process run takes 3 x as many, the same images.
+(distill.mix pairs images within a rank's slice of the batch: by design not what 1 process draws, so not here.)"""
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +59,17 @@ def three_process_runs(tmp_path_factory):
     """Every loss of LOSSES trained on 1 process and on 3 (the 3-process runs in one launch, whose script
     tests/scripts/train_configs.py builds tiny teachers as use_tiny_teachers does here)."""
     tmp = tmp_path_factory.mktemp("three")
-    teacher = {"distill": {"teacher": str(tiny_teacher_file(tmp))}}
-    cfgs = {name: tiny_train_config(tmp, deep_merge({**EXACT, **extra, "model": {"backbone": "test_efficientnet",
-                                                                                "sync_bn": True}},
-                                                    teacher if "distill" in extra else {}), f"{name}.yaml")
-            for name, extra in LOSSES.items()}
+    write_faces(tmp / "faces", 5)
+    teacher = {"distill": {"teacher": str(tiny_teacher_file(tmp)), "unlabelled": str(tmp / "faces")}}
+    cfgs = {}
+    for name, extra in LOSSES.items():
+        base = deep_merge({**EXACT, **extra, "model": {"backbone": "test_efficientnet", "sync_bn": True}},
+                          teacher if "distill" in extra else {})
+        if "distill" not in extra:
+            cfgs[name] = tiny_train_config(tmp, base, f"{name}.yaml")
+            continue
+        cfgs[name] = tuple(tiny_train_config(tmp, deep_merge(base, {"distill": {"unlabelled_images": count}}),
+                                             f"{name}_{count}.yaml") for count in (3 * UNLABELLED, UNLABELLED))
     with pytest.MonkeyPatch.context() as monkeypatch:
         use_tiny_teachers(monkeypatch)
         return train_one_and_many_runs(cfgs, tmp, 24, 3)
@@ -84,5 +96,10 @@ def test_three_processes_equal_one_process_with_batchnorm(three_process_runs, lo
         for key in s1:
             torch.testing.assert_close(s3[key], s1[key], rtol=1e-4, atol=1e-5, msg=f"{part}.{key}")
     assert ("distill" in t1) == ("distill" in t3) == (loss == "distill")
-    for tag in ("train/loss", "train/loss_distill_cos", "train/loss_distill_rel"):
+    for tag in ("train/loss", "train/loss_distill_cos", "train/loss_distill_rel", "train/extra_images"):
         assert_same_logged_loss(one, three, 4 if tag == "train/loss" or loss == "distill" else 0, tag)
+    if loss == "distill":  # the ranks' unlabelled faces, in rank order, are the 1-process run's, every step
+        drawn = [[json.loads(line)["unlabelled"] for line in (run / "samples" / f"rank{r}.jsonl").read_text()
+                  .splitlines()] for run, r in ((one, 0), (three, 0), (three, 1), (three, 2))]
+        assert len(drawn[0]) == 4 and all(len(u) == 3 * UNLABELLED for u in drawn[0])
+        assert [a + b + c for a, b, c in zip(*drawn[1:], strict=True)] == drawn[0]

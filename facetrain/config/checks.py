@@ -7,15 +7,17 @@ outside its range or an impossible combination is one line naming the key, the v
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
-from facetrain.config.constants import DEFAULT_TARGET_FARS
+from facetrain.config.constants import DEFAULT_TARGET_FARS, IMAGE_EXTENSIONS
 from facetrain.config.exclusions import read_exclusions
 from facetrain.config.names import (
     ALL_TRACKERS,
     LOSS_NAMES,
     MARGIN_HEADS,
     MINER_NAMES,
+    MIX_NAMES,
     OPTIMIZER_NAMES,
     PRESETS,
     PROJECTION_NAMES,
@@ -47,6 +49,7 @@ CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {  # key: (what a value is cal
     "optim.scheduler_interval": ("value", ("step", "epoch")),
     "train.mixed_precision": ("value", ("auto", "no", "fp16", "bf16")),
     "distill.projection": ("projection", PROJECTION_NAMES),
+    "distill.mix": ("mixer", MIX_NAMES),
 }
 """Every key whose value is one of a few names; optim.preset and train.val_metric have their own checks."""
 
@@ -106,6 +109,7 @@ def validate(cfg: Config) -> None:
     _check_loss(cfg.loss)
     _check_optim(cfg.optim)
     _check_distill(cfg.distill)
+    _check_extra_views(cfg.distill, cfg.data)
     t = cfg.train
     if t.resume not in ("", "auto") and not Path(t.resume).is_dir():
         raise UserError(f"train.resume: {t.resume!r} is neither 'auto' nor a checkpoint directory")
@@ -184,6 +188,49 @@ def _check_distill(d: DistillConfig) -> None:
     if d.metric_weight == d.cosine_weight == d.relational_weight == 0:
         raise UserError("distill.metric_weight, distill.cosine_weight, distill.relational_weight: all 0 leaves "
                         "nothing to train; set at least one > 0")
+
+
+def _has_image_file(root: Path) -> bool:
+    """True as soon as one image file (by extension) is found anywhere under `root`, dot folders skipped."""
+    for _here, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(Path(f).suffix.lower() in IMAGE_EXTENSIONS and not f.startswith(".") for f in files):
+            return True
+    return False
+
+
+def _check_extra_views(d: DistillConfig, data: DataConfig) -> None:
+    """Mixed and unlabelled images (training/extra_views.py) feed only the distillation terms: each setting needs
+    its partner, a term to feed, and an unlabelled folder that exists and holds images."""
+    if not d.teacher:
+        return  # _check_distill: these keys need a teacher
+    if (d.mix == "none") != (d.mix_images == 0):
+        raise UserError(f"distill.mix ({d.mix!r}) and distill.mix_images ({d.mix_images}): set both (mixup or "
+                        "cutmix, and > 0 mixed images per process per step) or neither")
+    if d.mix == "none" and d.mix_alpha != DistillConfig().mix_alpha:
+        raise UserError("distill.mix_alpha: used only with distill.mix mixup or cutmix; set distill.mix or remove "
+                        "distill.mix_alpha")
+    pool = bool(d.unlabelled) or d.unlabelled_unsampled
+    if pool != (d.unlabelled_images > 0):
+        raise UserError(f"distill.unlabelled_images ({d.unlabelled_images}): set it > 0 together with "
+                        "distill.unlabelled (a folder) or distill.unlabelled_unsampled true, or neither")
+    if (d.mix_images or d.unlabelled_images) and d.cosine_weight == d.relational_weight == 0:
+        raise UserError("distill.mix_images / distill.unlabelled_images: extra images feed only the distillation "
+                        "terms, but distill.cosine_weight and distill.relational_weight are 0; set one > 0")
+    if d.unlabelled:
+        _check_unlabelled_folder(d.unlabelled, data)
+
+
+def _check_unlabelled_folder(folder: str, data: DataConfig) -> None:
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"distill.unlabelled: folder not found: {folder}; give a folder of aligned face images")
+    if not _has_image_file(root):
+        raise UserError(f"distill.unlabelled: no image files under {folder} (looked for "
+                        f"{', '.join(IMAGE_EXTENSIONS)} at any depth)")
+    if data.source == "packed" and data.augment.on_device:
+        raise UserError("distill.unlabelled: a folder of unlabelled faces is augmented by the PIL path only, not "
+                        "on the device: set data.augment.on_device false (or use distill.unlabelled_unsampled)")
 
 
 _USES_DISTANCE = ("triplet", "contrastive")

@@ -28,6 +28,8 @@ DISTILL_LOSS_NAMES: tuple[str, ...] = ("cosine", "relational")
 """The distillation terms of training/losses.py (DISTILL_LOSSES), each weighted by distill.<name>_weight."""
 PROJECTION_NAMES: tuple[str, ...] = ("auto", "linear", "none")
 """distill.projection: how the student's embedding is mapped to the teacher's (training/distill.py)."""
+MIX_NAMES: tuple[str, ...] = ("none", "mixup", "cutmix")
+"""distill.mix: how two faces of different identities are mixed into an extra view (training/extra_views.py)."""
 
 MINER_NAMES: tuple[str, ...] = ("none", "triplet_all", "triplet_hard", "triplet_semihard", "multi_similarity")
 """loss.miner: the miners of training/losses.py (`none`: every pair / triplet of the batch)."""

@@ -312,6 +312,26 @@ class DistillConfig:
     agreement_images: int = 512
     """Validation: held-out images (the first N) on which val/teacher_agreement, the mean cosine between the
     projected student and the teacher, is measured; their teacher embeddings are computed once. 0 = off."""
+    mix: str = "none"
+    """Extra views for the distillation terms: `mixup` (a pixel blend) or `cutmix` (a square of one face pasted
+    into another) of two of the step's augmented training images of different identities; the teacher embeds
+    the mixed image itself (no label needed); the metric loss never sees it. `none` = off."""
+    mix_images: int = 0
+    """Mixed images added per process to every micro-batch (every step with train.grad_accum_steps 1), in the same
+    forward pass as the labelled batch; must be > 0 when `mix` is set, 0 otherwise."""
+    mix_alpha: float = 1.0
+    """The mix proportion lambda ~ Beta(mix_alpha, mix_alpha): mixup's weight of the first face, cutmix's area
+    left to it (the pasted square covers 1 - lambda of the image). 1 = uniform; < 1 favours nearly pure faces."""
+    unlabelled: str = ""
+    """A folder of face images without identity labels (any nesting, every image file counts), aligned like the
+    training data; only the distillation terms see them (the teacher is their label). Empty = none."""
+    unlabelled_unsampled: bool = False
+    """Also use as unlabelled faces the training images the P x m sampler never draws (identities with fewer than
+    train.m images); validation identities never."""
+    unlabelled_images: int = 0
+    """Unlabelled images added per process to every micro-batch (every step with train.grad_accum_steps 1),
+    augmented like the labelled ones and drawn in a seeded order (every image once before any repeats); > 0 needs
+    `unlabelled` or `unlabelled_unsampled`."""
 
 
 @dataclass

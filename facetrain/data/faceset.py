@@ -114,6 +114,11 @@ class _PathLoader:
         return decode(self.paths[i])
 
 
+def unlabelled_faceset(paths: list[str]) -> FaceSet:
+    """Image files without identities (distill.unlabelled, data/unlabelled.py): every label -1, no names."""
+    return FaceSet(np.full(len(paths), -1, dtype=np.int64), [], list(paths), _PathLoader(paths), paths=paths)
+
+
 class _SyntheticLoader:
     def __init__(self, seed: int, per_identity: int):
         self.seed, self.per_identity = seed, per_identity

@@ -27,8 +27,9 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-# File extensions read as images by every folder scan (training, eval, identify galleries, alignment, packing).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# the extensions every folder scan reads (defined in config/: distill.unlabelled is checked when the config loads)
+from facetrain.config.constants import IMAGE_EXTENSIONS
+
 # The PIL plugins allowed to decode a file: the formats of IMAGE_EXTENSIONS. PIL's "JPEG" also opens the
 # multi-picture JPEGs of phones (as format "MPO", which is no plugin of its own) and "PPM" opens PGM too.
 FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")

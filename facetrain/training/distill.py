@@ -28,6 +28,7 @@ from facetrain.data.images import Preprocess
 from facetrain.data.transforms import collate
 from facetrain.deploy.teacher import Teacher, load_teacher, teacher_sha256
 from facetrain.errors import UserError
+from facetrain.runtime.distributed import gather_for_loss
 from facetrain.training.losses import DISTILL_LOSSES, DistillTerm, autocast_off
 
 
@@ -149,3 +150,23 @@ class Distiller(nn.Module):
             rgb = images.float() / 255.0  # uint8 pixels -> [0, 1]
             chunks.append(self.teacher.embed(rgb.expand(-1, 3, -1, -1)).float().cpu())
         return torch.cat(chunks)
+
+
+def global_terms(distiller: Distiller, images: torch.Tensor, emb: torch.Tensor, labelled: int,
+                 all_emb: torch.Tensor, accelerator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The distillation terms (weighted sum, {log name: value}) over the global set of a micro-step's images:
+    every rank's labelled rows (`all_emb`, already gathered for the metric loss) then every rank's extra rows
+    (unlabelled and mixed: `emb[labelled:]`, training/extra_views.py), each part in rank order, against the
+    teacher's embeddings of the very same input rows. Logs the global count of extra images
+    (train/extra_images) when there are any."""
+    targets = distiller.targets(images)
+    student, teacher = [all_emb], [accelerator.gather(targets[:labelled])]
+    extra = len(images) - labelled
+    if extra:
+        rows = torch.zeros(extra, dtype=torch.int64, device=emb.device)  # gather_for_loss's labels: unused
+        student.append(gather_for_loss(emb[labelled:], rows, accelerator)[0])
+        teacher.append(accelerator.gather(targets[labelled:]))
+    total, values = distiller(torch.cat(student), torch.cat(teacher))
+    if extra:
+        values["train/extra_images"] = torch.tensor(float(extra * accelerator.num_processes))
+    return total, values

@@ -34,6 +34,7 @@ from facetrain.data.dataset import default_num_workers
 from facetrain.data.device_augment import training_input
 from facetrain.data.faceset import build_faceset, split_identities
 from facetrain.data.sampler import MPerClassBatchSampler
+from facetrain.data.unlabelled import unlabelled_input
 from facetrain.errors import UserError
 from facetrain.model.bundle import load_initial_weights
 from facetrain.model.card import data_summary
@@ -48,6 +49,7 @@ from facetrain.runtime.precision import resolve_mixed_precision
 from facetrain.training import distill
 from facetrain.training.checkpoint import BundleInfo, Checkpointer
 from facetrain.training.compile import compile_forward
+from facetrain.training.extra_views import ExtraViews
 from facetrain.training.guard import NonFiniteGuard
 from facetrain.training.loop_state import LoopState
 from facetrain.training.losses import MetricLoss
@@ -186,11 +188,17 @@ class Trainer:
         train_ds, train_collate, self.to_input = training_input(self.faceset, self.train_idx, self.train_labels,
                                                                 self.pre, cfg.data, acc.device,
                                                                 cfg.model.channels_last)
+        # distillation's extra views: unlabelled faces appended to each micro-batch, mixed faces made in train_step
+        train_ds, batches, pool = unlabelled_input(cfg, train_ds, self.sampler, self.train_labels, self.pre,
+                                                   self.world, self.rank)
+        self.extra = ExtraViews(cfg.distill, t.seed, self.rank)
+        if self.extra.count:
+            self.log.print(self.extra.describe(pool))
         self.validator = Validator(cfg, self.faceset, (self.train_idx, self.train_labels),
                                    (self.val_idx, self.val_labels), self.pre, acc, self.workers,
                                    extra_metrics=self.distiller.agreement if self.distiller is not None else None)
         self.loader = torch.utils.data.DataLoader(
-            train_ds, batch_sampler=self.sampler, num_workers=self.workers, collate_fn=train_collate,
+            train_ds, batch_sampler=batches, num_workers=self.workers, collate_fn=train_collate,
             pin_memory=acc.device.type == "cuda", persistent_workers=self.workers > 0,
             # batches each worker keeps ready (DataLoader refuses it without workers)
             prefetch_factor=t.prefetch_factor if self.workers > 0 else None,
@@ -229,16 +237,19 @@ class Trainer:
         self.step_terms = {}  # distillation terms of this step, summed over its micro-batches (logged)
         for micro in range(t.grad_accum_steps):
             images, labels, positions, *augment_seeds = next(batches)  # seeds: device augmentation
-            if self.sample_log is not None:
+            if self.sample_log is not None:  # the labelled positions, then the unlabelled ones (if any)
                 self.sample_log.write(json.dumps({"step": step, "micro": micro,
-                                                  "positions": positions.tolist()}) + "\n")
+                                                  "positions": positions[:t.batch_size].tolist(),
+                                                  "unlabelled": positions[t.batch_size:].tolist()}) + "\n")
             images = self.to_input(images, *augment_seeds)  # uint8 batch -> (augmented) model input
-            labels = labels.to(acc.device, non_blocking=True)
+            images, n = self.extra.inputs(images, labels, step, micro)  # [labelled n | unlabelled | mixed]
+            labels = labels[:n].to(acc.device, non_blocking=True)
             last_micro = micro == t.grad_accum_steps - 1
             with (nullcontext() if last_micro else acc.no_sync(self.model)), acc.autocast():
-                all_emb, all_labels = gather_for_loss(self.forward(images), labels, acc)
+                emb = self.forward(images)  # one forward: BatchNorm sees the extra views too
+                all_emb, all_labels = gather_for_loss(emb[:n], labels, acc)
                 loss = self.loss_fn(all_emb, all_labels) if self.distiller is None else self.distill_loss(
-                    images, all_emb, all_labels)
+                    images, emb, n, all_emb, all_labels)
             if step == self.cfg.debug.inject_nan_at:
                 loss = loss * float("nan")
             acc.backward(loss / t.grad_accum_steps)
@@ -254,15 +265,15 @@ class Trainer:
         self.schedule.after_step(step + 1)
         return loss_value
 
-    def distill_loss(self, images: torch.Tensor, all_emb: torch.Tensor, all_labels: torch.Tensor) -> torch.Tensor:
-        """distill.metric_weight x the metric loss + the weighted distillation terms, on the global batch. The
-        teacher embeds this rank's input (the view the student saw) and the ranks' targets are gathered in rank
-        order, as gather_for_loss orders the embeddings; a weight of 0 skips its term (all 0: no teacher call)."""
+    def distill_loss(self, images: torch.Tensor, emb: torch.Tensor, n: int, all_emb: torch.Tensor,
+                     all_labels: torch.Tensor) -> torch.Tensor:
+        """distill.metric_weight x the metric loss on the global labelled batch + the weighted distillation terms
+        on the global batch with its extra views (distill.global_terms: the teacher embeds this rank's input, the
+        view the student saw); a weight of 0 skips its term (all 0: no teacher call)."""
         weight = self.cfg.distill.metric_weight
         loss = weight * self.loss_fn(all_emb, all_labels) if weight > 0 else torch.zeros((), device=all_emb.device)
         if self.distiller.active:
-            targets = self.accelerator.gather(self.distiller.targets(images))
-            terms, values = self.distiller(all_emb, targets)
+            terms, values = distill.global_terms(self.distiller, images, emb, n, all_emb, self.accelerator)
             loss = loss + terms
             for name, value in values.items():
                 self.step_terms[name] = self.step_terms.get(name, 0.0) + value
