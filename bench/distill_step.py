@@ -3,11 +3,13 @@ teacher, the same student, data, batch and seed, measured side by side in one pr
 
     python bench/distill_step.py                        # SFace teaching tf_efficientnet_lite0 at 112 px on att_faces
     python bench/distill_step.py --smoke --no-write     # seconds: the tiny ONNX teacher of tests/data/legacy
+    python bench/distill_step.py --cached               # also distill.targets cached (the teacher's targets read)
 
 Two trainers are built once (`plain`: the metric loss alone; `distill`: plus distill.teacher with the cosine and
 relational terms, i.e. one teacher forward pass of the student's augmented batch per step), then timed round by
 round, alternating, each round --steps steps after one untimed step (so a neighbour's load hits both alike). The
-figure to keep is the ratio distill / plain per round; wall times drift with the machine's load.
+figure to keep is the ratio distill / plain per round; wall times drift with the machine's load. --cached adds a
+third trainer with distill.targets cached (a fresh cache, filled while it is built, before any timed step).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per round (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--cached", action="store_true", help="also time distill.targets cached (its cache is filled "
+                   "before the timed steps, in a temporary folder)")
     p.add_argument("--smoke", action="store_true", help="tiny student and teacher, synthetic faces, 1 step x 1 round")
     p.add_argument("--json", default="", help="also write the raw figures here")
     p.add_argument("--no-write", dest="write", action="store_false", help="print only, leave RESULTS.md alone")
@@ -47,7 +51,7 @@ def parse_args(argv=None):
     return args
 
 
-def build(args, out: Path, teacher: str):
+def build(args, out: Path, teacher: str, extra: tuple[str, ...] = ()):
     """A Trainer set up to its first step (no run directory writes beyond its own folder)."""
     from facetrain.config.load import load_config
     from facetrain.training.trainer import Trainer
@@ -61,7 +65,7 @@ def build(args, out: Path, teacher: str):
     if teacher:
         overrides += ["--distill.teacher", teacher] + (["--distill.teacher_input", args.input_spec]
                                                        if args.input_spec else [])
-    trainer = Trainer(load_config(None, overrides))
+    trainer = Trainer(load_config(None, [*overrides, *extra]))
     trainer.out.mkdir(parents=True, exist_ok=True)
     trainer.setup_data()
     trainer.setup()
@@ -93,6 +97,9 @@ def run(args) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="distill_step_"))
     trainers = {"plain": build(args, tmp / "plain", ""), "distill": build(args, tmp / "distill", args.teacher)}
+    if args.cached:
+        trainers["cached"] = build(args, tmp / "cached", args.teacher,
+                                   ("--distill.targets", "cached", "--distill.cache_dir", str(tmp / "cache")))
     batches = {name: endless(t) for name, t in trainers.items()}
     for name, trainer in trainers.items():  # first steps pay one-off costs (allocations, lazy kernels): untimed
         timed(trainer, batches[name], 1)
@@ -101,11 +108,16 @@ def run(args) -> dict:
         for name, trainer in trainers.items():
             per_step[name].append(timed(trainer, batches[name], args.steps))
     ratio = [d / p for d, p in zip(per_step["distill"], per_step["plain"], strict=True)]
-    return {"teacher": describe(trainers["distill"].distiller.teacher),
-            "student": f"{args.backbone} at {args.image_size} px, batch {args.batch}",
-            "plain_s": [round(s, 3) for s in per_step["plain"]],
-            "distill_s": [round(s, 3) for s in per_step["distill"]],
-            "ratio": [round(r, 3) for r in ratio]}
+    result = {"teacher": describe(trainers["distill"].distiller.teacher),
+              "student": f"{args.backbone} at {args.image_size} px, batch {args.batch}",
+              "plain_s": [round(s, 3) for s in per_step["plain"]],
+              "distill_s": [round(s, 3) for s in per_step["distill"]],
+              "ratio": [round(r, 3) for r in ratio]}
+    if args.cached:
+        result["cached_s"] = [round(s, 3) for s in per_step["cached"]]
+        result["cached_ratio"] = [round(c / p, 3) for c, p in zip(per_step["cached"], per_step["plain"],
+                                                                     strict=True)]
+    return result
 
 
 def report(args, result: dict, command: str) -> str:
@@ -120,9 +132,14 @@ def report(args, result: dict, command: str) -> str:
              "| variant | s/step (median) | per round |", "|---|---:|---|",
              f"| metric loss only | {med(result['plain_s']):.3f} | {', '.join(map(str, result['plain_s']))} |",
              f"| + online teacher (cosine + relational) | {med(result['distill_s']):.3f} | "
-             f"{', '.join(map(str, result['distill_s']))} |", "",
+             f"{', '.join(map(str, result['distill_s']))} |",
+             *([f"| + cached targets (cosine + relational) | {med(result['cached_s']):.3f} | "
+                f"{', '.join(map(str, result['cached_s']))} |"] if "cached_s" in result else []), "",
              f"Distillation costs **{med(result['ratio']):.2f}x** the plain step (per round: "
              f"{', '.join(f'{r:.2f}' for r in result['ratio'])})."]
+    if "cached_s" in result:
+        lines.append(f"Cached targets cost **{med(result['cached_ratio']):.2f}x** (per round: "
+                     f"{', '.join(f'{r:.2f}' for r in result['cached_ratio'])}).")
     return "\n".join(lines) + "\n"
 
 

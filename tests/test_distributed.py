@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +46,11 @@ LOSSES = {
     # term over the global batch, and the metric loss: each rank's teacher embeds its slice, targets are gathered
     "distill": {"loss": {"name": "triplet", "miner": "none"},
                 "distill": {"cosine_weight": 1.0, "relational_weight": 2.0, "metric_weight": 0.5}},
+    # the same with cached targets (training/target_cache.py): rank 0 fills the cache and broadcasts the targets,
+    # each rank looks its slice's up by dataset position
+    "distill_cached": {"loss": {"name": "triplet", "miner": "none"},
+                       "distill": {"cosine_weight": 1.0, "relational_weight": 2.0, "metric_weight": 0.5,
+                                   "targets": "cached"}},
 }
 
 
@@ -54,10 +60,14 @@ def three_process_runs(tmp_path_factory):
     tests/scripts/train_configs.py builds tiny teachers as use_tiny_teachers does here)."""
     tmp = tmp_path_factory.mktemp("three")
     teacher = {"distill": {"teacher": str(tiny_teacher_file(tmp))}}
-    cfgs = {name: tiny_train_config(tmp, deep_merge({**EXACT, **extra, "model": {"backbone": "test_efficientnet",
-                                                                                "sync_bn": True}},
-                                                    teacher if "distill" in extra else {}), f"{name}.yaml")
-            for name, extra in LOSSES.items()}
+    cache = {"distill": {"cache_dir": str(tmp / "target_cache")}}
+
+    def config(name: str, extra: dict) -> Path:
+        distill = deep_merge(teacher, cache if name == "distill_cached" else {}) if "distill" in extra else {}
+        model = {"backbone": "test_efficientnet", "sync_bn": True}
+        return tiny_train_config(tmp, deep_merge({**EXACT, **extra, "model": model}, distill), f"{name}.yaml")
+
+    cfgs = {name: config(name, extra) for name, extra in LOSSES.items()}
     with pytest.MonkeyPatch.context() as monkeypatch:
         use_tiny_teachers(monkeypatch)
         return train_one_and_many_runs(cfgs, tmp, 24, 3)
@@ -83,6 +93,6 @@ def test_three_processes_equal_one_process_with_batchnorm(three_process_runs, lo
         assert s1.keys() == s3.keys()
         for key in s1:
             torch.testing.assert_close(s3[key], s1[key], rtol=1e-4, atol=1e-5, msg=f"{part}.{key}")
-    assert ("distill" in t1) == ("distill" in t3) == (loss == "distill")
+    assert ("distill" in t1) == ("distill" in t3) == loss.startswith("distill")
     for tag in ("train/loss", "train/loss_distill_cos", "train/loss_distill_rel"):
-        assert_same_logged_loss(one, three, 4 if tag == "train/loss" or loss == "distill" else 0, tag)
+        assert_same_logged_loss(one, three, 4 if tag == "train/loss" or loss.startswith("distill") else 0, tag)

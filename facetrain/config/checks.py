@@ -13,6 +13,7 @@ from facetrain.config.constants import DEFAULT_TARGET_FARS
 from facetrain.config.exclusions import read_exclusions
 from facetrain.config.names import (
     ALL_TRACKERS,
+    DISTILL_TARGET_NAMES,
     LOSS_NAMES,
     MARGIN_HEADS,
     MINER_NAMES,
@@ -47,6 +48,7 @@ CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {  # key: (what a value is cal
     "optim.scheduler_interval": ("value", ("step", "epoch")),
     "train.mixed_precision": ("value", ("auto", "no", "fp16", "bf16")),
     "distill.projection": ("projection", PROJECTION_NAMES),
+    "distill.targets": ("value", DISTILL_TARGET_NAMES),
 }
 """Every key whose value is one of a few names; optim.preset and train.val_metric have their own checks."""
 
@@ -184,6 +186,9 @@ def _check_distill(d: DistillConfig) -> None:
     if d.metric_weight == d.cosine_weight == d.relational_weight == 0:
         raise UserError("distill.metric_weight, distill.cosine_weight, distill.relational_weight: all 0 leaves "
                         "nothing to train; set at least one > 0")
+    if d.cache_dir and d.targets != "cached":  # the online teacher keeps nothing on disk
+        raise UserError(f"distill.cache_dir: used only with distill.targets cached (it is {d.targets!r}); set "
+                        "distill.targets cached or remove distill.cache_dir")
 
 
 _USES_DISTANCE = ("triplet", "contrastive")

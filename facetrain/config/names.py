@@ -28,6 +28,10 @@ DISTILL_LOSS_NAMES: tuple[str, ...] = ("cosine", "relational")
 """The distillation terms of training/losses.py (DISTILL_LOSSES), each weighted by distill.<name>_weight."""
 PROJECTION_NAMES: tuple[str, ...] = ("auto", "linear", "none")
 """distill.projection: how the student's embedding is mapped to the teacher's (training/distill.py)."""
+DISTILL_TARGET_NAMES: tuple[str, ...] = ("online", "cached")
+"""distill.targets: where the teacher's targets come from -- `online`, the teacher embeds the student's augmented view
+every step (training/distill.py); `cached`, each image's fixed un-augmented view, embedded once and kept on disk
+(training/target_cache.py)."""
 
 MINER_NAMES: tuple[str, ...] = ("none", "triplet_all", "triplet_hard", "triplet_semihard", "multi_similarity")
 """loss.miner: the miners of training/losses.py (`none`: every pair / triplet of the batch)."""

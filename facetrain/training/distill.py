@@ -97,6 +97,9 @@ class Distiller(nn.Module):
             name: (getattr(cfg, f"{name}_weight"), term) for name, term in DISTILL_LOSSES.items()
             if getattr(cfg, f"{name}_weight") > 0}
         self._val_targets: torch.Tensor | None = None
+        self.cached = None
+        """distill.targets cached: the training images' fixed targets by dataset position
+        (training/target_cache.py `CachedTargets`), set by the trainer; None = online targets."""
 
     @property
     def active(self) -> bool:
@@ -104,9 +107,11 @@ class Distiller(nn.Module):
         return bool(self.terms)
 
     @torch.no_grad()
-    def targets(self, images: torch.Tensor) -> torch.Tensor:
+    def targets(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher's embeddings (N, D) float32 of the student's input batch, on its device; fp32, no
-        autocast, no gradient."""
+        autocast, no gradient. With cached targets: those of the batch's dataset `positions` instead."""
+        if self.cached is not None:  # distill.targets cached (training/target_cache.py)
+            return self.cached.lookup(positions).to(images.device, torch.float32)
         with autocast_off(images.device.type):
             return self.teacher.embed(teacher_view(images, self.pre)).to(images.device, torch.float32)
 

@@ -45,7 +45,7 @@ from facetrain.runtime.distributed import (
     gather_for_loss,
 )
 from facetrain.runtime.precision import resolve_mixed_precision
-from facetrain.training import distill
+from facetrain.training import distill, target_cache
 from facetrain.training.checkpoint import BundleInfo, Checkpointer
 from facetrain.training.compile import compile_forward
 from facetrain.training.guard import NonFiniteGuard
@@ -197,6 +197,10 @@ class Trainer:
             # its own generator: creating an iterator draws a base seed, which must not consume the global RNG
             # that dropout uses (exact resume)
             generator=torch.Generator().manual_seed(t.seed))
+        if self.distiller is not None and self.distiller.active and cfg.distill.targets == "cached":
+            self.distiller.cached = target_cache.cached_targets(
+                cfg.distill, self.distiller.teacher, self.faceset, self.train_idx, self.train_labels, self.pre,
+                cfg.data.bad_images, acc, self.workers, self.log.print)
 
     def setup(self, resume_from: Path | None = None) -> None:
         """Everything the loop needs after `setup_data`; `resume_from` (a checkpoint) restores the run's state."""
@@ -229,6 +233,7 @@ class Trainer:
         self.step_terms = {}  # distillation terms of this step, summed over its micro-batches (logged)
         for micro in range(t.grad_accum_steps):
             images, labels, positions, *augment_seeds = next(batches)  # seeds: device augmentation
+            self.positions = positions  # distill.targets cached: the targets are looked up by dataset position
             if self.sample_log is not None:
                 self.sample_log.write(json.dumps({"step": step, "micro": micro,
                                                   "positions": positions.tolist()}) + "\n")
@@ -261,7 +266,7 @@ class Trainer:
         weight = self.cfg.distill.metric_weight
         loss = weight * self.loss_fn(all_emb, all_labels) if weight > 0 else torch.zeros((), device=all_emb.device)
         if self.distiller.active:
-            targets = self.accelerator.gather(self.distiller.targets(images))
+            targets = self.accelerator.gather(self.distiller.targets(images, self.positions))
             terms, values = self.distiller(all_emb, targets)
             loss = loss + terms
             for name, value in values.items():
