@@ -92,6 +92,8 @@ class Trainer:
         self.throughput = Throughput()
         self.step_terms: dict[str, torch.Tensor] = {}
         """The distillation terms of the last step (device tensors), logged with its loss."""
+        self.positions: torch.Tensor | None = None
+        """The dataset positions of the current micro-batch (distill.targets cached looks its targets up by them)."""
 
     # ------------------------------------------------------------------------------------------------ setup
 
