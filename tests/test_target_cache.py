@@ -149,6 +149,15 @@ def test_a_corrupt_cache_file_is_a_one_line_warning_and_rebuilt(tmp_path, garbag
     assert reason is None and len(known) == 12  # rebuilt: readable again
 
 
+@pytest.mark.parametrize("where", ["file", "file/below"])
+def test_an_unwritable_cache_dir_is_one_line_naming_the_key(tmp_path, where):
+    (tmp_path / "file").write_text("not a folder")
+    cache_id = _id()
+    with pytest.raises(UserError, match="set distill.cache_dir to a writable folder") as err:
+        fill(CountingTeacher(), _dataset(_faces(tmp_path / "faces")), cache_id.file(tmp_path / where), cache_id)
+    assert "\n" not in str(err.value) and str(tmp_path / where) in str(err.value)
+
+
 def test_the_trainer_reports_a_rebuilt_cache_in_one_warning_line(tmp_path, monkeypatch):
     """Through `cached_targets` (what the trainer calls): the one-line warning, then the report line."""
     from accelerate import Accelerator

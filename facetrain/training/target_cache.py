@@ -24,7 +24,9 @@ into the training subset, `data.dataset.FaceDataset`) and gathers them as the on
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,10 +110,14 @@ def write_cache(path: Path, cache_id: CacheId, known: dict[bytes, np.ndarray]) -
 
     keys = np.frombuffer(b"".join(known), dtype=np.uint8).reshape(len(known), DIGEST_BYTES)
     targets = np.stack(list(known.values())).astype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: save_file({KEYS: keys, TARGETS: targets}, str(tmp),
-                                             metadata=cache_id.metadata()),
-                 todo="free disk space or set distill.cache_dir to a writable folder")
+    def write(tmp: Path) -> None:
+        try:  # inside write_atomic: a folder the disk refuses is one line too
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file where the folder should be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(tmp.parent)) from None
+        save_file({KEYS: keys, TARGETS: targets}, str(tmp), metadata=cache_id.metadata())
+
+    write_atomic(path, write, todo="free disk space or set distill.cache_dir to a writable folder")
 
 
 @dataclass
