@@ -5,13 +5,15 @@ teacher, the same student, data, batch and seed, measured side by side in one pr
     python bench/distill_step.py --smoke --no-write     # seconds: the tiny ONNX teacher of tests/data/legacy
     python bench/distill_step.py --mix cutmix --mix-images 16 --unlabelled ../shared/data/faces/ext_yale_b_cropped \
         --unlabelled-images 16                          # a third variant: distillation with extra views
+    python bench/distill_step.py --cached               # also distill.targets cached (the teacher's targets read)
 
 Two trainers are built once (`plain`: the metric loss alone; `distill`: plus distill.teacher with the cosine and
 relational terms, i.e. one teacher forward pass of the student's augmented batch per step), then timed round by
 round, alternating, each round --steps steps after one untimed step (so a neighbour's load hits both alike). The
 figure to keep is the ratio distill / plain per round; wall times drift with the machine's load. With --mix or
 --unlabelled a third trainer (`extra`: distillation plus those extra images per step, which only the distillation
-terms see) joins the rounds, and its ratio to `distill` is reported too.
+terms see) joins the rounds, and its ratio to `distill` is reported too. --cached adds a
+third trainer with distill.targets cached (a fresh cache, filled while it is built, before any timed step).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--mix-images", type=int, default=0, help="extra variant: mixed images per step")
     p.add_argument("--unlabelled", default="", help="extra variant: a folder of faces without labels")
     p.add_argument("--unlabelled-images", type=int, default=0, help="extra variant: unlabelled images per step")
+    p.add_argument("--cached", action="store_true", help="also time distill.targets cached (its cache is filled "
+                   "before the timed steps, in a temporary folder)")
     p.add_argument("--smoke", action="store_true", help="tiny student and teacher, synthetic faces, 1 step x 1 round")
     p.add_argument("--json", default="", help="also write the raw figures here")
     p.add_argument("--no-write", dest="write", action="store_false", help="print only, leave RESULTS.md alone")
@@ -112,6 +116,9 @@ def run(args) -> dict:
     trainers = {"plain": build(args, tmp / "plain", ""), "distill": build(args, tmp / "distill", args.teacher)}
     if extra_overrides(args):
         trainers["extra"] = build(args, tmp / "extra", args.teacher, extra_overrides(args))
+    if args.cached:
+        trainers["cached"] = build(args, tmp / "cached", args.teacher,
+                                   ("--distill.targets", "cached", "--distill.cache_dir", str(tmp / "cache")))
     batches = {name: endless(t) for name, t in trainers.items()}
     for name, trainer in trainers.items():  # first steps pay one-off costs (allocations, lazy kernels): untimed
         timed(trainer, batches[name], 1)
@@ -125,6 +132,8 @@ def run(args) -> dict:
         result[f"{name}_s"] = [round(wall, 3) for wall, _ in times]
         result[f"{name}_cpu_s"] = [round(cpu, 3) for _, cpu in times]
     result["ratio"] = _ratios(result["distill_s"], result["plain_s"])
+    if "cached" in trainers:
+        result["cached_ratio"] = _ratios(result["cached_s"], result["plain_s"])
     if "extra" in trainers:
         result["extra_ratio"] = _ratios(result["extra_s"], result["distill_s"])
         result["extra_cpu_ratio"] = _ratios(result["extra_cpu_s"], result["distill_cpu_s"])
@@ -167,9 +176,13 @@ def report(args, result: dict, command: str) -> str:
              f"- student: {result['student']}; teacher: {result['teacher']}", "",
              "| variant | s/step (median) | per round | CPU s/step (median) |", "|---|---:|---|---:|",
              _row("metric loss only", result, "plain"),
-             _row("+ online teacher (cosine + relational)", result, "distill"), *row, "",
-             f"Distillation costs **{med(result['ratio']):.2f}x** the plain step (per round: "
+             _row("+ online teacher (cosine + relational)", result, "distill"), *row,
+             *([_row("+ cached targets (cosine + relational)", result, "cached")] if "cached_s" in result else []),
+             "", f"Distillation costs **{med(result['ratio']):.2f}x** the plain step (per round: "
              f"{', '.join(f'{r:.2f}' for r in result['ratio'])}).", *sentence]
+    if "cached_s" in result:
+        lines.append(f"Cached targets cost **{med(result['cached_ratio']):.2f}x** the plain step (per round: "
+                     f"{', '.join(f'{r:.2f}' for r in result['cached_ratio'])}).")
     return "\n".join(lines) + "\n"
 
 

@@ -48,6 +48,11 @@ LOSSES = {
     # plus unlabelled faces (UNLABELLED per process and step), which only the distillation terms see
     "distill": {"loss": {"name": "triplet", "miner": "none"},
                 "distill": {"cosine_weight": 1.0, "relational_weight": 2.0, "metric_weight": 0.5}},
+    # the same with cached targets (training/target_cache.py): rank 0 fills the cache and broadcasts the targets,
+    # each rank looks its slice's up by dataset position
+    "distill_cached": {"loss": {"name": "triplet", "miner": "none"},
+                       "distill": {"cosine_weight": 1.0, "relational_weight": 2.0, "metric_weight": 0.5,
+                                   "targets": "cached"}},
 }
 UNLABELLED = 2
 """distill.unlabelled_images of each of the 3 processes; the 1-process run takes 3 x as many, the same images.
@@ -60,16 +65,20 @@ def three_process_runs(tmp_path_factory):
     tests/scripts/train_configs.py builds tiny teachers as use_tiny_teachers does here)."""
     tmp = tmp_path_factory.mktemp("three")
     write_faces(tmp / "faces", 5)
-    teacher = {"distill": {"teacher": str(tiny_teacher_file(tmp)), "unlabelled": str(tmp / "faces")}}
+    teacher = {"distill": {"teacher": str(tiny_teacher_file(tmp))}}
+    unlabelled = {"distill": {"unlabelled": str(tmp / "faces")}}
+    cache = {"distill": {"cache_dir": str(tmp / "target_cache")}}
     cfgs = {}
     for name, extra in LOSSES.items():
         base = deep_merge({**EXACT, **extra, "model": {"backbone": "test_efficientnet", "sync_bn": True}},
                           teacher if "distill" in extra else {})
-        if "distill" not in extra:
-            cfgs[name] = tiny_train_config(tmp, base, f"{name}.yaml")
+        if name == "distill":  # with unlabelled faces: UNLABELLED per process, 3x that in the 1-process run
+            base = deep_merge(base, unlabelled)
+            cfgs[name] = tuple(tiny_train_config(tmp, deep_merge(base, {"distill": {"unlabelled_images": count}}),
+                                                 f"{name}_{count}.yaml") for count in (3 * UNLABELLED, UNLABELLED))
             continue
-        cfgs[name] = tuple(tiny_train_config(tmp, deep_merge(base, {"distill": {"unlabelled_images": count}}),
-                                             f"{name}_{count}.yaml") for count in (3 * UNLABELLED, UNLABELLED))
+        cfgs[name] = tiny_train_config(tmp, deep_merge(base, cache) if name == "distill_cached" else base,
+                                       f"{name}.yaml")
     with pytest.MonkeyPatch.context() as monkeypatch:
         use_tiny_teachers(monkeypatch)
         return train_one_and_many_runs(cfgs, tmp, 24, 3)
@@ -95,9 +104,10 @@ def test_three_processes_equal_one_process_with_batchnorm(three_process_runs, lo
         assert s1.keys() == s3.keys()
         for key in s1:
             torch.testing.assert_close(s3[key], s1[key], rtol=1e-4, atol=1e-5, msg=f"{part}.{key}")
-    assert ("distill" in t1) == ("distill" in t3) == (loss == "distill")
+    assert ("distill" in t1) == ("distill" in t3) == loss.startswith("distill")
     for tag in ("train/loss", "train/loss_distill_cos", "train/loss_distill_rel", "train/extra_images"):
-        assert_same_logged_loss(one, three, 4 if tag == "train/loss" or loss == "distill" else 0, tag)
+        logged = tag == "train/loss" or loss == "distill" or (loss == "distill_cached" and "distill_" in tag)
+        assert_same_logged_loss(one, three, 4 if logged else 0, tag)
     if loss == "distill":  # the ranks' unlabelled faces, in rank order, are the 1-process run's, every step
         drawn = [[json.loads(line)["unlabelled"] for line in (run / "samples" / f"rank{r}.jsonl").read_text()
                   .splitlines()] for run, r in ((one, 0), (three, 0), (three, 1), (three, 2))]

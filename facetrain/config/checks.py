@@ -14,6 +14,7 @@ from facetrain.config.constants import DEFAULT_TARGET_FARS, IMAGE_EXTENSIONS
 from facetrain.config.exclusions import read_exclusions
 from facetrain.config.names import (
     ALL_TRACKERS,
+    DISTILL_TARGET_NAMES,
     LOSS_NAMES,
     MARGIN_HEADS,
     MINER_NAMES,
@@ -50,6 +51,7 @@ CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {  # key: (what a value is cal
     "train.mixed_precision": ("value", ("auto", "no", "fp16", "bf16")),
     "distill.projection": ("projection", PROJECTION_NAMES),
     "distill.mix": ("mixer", MIX_NAMES),
+    "distill.targets": ("value", DISTILL_TARGET_NAMES),
 }
 """Every key whose value is one of a few names; optim.preset and train.val_metric have their own checks."""
 
@@ -188,6 +190,9 @@ def _check_distill(d: DistillConfig) -> None:
     if d.metric_weight == d.cosine_weight == d.relational_weight == 0:
         raise UserError("distill.metric_weight, distill.cosine_weight, distill.relational_weight: all 0 leaves "
                         "nothing to train; set at least one > 0")
+    if d.cache_dir and d.targets != "cached":  # the online teacher keeps nothing on disk
+        raise UserError(f"distill.cache_dir: used only with distill.targets cached (it is {d.targets!r}); set "
+                        "distill.targets cached or remove distill.cache_dir")
 
 
 def _has_image_file(root: Path) -> bool:
@@ -214,6 +219,9 @@ def _check_extra_views(d: DistillConfig, data: DataConfig) -> None:
     if pool != (d.unlabelled_images > 0):
         raise UserError(f"distill.unlabelled_images ({d.unlabelled_images}): set it > 0 together with "
                         "distill.unlabelled (a folder) or distill.unlabelled_unsampled true, or neither")
+    if (d.mix_images or d.unlabelled_images) and d.targets == "cached":
+        raise UserError("distill.mix_images / distill.unlabelled_images: extra views need distill.targets online "
+                        "(a cached target exists only for a training image's fixed view); set one or the other")
     if (d.mix_images or d.unlabelled_images) and d.cosine_weight == d.relational_weight == 0:
         raise UserError("distill.mix_images / distill.unlabelled_images: extra images feed only the distillation "
                         "terms, but distill.cosine_weight and distill.relational_weight are 0; set one > 0")

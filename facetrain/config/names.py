@@ -31,6 +31,11 @@ PROJECTION_NAMES: tuple[str, ...] = ("auto", "linear", "none")
 MIX_NAMES: tuple[str, ...] = ("none", "mixup", "cutmix")
 """distill.mix: how two faces of different identities are mixed into an extra view (training/extra_views.py)."""
 
+DISTILL_TARGET_NAMES: tuple[str, ...] = ("online", "cached")
+"""distill.targets: where the teacher's targets come from -- `online`, the teacher embeds the student's augmented view
+every step (training/distill.py); `cached`, each image's fixed un-augmented view, embedded once and kept on disk
+(training/target_cache.py)."""
+
 MINER_NAMES: tuple[str, ...] = ("none", "triplet_all", "triplet_hard", "triplet_semihard", "multi_similarity")
 """loss.miner: the miners of training/losses.py (`none`: every pair / triplet of the batch)."""
 

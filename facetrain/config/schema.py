@@ -332,6 +332,15 @@ class DistillConfig:
     """Unlabelled images added per process to every micro-batch (every step with train.grad_accum_steps 1),
     augmented like the labelled ones and drawn in a seeded order (every image once before any repeats); > 0 needs
     `unlabelled` or `unlabelled_unsampled`."""
+    targets: str = "online"
+    """Where the teacher's targets come from: `online` (the teacher embeds the student's augmented view of every
+    step: function matching) or `cached` (the teacher embeds each training image's fixed, un-augmented view once,
+    kept in distill.cache_dir and reused by later runs; no teacher cost per step, but the student may memorise
+    the fixed targets instead of learning the teacher's function -- the baseline of docs/recipes.md)."""
+    cache_dir: str = ""
+    """distill.targets cached: the folder of the teacher-target cache, one file per (teacher file, input spec,
+    data.image_size), keyed by each image's content; empty = the user's cache folder ($XDG_CACHE_HOME/facetrain,
+    else ~/.cache/facetrain, where galleries are cached too)."""
 
 
 @dataclass

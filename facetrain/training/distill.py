@@ -98,6 +98,9 @@ class Distiller(nn.Module):
             name: (getattr(cfg, f"{name}_weight"), term) for name, term in DISTILL_LOSSES.items()
             if getattr(cfg, f"{name}_weight") > 0}
         self._val_targets: torch.Tensor | None = None
+        self.cached = None
+        """distill.targets cached: the training images' fixed targets by dataset position
+        (training/target_cache.py `CachedTargets`), set by the trainer; None = online targets."""
 
     @property
     def active(self) -> bool:
@@ -105,9 +108,11 @@ class Distiller(nn.Module):
         return bool(self.terms)
 
     @torch.no_grad()
-    def targets(self, images: torch.Tensor) -> torch.Tensor:
+    def targets(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher's embeddings (N, D) float32 of the student's input batch, on its device; fp32, no
-        autocast, no gradient."""
+        autocast, no gradient. With cached targets: those of the batch's dataset `positions` instead."""
+        if self.cached is not None:  # distill.targets cached (training/target_cache.py)
+            return self.cached.lookup(positions).to(images.device, torch.float32)
         with autocast_off(images.device.type):
             return self.teacher.embed(teacher_view(images, self.pre)).to(images.device, torch.float32)
 
@@ -153,13 +158,15 @@ class Distiller(nn.Module):
 
 
 def global_terms(distiller: Distiller, images: torch.Tensor, emb: torch.Tensor, labelled: int,
-                 all_emb: torch.Tensor, accelerator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 all_emb: torch.Tensor, accelerator, positions: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The distillation terms (weighted sum, {log name: value}) over the global set of a micro-step's images:
     every rank's labelled rows (`all_emb`, already gathered for the metric loss) then every rank's extra rows
     (unlabelled and mixed: `emb[labelled:]`, training/extra_views.py), each part in rank order, against the
     teacher's embeddings of the very same input rows. Logs the global count of extra images
     (train/extra_images) when there are any."""
-    targets = distiller.targets(images)
+    # cached targets exist for labelled dataset positions only (the config refuses extra views with them)
+    targets = distiller.targets(images, positions[:labelled] if positions is not None else None)
     student, teacher = [all_emb], [accelerator.gather(targets[:labelled])]
     extra = len(images) - labelled
     if extra:

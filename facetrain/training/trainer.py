@@ -46,7 +46,7 @@ from facetrain.runtime.distributed import (
     gather_for_loss,
 )
 from facetrain.runtime.precision import resolve_mixed_precision
-from facetrain.training import distill
+from facetrain.training import distill, target_cache
 from facetrain.training.checkpoint import BundleInfo, Checkpointer
 from facetrain.training.compile import compile_forward
 from facetrain.training.extra_views import ExtraViews
@@ -94,6 +94,8 @@ class Trainer:
         self.throughput = Throughput()
         self.step_terms: dict[str, torch.Tensor] = {}
         """The distillation terms of the last step (device tensors), logged with its loss."""
+        self.positions: torch.Tensor | None = None
+        """The dataset positions of the current micro-batch (distill.targets cached looks its targets up by them)."""
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -205,6 +207,10 @@ class Trainer:
             # its own generator: creating an iterator draws a base seed, which must not consume the global RNG
             # that dropout uses (exact resume)
             generator=torch.Generator().manual_seed(t.seed))
+        if self.distiller is not None and self.distiller.active and cfg.distill.targets == "cached":
+            self.distiller.cached = target_cache.cached_targets(
+                cfg.distill, self.distiller.teacher, self.faceset, self.train_idx, self.train_labels, self.pre,
+                cfg.data.bad_images, acc, self.workers, self.log.print)
 
     def setup(self, resume_from: Path | None = None) -> None:
         """Everything the loop needs after `setup_data`; `resume_from` (a checkpoint) restores the run's state."""
@@ -237,6 +243,7 @@ class Trainer:
         self.step_terms = {}  # distillation terms of this step, summed over its micro-batches (logged)
         for micro in range(t.grad_accum_steps):
             images, labels, positions, *augment_seeds = next(batches)  # seeds: device augmentation
+            self.positions = positions  # distill.targets cached: the targets are looked up by dataset position
             if self.sample_log is not None:  # the labelled positions, then the unlabelled ones (if any)
                 self.sample_log.write(json.dumps({"step": step, "micro": micro,
                                                   "positions": positions[:t.batch_size].tolist(),
@@ -273,7 +280,8 @@ class Trainer:
         weight = self.cfg.distill.metric_weight
         loss = weight * self.loss_fn(all_emb, all_labels) if weight > 0 else torch.zeros((), device=all_emb.device)
         if self.distiller.active:
-            terms, values = distill.global_terms(self.distiller, images, emb, n, all_emb, self.accelerator)
+            terms, values = distill.global_terms(self.distiller, images, emb, n, all_emb, self.accelerator,
+                                                   self.positions)
             loss = loss + terms
             for name, value in values.items():
                 self.step_terms[name] = self.step_terms.get(name, 0.0) + value
