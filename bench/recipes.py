@@ -167,17 +167,19 @@ DISTILL_ROWS: dict[str, Row] = {
                    DISTILL_YAML),
     "distill_only": Row("(e) distillation alone (no metric loss: labels only shape the batches)", DISTILL_YAML,
                         {"distill": {"metric_weight": 0.0}}),
-    "distill_ft": Row("(e) distill, then fine-tuned on labels (metric weight 1, from distill's bundle)",
-                      DISTILL_YAML, {"distill": {"metric_weight": 1.0}}, after="distill"),
-    "distill_ft_labels_only": Row("(e) distill, then fine-tuned on labels alone (no teacher in the 2nd stage)",
-                                  DISTILL_YAML, {"distill": {"teacher": ""}, "model": {"freeze_stages": 0}},
-                                  after="distill"),
+    "distill_ft": Row("(e) distill, then a second run from distill's bundle (model.init_from)",
+                      DISTILL_YAML, after="distill"),
     "distill_cos_only": Row("(e) with the regression term alone (relational weight 0)", DISTILL_YAML,
                             {"distill": {"relational_weight": 0.0}}),
     "distill_rel_only": Row("(e) with the relational term alone (cosine weight 0)", DISTILL_YAML,
                             {"distill": {"cosine_weight": 0.0}}),
-    "distill_freeze3": Row("(e) with the stem + 2 stages frozen (as wild.yaml)", DISTILL_YAML,
-                           {"model": {"freeze_stages": 3}, "optim": {"backbone_lr_mult": 0.3}}),
+    "distill_first_draft": Row("(e) the first draft: whole network at the head's lr, labels at 0.1", DISTILL_YAML,
+                               {"model": {"freeze_stages": 0}, "optim": {"backbone_lr_mult": 1.0},
+                                "distill": {"metric_weight": 0.1}}),
+    "distill_mixed": Row("(e) + 8 cutmix faces per step (distill.mix)", DISTILL_YAML,
+                         {"distill": {"mix": "cutmix", "mix_images": 8}}),
+    "distill_cached": Row("(e) cached targets: the teacher's fixed view of each image (the baseline)", DISTILL_YAML,
+                          {"distill": {"targets": "cached"}}),
 }
 ROWS.update(DISTILL_ROWS)
 DEFAULT_DOMAIN_ROWS = "teacher_sface,facetrain,distill,distill_ft"
@@ -352,9 +354,10 @@ def cost_class(row: Row, train_root: Path) -> tuple:
     # which weights the backbone starts from does not change its compute (and the file need not be here)
     cfg = load_config(str(REPO / row.config), flat_overrides(row.overrides)
                       + ["--data.root", str(train_root), "--model.pretrained", "false", "--model.pretrained_file", ""])
-    teacher = cfg.distill.teacher if cfg.distill.cosine_weight or cfg.distill.relational_weight else ""
+    d = cfg.distill  # an online teacher embeds every image of every step; cached targets cost no teacher per step
+    teacher = d.teacher if (d.cosine_weight or d.relational_weight) and d.targets == "online" else ""
     return (cfg.model.backbone, cfg.data.image_size, cfg.model.freeze_stages, cfg.train.batch_size,
-            cfg.train.mixed_precision, teacher)
+            cfg.train.mixed_precision, teacher, d.mix_images + d.unlabelled_images)
 
 
 def probe_seconds_per_step(name: str, row: Row, train_root: Path, work: Path, steps: int) -> float:
