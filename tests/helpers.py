@@ -364,3 +364,15 @@ def use_tiny_teachers(monkeypatch=None) -> None:
         monkeypatch.setattr(distill, "build_teacher", build)
     else:
         distill.build_teacher = build
+
+
+def assert_same_checkpoint(a: Path, b: Path, step: int) -> None:
+    """Two runs' checkpoints at `step` hold the same weights and distillation projection (exact resume: to 1e-6)."""
+    import torch
+
+    name = f"step_{step:08d}"
+    sa, sb = (torch.load(Path(d) / "checkpoints" / name / "train_state.pt", weights_only=True) for d in (a, b))
+    torch.testing.assert_close(sb["distill"], sa["distill"], rtol=0, atol=1e-6)
+    wa, wb = (load_weights(Path(d) / "checkpoints" / name) for d in (a, b))
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 from helpers import (
     TinyTeacher,
+    assert_same_checkpoint,
     load_weights,
     run_train,
     tb_scalars,
@@ -229,12 +230,7 @@ def test_resume_restores_the_projection_exactly(tmp_path, monkeypatch):
     run_train(["--config", cfg, "--train.output_dir", part, "--debug.stop_at_step", "2"])
     proc = run_train(["--config", cfg, "--train.output_dir", part, "--train.resume", "auto"])
     assert "step_00000002" in proc.stdout  # (rich may cut the line short of "at step 2" on a long path)
-    a, b = (torch.load(d / "checkpoints" / "step_00000004" / "train_state.pt", weights_only=True)
-            for d in (full, part))
-    torch.testing.assert_close(b["distill"], a["distill"], rtol=0, atol=1e-6)
-    wa, wb = (load_weights(d / "checkpoints" / "step_00000004") for d in (full, part))
-    for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_checkpoint(full, part, 4)
 
 
 def test_a_distillation_checkpoint_adds_its_projection_after_the_usual_parts(tmp_path, monkeypatch):
