@@ -163,11 +163,11 @@ DISTILL_YAML = "configs/distill.yaml"
 DISTILL_ROWS: dict[str, Row] = {
     "teacher_sface": Row("(t) SFace, the downloaded face model (the teacher), as it is", onnx=str(SFACE),
                          input_spec=SFACE_SPEC),
-    "distill": Row("(e) configs/distill.yaml: online teacher on the student's view + 0.1 x metric loss",
+    "distill": Row("(e) configs/distill.yaml: wild.yaml's training + the online teacher on the student's view",
                    DISTILL_YAML),
     "distill_only": Row("(e) distillation alone (no metric loss: labels only shape the batches)", DISTILL_YAML,
                         {"distill": {"metric_weight": 0.0}}),
-    "distill_ft": Row("(e) distill, then a second run from distill's bundle (model.init_from)",
+    "distill_ft": Row("(e) distill, then the same recipe again from distill's bundle (model.init_from)",
                       DISTILL_YAML, after="distill"),
     "distill_cos_only": Row("(e) with the regression term alone (relational weight 0)", DISTILL_YAML,
                             {"distill": {"relational_weight": 0.0}}),
@@ -441,8 +441,9 @@ def recipe_key(row: Row) -> str:
     import hashlib
 
     text = (REPO / row.config).read_text() if row.config else ""
-    blob = json.dumps([text, row.overrides, row.features_size, row.onnx, row.input_spec, row.after],
-                      sort_keys=True)
+    # the fields added for distillation count only when set: every earlier row keeps its key and its runs
+    added = [v for v in (row.onnx, row.input_spec, row.after) if v]
+    blob = json.dumps([text, row.overrides, row.features_size, *added], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
 
@@ -574,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         after = ROWS[name].after
         if after and (after not in rows or rows.index(after) > rows.index(name)):
             p.error(f"row {name} starts from row {after}'s bundle: list {after} before it in --rows")
+        if after and not ROWS[after].trains:
+            p.error(f"row {name} starts from row {after}, which trains no bundle")
     for item in args.set:
         key, _, value = item.partition("=")
         if "." not in key or not value:
@@ -629,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{steps[name]}", flush=True)
         futures, by_job = [], {}
         for job in jobs:  # rows in --rows order: a first stage is submitted before the second stage waiting on it
-            first = by_job.get((job.row.after, job.seed)) if job.row.after else None
+            first = by_job[(job.row.after, job.seed)] if job.row.after else None  # same seeds: main_rows
             futures.append(pool.submit(run_job, job, args, proto, work, steps, first))
             by_job[(job.name, job.seed)] = futures[-1]
         records, text = [], ""

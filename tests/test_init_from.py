@@ -78,6 +78,13 @@ def test_a_directory_that_is_no_model_is_one_line(tmp_path):
         check_init_from(cfg.model)
 
 
+def test_an_onnx_file_is_one_line_asking_for_its_bundle(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    cfg = load_config(str(tiny_train_config(tmp_path)), ["--model.init_from", str(tmp_path / "model.onnx")])
+    with pytest.raises(UserError, match=r"^model.init_from: .*model.onnx is an ONNX file; give the facetrain bundle"):
+        check_init_from(cfg.model)
+
+
 @pytest.mark.slow
 def test_fine_tuning_runs_and_its_card_names_the_start(tmp_path, start):
     """Through the command line: the error comes before training, and a run's bundle says what it started from

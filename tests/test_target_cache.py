@@ -193,7 +193,10 @@ def test_config_names_the_target_source(tmp_path):
     teacher = str(tiny_teacher_file(tmp_path))
     assert load_config(None, ["--distill.teacher", teacher]).distill.targets == "online"
     for args, message in [(["--distill.targets", "fixed"], "distill.targets: unknown value 'fixed'"),
-                          (["--distill.cache_dir", "x"], "distill.cache_dir: used only with distill.targets cached")]:
+                          (["--distill.cache_dir", "x"], "distill.cache_dir: used only with distill.targets cached"),
+                          (["--distill.targets", "cached", "--distill.cosine_weight", "0",
+                            "--distill.relational_weight", "0"],
+                           "distill.targets cached: distill.cosine_weight and distill.relational_weight are 0")]:
         with pytest.raises(UserError, match=message) as err:
             load_config(None, ["--distill.teacher", teacher, *args])
         assert "\n" not in str(err.value)
@@ -247,9 +250,42 @@ def test_cached_targets_stay_fixed_while_the_students_views_change(tmp_path, mon
         for p in repeated:
             assert all(torch.equal(t, seen_targets[p][0]) for t in seen_targets[p])
             assert not torch.equal(seen_inputs[p][0], seen_inputs[p][1])  # another augmented view
+        # and it is the teacher's embedding of *that* image's un-augmented view (positions index train_idx)
+        plain = FaceDataset(trainer.faceset, trainer.train_idx, trainer.train_labels, eval_transform(trainer.pre),
+                            "error")
+        for p in repeated[:4]:
+            rgb = (plain[p][0].float() / 255.0).unsqueeze(0).expand(-1, 3, -1, -1)
+            want = torch.as_tensor(np.asarray(teacher.embed(rgb), dtype=np.float32))[0]
+            torch.testing.assert_close(seen_targets[p][0].float().cpu(), want, rtol=1e-5, atol=1e-5)
     finally:
         trainer.accelerator.end_training()
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_fill_that_fails_on_rank_0_stops_every_rank_with_its_line(tmp_path, monkeypatch):
+    """Rank 0 fills the cache while the others wait in the broadcast: its error is broadcast too, so every rank
+    raises the same one line instead of waiting for a collective timeout."""
+    sent = []
+
+    class Rank0:
+        is_main_process, device = True, torch.device("cpu")
+
+    def broadcast(value, accelerator):
+        sent.append(value)
+        return value
+
+    def fail(*args, **kwargs):
+        raise UserError("distill.cache_dir: cannot write /x/y.safetensors (read-only file system)")
+
+    monkeypatch.setattr(target_cache, "broadcast_object", broadcast)
+    monkeypatch.setattr(target_cache, "fill", fail)
+    monkeypatch.setattr(target_cache, "FaceDataset", lambda *args: None)
+    monkeypatch.setattr(target_cache, "teacher_sha256", lambda path: "a" * 64)
+    cfg = DistillConfig(teacher="t.onnx", targets="cached", cache_dir=str(tmp_path))
+    with pytest.raises(UserError, match="^distill.cache_dir: cannot write"):
+        target_cache.cached_targets(cfg, TinyTeacher(), None, np.arange(2), np.zeros(2), Preprocess(32, [0.5] * 3,
+                                    [0.5] * 3), "error", Rank0(), 0, print)
+    assert sent == ["distill.cache_dir: cannot write /x/y.safetensors (read-only file system)"]
 
 
 def test_a_tiny_cached_run_trains_reuses_its_cache_and_resumes_exactly(tmp_path, monkeypatch):

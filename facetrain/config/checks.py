@@ -155,7 +155,7 @@ def _check_data(d: DataConfig) -> None:
 
 
 def _check_model(m: ModelConfig) -> None:
-    if m.pretrained_file and not Path(m.pretrained_file).is_file():
+    if m.pretrained_file and not m.init_from and not Path(m.pretrained_file).is_file():  # init_from replaces it
         raise UserError(f"model.pretrained_file: file not found: {m.pretrained_file}")
     if m.pretrained_file and not m.pretrained:
         m.pretrained = True  # giving a weights file is an unambiguous request for them
@@ -190,6 +190,9 @@ def _check_distill(d: DistillConfig) -> None:
     if d.metric_weight == d.cosine_weight == d.relational_weight == 0:
         raise UserError("distill.metric_weight, distill.cosine_weight, distill.relational_weight: all 0 leaves "
                         "nothing to train; set at least one > 0")
+    if d.targets == "cached" and d.cosine_weight == d.relational_weight == 0:
+        raise UserError("distill.targets cached: distill.cosine_weight and distill.relational_weight are 0, so no "
+                        "target is ever used; set one > 0 or leave distill.targets online")
     if d.cache_dir and d.targets != "cached":  # the online teacher keeps nothing on disk
         raise UserError(f"distill.cache_dir: used only with distill.targets cached (it is {d.targets!r}); set "
                         "distill.targets cached or remove distill.cache_dir")

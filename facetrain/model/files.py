@@ -76,6 +76,9 @@ def check_init_from(model_cfg) -> dict:
     """The metadata of `model.init_from` (a bundle, checkpoint or run directory) after checking that its network
     fits the config's (same backbone and embedding_dim): one line naming the key otherwise, before any data is
     read."""
+    if is_onnx_file(model_cfg.init_from):  # an export holds no trainable weights
+        raise UserError(f"model.init_from: {model_cfg.init_from} is an ONNX file; give the facetrain bundle it was "
+                        "exported from (e.g. runs/<name>/bundle)")
     try:
         meta = read_bundle_meta(resolve_model_path(model_cfg.init_from))
     except UserError as err:

@@ -99,7 +99,8 @@ class ExtraViews:
         parts = [f"{self.unlabelled} unlabelled (from a pool of {pool})"] if self.unlabelled else []
         if self.mixer is not None:
             parts.append(f"{self.mix_images} mixed by {self.mix_name} (Beta({self.alpha:g}, {self.alpha:g}))")
-        return f"distillation: + {' + '.join(parts)} images per process per micro-step, seen by the teacher only"
+        return (f"distillation: + {' + '.join(parts)} images per process per micro-step, seen by the "
+                "distillation terms only")
 
     def inputs(self, images: torch.Tensor, labels: torch.Tensor, step: int, micro: int) -> tuple[torch.Tensor, int]:
         """(model input with the mixed images appended, number of labelled rows). `labels`: the batch's, on the

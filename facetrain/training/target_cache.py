@@ -41,6 +41,7 @@ from facetrain.data.images import Preprocess
 from facetrain.data.transforms import collate, eval_transform
 from facetrain.deploy.gallery_cache import default_cache_dir
 from facetrain.deploy.teacher import Teacher, teacher_sha256
+from facetrain.errors import UserError
 from facetrain.runtime.atomic_dir import write_atomic
 from facetrain.runtime.distributed import broadcast_object
 from facetrain.runtime.user_dirs import cache_environment
@@ -180,13 +181,20 @@ def cached_targets(cfg: DistillConfig, teacher: Teacher, faceset, indices: np.nd
                    say: Callable[[str], None]) -> CachedTargets:
     """The training images' cached targets on every rank: rank 0 fills the cache (`fill`) and says what it did
     in one line (`say`; a stale file also in a warning), the others wait for its targets."""
-    targets = None
+    targets: torch.Tensor | str | None = None
     if accelerator.is_main_process:
         cache_id = CacheId(teacher_sha256(cfg.teacher), spec_text(teacher, cfg.teacher_input), pre.image_size)
         dataset = FaceDataset(faceset, indices, labels, eval_transform(pre), bad_images)
         path = cache_id.file(cache_dir_of(cfg))
-        targets, report = fill(teacher, dataset, path, cache_id, workers)
-        if report.stale:
-            say(f"[yellow]warning:[/] teacher-target cache {escape(str(path))}: {report.stale}; rebuilt")
-        say(escape(report.line()))
-    return CachedTargets(broadcast_object(targets, accelerator), accelerator.device)
+        try:
+            targets, report = fill(teacher, dataset, path, cache_id, workers)
+        except (UserError, OSError) as err:  # every rank must stop with this line, not wait in the broadcast
+            targets = str(err)
+        else:
+            if report.stale:
+                say(f"[yellow]warning:[/] teacher-target cache {escape(str(path))}: {report.stale}; rebuilt")
+            say(escape(report.line()))
+    targets = broadcast_object(targets, accelerator)
+    if isinstance(targets, str):
+        raise UserError(targets)
+    return CachedTargets(targets, accelerator.device)
