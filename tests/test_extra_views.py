@@ -101,12 +101,15 @@ def test_the_folder_scan_takes_every_image_at_any_depth(tmp_path):
 
 
 def test_unsampled_images_are_those_of_identities_below_m():
+    from facetrain.data.sampler import MPerClassBatchSampler
+
     labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
-    assert unsampled_positions(labels, 3).tolist() == [3, 4, 9]
-    assert pool_positions(2, labels, 3, unsampled=True).tolist() == [3, 4, 9, 10, 11]  # then the folder's
-    assert pool_positions(2, labels, 3, unsampled=False).tolist() == [10, 11]
+    m3, m1 = MPerClassBatchSampler(labels, 3, 3), MPerClassBatchSampler(labels, 1, 1)
+    assert unsampled_positions(labels, m3.identities).tolist() == [3, 4, 9]
+    assert pool_positions(2, labels, m3, unsampled=True).tolist() == [3, 4, 9, 10, 11]  # then the folder's
+    assert pool_positions(2, labels, m3, unsampled=False).tolist() == [10, 11]
     with pytest.raises(UserError, match="distill.unlabelled_unsampled: every training identity") as err:
-        pool_positions(0, labels, 1, unsampled=True)
+        pool_positions(0, labels, m1, unsampled=True)
     assert "\n" not in str(err.value)
 
 

@@ -41,12 +41,10 @@ def scan_unlabelled(folder: str | Path) -> list[str]:
     return sorted(found)
 
 
-def unsampled_positions(labels: np.ndarray, m: int) -> np.ndarray:
-    """Positions (into the training images) of the identities with fewer than `m` images, which the P x m sampler
-    excludes, ascending."""
-    labels = np.asarray(labels)
-    ids, counts = np.unique(labels, return_counts=True)
-    return np.flatnonzero(np.isin(labels, ids[counts < m]))
+def unsampled_positions(labels: np.ndarray, sampled_identities: np.ndarray) -> np.ndarray:
+    """Positions (into the training images) of the identities the P x m sampler never draws (those not in its
+    `identities`: fewer than train.m images, the sampler's own rule), ascending."""
+    return np.flatnonzero(~np.isin(np.asarray(labels), sampled_identities))
 
 
 class PoolOrder:
@@ -117,10 +115,12 @@ class JoinedDataset:
         return image, label, pos
 
 
-def pool_positions(folder_images: int, train_labels: np.ndarray, m: int, unsampled: bool) -> np.ndarray:
-    """The pool as positions of the joined dataset: the unsampled training images (if asked), then the folder's
-    images (after the len(train_labels) training positions). A one-line error when it is empty."""
-    parts = [unsampled_positions(train_labels, m)] if unsampled else []
+def pool_positions(folder_images: int, train_labels: np.ndarray, sampler, unsampled: bool) -> np.ndarray:
+    """The pool as positions of the joined dataset: the training images `sampler` (an MPerClassBatchSampler)
+    never draws (if asked), then the folder's images (after the len(train_labels) training positions). A
+    one-line error when it is empty."""
+    m = sampler.m
+    parts = [unsampled_positions(train_labels, sampler.identities)] if unsampled else []
     parts.append(len(train_labels) + np.arange(folder_images, dtype=np.int64))
     positions = np.concatenate(parts).astype(np.int64)
     if len(positions) == 0:
@@ -148,6 +148,6 @@ def unlabelled_input(cfg: Config, train_ds, sampler, train_labels: np.ndarray, p
         folder = FaceDataset(unlabelled_faceset(paths), np.arange(len(paths)), np.full(len(paths), -1),
                              train_transform(pre, cfg.data.augment), cfg.data.bad_images)
         train_ds = JoinedDataset(train_ds, folder)
-    positions = pool_positions(len(paths), train_labels, cfg.train.m, d.unlabelled_unsampled)
+    positions = pool_positions(len(paths), train_labels, sampler, d.unlabelled_unsampled)
     return (train_ds, UnlabelledBatches(sampler, positions, d.unlabelled_images, world, rank, cfg.train.seed),
             len(positions))
