@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from facetrain.config.constants import DEFAULT_TARGET_FARS, IMAGE_EXTENSIONS
@@ -198,13 +199,13 @@ def _check_distill(d: DistillConfig) -> None:
                         "distill.targets cached or remove distill.cache_dir")
 
 
-def _has_image_file(root: Path) -> bool:
-    """True as soon as one image file (by extension) is found anywhere under `root`, dot folders skipped."""
-    for _here, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if any(Path(f).suffix.lower() in IMAGE_EXTENSIONS and not f.startswith(".") for f in files):
-            return True
-    return False
+def image_files(root: str | Path) -> Iterator[str]:
+    """Every image file (by extension) under `root`, at any depth, dot folders and dot files skipped, folders in
+    sorted order: the one walk behind distill.unlabelled's check here and its pool (data/unlabelled.py)."""
+    for here, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield from (os.path.join(here, f) for f in files
+                    if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _check_extra_views(d: DistillConfig, data: DataConfig) -> None:
@@ -236,7 +237,7 @@ def _check_unlabelled_folder(folder: str, data: DataConfig) -> None:
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"distill.unlabelled: folder not found: {folder}; give a folder of aligned face images")
-    if not _has_image_file(root):
+    if next(image_files(root), None) is None:  # stops at the first image found
         raise UserError(f"distill.unlabelled: no image files under {folder} (looked for "
                         f"{', '.join(IMAGE_EXTENSIONS)} at any depth)")
     if data.source == "packed" and data.augment.on_device:

@@ -16,12 +16,11 @@ draws with 3 k per step.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from facetrain.config.constants import IMAGE_EXTENSIONS
+from facetrain.config.checks import image_files
 from facetrain.config.schema import Config
 from facetrain.data.images import Preprocess
 from facetrain.errors import UserError
@@ -31,11 +30,7 @@ POOL_STREAM = 0x756E6C  # third word of the pool's seed: its permutations never 
 
 def scan_unlabelled(folder: str | Path) -> list[str]:
     """Every image file under `folder` (any depth, dot folders and files skipped), sorted: the pool's order."""
-    found = []
-    for here, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(here, f) for f in files
-                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    found = list(image_files(folder))
     if not found:  # (checked when the config loaded; the folder may have changed since)
         raise UserError(f"distill.unlabelled: no image files under {folder}")
     return sorted(found)
