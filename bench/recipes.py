@@ -169,6 +169,12 @@ DISTILL_ROWS: dict[str, Row] = {
                         {"distill": {"metric_weight": 0.0}}),
     "distill_ft": Row("(e) distill, then the same recipe again from distill's bundle (model.init_from)",
                       DISTILL_YAML, after="distill"),
+    # distillation then fine-tuning on labels alone: the direction's labels-only recipe, started from distill's
+    # bundle (its 128-d embedding: model.init_from needs the same size), the teacher no longer asked
+    "distill_ft_small": Row("(e) distill, then configs/small_data.yaml (labels only, 128-d) from its bundle",
+                            SMALL, {"model": {"embedding_dim": 128}}, after="distill"),
+    "distill_ft_wild": Row("(e) distill, then configs/wild.yaml (labels only, 128-d) from its bundle", WILD_YAML,
+                           {"model": {"embedding_dim": 128}}, after="distill"),
     "distill_cos_only": Row("(e) with the regression term alone (relational weight 0)", DISTILL_YAML,
                             {"distill": {"relational_weight": 0.0}}),
     "distill_rel_only": Row("(e) with the relational term alone (cosine weight 0)", DISTILL_YAML,
@@ -597,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_cross:
         proto.tests = dict(list(proto.tests.items())[:1])
     train_root = proto.train_root
-    main_rows = {"imagenet_112", "imagenet_224", "article", "facetrain", "wild", "distill", "distill_ft"}
+    main_rows = {"imagenet_112", "imagenet_224", "article", "facetrain", "wild", "distill", "distill_ft",
+                 "distill_ft_small", "distill_ft_wild", "distill_cached"}
     def seeds_of(name: str) -> list[int]:
         if not ROWS[name].trains:  # no training, nothing random: one evaluation
             return args.seeds[:1]
