@@ -376,3 +376,23 @@ def assert_same_checkpoint(a: Path, b: Path, step: int) -> None:
     wa, wb = (load_weights(Path(d) / "checkpoints" / name) for d in (a, b))
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
+
+
+@contextmanager
+def in_process_trainer(config: Path, run_dir: Path):
+    """A `Trainer` of `config` writing to `run_dir`, its data set up (the caller builds the rest: `setup()` or
+    one part), in this process; accelerate's process-wide state is reset before and after."""
+    from accelerate.state import AcceleratorState
+
+    from facetrain.config.load import load_config
+    from facetrain.training.trainer import Trainer
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps a process-wide singleton
+    trainer = Trainer(load_config(str(config), ["--train.output_dir", str(run_dir)]))
+    try:
+        trainer.out.mkdir(parents=True)
+        trainer.setup_data()
+        yield trainer
+    finally:
+        trainer.accelerator.end_training()
+        AcceleratorState._reset_state(reset_partial_state=True)

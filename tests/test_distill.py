@@ -14,6 +14,7 @@ from accelerate.state import AcceleratorState
 from helpers import (
     TinyTeacher,
     assert_same_checkpoint,
+    in_process_trainer,
     load_weights,
     run_train,
     tb_scalars,
@@ -30,7 +31,6 @@ from facetrain.errors import UserError
 from facetrain.runtime.distributed import gather_for_loss
 from facetrain.training.distill import Distiller, teacher_view
 from facetrain.training.losses import cosine_regression_loss, relational_loss
-from facetrain.training.trainer import Trainer
 
 PRE = Preprocess(32, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
 
@@ -174,13 +174,8 @@ def test_the_teacher_embeds_the_very_view_the_student_trains_on(tmp_path, monkey
     """Function matching: with augmentation on, the teacher's input is the student's input of the same step
     (unnormalised to RGB [0, 1]); with every distillation weight 0 the teacher is not called."""
     use_tiny_teachers(monkeypatch)
-    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps a process-wide singleton
-    cfg = load_config(str(_distill_config(tmp_path, {})), ["--train.output_dir", str(tmp_path / "run")])
-    assert cfg.data.augment.enabled
-    trainer = Trainer(cfg)
-    try:
-        trainer.out.mkdir(parents=True)
-        trainer.setup_data()
+    with in_process_trainer(_distill_config(tmp_path, {}), tmp_path / "run") as trainer:
+        assert trainer.cfg.data.augment.enabled
         trainer.setup()
         trainer.sampler.set_epoch(0)
         student_in, teacher_in = [], []
@@ -196,9 +191,6 @@ def test_the_teacher_embeds_the_very_view_the_student_trains_on(tmp_path, monkey
         trainer.distiller.terms = {}  # as with distill.cosine_weight and distill.relational_weight 0
         trainer.train_step(batches)
         assert len(teacher_in) == 1 and trainer.step_terms == {}
-    finally:
-        trainer.accelerator.end_training()
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.mark.slow
@@ -237,20 +229,12 @@ def test_a_distillation_checkpoint_adds_its_projection_after_the_usual_parts(tmp
     """Older checkpoints resume (the parts of a run without distillation are unchanged: test_trainer_parts.py);
     a distillation run saves its projection as one more part, which a resume then requires."""
     use_tiny_teachers(monkeypatch)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    cfg = load_config(str(_distill_config(tmp_path, {})), ["--train.output_dir", str(tmp_path / "run")])
-    trainer = Trainer(cfg)
-    try:
-        trainer.out.mkdir(parents=True)
-        trainer.setup_data()
+    with in_process_trainer(_distill_config(tmp_path, {}), tmp_path / "run") as trainer:
         trainer.setup_model()
         parts = trainer.stateful_parts()
         assert list(parts) == ["model", "optimizer", "scheduler", "loss", "ema", "scaler", "distill"]
         assert parts["distill"] is trainer.distiller and not getattr(trainer.distiller, "optional", False)
         assert list(trainer.distiller.state_dict()) == ["projection.weight"]  # the teacher is not saved
-    finally:
-        trainer.accelerator.end_training()
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.mark.slow

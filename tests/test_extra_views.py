@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from helpers import (
     assert_same_checkpoint,
+    in_process_trainer,
     run_train,
     tb_scalars,
     tiny_teacher_file,
@@ -29,7 +29,6 @@ from facetrain.data.unlabelled import PoolOrder, UnlabelledBatches, pool_positio
 from facetrain.errors import UserError
 from facetrain.training.distill import teacher_view
 from facetrain.training.extra_views import ExtraViews, cutmix, cutmix_boxes, draw_pairs, mix_rng, mixup
-from facetrain.training.trainer import Trainer
 
 LEGACY_TEACHER = Path(__file__).parent / "data" / "legacy" / "model.onnx"  # a tiny facetrain export
 
@@ -227,13 +226,7 @@ def test_the_distillation_terms_see_the_batch_and_its_extra_views(tmp_path, monk
     rows, the teacher embeds exactly those rows, the metric loss gets the 16 labelled ones, the distillation
     terms all 21; the unlabelled rows are the folder's images, in the sample log."""
     use_tiny_teachers(monkeypatch)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    cfg = load_config(str(_config(tmp_path, tiny_teacher_file(tmp_path), {})),
-                      ["--train.output_dir", str(tmp_path / "run")])
-    trainer = Trainer(cfg)
-    try:
-        trainer.out.mkdir(parents=True)
-        trainer.setup_data()
+    with in_process_trainer(_config(tmp_path, tiny_teacher_file(tmp_path), {}), tmp_path / "run") as trainer:
         trainer.setup()
         trainer.sampler.set_epoch(0)
         seen = {"student": [], "teacher": [], "metric": [], "terms": []}
@@ -251,9 +244,6 @@ def test_the_distillation_terms_see_the_batch_and_its_extra_views(tmp_path, monk
         record = json.loads((trainer.out / "samples" / "rank0.jsonl").read_text().splitlines()[0])
         assert len(record["positions"]) == 16 and len(record["unlabelled"]) == 2
         assert all(p >= len(trainer.train_idx) for p in record["unlabelled"])  # folder images follow the training set
-    finally:
-        trainer.accelerator.end_training()
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_resume_is_exact_with_mixing_and_unlabelled_faces(tmp_path):

@@ -16,6 +16,7 @@ from accelerate.state import AcceleratorState
 from helpers import (
     TinyTeacher,
     assert_same_checkpoint,
+    in_process_trainer,
     run_train,
     tb_scalars,
     tiny_teacher_file,
@@ -33,7 +34,6 @@ from facetrain.data.transforms import eval_transform
 from facetrain.errors import UserError
 from facetrain.training import target_cache
 from facetrain.training.target_cache import CacheId, fill, read_cache
-from facetrain.training.trainer import Trainer
 
 SIZE = 16  # px: the un-augmented view the teacher embeds in these tests
 
@@ -215,13 +215,8 @@ def test_cached_targets_stay_fixed_while_the_students_views_change(tmp_path, mon
     """Two epochs: every position's target is the same each time it is drawn, though the student's augmented
     input differs; the teacher is never called during training (only to fill the cache, once per image)."""
     use_tiny_teachers(monkeypatch)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    cfg = load_config(str(_cached_config(tmp_path, {})), ["--train.output_dir", str(tmp_path / "run")])
-    assert cfg.data.augment.enabled
-    trainer = Trainer(cfg)
-    try:
-        trainer.out.mkdir(parents=True)
-        trainer.setup_data()
+    with in_process_trainer(_cached_config(tmp_path, {}), tmp_path / "run") as trainer:
+        assert trainer.cfg.data.augment.enabled
         trainer.setup()
         teacher = trainer.distiller.teacher
         assert teacher.calls == math.ceil(len(trainer.train_idx) / target_cache.EMBED_BATCH)
@@ -257,9 +252,6 @@ def test_cached_targets_stay_fixed_while_the_students_views_change(tmp_path, mon
             rgb = (plain[p][0].float() / 255.0).unsqueeze(0).expand(-1, 3, -1, -1)
             want = torch.as_tensor(np.asarray(teacher.embed(rgb), dtype=np.float32))[0]
             torch.testing.assert_close(seen_targets[p][0].float().cpu(), want, rtol=1e-5, atol=1e-5)
-    finally:
-        trainer.accelerator.end_training()
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_a_fill_that_fails_on_rank_0_stops_every_rank_with_its_line(tmp_path, monkeypatch):

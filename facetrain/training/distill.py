@@ -85,6 +85,12 @@ def teacher_view(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     return rgb.expand(-1, 3, -1, -1) if rgb.shape[1] == 1 else rgb.contiguous()
 
 
+def pixels_view(images: torch.Tensor) -> torch.Tensor:
+    """Un-normalised uint8 pixels (N, 1 or 3, H, W) -> RGB float32 in [0, 1], what a teacher takes (a gray
+    image as three equal channels)."""
+    return images.float().div_(255.0).expand(-1, 3, -1, -1)
+
+
 class Distiller(nn.Module):
     """The distillation terms with a weight > 0, the projection they need (the module's only parameters) and
     the teacher (held outside the module's state: never saved, never trained)."""
@@ -152,8 +158,7 @@ class Distiller(nn.Module):
         loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate)
         chunks = []
         for images, *_ in loader:
-            rgb = images.float() / 255.0  # uint8 pixels -> [0, 1]
-            chunks.append(self.teacher.embed(rgb.expand(-1, 3, -1, -1)).float().cpu())
+            chunks.append(self.teacher.embed(pixels_view(images)).float().cpu())
         return torch.cat(chunks)
 
 

@@ -45,6 +45,7 @@ from facetrain.errors import UserError
 from facetrain.runtime.atomic_dir import write_atomic
 from facetrain.runtime.distributed import broadcast_object
 from facetrain.runtime.user_dirs import cache_environment
+from facetrain.training.distill import pixels_view
 
 CACHE_FORMAT = "facetrain-teacher-targets"
 CACHE_VERSION = "1"
@@ -148,9 +149,9 @@ def fill(teacher: Teacher, dataset: FaceDataset, path: Path, cache_id: CacheId,
     for images, _, _ in loader:
         keys = [image_key(im) for im in images]
         missing = [i for i, k in enumerate(keys) if k not in known]
-        if missing:  # the teacher takes RGB in [0, 1] (gray views: three equal channels)
-            rgb = images[missing].float().div_(255.0).expand(-1, 3, -1, -1)
-            for i, target in zip(missing, np.asarray(teacher.embed(rgb), dtype=np.float32), strict=True):
+        if missing:
+            embedded = np.asarray(teacher.embed(pixels_view(images[missing])), dtype=np.float32)
+            for i, target in zip(missing, embedded, strict=True):
                 known[keys[i]] = target
         cached, computed = cached + len(keys) - len(missing), computed + len(missing)
         rows.extend(known[k] for k in keys)
