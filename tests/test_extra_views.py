@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers import (
     assert_same_checkpoint,
     in_process_trainer,
@@ -244,6 +245,28 @@ def test_the_distillation_terms_see_the_batch_and_its_extra_views(tmp_path, monk
         record = json.loads((trainer.out / "samples" / "rank0.jsonl").read_text().splitlines()[0])
         assert len(record["positions"]) == 16 and len(record["unlabelled"]) == 2
         assert all(p >= len(trainer.train_idx) for p in record["unlabelled"])  # folder images follow the training set
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_a_corrupt_unlabelled_face_is_found_before_the_first_step(tmp_path, monkeypatch, policy):
+    """distill.unlabelled's files go through the pre-flight's decode check when the loaders are built: a
+    truncated file stops the run with one line naming it (data.bad_images error), or is left out of the pool and
+    listed in preflight_unlabelled.txt (skip); without the check it would stop the run when first drawn."""
+    use_tiny_teachers(monkeypatch)
+    cfg = _config(tmp_path, tiny_teacher_file(tmp_path), {})
+    broken = tmp_path / "faces" / "a" / "broken.png"
+    broken.write_bytes((tmp_path / "faces" / "a" / "face_0.png").read_bytes()[:80])
+    cfg = tiny_train_config(tmp_path, {**yaml.safe_load(cfg.read_text()), "data": {
+        **yaml.safe_load(cfg.read_text())["data"], "bad_images": policy}}, name="bad.yaml")
+    with in_process_trainer(cfg, tmp_path / "run") as trainer:
+        if policy == "error":
+            with pytest.raises(UserError, match=rf"^distill\.unlabelled: 1 image\(s\) cannot be used: {broken} "):
+                trainer.setup()
+            return
+        trainer.setup()
+        folder = trainer.loader.dataset.folder
+        assert len(folder) == 3 and str(broken) not in folder.faceset.paths
+        assert str(broken) in (trainer.out / "preflight_unlabelled.txt").read_text()
 
 
 def test_resume_is_exact_with_mixing_and_unlabelled_faces(tmp_path):

@@ -183,11 +183,11 @@ class PreflightReport:
                     console.print(f"  {r['problem']:<16} {r['path']}  {r['detail']}", soft_wrap=True)
         return buf.getvalue()
 
-    def write(self, out_dir: str | Path) -> None:
+    def write(self, out_dir: str | Path, stem: str = "preflight") -> None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "preflight.json").write_text(json.dumps(self.to_dict(), indent=2))
-        (out / "preflight.txt").write_text(self.text())
+        (out / f"{stem}.json").write_text(json.dumps(self.to_dict(), indent=2))
+        (out / f"{stem}.txt").write_text(self.text())
 
     def error_message(self, policy_key: str = "data.bad_images", saved_to: Path | None = None,
                       remedy: str = "") -> str:
@@ -362,28 +362,38 @@ def note_exclusions(report: PreflightReport, drop: set[str], source: str) -> Non
     report.notes.sort(key=lambda r: (r["problem"], r["path"]))
 
 
-def apply_preflight(faceset: FaceSet, data_cfg, out_dir: str | Path, accelerator=None) -> FaceSet:
-    """Scan data_cfg.root on the main process, share the result with every rank, write the report into
-    `out_dir`, then stop (bad_images=error) or return `faceset` without the refused files (skip)."""
+def _on_main(check: Callable[[Console], PreflightReport], accelerator) -> PreflightReport:
+    """`check` on the main process only, its report shared with every rank; its error stops every rank with
+    the same line (not only the main one, which would leave the others waiting in the next collective)."""
     from facetrain.runtime.distributed import broadcast_object  # torch: training only (serve checks galleries)
 
-    main = accelerator is None or accelerator.is_main_process
-    out = Path(out_dir)
     result: PreflightReport | str | None = None
-    if main:
-        console = Console(highlight=False, width=None if Console().is_terminal else 120)
+    if accelerator is None or accelerator.is_main_process:
         try:
-            report = scan(data_cfg.root, data_cfg.max_image_pixels, console=console)
-            note_exclusions(report, excluded_paths(faceset, data_cfg), data_cfg.exclude)
-            console.print(report.table())
-            report.write(out)
-            result = report
-        except (UserError, OSError) as err:  # every rank must stop, not only this one
+            result = check(Console(highlight=False, width=None if Console().is_terminal else 120))
+        except (UserError, OSError) as err:
             result = str(err)
     if accelerator is not None:
         result = broadcast_object(result, accelerator)
     if isinstance(result, str):
         raise UserError(result)
+    return result
+
+
+def apply_preflight(faceset: FaceSet, data_cfg, out_dir: str | Path, accelerator=None) -> FaceSet:
+    """Scan data_cfg.root on the main process, share the result with every rank, write the report into
+    `out_dir`, then stop (bad_images=error) or return `faceset` without the refused files (skip)."""
+    main = accelerator is None or accelerator.is_main_process
+    out = Path(out_dir)
+
+    def check(console: Console) -> PreflightReport:
+        report = scan(data_cfg.root, data_cfg.max_image_pixels, console=console)
+        note_exclusions(report, excluded_paths(faceset, data_cfg), data_cfg.exclude)
+        console.print(report.table())
+        report.write(out)
+        return report
+
+    result = _on_main(check, accelerator)
     enforce(result, data_cfg.bad_images, saved_to=out / "preflight.txt")
     filtered = without_files(faceset, result.bad_paths) if result.bad else faceset
     if main and result.bad:
@@ -397,5 +407,29 @@ def apply_preflight(faceset: FaceSet, data_cfg, out_dir: str | Path, accelerator
     return filtered
 
 
+def preflight_extra_files(paths: list[str], key: str, data_cfg, out_dir: str | Path, stem: str,
+                          accelerator=None) -> list[str]:
+    """The decode check of files training reads from outside data.root (`key`: the setting that names them,
+    e.g. distill.unlabelled), on the main process and shared with every rank; the report goes to
+    `out_dir`/<stem>.txt and .json. data.bad_images `error`: stop with one line naming them; `skip`: `paths`
+    without the refused files."""
+    out = Path(out_dir)
+
+    def check(console: Console) -> PreflightReport:
+        report = check_files(paths, data_cfg.max_image_pixels, key, console=console)
+        report.write(out, stem)
+        return report
+
+    result = _on_main(check, accelerator)
+    enforce(result, data_cfg.bad_images, saved_to=out / f"{stem}.txt")
+    if not result.bad:
+        return paths
+    if accelerator is None or accelerator.is_main_process:
+        print(f"facetrain: pre-flight skipped {len(result.bad)} image(s) of {key} (data.bad_images: skip); list in "
+              f"{out / f'{stem}.txt'}", flush=True)
+    bad = result.bad_paths
+    return [p for p in paths if p not in bad]
+
+
 __all__ = ["REFUSED", "NOTED", "FileCheck", "PreflightReport", "check_image", "check_files", "scan", "enforce",
-           "without_files", "excluded_paths", "note_exclusions", "apply_preflight"]
+           "without_files", "excluded_paths", "note_exclusions", "apply_preflight", "preflight_extra_files"]

@@ -16,6 +16,7 @@ draws with 3 k per step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -126,11 +127,12 @@ def pool_positions(folder_images: int, train_labels: np.ndarray, sampler, unsamp
 
 
 def unlabelled_input(cfg: Config, train_ds, sampler, train_labels: np.ndarray, pre: Preprocess, world: int,
-                     rank: int):
+                     rank: int, check: Callable[[list[str]], list[str]] | None = None):
     """(training dataset, batch sampler, pool size) with distill.unlabelled_images appended to every micro-batch
     (unchanged, pool size 0, when distill.unlabelled_images is 0). The folder's images get the training transform
     of `pre` and data.augment (the PIL path; the config refuses a folder with a pack augmented on the device,
-    whose unsampled images are in the pack itself)."""
+    whose unsampled images are in the pack itself). `check`: the folder's files -> those to use (the trainer's
+    pre-flight: a corrupt file stops the run before it starts, or is left out, as data.bad_images says)."""
     from facetrain.data.dataset import FaceDataset  # torch: only when a loader is built
     from facetrain.data.faceset import unlabelled_faceset
     from facetrain.data.transforms import train_transform
@@ -139,6 +141,11 @@ def unlabelled_input(cfg: Config, train_ds, sampler, train_labels: np.ndarray, p
     if not d.unlabelled_images:
         return train_ds, sampler, 0
     paths = scan_unlabelled(d.unlabelled) if d.unlabelled else []
+    if paths and check is not None:
+        paths = check(paths)
+        if not paths:
+            raise UserError(f"distill.unlabelled: no usable image under {d.unlabelled} (all refused by the "
+                            "pre-flight): fix them or point it at another folder")
     if paths:
         folder = FaceDataset(unlabelled_faceset(paths), np.arange(len(paths)), np.full(len(paths), -1),
                              train_transform(pre, cfg.data.augment), cfg.data.bad_images)

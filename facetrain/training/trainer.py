@@ -182,6 +182,15 @@ class Trainer:
             parts["distill"] = self.distiller  # the projection
         return parts
 
+    def preflight_unlabelled(self, paths: list[str]) -> list[str]:
+        """distill.unlabelled's files through the pre-flight's decode check (unless data.preflight is off)."""
+        if not self.cfg.data.preflight:
+            return paths
+        from facetrain.data.preflight import preflight_extra_files
+
+        return preflight_extra_files(paths, "distill.unlabelled", self.cfg.data, self.out, "preflight_unlabelled",
+                                     self.accelerator)
+
     def setup_loaders(self) -> None:
         cfg, t, acc = self.cfg, self.t, self.accelerator
         self.workers = t.num_workers if t.num_workers >= 0 else default_num_workers(self.world)
@@ -192,7 +201,7 @@ class Trainer:
                                                                 cfg.model.channels_last)
         # distillation's extra views: unlabelled faces appended to each micro-batch, mixed faces made in train_step
         train_ds, batches, pool = unlabelled_input(cfg, train_ds, self.sampler, self.train_labels, self.pre,
-                                                   self.world, self.rank)
+                                                   self.world, self.rank, self.preflight_unlabelled)
         self.extra = ExtraViews(cfg.distill, t.seed, self.rank)
         if self.extra.count:
             self.log.print(self.extra.describe(pool))
