@@ -312,7 +312,8 @@ class TinyTeacher:
         import torch
         from torch import nn
 
-        self.dim, self.size = dim, size
+        self.dim, self.size, self.image_size = dim, size, size
+        self.path, self.notes = Path(f"tiny-teacher-{seed}"), []  # what describe() reports of a teacher
         with torch.random.fork_rng(devices=[]):  # the run's own random streams stay untouched
             torch.manual_seed(seed)
             # a smooth function of the image (a random linear map of its 6 x 6 thumbnail, standardised): learnable
@@ -357,7 +358,7 @@ def use_tiny_teachers(monkeypatch=None) -> None:
     loading a face model (facetrain/deploy/teacher.py): on `monkeypatch`, or for good in a test script."""
     from facetrain.training import distill
 
-    def build(cfg):
+    def build(cfg, device="cpu"):
         return TinyTeacher(**json.loads(Path(cfg.teacher).read_text()))
 
     if monkeypatch is not None:

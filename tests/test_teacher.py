@@ -25,7 +25,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from facetrain import eval as eval_cli  # noqa: E402
 from facetrain.deploy.input_spec import InputSpec, parse_input_spec  # noqa: E402
-from facetrain.deploy.teacher import TeacherEmbedder, describe, load_teacher  # noqa: E402
+from facetrain.deploy.teacher import TeacherEmbedder, describe, load_teacher, onnx_providers  # noqa: E402
 from facetrain.errors import UserError  # noqa: E402
 
 SIZE = 32  # px, the tiny graphs' input side
@@ -127,6 +127,62 @@ def test_third_party_quirks_are_handled_and_embeddings_agree(tmp_path):
         emb = teacher.embed(x)
         assert emb.dtype == np.float32 and emb.shape == (5, DIM) and teacher.dim == DIM
         np.testing.assert_allclose(emb, want, atol=1e-5)
+
+
+def test_the_teacher_follows_the_student_to_its_gpu_when_onnxruntime_can():
+    """On a GPU the ONNX teacher gets onnxruntime's CUDA provider (the rank's device), else the CPU with a
+    note saying why and what to install; on the CPU nothing is said."""
+    cpu_only, with_cuda = ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers("cpu", with_cuda) == (["CPUExecutionProvider"], "")
+    providers, note = onnx_providers("cuda:1", with_cuda)
+    assert providers == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert note == "on cuda:1 (onnxruntime CUDA)"
+    assert onnx_providers("cuda", with_cuda)[0][0] == ("CUDAExecutionProvider", {"device_id": 0})
+    providers, note = onnx_providers("cuda:0", cpu_only)
+    assert providers == ["CPUExecutionProvider"] and "pip install onnxruntime-gpu" in note
+
+
+@pytest.mark.parametrize("kind", ["onnx", "facetrain-onnx"])
+def test_a_gpu_run_whose_onnxruntime_has_no_cuda_gets_a_cpu_teacher_and_a_warning(tmp_path, kind):
+    """This machine's onnxruntime is the CPU-only wheel: a student on cuda:0 still gets a working teacher, and
+    the run's teacher line is a warning naming the fix (a CPU teacher costs many times a GPU step)."""
+    import onnxruntime
+
+    from facetrain.training.distill import teacher_line
+
+    assert "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
+    if kind == "onnx":
+        path, spec = tiny_graph(tmp_path / "plain.onnx"), f"size={SIZE},range=0-255"
+    else:
+        from tiny_onnx import write_tiny_onnx
+
+        path, spec = write_tiny_onnx(tmp_path / "exported.onnx"), None
+    on_cpu, on_gpu = load_teacher(path, spec), load_teacher(path, spec, device="cuda:0")
+    x = images(3)
+    np.testing.assert_allclose(on_gpu.embed(x), on_cpu.embed(x), atol=1e-6)
+    assert not any(n.startswith("on ") for n in on_cpu.notes)
+    assert on_gpu.notes[-1].startswith("on the CPU, not cuda:0: this onnxruntime has no CUDA provider")
+    assert teacher_line(on_gpu, "cuda:0").startswith("[yellow]warning:[/] teacher: ")
+    assert teacher_line(on_cpu, "cpu").startswith("teacher: ") and "pip install" in teacher_line(on_gpu, "cuda:0")
+
+
+def test_a_cuda_provider_onnxruntime_could_not_start_is_said():
+    """onnxruntime drops a provider it cannot start with only a log line: the session's own list decides."""
+    from facetrain.deploy.teacher import _placed
+
+    class Session:
+        def __init__(self, providers):
+            self.providers = providers
+
+        def get_providers(self):
+            return self.providers
+
+    wanted = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    assert _placed(Session(["CUDAExecutionProvider", "CPUExecutionProvider"]), "cuda:0", wanted, "on cuda:0") == [
+        "on cuda:0"]
+    assert "could not start its CUDA provider" in _placed(Session(["CPUExecutionProvider"]), "cuda:0", wanted,
+                                                          "on cuda:0")[0]
+    assert _placed(Session(["CPUExecutionProvider"]), "cpu", ["CPUExecutionProvider"], "") == []
 
 
 def test_embed_resizes_takes_tensors_and_respects_channel_order(tmp_path):

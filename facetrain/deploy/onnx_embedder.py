@@ -161,11 +161,14 @@ def update_metadata(path: str | Path, **fields) -> None:
     write_atomic(path, lambda tmp: onnx.save(proto, str(tmp)), "make the model file's folder writable")
 
 
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
 def new_session(source: str | bytes, path: Path, threads: int = 0, todo: str = "export the bundle again",
-                config: dict[str, str] | None = None):
-    """An onnxruntime CPU session over a file name or serialized model (`path` names it in errors); a graph
+                config: dict[str, str] | None = None, providers: list | None = None):
+    """An onnxruntime session over a file name or serialized model (`path` names it in errors); a graph
     onnxruntime refuses is one line ending with `todo`. threads: intra-op threads (0 = one per physical core);
-    `config`: extra session config entries."""
+    `config`: extra session config entries; `providers`: onnxruntime's execution providers (default: the CPU)."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -176,7 +179,7 @@ def new_session(source: str | bytes, path: Path, threads: int = 0, todo: str = "
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
     try:
-        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, sess_options=options, providers=providers or [CPU_PROVIDER])
     except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / ... types
         raise UserError(f"{path}: onnxruntime cannot load this file ({type(err).__name__}: {first_line(err)}); "
                         f"{todo}") from None
@@ -245,13 +248,13 @@ class OnnxEmbedder:
 
     @classmethod
     def load(cls, model_path: str | Path, batch_size: int = 64, num_workers: int = -1, flip: bool | None = None,
-             aligned: bool = False, threads: int = 0) -> OnnxEmbedder:
+             aligned: bool = False, threads: int = 0, providers: list | None = None) -> OnnxEmbedder:
         """flip: None = as exported; True/False must match the graph (the flip test is part of it).
         aligned=True: the images are aligned crops already (the recorded recipe is not applied). threads:
         onnxruntime's intra-op threads (0 = its default, one per physical core). num_workers: decoding
-        threads (-1 = the CPU count minus one, at most 8)."""
+        threads (-1 = the CPU count minus one, at most 8). providers: onnxruntime's (default: the CPU)."""
         path = resolve_onnx_path(model_path)
-        session = new_session(str(path), path, threads, "export the bundle again")
+        session = new_session(str(path), path, threads, "export the bundle again", providers=providers)
         meta = decode_metadata(session.get_modelmeta().custom_metadata_map, path)
         check_graph(session, meta, path)
         graph_flip = bool(meta["export"].get("flip_test", False))

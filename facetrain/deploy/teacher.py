@@ -31,10 +31,12 @@ from PIL import Image
 
 from facetrain.deploy.input_spec import CHANNELS, SPEC_FORMS, InputSpec, parse_input_spec
 from facetrain.deploy.onnx_embedder import (
+    CPU_PROVIDER,
     META_BUNDLE,
     OnnxEmbedder,
     decode_workers,
     first_line,
+    import_onnxruntime,
     new_session,
 )
 from facetrain.deploy.onnx_graph import TEACHER_TODO, check_input, drop_unused_inputs, free_batch, read_onnx
@@ -45,6 +47,7 @@ PROBE_BATCH = 2  # images of the load-time test run: proves a dynamic batch and 
 # onnxruntime keeps DequantizeLinear nodes (for its int8 kernels) unless QDQ handling is off; off, constant
 # folding turns quantized weights into fp32 once at load (bench/teacher_cost.py measures which is faster)
 FOLD_QUANTIZED = {"session.disable_quant_qdq": "1"}
+CUDA_PROVIDER = "CUDAExecutionProvider"  # onnxruntime-gpu's; the plain onnxruntime wheel has the CPU only
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -159,8 +162,29 @@ def stored_spec(proto) -> str:
     return props.get(INPUT_SPEC_KEY, "")
 
 
+def onnx_providers(device: str, available: list[str]) -> tuple[list, str]:
+    """(onnxruntime execution providers, note) for a teacher serving a student that trains on `device`
+    ("cpu", "cuda", "cuda:1"; `available`: onnxruntime's providers). On a GPU the teacher runs there too when
+    onnxruntime can: on the CPU an ONNX teacher would cost many times the student's GPU step."""
+    kind, _, index = device.partition(":")
+    if kind != "cuda":
+        return [CPU_PROVIDER], ""
+    if CUDA_PROVIDER not in available:
+        return [CPU_PROVIDER], (f"on the CPU, not {device}: this onnxruntime has no CUDA provider (pip install "
+                                "onnxruntime-gpu to run the teacher on the GPU)")
+    return [(CUDA_PROVIDER, {"device_id": int(index or 0)}), CPU_PROVIDER], f"on {device} (onnxruntime CUDA)"
+
+
+def _placed(session, device: str, wanted: list, note: str) -> list[str]:
+    """The note on where the teacher runs, checked against the session: onnxruntime drops a provider it
+    cannot start (CUDA libraries missing) with only a log line, so a GPU the session lacks is said here."""
+    if len(wanted) > 1 and CUDA_PROVIDER not in session.get_providers():
+        note = f"on the CPU, not {device}: onnxruntime could not start its CUDA provider (check its CUDA libraries)"
+    return [note] if note else []
+
+
 def load_onnx_teacher(path: Path, spec: InputSpec | str | None, threads: int = 0,
-                      fold_quantized: bool = True) -> OnnxTeacher:
+                      fold_quantized: bool = True, device: str = "cpu") -> OnnxTeacher:
     """A third-party ONNX file (see the module docstring). `spec` None: the file's metadata `INPUT_SPEC_KEY`."""
     proto = read_onnx(path)
     spec = spec or stored_spec(proto)
@@ -171,21 +195,26 @@ def load_onnx_teacher(path: Path, spec: InputSpec | str | None, threads: int = 0
     notes = drop_unused_inputs(proto)
     name = check_input(proto, spec, path)
     config = FOLD_QUANTIZED if fold_quantized else None
+    providers, placed = onnx_providers(device, import_onnxruntime().get_available_providers())
+
+    def session(model: bytes):
+        return new_session(model, path, threads, TEACHER_TODO, config, providers)
+
     fixed = proto.SerializeToString()
     if free_batch(proto):
         try:
-            teacher = OnnxTeacher(new_session(proto.SerializeToString(), path, threads, TEACHER_TODO, config),
-                                  name, spec, path, True, notes)
+            teacher = OnnxTeacher(session(proto.SerializeToString()), name, spec, path, True, notes)
             teacher.dim = _probe(teacher)
             teacher.notes.append("fixed batch of 1 made dynamic")
+            teacher.notes += _placed(teacher.session, device, providers, placed)
             return teacher
         except UserError:  # the graph itself depends on the batch of 1 (a Reshape to 1 x ...): loop instead
             notes = [*notes, "fixed batch of 1 kept: the graph only runs one image, batches are looped"]
-            teacher = OnnxTeacher(new_session(fixed, path, threads, TEACHER_TODO, config), name, spec, path,
-                                  False, notes)
+            teacher = OnnxTeacher(session(fixed), name, spec, path, False, notes)
     else:
-        teacher = OnnxTeacher(new_session(fixed, path, threads, TEACHER_TODO, config), name, spec, path, True, notes)
+        teacher = OnnxTeacher(session(fixed), name, spec, path, True, notes)
     teacher.dim = _probe(teacher)
+    teacher.notes += _placed(teacher.session, device, providers, placed)
     return teacher
 
 
@@ -215,10 +244,13 @@ class ExportedTeacher:
         return _like_input(l2_normalise(self.embedder.run(np.ascontiguousarray(pixels))), images)
 
 
-def load_exported_teacher(path: Path, spec, threads: int = 0, fold_quantized: bool = True) -> ExportedTeacher:
+def load_exported_teacher(path: Path, spec, threads: int = 0, fold_quantized: bool = True,
+                          device: str = "cpu") -> ExportedTeacher:
     if spec:
         raise UserError(f"{path}: a facetrain.export file states its own input in its metadata; drop the input spec")
-    return ExportedTeacher(OnnxEmbedder.load(path, aligned=True, threads=threads, num_workers=0))
+    providers, placed = onnx_providers(device, import_onnxruntime().get_available_providers())
+    embedder = OnnxEmbedder.load(path, aligned=True, threads=threads, num_workers=0, providers=providers)
+    return ExportedTeacher(embedder, _placed(embedder.session, device, providers, placed))
 
 
 @dataclass
@@ -255,14 +287,15 @@ class BundleTeacher:
         return emb.to(images.device) if hasattr(images, "detach") else emb.cpu().numpy()
 
 
-def load_bundle_teacher(path: Path, spec, threads: int = 0, fold_quantized: bool = True) -> BundleTeacher:
+def load_bundle_teacher(path: Path, spec, threads: int = 0, fold_quantized: bool = True,
+                        device: str = "cpu") -> BundleTeacher:
     if spec:
         raise UserError(f"{path}: a facetrain bundle states its own input in facetrain.json; drop the input spec")
     from facetrain.model.bundle import load_bundle
     from facetrain.model.files import resolve_model_path
 
     model, pre, meta = load_bundle(resolve_model_path(path))
-    return BundleTeacher(model.eval(), pre, Path(meta["path"]))
+    return BundleTeacher(model.eval().to(device), pre, Path(meta["path"]), [] if device == "cpu" else [f"on {device}"])
 
 
 TEACHER_KINDS = {"onnx": load_onnx_teacher, "facetrain-onnx": load_exported_teacher, "bundle": load_bundle_teacher}
@@ -279,13 +312,14 @@ def teacher_kind(path: Path) -> str:
 
 
 def load_teacher(path: str | Path, spec: InputSpec | str | None = None, threads: int = 0,
-                 fold_quantized: bool = True) -> Teacher:
+                 fold_quantized: bool = True, device: str = "cpu") -> Teacher:
     """The teacher in `path` (any of `TEACHER_KINDS`), checked by a test run. spec: the input of a third-party
     ONNX file (an InputSpec or its text form; refused for the other kinds, whose files say it). threads:
     onnxruntime's intra-op threads (0 = one per physical core). fold_quantized: int8 weights dequantized to
-    fp32 once at load instead of at every run."""
+    fp32 once at load instead of at every run. device: where the student trains ("cpu", "cuda:0"): the
+    teacher runs there too when it can (`onnx_providers`; a bundle is moved there); `notes` says where."""
     path = Path(path)
-    return TEACHER_KINDS[teacher_kind(path)](path, spec, threads, fold_quantized)
+    return TEACHER_KINDS[teacher_kind(path)](path, spec, threads, fold_quantized, str(device))
 
 
 def teacher_sha256(path: str | Path) -> str:

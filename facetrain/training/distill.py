@@ -20,22 +20,32 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from rich.markup import escape
 from torch import nn
 
 from facetrain.config.names import PROJECTION_NAMES, keyed_by
 from facetrain.config.schema import DistillConfig
 from facetrain.data.images import Preprocess
 from facetrain.data.transforms import collate
-from facetrain.deploy.teacher import Teacher, load_teacher, teacher_sha256
+from facetrain.deploy.teacher import Teacher, describe, load_teacher, teacher_sha256
 from facetrain.errors import UserError
 from facetrain.runtime.distributed import gather_for_loss
 from facetrain.training.losses import DISTILL_LOSSES, DistillTerm, autocast_off
 
 
-def build_teacher(cfg: DistillConfig) -> Teacher:
-    """The teacher of distill.teacher, loaded once per process (its file was checked when the config loaded).
-    onnxruntime gets this process's torch thread count: under DDP each rank has its share of the cores."""
-    return load_teacher(cfg.teacher, cfg.teacher_input or None, threads=torch.get_num_threads())
+def build_teacher(cfg: DistillConfig, device: torch.device | str = "cpu") -> Teacher:
+    """The teacher of distill.teacher, loaded once per process (its file was checked when the config loaded),
+    on this rank's training device when it can run there (deploy/teacher.py `onnx_providers`). onnxruntime gets
+    this process's torch thread count: under DDP each rank has its share of the cores."""
+    return load_teacher(cfg.teacher, cfg.teacher_input or None, threads=torch.get_num_threads(), device=str(device))
+
+
+def teacher_line(teacher: Teacher, device: torch.device | str) -> str:
+    """The run's one line about its teacher; a warning when the student trains on a GPU and the teacher cannot
+    (an ONNX teacher on the CPU then costs many times the student's step)."""
+    text = f"teacher: {escape(describe(teacher))}"
+    on_cpu = torch.device(device).type != "cpu" and any(n.startswith("on the CPU") for n in teacher.notes)
+    return f"[yellow]warning:[/] {text}" if on_cpu else text
 
 
 def teacher_provenance(path: str | Path) -> dict:

@@ -147,8 +147,10 @@ class Trainer:
         cfg.data.mean, cfg.data.std = self.pre.mean, self.pre.std  # the resolved config records what was used
         self.loss_fn = MetricLoss(cfg.loss, num_classes=len(self.train_ids), embedding_dim=cfg.model.embedding_dim)
         # distill.teacher: the teacher (loaded once per rank) and the projection the optimizer trains with the loss
-        self.distiller = (distill.Distiller(cfg.distill, distill.build_teacher(cfg.distill), cfg.model.embedding_dim,
-                                            self.pre) if cfg.distill.teacher else None)
+        teacher = distill.build_teacher(cfg.distill, self.accelerator.device) if cfg.distill.teacher else None
+        self.distiller = distill.Distiller(cfg.distill, teacher, cfg.model.embedding_dim, self.pre) if teacher else None
+        if teacher is not None:  # which file, its input, and where it runs (a GPU run's teacher on the CPU warns)
+            self.log.print(distill.teacher_line(teacher, self.accelerator.device))
         extra = self.loss_fn if self.distiller is None else torch.nn.ModuleList([self.loss_fn, self.distiller])
         optimizer = create_optimizer(model, extra, cfg.optim)
         self.schedule = Schedule(optimizer, cfg.optim, self.steps_per_epoch, self.max_steps, t.val_metric)
