@@ -6,6 +6,9 @@ teacher, the same student, data, batch and seed, measured side by side in one pr
     python bench/distill_step.py --mix cutmix --mix-images 16 --unlabelled ../shared/data/faces/ext_yale_b_cropped \
         --unlabelled-images 16                          # a third variant: distillation with extra views
     python bench/distill_step.py --cached               # also distill.targets cached (the teacher's targets read)
+    python bench/distill_step.py --data synthetic --teacher-backbone tf_efficientnet_lite0 --batch 256
+                                                        # no files needed (bench/gpu_check.sh): a random-weights
+                                                        # bundle teacher, run in torch on the student's device
 
 Two trainers are built once (`plain`: the metric loss alone; `distill`: plus distill.teacher with the cosine and
 relational terms, i.e. one teacher forward pass of the student's augmented batch per step), then timed round by
@@ -37,7 +40,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default=str(SFACE), help="teacher file (default: SFace from ../shared/weights)")
     p.add_argument("--input-spec", default=SFACE_SPEC, help="its input spec (default SFace's; '' for facetrain files)")
-    p.add_argument("--data", default=str(SHARED / "data" / "faces" / "att_faces"), help="labelled image folder")
+    p.add_argument("--data", default=str(SHARED / "data" / "faces" / "att_faces"),
+                   help="labelled image folder, or 'synthetic' (the built-in synthetic faces)")
+    p.add_argument("--teacher-backbone", default="", help="instead of --teacher: a facetrain bundle of this timm "
+                   "model with random weights (seed 0, 128-d, at --image-size), written to a temporary folder")
     p.add_argument("--backbone", default="tf_efficientnet_lite0")
     p.add_argument("--image-size", type=int, default=112, help="student input side, px (default 112)")
     p.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
@@ -72,8 +78,9 @@ def build(args, out: Path, teacher: str, extra: list[str] = ()):
     from facetrain.config.load import load_config
     from facetrain.training.trainer import Trainer
 
-    data = (["--data.source", "synthetic", "--data.synthetic_identities", "12"] if args.smoke
-            else ["--data.source", "folder", "--data.root", args.data])
+    synthetic = ["--data.source", "synthetic", "--data.synthetic_identities", "12" if args.smoke else "64"]
+    data = synthetic if args.smoke or args.data == "synthetic" else ["--data.source", "folder", "--data.root",
+                                                                     args.data]
     overrides = [*data, "--data.image_size", str(args.image_size), "--model.backbone", args.backbone,
                  "--model.pretrained", "false", "--train.batch_size", str(args.batch), "--train.m", "4",
                  "--train.max_steps", "1000", "--train.output_dir", str(out), "--train.num_workers", "0",
@@ -86,6 +93,22 @@ def build(args, out: Path, teacher: str, extra: list[str] = ()):
     trainer.setup_data()
     trainer.setup()
     return trainer
+
+
+def random_teacher(backbone: str, image_size: int, directory: Path) -> str:
+    """A facetrain bundle of `backbone` with seeded random weights: a teacher of that architecture's cost."""
+    import torch
+
+    from facetrain.config.schema import DataConfig, ModelConfig
+    from facetrain.model.bundle import write_bundle
+    from facetrain.model.network import create_model, resolve_preprocess
+
+    directory.mkdir(parents=True)
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone, embedding_dim=128)
+    model = create_model(cfg)
+    write_bundle(directory, model, cfg, resolve_preprocess(DataConfig(image_size=image_size), model), {"step": 0})
+    return str(directory)
 
 
 def endless(trainer):
@@ -113,6 +136,8 @@ def run(args) -> dict:
     from facetrain.deploy.teacher import describe
 
     tmp = Path(tempfile.mkdtemp(prefix="distill_step_"))
+    if args.teacher_backbone:
+        args.teacher, args.input_spec = random_teacher(args.teacher_backbone, args.image_size, tmp / "teacher"), ""
     trainers = {"plain": build(args, tmp / "plain", ""), "distill": build(args, tmp / "distill", args.teacher)}
     if extra_overrides(args):
         trainers["extra"] = build(args, tmp / "extra", args.teacher, extra_overrides(args))
@@ -127,7 +152,8 @@ def run(args) -> dict:
         for name, trainer in trainers.items():
             per_step[name].append(timed(trainer, batches[name], args.steps))
     result = {"teacher": describe(trainers["distill"].distiller.teacher),
-              "student": f"{args.backbone} at {args.image_size} px, batch {args.batch}"}
+              "student": f"{args.backbone} at {args.image_size} px, batch {args.batch}, on "
+                         f"{trainers['distill'].accelerator.device}"}
     for name, times in per_step.items():
         result[f"{name}_s"] = [round(wall, 3) for wall, _ in times]
         result[f"{name}_cpu_s"] = [round(cpu, 3) for _, cpu in times]

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # GPU check: facetrain's training step against the raw model step, eval embedding and all-pairs scoring speed,
-# and peak GPU memory, on one CUDA GPU (written for a lent H200: 16 CPU cores, no network). Under 12 minutes.
+# the distillation step, and peak GPU memory, on one CUDA GPU (written for a lent H200: 16 CPU cores, no
+# network). All parts: under 15 minutes; a device command may run 10, so run them in two calls (--parts).
 #
 #   bash bench/gpu_check.sh             # from the repository root, on the GPU machine; prints a short table
 #   bash bench/gpu_check.sh --smoke     # anywhere, CPU included: tiny sizes, exercises every part (~2-4 min)
+#   bash bench/gpu_check.sh --parts train,data      # some parts only (train, data, distill, eval; default all)
+#   bash bench/gpu_check.sh --parts distill,eval
 #
 # Parts (each under its own time limit, so one slow part cannot eat the others' time):
 #   train    bench/train_throughput.py --data synthetic: raw step, raw step + facetrain's per-step guard sync,
@@ -17,6 +20,9 @@
 #   scoring  facetrain.evaluation.scoring.all_pairs_roc on 10^5 random 512-d embeddings on the GPU (5e9 pairs).
 #   design   the article's evaluator design on the GPU (batch-1 fp32 forwards, one .item() per ordered pair),
 #            timed on samples and scaled to 950 images, against the eval rate above + all-pairs scoring.
+#   distill  bench/distill_step.py --data synthetic: facetrain's training step with and without an online teacher
+#            (a random-weights facetrain bundle of tf_efficientnet_lite0 at 112 px, run in torch on the GPU: the
+#            device image has no onnxruntime for the SFace file), student tf_efficientnet_lite0 112 px, batch 256.
 #   data     bench/data_path.py --parts gpu: the raw step against facetrain.training.trainer.train() fed by each data
 #            path (image folder + PIL augmentation in DataLoader workers, pack + PIL, pack + augmentation on
 #            the GPU), tf_efficientnetv2_b0 bf16 channels_last, batch 256, 112 and 224 px, synthetic colour faces
@@ -34,7 +40,15 @@
 set -euo pipefail
 
 SMOKE=0
-[[ "${1:-}" == "--smoke" ]] && SMOKE=1
+PARTS=train,data,distill,eval
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --smoke) SMOKE=1; shift ;;
+        --parts) PARTS="${2:?--parts needs a comma-separated list of train,data,distill,eval}"; shift 2 ;;
+        *) echo "bench/gpu_check.sh: unknown argument $1 (use --smoke, --parts LIST)" >&2; exit 2 ;;
+    esac
+done
+want() { [[ ",$PARTS," == *",$1,"* ]]; }
 cd "$(dirname "$0")/.."
 
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -61,9 +75,11 @@ else
     TRAIN_LIMIT=330
 fi
 
-echo "== train (limit ${TRAIN_LIMIT}s)"
-timeout "$TRAIN_LIMIT" python3 bench/train_throughput.py --data synthetic --variants raw,raw_guard,facetrain \
-    "${TRAIN_ARGS[@]}" --no-write --json "$OUT/train.json" || echo "train part failed or timed out (rc $?)"
+if want train; then
+    echo "== train (limit ${TRAIN_LIMIT}s)"
+    timeout "$TRAIN_LIMIT" python3 bench/train_throughput.py --data synthetic --variants raw,raw_guard,facetrain \
+        "${TRAIN_ARGS[@]}" --no-write --json "$OUT/train.json" || echo "train part failed or timed out (rc $?)"
+fi
 
 if [[ $SMOKE == 1 ]]; then
     DATA_ARGS=(--smoke)
@@ -72,10 +88,26 @@ else
     DATA_ARGS=(--sizes 112,224 --gpu-steps 20)
     DATA_LIMIT=240
 fi
-echo "== data path (limit ${DATA_LIMIT}s)"
-timeout "$DATA_LIMIT" python3 bench/data_path.py --parts gpu "${DATA_ARGS[@]}" --no-write --json "$OUT/data.json" \
-    || echo "data part failed or timed out (rc $?)"
+if want data; then
+    echo "== data path (limit ${DATA_LIMIT}s)"
+    timeout "$DATA_LIMIT" python3 bench/data_path.py --parts gpu "${DATA_ARGS[@]}" --no-write --json "$OUT/data.json" \
+        || echo "data part failed or timed out (rc $?)"
+fi
 
+if [[ $SMOKE == 1 ]]; then
+    DISTILL_ARGS=(--teacher-backbone test_efficientnet --backbone test_efficientnet --image-size 32 --batch 16
+                  --steps 1 --rounds 1)
+else
+    DISTILL_ARGS=(--teacher-backbone tf_efficientnet_lite0 --backbone tf_efficientnet_lite0 --image-size 112
+                  --batch 256 --steps 10 --rounds 2)
+fi
+if want distill; then
+    echo "== distill (limit 150s)"
+    timeout 150 python3 bench/distill_step.py --data synthetic "${DISTILL_ARGS[@]}" --no-write \
+        --json "$OUT/distill.json" || echo "distill part failed or timed out (rc $?)"
+fi
+
+if want eval; then
 echo "== eval + scoring (limit 140s)"
 SMOKE=$SMOKE OUT=$OUT timeout 140 python3 - <<'PY' || echo "eval/scoring part failed or timed out (rc $?)"
 import json
@@ -187,14 +219,20 @@ out.update(n_images=n_images, n_scores=n_scores, image_size=size, batch=batch)
 with open(os.path.join(os.environ["OUT"], "eval.json"), "w") as fh:
     json.dump(out, fh, indent=2)
 PY
+fi
 
 echo "== summary"
-OUT=$OUT python3 - <<'PY'
+OUT=$OUT PARTS=$PARTS python3 - <<'PY'
 import json
 import os
 from pathlib import Path
 
 out = Path(os.environ["OUT"])
+parts = os.environ["PARTS"].split(",")
+
+
+def missing(part: str) -> str:
+    return "that part failed" if part in parts else "not in --parts"
 
 
 def gib(value):
@@ -216,7 +254,7 @@ if (out / "train.json").is_file():
               f"{ft['median'] if ft else float('nan'):10.1f} "
               f"{ft['x_raw'] if ft and ft.get('x_raw') is not None else float('nan'):7.2f} {peak}")
 else:
-    print("no training figures (train part failed)")
+    print(f"no training figures ({missing('train')})")
 if (out / "eval.json").is_file():
     e = json.loads((out / "eval.json").read_text())
     print(f"eval embedding, bf16 + channels_last, {e['image_size']} px, batch {e['batch']}: "
@@ -230,7 +268,7 @@ if (out / "eval.json").is_file():
           f"{e['design_pair_us']:.1f} us per ordered pair) vs facetrain {e['design_facetrain_s']:.2f} s: "
           f"{e['design_article_s'] / e['design_facetrain_s']:.1f}x")
 else:
-    print("no eval/scoring figures (that part failed)")
+    print(f"no eval/scoring figures ({missing('eval')})")
 if (out / "data.json").is_file():
     rows = json.loads((out / "data.json").read_text())["gpu"]
     print("data paths feeding the training step (img/s; x raw in brackets), bf16 + channels_last:")
@@ -239,6 +277,13 @@ if (out / "data.json").is_file():
         cells = [f"{r[k]:8.0f} ({r[k] / r['raw']:.2f})" for k in ("pil_folder", "pil_packed", "device_packed")]
         print(f"{r['size']:>4} {r['batch']:>5} {r['raw']:8.0f} " + " ".join(f"{c:>17}" for c in cells))
 else:
-    print("no data-path figures (that part failed)")
-print(f"raw JSON: {out}/train.json, {out}/eval.json, {out}/data.json")
+    print(f"no data-path figures ({missing('data')})")
+if (out / "distill.json").is_file():
+    d = json.loads((out / "distill.json").read_text())
+    print(f"distillation step: {d['student']}; teacher {d['teacher']}: {min(d['plain_s']):.3f} s/step without, "
+          f"{min(d['distill_s']):.3f} s/step with the online teacher (x{min(d['ratio']):.2f} to "
+          f"x{max(d['ratio']):.2f} per round)")
+else:
+    print(f"no distillation figures ({missing('distill')})")
+print(f"raw JSON: {out}/train.json, {out}/eval.json, {out}/data.json, {out}/distill.json")
 PY

@@ -12,6 +12,7 @@ default, valid values and meaning, from facetrain/config/schema.py), --debug (sh
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Before torch loads: how idle OpenMP threads wait (facetrain/runtime/threads.py; the environment's setting wins).
 from facetrain.runtime import threads
@@ -46,6 +47,9 @@ def main(argv: list[str]) -> int:
     if cfg.model.init_from:  # the model to fine-tune fits this config: checked before any data is read
         from facetrain.model.files import check_init_from
         check_init_from(cfg.model)
+    if cfg.distill.teacher and Path(cfg.distill.teacher).is_dir():  # a bundle teacher is a bundle: checked too
+        from facetrain.model.files import check_bundle
+        check_bundle(cfg.distill.teacher, "distill.teacher")
     from facetrain.training.trainer import train  # heavy imports only after the config is known to be valid
 
     summary = train(cfg)

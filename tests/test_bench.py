@@ -57,6 +57,21 @@ def test_warp_cost_times_the_same_warp_in_c_as_grid_sample(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_check_distill_part_runs_here_at_smoke_size(tmp_path):
+    """bench/gpu_check.sh --smoke --parts distill on this CPU: only that part runs (the others say so), with a
+    random-weights bundle teacher on synthetic faces (the device has neither ../shared nor onnxruntime), and
+    the summary gives both step times."""
+    env = {**subprocess_env(), "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--smoke", "--parts", "distill"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "distill.json").read_text())
+    assert result["plain_s"][0] > 0 and result["distill_s"][0] > 0 and "on cpu" in result["student"]
+    assert "no training figures (not in --parts)" in proc.stdout and "== train" not in proc.stdout
+    assert "distillation step: test_efficientnet at 32 px, batch 16, on cpu; teacher " in proc.stdout
+
+
+@pytest.mark.slow
 def test_gpu_check_data_path_comparison_runs_here_at_smoke_size(tmp_path):
     """bench/gpu_check.sh's data-path part (bench/data_path.py --parts gpu) on this CPU at tiny sizes: every
     path trains and reports a rate, so a bug shows here and not first during a scarce GPU lease."""

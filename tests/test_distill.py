@@ -143,7 +143,7 @@ def test_the_teacher_sees_the_students_input_as_rgb_in_0_1():
 
 @pytest.mark.parametrize("overrides, message", [
     (["--distill.cosine_weight", "2"], "distill.cosine_weight: set only with distill.teacher"),
-    (["--distill.teacher", "/nonexistent/sface.onnx"], "distill.teacher: file not found: /nonexistent/sface.onnx"),
+    (["--distill.teacher", "/nonexistent/sface.onnx"], "distill.teacher: not found: /nonexistent/sface.onnx"),
     (["--distill.projection", "pca"], "distill.projection: unknown projection 'pca'"),
     (["--distill.relational_weight", "-1"], "distill.relational_weight: must be >= 0"),
     (["--distill.metric_weight", "0", "--distill.cosine_weight", "0", "--distill.relational_weight", "0"],
@@ -271,6 +271,28 @@ def test_a_malformed_teacher_input_is_one_line_before_training(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("facetrain: error: distill.teacher_input: 'colour=rgb' is not KEY=VALUE")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bundle_teacher_trains_and_a_folder_that_is_not_one_is_one_line(tmp_path):
+    """A facetrain bundle (a folder) is a teacher for training too, not only for the loader: the config accepts
+    it, the run says which teacher it uses and where, and learns from it; a folder that is no bundle is one line
+    naming distill.teacher before any data is read."""
+    import json
+
+    from helpers import run_in_process
+
+    bundle = Path(__file__).parent / "data" / "legacy" / "bundle"
+    cfg = tiny_train_config(tmp_path, {"distill": {"teacher": str(bundle)},
+                                       "train": {"max_steps": 2, "val_every": 2, "ckpt_every": 2}})
+    done = run_in_process("facetrain.train", ["--config", cfg, "--train.output_dir", tmp_path / "run"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"teacher: {bundle}: size=" in done.stdout
+    assert "teacher_agreement" in json.loads((tmp_path / "run" / "done.json").read_text())["final"]
+    (tmp_path / "empty").mkdir()
+    done = run_in_process("facetrain.train", ["--config", cfg, "--distill.teacher", tmp_path / "empty",
+                                              "--train.output_dir", tmp_path / "run2"])
+    assert done.returncode == 2 and done.stderr.startswith(f"facetrain: error: distill.teacher: {tmp_path / 'empty'}")
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "run2").exists()
 
 
 def test_the_card_names_a_bundle_teacher_by_its_weights(tmp_path):

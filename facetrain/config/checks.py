@@ -185,8 +185,8 @@ def _check_distill(d: DistillConfig) -> None:
             raise UserError(f"{changed[0]}: set only with distill.teacher (a face model file to learn from); set "
                             f"distill.teacher or remove {changed[0]}")
         return
-    if not Path(d.teacher).is_file():
-        raise UserError(f"distill.teacher: file not found: {d.teacher}; give the path of an ONNX face model or a "
+    if not Path(d.teacher).exists():  # a file (ONNX), or a folder (a facetrain bundle: train.py checks it)
+        raise UserError(f"distill.teacher: not found: {d.teacher}; give the path of an ONNX face model or a "
                         "facetrain bundle")
     if d.metric_weight == d.cosine_weight == d.relational_weight == 0:
         raise UserError("distill.metric_weight, distill.cosine_weight, distill.relational_weight: all 0 leaves "

@@ -79,16 +79,22 @@ def check_init_from(model_cfg) -> dict:
     if is_onnx_file(model_cfg.init_from):  # an export holds no trainable weights
         raise UserError(f"model.init_from: {model_cfg.init_from} is an ONNX file; give the facetrain bundle it was "
                         "exported from (e.g. runs/<name>/bundle)")
-    try:
-        meta = read_bundle_meta(resolve_model_path(model_cfg.init_from))
-    except UserError as err:
-        raise UserError(f"model.init_from: {str(err).removeprefix('--model: ')}") from None
+    meta = check_bundle(model_cfg.init_from, "model.init_from")
     for key in ("backbone", "embedding_dim"):
         theirs, ours = meta["model"].get(key), getattr(model_cfg, key)
         if theirs != ours:
             raise UserError(f"model.init_from: {meta['path']} has model.{key} {theirs!r}, this config {ours!r}; "
                             f"set model.{key} {theirs} to fine-tune it")
     return meta
+
+
+def check_bundle(path: str | Path, key: str) -> dict:
+    """The metadata of the bundle, checkpoint or run directory that the setting `key` names; one line naming
+    `key` otherwise."""
+    try:
+        return read_bundle_meta(resolve_model_path(path))
+    except UserError as err:
+        raise UserError(f"{key}: {str(err).removeprefix('--model: ')}") from None
 
 
 def read_bundle_meta(path: str | Path) -> dict:
