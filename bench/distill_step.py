@@ -97,18 +97,9 @@ def build(args, out: Path, teacher: str, extra: list[str] = ()):
 
 def random_teacher(backbone: str, image_size: int, directory: Path) -> str:
     """A facetrain bundle of `backbone` with seeded random weights: a teacher of that architecture's cost."""
-    import torch
+    from facetrain.model.bundle import write_random_bundle
 
-    from facetrain.config.schema import DataConfig, ModelConfig
-    from facetrain.model.bundle import write_bundle
-    from facetrain.model.network import create_model, resolve_preprocess
-
-    directory.mkdir(parents=True)
-    torch.manual_seed(0)
-    cfg = ModelConfig(backbone=backbone, embedding_dim=128)
-    model = create_model(cfg)
-    write_bundle(directory, model, cfg, resolve_preprocess(DataConfig(image_size=image_size), model), {"step": 0})
-    return str(directory)
+    return str(write_random_bundle(directory, backbone, 128, image_size))
 
 
 def endless(trainer):

@@ -91,11 +91,7 @@ def _last_json(text: str) -> dict:
 
 def prepare(work: Path) -> tuple[Path, Path]:
     """(folder of 19 x 50 symlinked images, bundle of a random tf_efficientnetv2_b0)."""
-    import torch
-
-    from facetrain.config.schema import DataConfig, ModelConfig
-    from facetrain.model.bundle import write_bundle
-    from facetrain.model.network import create_model, resolve_preprocess
+    from facetrain.model.bundle import write_random_bundle
 
     if not FACES.is_dir():
         sys.exit(f"benchmark: {FACES} not found (the shared face data is only present in the facetrain workplace)")
@@ -105,13 +101,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
         (data / person.name).mkdir(parents=True)
         for f in sorted(person.iterdir())[:PER_ID]:
             (data / person.name / f.name).symlink_to(f)
-    torch.manual_seed(0)
-    cfg = ModelConfig(backbone=BACKBONE, embedding_dim=512)
-    model = create_model(cfg)
-    bundle = work / "bundle"
-    bundle.mkdir()
-    write_bundle(bundle, model, cfg, resolve_preprocess(DataConfig(image_size=IMAGE_SIZE), model))
-    return data, bundle
+    return data, write_random_bundle(work / "bundle", BACKBONE, 512, IMAGE_SIZE)
 
 
 def baseline_worker(bundle: str, data: str, pair_images: int) -> None:

@@ -78,19 +78,11 @@ def face_files(n: int) -> list[Path]:
 
 
 def make_model(args, workdir: Path) -> tuple[Path, Path]:
-    import torch
-
-    from facetrain.config.schema import DataConfig, ModelConfig
     from facetrain.deploy.export import export
-    from facetrain.model.bundle import write_bundle
-    from facetrain.model.network import create_model, resolve_preprocess
+    from facetrain.model.bundle import write_random_bundle
 
-    torch.manual_seed(0)
-    cfg = ModelConfig(backbone=args.backbone, embedding_dim=args.embedding_dim, channels_last=False)
-    model = create_model(cfg)
-    bundle = workdir / "bundle"
-    bundle.mkdir()
-    write_bundle(bundle, model, cfg, resolve_preprocess(DataConfig(image_size=args.image_size), model), {"step": 0})
+    bundle = write_random_bundle(workdir / "bundle", args.backbone, args.embedding_dim, args.image_size,
+                                 channels_last=False)
     onnx_file = workdir / "model.onnx"
     export(bundle, onnx_file)
     return bundle, onnx_file

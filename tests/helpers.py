@@ -220,20 +220,11 @@ def run_train(args: list[str], procs: int = 1, **kw) -> subprocess.CompletedProc
 
 
 def random_bundle(directory: Path, backbone: str, embedding_dim: int, image_size: int) -> Path:
-    """A bundle of a timm model with seeded random weights (torch seed 0), written into `directory` (created):
-    a model file in a fraction of a second, for tests that need one but not a trained one."""
-    import torch
+    """A bundle of a timm model with seeded random weights (seed 0), written into `directory` (created): a model
+    file in a fraction of a second, for tests that need one but not a trained one."""
+    from facetrain.model.bundle import write_random_bundle
 
-    from facetrain.config.schema import DataConfig, ModelConfig
-    from facetrain.model.bundle import write_bundle
-    from facetrain.model.network import create_model, resolve_preprocess
-
-    directory.mkdir(parents=True)
-    torch.manual_seed(0)
-    cfg = ModelConfig(backbone=backbone, embedding_dim=embedding_dim, channels_last=False)
-    model = create_model(cfg)
-    write_bundle(directory, model, cfg, resolve_preprocess(DataConfig(image_size=image_size), model), {"step": 0})
-    return directory
+    return write_random_bundle(directory, backbone, embedding_dim, image_size, channels_last=False)
 
 
 def load_weights(directory: Path) -> dict:

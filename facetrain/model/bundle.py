@@ -43,6 +43,25 @@ def write_bundle(directory: str | Path, model: nn.Module, model_cfg: ModelConfig
     (directory / CARD_FILE).write_text(render_markdown(meta[CARD_KEY]))
 
 
+def write_random_bundle(directory: str | Path, backbone: str, embedding_dim: int, image_size: int,
+                        channels_last: bool = True, seed: int = 0) -> Path:
+    """A bundle of `backbone` with seeded random weights (no download), created at `directory`: a model of a
+    real architecture's cost for benchmarks and tests that need one but not a trained one."""
+    import torch
+
+    from facetrain.config.schema import DataConfig
+    from facetrain.model.network import resolve_preprocess
+
+    directory = Path(directory)
+    directory.mkdir(parents=True)
+    cfg = ModelConfig(backbone=backbone, embedding_dim=embedding_dim, channels_last=channels_last)
+    with torch.random.fork_rng(devices=[]):  # the caller's random streams stay untouched
+        torch.manual_seed(seed)
+        model = create_model(cfg)
+    write_bundle(directory, model, cfg, resolve_preprocess(DataConfig(image_size=image_size), model), {"step": 0})
+    return directory
+
+
 def load_bundle(path: str | Path, map_location: str = "cpu") -> tuple[EmbeddingModel, Preprocess, dict]:
     """(model in eval mode, preprocessing, metadata). Weights come from safetensors: nothing is unpickled."""
     meta = read_bundle_meta(path)
