@@ -442,14 +442,17 @@ class Job:
 
 
 def recipe_key(row: Row) -> str:
-    """Short hash of what defines a row (its config file's text and overrides): runs are reused only when
-    the recipe is unchanged."""
+    """Short hash of what defines a row (its config file's settings and overrides): runs are reused only when
+    the recipe is unchanged. The settings, not the file's text: a config's comments say why and change with
+    what is measured, which must not send every run of that recipe to be trained again."""
     import hashlib
 
-    text = (REPO / row.config).read_text() if row.config else ""
-    # the fields added for distillation count only when set: every earlier row keeps its key and its runs
+    import yaml
+
+    settings = yaml.safe_load((REPO / row.config).read_text()) if row.config else ""
+    # the fields added for distillation count only when set
     added = [v for v in (row.onnx, row.input_spec, row.after) if v]
-    blob = json.dumps([text, row.overrides, row.features_size, *added], sort_keys=True)
+    blob = json.dumps([settings, row.overrides, row.features_size, *added], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
 

@@ -128,16 +128,26 @@ def test_a_second_stage_listed_before_its_first_is_refused(capsys):
     assert "list distill before it" in capsys.readouterr().err
 
 
-def test_rows_without_the_new_fields_keep_their_key():
-    """Fields added later count in a row's key only when set: earlier runs of a row are still found."""
+def test_a_rows_key_is_its_settings_not_its_comments(tmp_path, monkeypatch):
+    """A run is reused while its recipe's settings are unchanged: a config's comments may change (they say what
+    was measured), a value may not; fields added later count only when set."""
     import hashlib
     import json
 
+    import yaml
+
     recipes = _recipes()
     row = recipes.ROWS["wild"]
-    blob = json.dumps([(recipes.REPO / row.config).read_text(), row.overrides, 0], sort_keys=True)
+    blob = json.dumps([yaml.safe_load((recipes.REPO / row.config).read_text()), row.overrides, 0], sort_keys=True)
     assert recipes.recipe_key(row) == hashlib.sha1(blob.encode()).hexdigest()[:8]
     assert recipes.recipe_key(recipes.ROWS["distill_ft"]) != recipes.recipe_key(recipes.ROWS["distill"])
+    text = (recipes.REPO / row.config).read_text()
+    (tmp_path / "configs").mkdir()
+    monkeypatch.setattr(recipes, "REPO", tmp_path)
+    (tmp_path / row.config).write_text("# a new comment\n" + text.replace("\n", "  # and another\n", 3))
+    assert recipes.recipe_key(row) == hashlib.sha1(blob.encode()).hexdigest()[:8]
+    (tmp_path / row.config).write_text(text.replace("lr: 1.0e-3", "lr: 2.0e-3"))
+    assert recipes.recipe_key(row) != hashlib.sha1(blob.encode()).hexdigest()[:8]
 
 
 def test_the_domain_split_holds_out_ten_of_ext_yale_b(tmp_path):
