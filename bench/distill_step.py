@@ -22,6 +22,7 @@ third trainer with distill.targets cached (a fresh cache, filled while it is bui
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from teacher_cost import SFACE, SFACE_SPEC  # noqa: E402 -- the teacher benchmark's file and input, defined once
 
+M = 4  # images per identity in a batch (train.m): the P x m batches of facetrain's default
 SECTION = "Distillation: training step cost with and without the teacher (bench/distill_step.py)"
 SHARED = REPO.parent / "shared"
 TINY_TEACHER = REPO / "tests" / "data" / "legacy" / "model.onnx"  # a facetrain export: its metadata is its spec
@@ -73,16 +75,24 @@ def extra_overrides(args) -> list[str]:
     return out
 
 
+def synthetic_identities(args) -> int:
+    """Synthetic identities enough for one batch of --batch / M people after the validation split (data.
+    val_fraction's default holds some out), plus two for the split's rounding."""
+    from facetrain.config.schema import DataConfig
+
+    return math.ceil(args.batch / M / (1 - DataConfig().val_fraction)) + 2
+
+
 def build(args, out: Path, teacher: str, extra: list[str] = ()):
     """A Trainer set up to its first step (no run directory writes beyond its own folder)."""
     from facetrain.config.load import load_config
     from facetrain.training.trainer import Trainer
 
-    synthetic = ["--data.source", "synthetic", "--data.synthetic_identities", "12" if args.smoke else "64"]
+    synthetic = ["--data.source", "synthetic", "--data.synthetic_identities", str(synthetic_identities(args))]
     data = synthetic if args.smoke or args.data == "synthetic" else ["--data.source", "folder", "--data.root",
                                                                      args.data]
     overrides = [*data, "--data.image_size", str(args.image_size), "--model.backbone", args.backbone,
-                 "--model.pretrained", "false", "--train.batch_size", str(args.batch), "--train.m", "4",
+                 "--model.pretrained", "false", "--train.batch_size", str(args.batch), "--train.m", str(M),
                  "--train.max_steps", "1000", "--train.output_dir", str(out), "--train.num_workers", "0",
                  "--train.tensorboard", "false"]
     if teacher:

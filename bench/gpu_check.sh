@@ -48,6 +48,13 @@ while [[ $# -gt 0 ]]; do
         *) echo "bench/gpu_check.sh: unknown argument $1 (use --smoke, --parts LIST)" >&2; exit 2 ;;
     esac
 done
+IFS=, read -ra SELECTED <<< "$PARTS"
+for part in "${SELECTED[@]}"; do
+    if [[ ! $part =~ ^(train|data|distill|eval)$ ]]; then
+        echo "bench/gpu_check.sh: --parts: unknown part '$part' (use train, data, distill, eval)" >&2
+        exit 2
+    fi
+done
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 cd "$(dirname "$0")/.."
 

@@ -293,6 +293,22 @@ def test_a_bundle_teacher_trains_and_a_folder_that_is_not_one_is_one_line(tmp_pa
                                               "--train.output_dir", tmp_path / "run2"])
     assert done.returncode == 2 and done.stderr.startswith(f"facetrain: error: distill.teacher: {tmp_path / 'empty'}")
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "run2").exists()
+    with pytest.raises(UserError, match=r"^distill.teacher_input: .* is a facetrain bundle, which states its own "):
+        load_config(str(cfg), ["--distill.teacher_input", "size=112"])
+
+
+def test_a_run_directory_names_its_bundle_as_teacher(tmp_path):
+    """A run directory (runs/<name>, holding bundle/) is a teacher as its bundle is: the model card's sha256 is
+    that bundle's weights file's, as for the bundle folder itself."""
+    import hashlib
+    import shutil
+
+    from facetrain.training.distill import teacher_provenance
+
+    shutil.copytree(Path(__file__).parent / "data" / "legacy" / "bundle", tmp_path / "run" / "bundle")
+    got = teacher_provenance(tmp_path / "run")
+    assert got["sha256"] == hashlib.sha256((tmp_path / "run" / "bundle" / "model.safetensors").read_bytes()).hexdigest()
+    assert got["sha256"] == teacher_provenance(tmp_path / "run" / "bundle")["sha256"] and got["file"] == "run"
 
 
 def test_the_card_names_a_bundle_teacher_by_its_weights(tmp_path):
@@ -309,6 +325,27 @@ def test_the_card_names_a_bundle_teacher_by_its_weights(tmp_path):
     got = teacher_provenance(bundle)
     assert got["sha256"] == hashlib.sha256((bundle / "model.safetensors").read_bytes()).hexdigest()
     assert got["file"] == "teacher_bundle" and got["licence"] == "Licence: CC0-1.0, no conditions."
+
+
+def test_distill_step_bench_has_people_for_the_gpu_checks_batch(tmp_path, monkeypatch):
+    """bench/gpu_check.sh's distill part asks for batches of 256 on synthetic faces: enough identities for
+    64 per batch remain after the validation split (its sampler refuses the batch otherwise)."""
+    import importlib.util
+
+    from helpers import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("distill_step", REPO / "bench" / "distill_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--data", "synthetic", "--backbone", "test_efficientnet", "--image-size", "32",
+                             "--batch", "256"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        trainer = bench.build(args, tmp_path / "plain", "")
+        assert len(set(trainer.train_labels.tolist())) >= 256 // bench.M
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.mark.slow

@@ -247,7 +247,7 @@ def test_the_distillation_terms_see_the_batch_and_its_extra_views(tmp_path, monk
         assert all(p >= len(trainer.train_idx) for p in record["unlabelled"])  # folder images follow the training set
 
 
-@pytest.mark.parametrize("policy", ["error", "skip"])
+@pytest.mark.parametrize("policy", ["error", "skip", "skip_all"])
 def test_a_corrupt_unlabelled_face_is_found_before_the_first_step(tmp_path, monkeypatch, policy):
     """distill.unlabelled's files go through the pre-flight's decode check when the loaders are built: a
     truncated file stops the run with one line naming it (data.bad_images error), or is left out of the pool and
@@ -256,9 +256,16 @@ def test_a_corrupt_unlabelled_face_is_found_before_the_first_step(tmp_path, monk
     cfg = _config(tmp_path, tiny_teacher_file(tmp_path), {})
     broken = tmp_path / "faces" / "a" / "broken.png"
     broken.write_bytes((tmp_path / "faces" / "a" / "face_0.png").read_bytes()[:80])
+    if policy == "skip_all":  # every file refused: one line, not an empty pool
+        for good in (tmp_path / "faces").rglob("face_*.png"):
+            good.write_bytes(b"")
     cfg = tiny_train_config(tmp_path, {**yaml.safe_load(cfg.read_text()), "data": {
-        **yaml.safe_load(cfg.read_text())["data"], "bad_images": policy}}, name="bad.yaml")
+        **yaml.safe_load(cfg.read_text())["data"], "bad_images": policy.removesuffix("_all")}}, name="bad.yaml")
     with in_process_trainer(cfg, tmp_path / "run") as trainer:
+        if policy == "skip_all":
+            with pytest.raises(UserError, match=rf"^distill\.unlabelled: no usable image under {tmp_path / 'faces'} "):
+                trainer.setup()
+            return
         if policy == "error":
             with pytest.raises(UserError, match=rf"^distill\.unlabelled: 1 image\(s\) cannot be used: {broken} "):
                 trainer.setup()

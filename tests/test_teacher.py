@@ -139,18 +139,20 @@ def test_the_teacher_follows_the_student_to_its_gpu_when_onnxruntime_can():
     assert note == "on cuda:1 (onnxruntime CUDA)"
     assert onnx_providers("cuda", with_cuda)[0][0] == ("CUDAExecutionProvider", {"device_id": 0})
     providers, note = onnx_providers("cuda:0", cpu_only)
-    assert providers == ["CPUExecutionProvider"] and "pip install onnxruntime-gpu" in note
+    assert providers == ["CPUExecutionProvider"] and "pip uninstall onnxruntime && pip install onnxruntime-gpu" in note
+    providers, note = onnx_providers("mps", with_cuda)  # no onnxruntime provider for it here: said, not silent
+    assert providers == ["CPUExecutionProvider"] and note.startswith("on the CPU, not mps: ")
 
 
 @pytest.mark.parametrize("kind", ["onnx", "facetrain-onnx"])
-def test_a_gpu_run_whose_onnxruntime_has_no_cuda_gets_a_cpu_teacher_and_a_warning(tmp_path, kind):
-    """This machine's onnxruntime is the CPU-only wheel: a student on cuda:0 still gets a working teacher, and
-    the run's teacher line is a warning naming the fix (a CPU teacher costs many times a GPU step)."""
+def test_a_gpu_run_whose_onnxruntime_has_no_cuda_gets_a_cpu_teacher_and_a_warning(tmp_path, kind, monkeypatch):
+    """An onnxruntime without the CUDA provider (the CPU wheel): a student on cuda:0 still gets a working
+    teacher, and the run's teacher line is a warning naming the fix (a CPU teacher costs many times a GPU step)."""
     import onnxruntime
 
     from facetrain.training.distill import teacher_line
 
-    assert "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     if kind == "onnx":
         path, spec = tiny_graph(tmp_path / "plain.onnx"), f"size={SIZE},range=0-255"
     else:

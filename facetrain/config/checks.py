@@ -188,6 +188,9 @@ def _check_distill(d: DistillConfig) -> None:
     if not Path(d.teacher).exists():  # a file (ONNX), or a folder (a facetrain bundle: train.py checks it)
         raise UserError(f"distill.teacher: not found: {d.teacher}; give the path of an ONNX face model or a "
                         "facetrain bundle")
+    if Path(d.teacher).is_dir() and d.teacher_input:
+        raise UserError(f"distill.teacher_input: {d.teacher} is a facetrain bundle, which states its own input; "
+                        "remove distill.teacher_input")
     if d.metric_weight == d.cosine_weight == d.relational_weight == 0:
         raise UserError("distill.metric_weight, distill.cosine_weight, distill.relational_weight: all 0 leaves "
                         "nothing to train; set at least one > 0")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facetrain.deploy.onnx_embedder import INPUT_NAME, OUTPUT_NAME, encode_metadata, import_onnxruntime
+from facetrain.deploy.onnx_embedder import CPU_PROVIDER, INPUT_NAME, OUTPUT_NAME, encode_metadata, import_onnxruntime
 from facetrain.errors import INSTALL, UserError
 from facetrain.model.bundle import load_bundle
 from facetrain.model.card import CARD_KEY, build_card
@@ -183,7 +183,7 @@ def _annotate_and_check(onnx, proto, meta: dict, fields: dict) -> None:
 def _self_check(ort, data: bytes, reference: ExportGraph, size: int, backbone: str) -> float:
     """onnxruntime on the serialised file against `reference` (the PyTorch model as trained, BatchNorm unfolded):
     the smallest cosine over a random batch, refused below MIN_COSINE."""
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(data, providers=[CPU_PROVIDER])
     images = np.random.default_rng(0).integers(0, 256, (SELF_CHECK_IMAGES, size, size, 3), dtype=np.uint8)
     got = session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
     with torch.no_grad():

@@ -97,7 +97,8 @@ class Teacher(Protocol):
 
     path: Path
     notes: list[str]
-    """What was done to run the file (quirks handled), for logs; empty for a file that ran as it is."""
+    """What was done to run the file (quirks handled) and, when it is not the CPU it was asked for, where it
+    runs ("on cuda:0"; "on the CPU, not cuda:0: ..."), for logs; empty for a file that ran as it is."""
 
     @property
     def image_size(self) -> int: ...  # px: the side images are resized to inside `embed`
@@ -167,11 +168,13 @@ def onnx_providers(device: str, available: list[str]) -> tuple[list, str]:
     ("cpu", "cuda", "cuda:1"; `available`: onnxruntime's providers). On a GPU the teacher runs there too when
     onnxruntime can: on the CPU an ONNX teacher would cost many times the student's GPU step."""
     kind, _, index = device.partition(":")
-    if kind != "cuda":
+    if kind == "cpu":
         return [CPU_PROVIDER], ""
+    if kind != "cuda":  # mps, xpu, ...: onnxruntime's providers for them are not wired here
+        return [CPU_PROVIDER], f"on the CPU, not {device}: facetrain runs ONNX teachers on CUDA GPUs or the CPU"
     if CUDA_PROVIDER not in available:
-        return [CPU_PROVIDER], (f"on the CPU, not {device}: this onnxruntime has no CUDA provider (pip install "
-                                "onnxruntime-gpu to run the teacher on the GPU)")
+        return [CPU_PROVIDER], (f"on the CPU, not {device}: this onnxruntime has no CUDA provider (to run the "
+                                "teacher on the GPU: pip uninstall onnxruntime && pip install onnxruntime-gpu)")
     return [(CUDA_PROVIDER, {"device_id": int(index or 0)}), CPU_PROVIDER], f"on {device} (onnxruntime CUDA)"
 
 
@@ -324,16 +327,17 @@ def load_teacher(path: str | Path, spec: InputSpec | str | None = None, threads:
 
 def teacher_sha256(path: str | Path) -> str:
     """The sha256 that names a teacher in audit.json and the model card: of the file, or of a bundle's weights
-    file (a bundle is a folder)."""
+    file (a bundle is a folder; a run or checkpoint directory names the bundle it holds)."""
     from facetrain.deploy.gallery_cache import file_sha256
-    from facetrain.model.files import WEIGHTS_FILE
+    from facetrain.model.files import WEIGHTS_FILE, resolve_model_path
 
     path = Path(path)
-    return file_sha256(path / WEIGHTS_FILE if path.is_dir() else path)
+    return file_sha256(resolve_model_path(path) / WEIGHTS_FILE if path.is_dir() else path)
 
 
 def describe(teacher: Teacher) -> str:
-    """One line for logs and reports: the file, its input and what was done to run it."""
+    """One line for logs and reports: the file, its input, what was done to run it and (unless the CPU it was
+    asked for) where it runs."""
     spec = teacher.spec.describe() if isinstance(teacher, OnnxTeacher) else f"size={teacher.image_size} (its file's)"
     notes = "; ".join(teacher.notes)
     return f"{teacher.path}: {spec}, {teacher.dim}-d" + (f" ({notes})" if notes else "")

@@ -98,7 +98,7 @@ def teacher_view(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
 def pixels_view(images: torch.Tensor) -> torch.Tensor:
     """Un-normalised uint8 pixels (N, 1 or 3, H, W) -> RGB float32 in [0, 1], what a teacher takes (a gray
     image as three equal channels)."""
-    return images.float().div_(255.0).expand(-1, 3, -1, -1)
+    return (images.float() / 255.0).expand(-1, 3, -1, -1)
 
 
 class Distiller(nn.Module):
