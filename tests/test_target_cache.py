@@ -32,6 +32,7 @@ from facetrain.data.faceset import folder_faceset
 from facetrain.data.images import Preprocess
 from facetrain.data.transforms import eval_transform
 from facetrain.errors import UserError
+from facetrain.runtime import distributed
 from facetrain.training import target_cache
 from facetrain.training.target_cache import CacheId, fill, read_cache
 
@@ -269,7 +270,7 @@ def test_a_fill_that_fails_on_rank_0_stops_every_rank_with_its_line(tmp_path, mo
     def fail(*args, **kwargs):
         raise UserError("distill.cache_dir: cannot write /x/y.safetensors (read-only file system)")
 
-    monkeypatch.setattr(target_cache, "broadcast_object", broadcast)
+    monkeypatch.setattr(distributed, "broadcast_object", broadcast)  # main_process_result's collective
     monkeypatch.setattr(target_cache, "fill", fail)
     monkeypatch.setattr(target_cache, "FaceDataset", lambda *args: None)
     monkeypatch.setattr(target_cache, "teacher_sha256", lambda path: "a" * 64)
@@ -277,7 +278,7 @@ def test_a_fill_that_fails_on_rank_0_stops_every_rank_with_its_line(tmp_path, mo
     with pytest.raises(UserError, match="^distill.cache_dir: cannot write"):
         target_cache.cached_targets(cfg, TinyTeacher(), None, np.arange(2), np.zeros(2), Preprocess(32, [0.5] * 3,
                                     [0.5] * 3), "error", Rank0(), 0, print)
-    assert sent == ["distill.cache_dir: cannot write /x/y.safetensors (read-only file system)"]
+    assert sent == [(False, "distill.cache_dir: cannot write /x/y.safetensors (read-only file system)")]
 
 
 def test_a_tiny_cached_run_trains_reuses_its_cache_and_resumes_exactly(tmp_path, monkeypatch):

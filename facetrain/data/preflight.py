@@ -363,21 +363,11 @@ def note_exclusions(report: PreflightReport, drop: set[str], source: str) -> Non
 
 
 def _on_main(check: Callable[[Console], PreflightReport], accelerator) -> PreflightReport:
-    """`check` on the main process only, its report shared with every rank; its error stops every rank with
-    the same line (not only the main one, which would leave the others waiting in the next collective)."""
-    from facetrain.runtime.distributed import broadcast_object  # torch: training only (serve checks galleries)
+    """`check` on the main process only, its report shared with every rank (its error stops them all)."""
+    from facetrain.runtime.distributed import main_process_result  # torch: training only (serve checks galleries)
 
-    result: PreflightReport | str | None = None
-    if accelerator is None or accelerator.is_main_process:
-        try:
-            result = check(Console(highlight=False, width=None if Console().is_terminal else 120))
-        except (UserError, OSError) as err:
-            result = str(err)
-    if accelerator is not None:
-        result = broadcast_object(result, accelerator)
-    if isinstance(result, str):
-        raise UserError(result)
-    return result
+    return main_process_result(lambda: check(Console(highlight=False, width=None if Console().is_terminal else 120)),
+                               accelerator)
 
 
 def apply_preflight(faceset: FaceSet, data_cfg, out_dir: str | Path, accelerator=None) -> FaceSet:

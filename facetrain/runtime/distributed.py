@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
+
+from facetrain.errors import UserError
 
 # What the launcher (accelerate launch, torchrun, Slurm's srun) tells a process through its environment: read here
 # and nowhere else in the library.
@@ -111,6 +114,24 @@ def broadcast_object(obj, accelerator: Accelerator, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def main_process_result(compute: Callable[[], object], accelerator: Accelerator | None):
+    """`compute()` run on the main process only (or here, without an accelerator), its result on every rank. Its
+    UserError or OSError stops every rank with the same line: raised on the main process alone, it would leave
+    the other ranks waiting in this collective."""
+    outcome = None
+    if accelerator is None or accelerator.is_main_process:
+        try:
+            outcome = (True, compute())
+        except (UserError, OSError) as err:
+            outcome = (False, str(err))
+    if accelerator is not None:
+        outcome = broadcast_object(outcome, accelerator)
+    ok, value = outcome
+    if not ok:
+        raise UserError(value)
+    return value
 
 
 def leave_process_group() -> bool:

@@ -41,9 +41,8 @@ from facetrain.data.images import Preprocess
 from facetrain.data.transforms import collate, eval_transform
 from facetrain.deploy.gallery_cache import default_cache_dir
 from facetrain.deploy.teacher import Teacher, teacher_sha256
-from facetrain.errors import UserError
 from facetrain.runtime.atomic_dir import write_atomic
-from facetrain.runtime.distributed import broadcast_object
+from facetrain.runtime.distributed import main_process_result
 from facetrain.runtime.user_dirs import cache_environment
 from facetrain.training.distill import pixels_view
 
@@ -182,20 +181,15 @@ def cached_targets(cfg: DistillConfig, teacher: Teacher, faceset, indices: np.nd
                    say: Callable[[str], None]) -> CachedTargets:
     """The training images' cached targets on every rank: rank 0 fills the cache (`fill`) and says what it did
     in one line (`say`; a stale file also in a warning), the others wait for its targets."""
-    targets: torch.Tensor | str | None = None
-    if accelerator.is_main_process:
+    def fill_on_main() -> np.ndarray:
         cache_id = CacheId(teacher_sha256(cfg.teacher), spec_text(teacher, cfg.teacher_input), pre.image_size)
         dataset = FaceDataset(faceset, indices, labels, eval_transform(pre), bad_images)
         path = cache_id.file(cache_dir_of(cfg))
-        try:
-            targets, report = fill(teacher, dataset, path, cache_id, workers)
-        except (UserError, OSError) as err:  # every rank must stop with this line, not wait in the broadcast
-            targets = str(err)
-        else:
-            if report.stale:
-                say(f"[yellow]warning:[/] teacher-target cache {escape(str(path))}: {report.stale}; rebuilt")
-            say(escape(report.line()))
-    targets = broadcast_object(targets, accelerator)
-    if isinstance(targets, str):
-        raise UserError(targets)
-    return CachedTargets(targets, accelerator.device)
+        targets, report = fill(teacher, dataset, path, cache_id, workers)
+        if report.stale:
+            say(f"[yellow]warning:[/] teacher-target cache {escape(str(path))}: {report.stale}; rebuilt")
+        say(escape(report.line()))
+        return targets
+
+    # a fill error on rank 0 stops every rank with its line instead of leaving them waiting for the targets
+    return CachedTargets(main_process_result(fill_on_main, accelerator), accelerator.device)
