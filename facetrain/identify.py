@@ -11,7 +11,9 @@ outside the gallery, in --cache-dir (default $XDG_CACHE_HOME/facetrain or ~/.cac
 model and gallery folder, keyed by the content of every file (`deploy.gallery_cache`). A later run reuses the
 cache only if nothing changed; otherwise it re-enrols. An identity's score is its best-matching image's cosine
 similarity; with a calibrated threshold in the bundle, the top match is reported as a match only at or above
-it (open set).
+it (open set). A probe that does not decode or shows no usable face is a failure to acquire, as in verify: its
+answer is "no match" with the file and problem named (`failure_to_acquire` in --json), and the other probes are
+answered; exit status 0. A probe path that does not exist is an error (exit 2): most likely a typo.
 
 `--evaluate` measures identification: the first image (by name) of each identity is the gallery, every other
 image is a probe; rank-k rate = fraction of probes whose identity is among the k highest-scoring identities
@@ -85,15 +87,34 @@ def _print_matches(probe: str, rows: list[dict], threshold: float | None, far, n
 
 
 def _identify(embedder, gallery, probes: list[str], top_k: int, threshold, far, as_json: bool) -> list[dict]:
-    """Per probe: its top_k matches and the open-set decision at the threshold (tables unless --json)."""
+    """Per probe: its top_k matches and the open-set decision at the threshold (tables unless --json). A probe
+    that does not decode or shows no usable face is a failure to acquire, as in verify: no matches, decision
+    "no match", the file and problem named (`failure_to_acquire`); the other probes are answered."""
     from facetrain.alignment.check import faces_used
+    from facetrain.config.constants import MAX_IMAGE_PIXELS
+    from facetrain.evaluation.fta import faceless, unreadable
 
-    emb = embedder.embed(probes, num_workers=0)
-    faces = faces_used(embedder, len(probes)) or [None] * len(probes)  # which face of each probe was used
+    failed = {r["path"]: r for r in unreadable(probes, MAX_IMAGE_PIXELS, "facetrain.identify")}
+    acquired = [p for p in probes if p not in failed]
+    emb = embedder.embed(acquired, record_failures=True) if acquired else None
+    failed.update((r["path"], r) for r in faceless(embedder.last_failures if acquired else []))
+    faces = (faces_used(embedder, len(acquired)) if acquired else None) or [None] * len(acquired)
+    ok = [i for i, p in enumerate(acquired) if p not in failed]
+    ranked = rank_identities(gallery, np.asarray(emb)[ok], top_k) if ok else []
+    answered = {acquired[i]: (rows, faces[i]) for i, rows in zip(ok, ranked, strict=True)}
     out = []
-    for probe, rows, face in zip(probes, rank_identities(gallery, np.asarray(emb), top_k), faces, strict=True):
+    for probe in probes:
+        if probe in failed:
+            out.append({"probe": probe, "matches": [], "match": False,
+                        "faces": None, "failure_to_acquire": [failed[probe]]})
+            if not as_json:
+                r = failed[probe]
+                print(f"{probe}: failure to acquire ({r['problem']}: {r['reason']}, {r['detail']}); decision: no "
+                      "match (nothing to compare)", flush=True)
+            continue
+        rows, face = answered[probe]
         match = None if threshold is None else bool(rows[0]["score"] >= threshold)
-        out.append({"probe": probe, "matches": rows, "match": match, "faces": face})
+        out.append({"probe": probe, "matches": rows, "match": match, "faces": face, "failure_to_acquire": []})
         if not as_json:
             _print_matches(probe, rows, threshold, far, len(gallery.names))
             if face and face["faces"] > 1:

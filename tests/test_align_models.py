@@ -311,3 +311,30 @@ def test_size_centre_is_the_default_and_an_old_folder_keeps_its_choice(tmp_path)
     old = {**AlignmentRecipe().to_dict(), "face_choice": "largest"}  # aligned with the earlier default
     (tmp_path / "out" / MARKER_FILE).write_text(json.dumps({"format": "facetrain-align", "recipe": old}))
     assert build_recipe(args)["face_choice"] == "largest"  # a re-run resumes instead of asking for --redo
+
+
+def test_identify_answers_the_other_probes_when_one_has_no_face(tmp_path):
+    """A faceless or undecodable probe stopped identify with nothing said about the other probes; now it is a
+    failure to acquire (no match, named), as in verify, and every other probe is answered."""
+    gallery = tmp_path / "gallery"
+    for subject in ("subject01", "subject02"):
+        (gallery / subject).mkdir(parents=True)
+        for f in sorted((YALE / subject).iterdir())[:2]:
+            shutil.copy(f, gallery / subject / f.name)
+    dogs = tmp_path / "dogs.png"
+    Image.open(DOGS).convert("RGB").resize((320, 240)).save(dogs)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    probe = sorted((YALE / "subject02").iterdir())[3]
+    bundle = _bundle_with_recipe(tmp_path / "bundle")
+    argv = ["--model", bundle, "--gallery", gallery, dogs, probe, broken, "--no-cache"]
+    result = json.loads(run_module("facetrain.identify", [*argv, "--json"]).stdout)
+    dog, person, bad = result["probes"]
+    assert [p["probe"] for p in result["probes"]] == [str(dogs), str(probe), str(broken)]
+    assert dog["matches"] == [] and dog["match"] is False and dog["failure_to_acquire"][0]["problem"] == "no_face"
+    assert bad["matches"] == [] and bad["failure_to_acquire"][0]["problem"] == "undecodable"
+    assert person["failure_to_acquire"] == [] and person["faces"] == {"faces": 1}
+    assert {m["identity"] for m in person["matches"]} == {"subject01", "subject02"}
+    text = run_module("facetrain.identify", argv).stdout
+    assert f"{dogs}: failure to acquire (no_face" in text and f"{broken}: failure to acquire (undecodable" in text
+    assert "subject02" in text
