@@ -255,6 +255,38 @@ def test_cached_targets_stay_fixed_while_the_students_views_change(tmp_path, mon
             torch.testing.assert_close(seen_targets[p][0].float().cpu(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_cached_targets_with_mixed_views_send_only_the_mixes_to_the_teacher(tmp_path, monkeypatch):
+    """Cached targets + distill.mix (refused before): the labelled rows' targets come from the cache, the mixed
+    rows' from the teacher on that very input, so per step the teacher embeds the mixes alone."""
+    from facetrain.training.distill import teacher_view
+
+    use_tiny_teachers(monkeypatch)
+    cfg = _cached_config(tmp_path, {}, mix="cutmix", mix_images=3)
+    with in_process_trainer(cfg, tmp_path / "run") as trainer:
+        trainer.setup()
+        teacher = trainer.distiller.teacher
+        sizes, pairs = [], []
+        embed, targets = teacher.embed, trainer.distiller.targets
+        monkeypatch.setattr(teacher, "embed", lambda x: sizes.append(len(x)) or embed(x))
+
+        def record(images, positions=None):
+            out = targets(images, positions)
+            pairs.append((images.detach().clone(), positions.clone(), out))
+            return out
+
+        monkeypatch.setattr(trainer.distiller, "targets", record)
+        batches = iter(trainer.loader)
+        for _ in range(3):
+            trainer.train_step(batches)
+    assert sizes == [3, 3, 3] and trainer.step_terms["train/extra_images"] == 3
+    for images, positions, out in pairs:
+        labelled = len(positions)
+        assert len(images) == labelled + 3
+        torch.testing.assert_close(out[:labelled], trainer.distiller.cached.lookup(positions).float())
+        want = torch.as_tensor(np.asarray(embed(teacher_view(images[labelled:], trainer.pre)), dtype=np.float32))
+        torch.testing.assert_close(out[labelled:], want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_fill_that_fails_on_rank_0_stops_every_rank_with_its_line(tmp_path, monkeypatch):
     """Rank 0 fills the cache while the others wait in the broadcast: its error is broadcast too, so every rank
     raises the same one line instead of waiting for a collective timeout."""

@@ -226,9 +226,6 @@ def _check_extra_views(d: DistillConfig, data: DataConfig) -> None:
     if pool != (d.unlabelled_images > 0):
         raise UserError(f"distill.unlabelled_images ({d.unlabelled_images}): set it > 0 together with "
                         "distill.unlabelled (a folder) or distill.unlabelled_unsampled true, or neither")
-    if (d.mix_images or d.unlabelled_images) and d.targets == "cached":
-        raise UserError("distill.mix_images / distill.unlabelled_images: extra views need distill.targets online "
-                        "(a cached target exists only for a training image's fixed view); set one or the other")
     if (d.mix_images or d.unlabelled_images) and d.cosine_weight == d.relational_weight == 0:
         raise UserError("distill.mix_images / distill.unlabelled_images: extra images feed only the distillation "
                         "terms, but distill.cosine_weight and distill.relational_weight are 0; set one > 0")

@@ -34,7 +34,7 @@ MIX_NAMES: tuple[str, ...] = ("none", "mixup", "cutmix")
 DISTILL_TARGET_NAMES: tuple[str, ...] = ("online", "cached")
 """distill.targets: where the teacher's targets come from -- `online`, the teacher embeds the student's augmented view
 every step (training/distill.py); `cached`, each image's fixed un-augmented view, embedded once and kept on disk
-(training/target_cache.py)."""
+(training/target_cache.py; extra views are still embedded online)."""
 
 MINER_NAMES: tuple[str, ...] = ("none", "triplet_all", "triplet_hard", "triplet_semihard", "multi_similarity")
 """loss.miner: the miners of training/losses.py (`none`: every pair / triplet of the batch)."""

@@ -336,7 +336,9 @@ class DistillConfig:
     """Where the teacher's targets come from: `online` (the teacher embeds the student's augmented view of every
     step: function matching) or `cached` (the teacher embeds each training image's fixed, un-augmented view once,
     kept in distill.cache_dir and reused by later runs; no teacher cost per step, but the student may memorise
-    the fixed targets instead of learning the teacher's function -- the baseline of docs/recipes.md)."""
+    the fixed targets instead of learning the teacher's function -- the baseline of docs/recipes.md). With
+    `cached`, extra views (mix_images, unlabelled_images) are still embedded by the teacher every step: they have
+    no fixed view to cache, so they carry the new targets while the labelled images cost no teacher time."""
     cache_dir: str = ""
     """distill.targets cached: the folder of the teacher-target cache, one file per (teacher file, input spec,
     data.image_size), keyed by each image's content; empty = the user's cache folder ($XDG_CACHE_HOME/facetrain,

@@ -126,9 +126,17 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def targets(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher's embeddings (N, D) float32 of the student's input batch, on its device; fp32, no
-        autocast, no gradient. With cached targets: those of the batch's dataset `positions` instead."""
-        if self.cached is not None:  # distill.targets cached (training/target_cache.py)
-            return self.cached.lookup(positions).to(images.device, torch.float32)
+        autocast, no gradient. With cached targets: the first len(positions) rows (the labelled images) are
+        looked up by their dataset `positions`; the rows after them (extra views: mixed or unlabelled faces,
+        which have no fixed view to cache) are still embedded by the teacher."""
+        if self.cached is None:
+            return self._online(images)
+        fixed = self.cached.lookup(positions).to(images.device, torch.float32)  # training/target_cache.py
+        if len(fixed) == len(images):
+            return fixed
+        return torch.cat([fixed, self._online(images[len(fixed):])])
+
+    def _online(self, images: torch.Tensor) -> torch.Tensor:
         with autocast_off(images.device.type):
             return self.teacher.embed(teacher_view(images, self.pre)).to(images.device, torch.float32)
 
@@ -180,7 +188,7 @@ def global_terms(distiller: Distiller, images: torch.Tensor, emb: torch.Tensor, 
     (unlabelled and mixed: `emb[labelled:]`, training/extra_views.py), each part in rank order, against the
     teacher's embeddings of the very same input rows. Logs the global count of extra images
     (train/extra_images) when there are any."""
-    # cached targets exist for labelled dataset positions only (the config refuses extra views with them)
+    # cached targets exist for labelled dataset positions only: the extra rows go to the teacher
     targets = distiller.targets(images, positions[:labelled] if positions is not None else None)
     student, teacher = [all_emb], [accelerator.gather(targets[:labelled])]
     extra = len(images) - labelled
