@@ -186,6 +186,9 @@ DISTILL_ROWS: dict[str, Row] = {
                          {"distill": {"mix": "cutmix", "mix_images": 8}}),
     "distill_cached": Row("(e) cached targets: the teacher's fixed view of each image (the baseline)", DISTILL_YAML,
                           {"distill": {"targets": "cached"}}),
+    "distill_cached_mixed": Row("(e) cached targets for the labelled images + 8 cutmix faces per step embedded "
+                                "online (the teacher's cost paid for the new views alone)", DISTILL_YAML,
+                                {"distill": {"targets": "cached", "mix": "cutmix", "mix_images": 8}}),
 }
 ROWS.update(DISTILL_ROWS)
 DEFAULT_DOMAIN_ROWS = "teacher_sface,facetrain,distill,distill_ft"
@@ -607,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         proto.tests = dict(list(proto.tests.items())[:1])
     train_root = proto.train_root
     main_rows = {"imagenet_112", "imagenet_224", "article", "facetrain", "wild", "distill", "distill_ft",
-                 "distill_ft_small", "distill_ft_wild", "distill_cached"}
+                 "distill_ft_small", "distill_ft_wild", "distill_cached", "distill_cached_mixed"}
+
     def seeds_of(name: str) -> list[int]:
         if not ROWS[name].trains:  # no training, nothing random: one evaluation
             return args.seeds[:1]
