@@ -92,16 +92,15 @@ def _identify(embedder, gallery, probes: list[str], top_k: int, threshold, far, 
     "no match", the file and problem named (`failure_to_acquire`); the other probes are answered."""
     from facetrain.alignment.check import faces_used
     from facetrain.config.constants import MAX_IMAGE_PIXELS
-    from facetrain.evaluation.fta import faceless, unreadable
+    from facetrain.evaluation.fta import embed_acquired, unreadable
 
-    failed = {r["path"]: r for r in unreadable(probes, MAX_IMAGE_PIXELS, "facetrain.identify")}
-    acquired = [p for p in probes if p not in failed]
-    emb = embedder.embed(acquired, record_failures=True) if acquired else None
-    failed.update((r["path"], r) for r in faceless(embedder.last_failures if acquired else []))
-    faces = (faces_used(embedder, len(acquired)) if acquired else None) or [None] * len(acquired)
-    ok = [i for i, p in enumerate(acquired) if p not in failed]
+    unusable = unreadable(probes, MAX_IMAGE_PIXELS, "facetrain.identify")
+    embedded, emb, failures = embed_acquired(embedder, probes, unusable, num_workers=0)  # a few probes: no workers
+    failed = {r["path"]: r for r in failures}
+    faces = (faces_used(embedder, len(embedded)) if embedded else None) or [None] * len(embedded)
+    ok = [i for i, p in enumerate(embedded) if p not in failed]
     ranked = rank_identities(gallery, np.asarray(emb)[ok], top_k) if ok else []
-    answered = {acquired[i]: (rows, faces[i]) for i, rows in zip(ok, ranked, strict=True)}
+    answered = {embedded[i]: (rows, faces[i]) for i, rows in zip(ok, ranked, strict=True)}
     out = []
     for probe in probes:
         if probe in failed:

@@ -68,15 +68,13 @@ def verify(model: str, image_a: str, image_b: str, threshold: float | None = Non
     either photo gives similarity None and same False, with `failure_to_acquire` naming the files."""
     from facetrain.alignment.check import faces_used
     from facetrain.config.constants import MAX_IMAGE_PIXELS
-    from facetrain.evaluation.fta import faceless, unreadable
+    from facetrain.evaluation.fta import embed_acquired, unreadable
     from facetrain.evaluation.scoring import pair_scores
 
     # missing and undecodable photos before the model loads; a photo without a face once it is aligned
     failures = unreadable([image_a, image_b], MAX_IMAGE_PIXELS, "facetrain.verify")
     embedder = load_embedder(model, flip, mixed_precision, aligned, backend)
-    acquired = [p for p in (image_a, image_b) if p not in {r["path"] for r in failures}]
-    emb = embedder.embed(acquired, record_failures=True) if acquired else None
-    failures += faceless(embedder.last_failures) if acquired else []
+    _, emb, failures = embed_acquired(embedder, [image_a, image_b], failures)
     similarity = None if failures else float(pair_scores(emb[:1], emb[1:])[0])
     meta = embedder.meta
     if threshold is not None:

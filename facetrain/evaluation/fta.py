@@ -75,6 +75,18 @@ def faceless(records: list[dict]) -> list[dict]:
     return [failure(r["path"], "no_face", r["status"], r["reason"]) for r in records]
 
 
+def embed_acquired(embedder, paths: list[str], unusable: list[dict], num_workers: int | None = None):
+    """Embed the `paths` not among `unusable` (`unreadable`'s records), noting the photos without a usable face:
+    (the paths embedded, their embeddings in that order -- a faceless photo's row included, to be dropped --, every
+    failure record: `unusable` + the faceless ones). verify and identify answer a failure as a non-match."""
+    refused = {r["path"] for r in unusable}
+    embedded = [p for p in paths if p not in refused]
+    if not embedded:
+        return embedded, None, list(unusable)
+    emb = embedder.embed(embedded, num_workers, record_failures=True)
+    return embedded, emb, list(unusable) + faceless(embedder.last_failures)
+
+
 def stop_if_asked(policy: str, failures: list[dict]) -> None:
     """Under `--fta error`: one line naming the failures (the first LIST_IN_MESSAGE) and the other choices."""
     if policy != "error" or not failures:
